@@ -1,0 +1,59 @@
+"""rannc_py: automatic pipeline/data-parallel partitioning for unmodified PyTorch models.
+
+The public API is what this module exports; everything else may change.
+Heavy submodules are imported on first use so ``import rannc_py`` stays cheap.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from rannc_py.errors import (
+    CommError,
+    ConfigError,
+    NoFeasiblePlanError,
+    PartitionError,
+    PlanError,
+    RaNNCError,
+    TraceError,
+)
+
+__version__ = "0.1.0"
+
+# public name -> module that defines it
+_LAZY = {
+    "trace": "rannc_py.graph.trace",
+    "Graph": "rannc_py.graph.ir",
+    "StagedModule": "rannc_py.graph.staged",
+    "profile": "rannc_py.profiling",
+    "Profile": "rannc_py.profiling",
+    "Cluster": "rannc_py.planner.cluster",
+    "plan": "rannc_py.planner.api",
+    "Plan": "rannc_py.planner.plan",
+    "RaNNCModule": "rannc_py.runtime.module",
+}
+
+__all__ = [
+    "CommError",
+    "ConfigError",
+    "NoFeasiblePlanError",
+    "PartitionError",
+    "PlanError",
+    "RaNNCError",
+    "TraceError",
+    *_LAZY,
+]
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'rannc_py' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
