@@ -15,13 +15,15 @@ inline MPI_Comm comm_from_fortran(long long handle) {
   return MPI_Comm_f2c(static_cast<MPI_Fint>(handle));
 }
 
+inline std::string mpi_error_string(int rc) {
+  char msg[MPI_MAX_ERROR_STRING];
+  int len = 0;
+  MPI_Error_string(rc, msg, &len);
+  return std::string(msg, len);
+}
+
 inline void check_mpi(int rc, const char* what) {
-  if (rc != MPI_SUCCESS) {
-    char msg[MPI_MAX_ERROR_STRING];
-    int len = 0;
-    MPI_Error_string(rc, msg, &len);
-    throw std::runtime_error(std::string(what) + " failed: " + std::string(msg, len));
-  }
+  if (rc != MPI_SUCCESS) throw std::runtime_error(std::string(what) + " failed: " + mpi_error_string(rc));
 }
 
 // A writable, C-contiguous float32 buffer from a Python object (numpy array,

@@ -1,0 +1,144 @@
+// The progress thread: polls every operation in flight, with a short back-off
+// when nothing moves so idle ranks do not steal cores from computation.
+#include "comm/engine.h"
+
+#include <chrono>
+#include <exception>
+#include <stdexcept>
+
+namespace rannc::comm {
+
+void Op::wait() {
+  std::unique_lock<std::mutex> lk(mu_);
+  cv_.wait(lk, [this] { return completed(); });
+}
+
+std::string Op::message() const {
+  std::lock_guard<std::mutex> lk(mu_);
+  return message_;
+}
+
+void Op::finish(Status s, std::string msg) {
+  {
+    std::lock_guard<std::mutex> lk(mu_);
+    if (completed()) return;
+    message_ = std::move(msg);
+    status_.store(static_cast<int>(s), std::memory_order_release);
+  }
+  cv_.notify_all();
+}
+
+Engine& Engine::get() {
+  // Never destroyed: a static destructor would run after MPI_Finalize.
+  static Engine* engine = new Engine();
+  return *engine;
+}
+
+void Engine::submit(std::shared_ptr<Op> op) {
+  int provided = MPI_THREAD_SINGLE;
+  MPI_Query_thread(&provided);
+  if (provided != MPI_THREAD_MULTIPLE) {
+    throw std::runtime_error(
+        "rannc_py's communication engine needs MPI initialised with MPI_THREAD_MULTIPLE "
+        "(got level " + std::to_string(provided) +
+        "); import rannc_py.comm before mpi4py.MPI, or leave mpi4py.rc.thread_level at 'multiple'");
+  }
+  std::lock_guard<std::mutex> lk(mu_);
+  if (!thread_.joinable()) {
+    stop_ = false;
+    thread_ = std::thread([this] { run(); });
+  }
+  incoming_.push_back(std::move(op));
+  cv_.notify_one();
+}
+
+void Engine::shutdown() {
+  {
+    std::lock_guard<std::mutex> lk(mu_);
+    if (!thread_.joinable()) return;
+    stop_ = true;
+  }
+  cv_.notify_one();
+  thread_.join();
+  std::lock_guard<std::mutex> lk(mu_);
+  for (auto& op : active_) op->finish(Status::CommError, "communication engine shut down before completion");
+  for (auto& op : incoming_) op->finish(Status::CommError, "communication engine shut down before start");
+  for (auto& [comm, q] : waiting_)
+    for (auto& op : q) op->finish(Status::CommError, "communication engine shut down before start");
+  active_.clear();
+  incoming_.clear();
+  waiting_.clear();
+  busy_.clear();
+}
+
+void Engine::admit(const std::shared_ptr<Op>& op) {
+  MPI_Comm c = op->serial_comm();
+  if (c == MPI_COMM_NULL) {
+    active_.push_back(op);
+  } else if (busy_.count(c)) {
+    waiting_[c].push_back(op);
+  } else {
+    busy_.insert(c);
+    active_.push_back(op);
+  }
+}
+
+void Engine::retire(const std::shared_ptr<Op>& op) {
+  MPI_Comm c = op->serial_comm();
+  if (c == MPI_COMM_NULL) return;
+  auto it = waiting_.find(c);
+  if (it == waiting_.end() || it->second.empty()) {
+    busy_.erase(c);
+    if (it != waiting_.end()) waiting_.erase(it);
+    return;
+  }
+  active_.push_back(it->second.front());
+  it->second.pop_front();
+}
+
+void Engine::run() {
+  unsigned idle = 0;
+  for (;;) {
+    {
+      std::unique_lock<std::mutex> lk(mu_);
+      if (active_.empty()) cv_.wait(lk, [this] { return stop_ || !incoming_.empty(); });
+      if (stop_) return;
+      for (auto& op : incoming_) admit(op);
+      incoming_.clear();
+    }
+    bool moved = false;
+    for (size_t i = 0; i < active_.size();) {
+      std::shared_ptr<Op> op = active_[i];
+      try {
+        if (!op->started) {
+          op->started = true;
+          op->start();
+          moved = true;
+        }
+        if (!op->completed()) moved |= op->progress();
+      } catch (const std::exception& e) {
+        op->abandon();
+        op->finish(Status::CommError, e.what());
+      }
+      if (op->completed()) {
+        active_[i] = active_.back();
+        active_.pop_back();
+        retire(op);
+        moved = true;
+      } else {
+        ++i;
+      }
+    }
+    // Spin briefly (latency), then yield, then sleep (fairness on busy cores).
+    if (moved) {
+      idle = 0;
+    } else if (++idle < 64) {
+    } else if (idle < 1024) {
+      std::this_thread::yield();
+    } else {
+      std::this_thread::sleep_for(std::chrono::microseconds(idle < 4096 ? 5 : 50));
+    }
+  }
+}
+
+}  // namespace rannc::comm

@@ -1,0 +1,152 @@
+"""The training loop shared by the GPT and BERT scripts.
+
+It wraps the model with ``rannc_py.RaNNCModule`` (or not, with ``--eager``),
+feeds each rank its shard of every global batch, shows progress on rank 0,
+and at the end writes the loss curve, the plan's timeline, a JSON summary and,
+with ``--save``, a checkpoint that ``--resume`` continues exactly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from examples.common.loader import Dataset, ShardedLoader
+from examples.common.plots import plan_timeline, plot_losses, plot_timeline
+
+
+def world() -> tuple[Any, int, int]:
+    """The MPI world communicator, this rank and the number of ranks (1 without mpiexec)."""
+    from mpi4py import MPI
+
+    comm = MPI.COMM_WORLD
+    return comm, comm.Get_rank(), comm.Get_size()
+
+
+def _batches(loader: ShardedLoader, start_step: int) -> Iterator[dict[str, torch.Tensor]]:
+    """Endless batches from global step ``start_step`` on, so a resumed run sees the same data."""
+    per_epoch = len(loader)
+    epoch, skip = divmod(start_step, per_epoch)
+    while True:
+        loader.set_epoch(epoch)
+        yield from loader.batches(start=skip)
+        epoch, skip = epoch + 1, 0
+
+
+def _wrap(model: torch.nn.Module, opt: torch.optim.Optimizer, args: argparse.Namespace) -> torch.nn.Module:
+    if args.eager:
+        return model
+    import rannc_py
+
+    kwargs: dict[str, Any] = {}
+    if args.memory_limit is not None:
+        kwargs["memory_limit"] = args.memory_limit
+    if args.cluster is not None:
+        kwargs["cluster"] = args.cluster
+    if args.plan is not None:
+        if Path(args.plan).exists():
+            kwargs["plan"] = rannc_py.Plan.load(args.plan)
+        else:
+            kwargs["save_plan"] = args.plan
+    return rannc_py.RaNNCModule(model, opt, **kwargs)
+
+
+def _checkpoint_path(folder: str, rank: int) -> Path:
+    # One file per rank: under pipeline parallelism each rank holds only its
+    # stage's parameters and optimizer state.
+    return Path(folder) / f"rank{rank}.pt"
+
+
+def train(args: argparse.Namespace, model: torch.nn.Module, dataset: Dataset, name: str) -> dict[str, Any]:
+    """Train ``model`` on ``dataset`` as the flags in ``args`` say (see ``training_parser``).
+
+    Takes the parsed flags, the model, the dataset and the script's name (for
+    the output folder). Returns the summary dict that rank 0 also writes to
+    ``<out>/summary.json``. Raises ``SystemExit`` when ``--eager`` is used on
+    more than one rank.
+    """
+    comm, rank, size = world()
+    if args.eager and size > 1:
+        raise SystemExit(f"--eager trains on one process; it was started on {size} ranks")
+    out = Path(args.out or f"runs/{name}")
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr)
+    model = _wrap(model, opt, args)
+
+    start, losses = 0, []
+    if args.resume:
+        state = torch.load(_checkpoint_path(args.resume, rank), weights_only=False)
+        if state["world_size"] != size:
+            raise SystemExit(f"checkpoint {args.resume} was written by {state['world_size']} ranks, not {size}")
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        start, losses = state["step"], state["losses"]
+
+    loader = ShardedLoader(dataset, args.batch_size, rank=rank, world_size=size, seed=args.seed)
+    batches = _batches(loader, start)
+    step_times: list[float] = []
+    bar = tqdm(range(start, args.steps), disable=rank != 0, desc=name, initial=start, total=args.steps)
+    for step in bar:
+        batch = next(batches)
+        t0 = time.perf_counter()
+        loss = model(**batch).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        step_times.append(time.perf_counter() - t0)
+        losses.append(float(loss))
+        if step == start and rank == 0 and not args.eager:
+            tqdm.write(model.plan.summary())
+        bar.set_postfix(loss=f"{losses[-1]:.3f}", samples_s=f"{args.batch_size / step_times[-1]:.1f}")
+
+    if args.save:
+        Path(args.save).mkdir(parents=True, exist_ok=True)
+        state = {"step": args.steps, "losses": losses, "world_size": size,
+                 "model": model.state_dict(), "optimizer": opt.state_dict()}
+        torch.save(state, _checkpoint_path(args.save, rank))
+
+    # ru_maxrss is in KiB on Linux: the process's peak resident memory.
+    peak = comm.gather(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, root=0)
+    if rank != 0:
+        return {}
+    # The first step of a run also traces, profiles and plans.
+    measured = statistics.median(step_times[1:] or step_times) if step_times else None
+    summary: dict[str, Any] = {
+        "ranks": size, "steps": args.steps, "first_loss": losses[0] if losses else None,
+        "final_loss": losses[-1] if losses else None, "measured_step_time": measured,
+        "peak_rss_per_rank": peak, "loss_curve": str(plot_losses(losses, out / "loss.png", f"{name} loss")),
+    }
+    if not args.eager:
+        plan = model.plan
+        summary["predicted_step_time"] = plan.step_time
+        summary["plan"] = plan.summary()
+        summary["timeline"] = str(plot_timeline(plan_timeline(plan), out / "timeline.png", f"{name} plan"))
+    (out / "losses.json").write_text(json.dumps(losses))
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    return summary
+
+
+def print_summary(summary: dict[str, Any]) -> None:
+    """Print the end-of-run summary that :func:`train` returned on rank 0 (nothing elsewhere)."""
+    if not summary:
+        return
+    mib = ", ".join(f"{b / 2**20:.0f}" for b in summary["peak_rss_per_rank"])
+    lines = [f"loss: {summary['first_loss']:.4f} -> {summary['final_loss']:.4f} after {summary['steps']} steps"]
+    if "predicted_step_time" in summary:
+        lines.append(f"step time: predicted {summary['predicted_step_time'] * 1e3:.1f} ms, "
+                     f"measured {summary['measured_step_time'] * 1e3:.1f} ms (median)")
+    elif summary["measured_step_time"] is not None:
+        lines.append(f"step time: measured {summary['measured_step_time'] * 1e3:.1f} ms (median)")
+    lines.append(f"peak memory (RSS) per rank, MiB: {mib}")
+    lines.append(f"pictures: {summary['loss_curve']}" + (f", {summary['timeline']}" if "timeline" in summary else ""))
+    print("\n".join(lines), flush=True)

@@ -1,0 +1,168 @@
+"""Capture an unmodified ``nn.Module`` into a :class:`~rannc_py.graph.ir.Graph`.
+
+The model is wrapped in a module that takes and returns flat tuples of
+tensors, then exported with ``torch.export.export(..., strict=False)``. The
+wrapper keeps the user's call structure out of the exported program: inputs
+become a flat tuple (Python scalars are baked in as constants) and outputs a
+flat tuple, rebuilt into the model's own output type by the Graph.
+
+The batch dimension (dim 0 of every tensor input whose dim 0 equals the first
+input's) is exported as one dynamic ``Dim`` so that stages run at any
+microbatch size. When the model cannot be exported that way (it branches on
+the batch size, or the batch is 1), the trace falls back to static shapes and
+records ``Graph.dynamic_batch = False``.
+"""
+
+from __future__ import annotations
+
+import linecache
+import os
+import traceback
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from rannc_py.errors import TraceError
+from rannc_py.graph.ir import Graph
+from rannc_py.graph.layout import InputLayout, OutputLayout
+from rannc_py.graph.lowered import build_graph
+
+# Attribute under which the wrapper holds the user's model; stripped from every name.
+_PREFIX = "model"
+
+
+class _FlatCall(nn.Module):
+    """Calls the user model with arguments rebuilt from a flat tuple of tensors."""
+
+    def __init__(self, model: nn.Module, inputs: InputLayout, seen: list[Any]) -> None:
+        super().__init__()
+        self.model = model
+        self._inputs = inputs
+        # Receives the model's raw output. A bound method, not the list itself: export
+        # inspects container attributes for tensors assigned during tracing.
+        self._record = seen.append
+
+    def forward(self, *flat: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        args, kwargs = self._inputs.unflatten(flat)
+        out = self.model(*args, **kwargs)
+        self._record(out)
+        layout = OutputLayout(out)
+        return tuple(layout.flatten(out))
+
+
+def trace(
+    model: nn.Module,
+    args: tuple[Any, ...] | list[Any] = (),
+    kwargs: dict[str, Any] | None = None,
+    *,
+    dynamic_batch: bool = True,
+) -> Graph:
+    """Trace ``model(*args, **kwargs)`` into a :class:`Graph`.
+
+    Takes an unmodified module (parameters may live on the ``meta`` device:
+    nothing is allocated or computed), example positional and keyword
+    arguments, and ``dynamic_batch`` (default True: export dim 0 of the
+    batch-carrying inputs as dynamic, falling back to static shapes if that
+    fails; False: trace static shapes only). The module is traced in its
+    current mode (``model.train()`` keeps dropout in the graph). When every
+    parameter and buffer is on ``meta``, tensor inputs are moved to ``meta``
+    too.
+
+    Inputs may be tensors, Python bool/int/float constants, None, and
+    tuples/lists/dicts of these; outputs a tensor, tuple, dict, dataclass
+    registered with ``torch.export`` or a Hugging Face ``ModelOutput``.
+
+    Returns the Graph. Raises TraceError, naming the module and source line
+    where capture broke, with the reason and a hint.
+    """
+    if not isinstance(model, nn.Module):
+        raise TraceError(f"trace() needs an nn.Module, got {type(model).__name__}")
+    args = tuple(args) if isinstance(args, (tuple, list)) else (args,)
+    inputs = InputLayout(args, dict(kwargs or {}))
+    flat = list(inputs.flatten(args, dict(kwargs or {})).values())
+    tensors = [*model.parameters(), *model.buffers()]
+    if tensors and all(t.is_meta for t in tensors):
+        # A model on the meta device is traced for planning only: match its inputs to it.
+        flat = [t if t.is_meta else torch.empty_like(t, device="meta") for t in flat]
+    batch_size = int(flat[0].shape[0]) if flat[0].dim() > 0 else 1
+    batch_carrying = [t.dim() > 0 and int(t.shape[0]) == batch_size for t in flat]
+
+    if dynamic_batch and any(batch_carrying):
+        batch = torch.export.Dim("batch")
+        shapes = tuple({0: batch} if carry else None for carry in batch_carrying)
+        try:
+            return _export(model, inputs, flat, batch_size, (shapes,), dynamic=True)
+        except TraceError:
+            raise
+        except Exception:  # noqa: BLE001 - retried with static shapes; that error is the one reported
+            pass
+    try:
+        return _export(model, inputs, flat, batch_size, None, dynamic=False)
+    except TraceError:
+        raise
+    except Exception as e:  # noqa: BLE001 - every export failure becomes a TraceError
+        raise _trace_error(model, e) from e
+
+
+def _export(model: nn.Module, inputs: InputLayout, flat: list[torch.Tensor], batch_size: int,
+            dynamic_shapes: Any, dynamic: bool) -> Graph:
+    seen: list[Any] = []
+    wrapper = _FlatCall(model, inputs, seen)
+    ep = torch.export.export(wrapper, tuple(flat), dynamic_shapes=dynamic_shapes, strict=False)
+    if not seen:
+        raise TraceError("torch.export did not run the model's forward; cannot record its output structure")
+    outputs = OutputLayout(seen[-1])
+    return build_graph(ep, model, _PREFIX, inputs, outputs, batch_size, dynamic)
+
+
+def _where(model: nn.Module, error: BaseException) -> tuple[str, str]:
+    """The innermost module of ``model`` running, and the user source line, when ``error`` was raised."""
+    names = {id(m): name for name, m in model.named_modules()}
+    module_path = "<not inside the model>"
+    line = "<unknown>"
+    torch_dir = os.path.dirname(torch.__file__)
+    own_dir = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    tb = error.__traceback__
+    frames = []
+    while tb is not None:
+        frames.append(tb.tb_frame)
+        tb = tb.tb_next
+    for frame in frames:
+        owner = frame.f_locals.get("self")
+        if owner is not None and id(owner) in names:
+            module_path = names[id(owner)] or "<top-level module>"
+    for frame, lineno in traceback.walk_tb(error.__traceback__):
+        path = frame.f_code.co_filename
+        if not path.startswith(torch_dir) and not path.startswith(own_dir) and "importlib" not in path:
+            line = f"{path}:{lineno} in {frame.f_code.co_name}"
+            text = linecache.getline(path, lineno).strip()
+            if text:
+                line += f": {text}"
+    return module_path, line
+
+
+def _hint(message: str) -> str:
+    lowered = message.lower()
+    if "cache" in lowered or "past_key_values" in lowered:
+        return "build the model with use_cache=False (and pass use_cache=False) so no KV cache object is created"
+    if "data-dependent" in lowered or "data dependent" in lowered or "guardondatadependent" in lowered:
+        return (
+            "forward branches on tensor values; move that control flow out of forward, or express it "
+            "with torch.where / torch.cond"
+        )
+    if "device" in lowered and ("mismatch" in lowered or "same device" in lowered):
+        return "put every input on the device of the model's parameters"
+    if "constraint" in lowered or "specializ" in lowered:
+        return "forward depends on an exact input size; pass example inputs of the size you will train with"
+    return "make forward depend only on tensor shapes, not tensor values, and avoid Python side effects"
+
+
+def _trace_error(model: nn.Module, error: BaseException) -> TraceError:
+    module_path, line = _where(model, error)
+    reason = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
+    return TraceError(
+        f"could not trace {type(model).__name__}: capture broke in module {module_path!r} at {line}\n"
+        f"  reason: {reason[:500]}\n  hint: {_hint(str(error) + type(error).__name__)}"
+    )
+

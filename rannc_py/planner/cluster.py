@@ -1,0 +1,264 @@
+"""Device and cluster descriptions, their presets, and preset-string parsing.
+
+A :class:`Cluster` carries every number the cost model needs (peak FLOP/s,
+memory, memory bandwidth, link bandwidth and latency, topology); nothing in
+the cost model is a constant of its own. Presets: ``a64fx``, ``a100-40g``,
+``a100-80g``, ``h100`` and ``local`` (this machine, measured; see
+:mod:`rannc_py.planner.calibrate`).
+
+Preset strings: ``"<preset>[:key=value,...]"``. Keys: ``nodes`` (every preset
+but local), ``gpus`` (GPU presets: total GPUs, a multiple of the node size),
+``shape`` (a64fx: Tofu job shape ``AxBxC``, default the most cubic
+factorisation of ``nodes``), ``ranks`` (local), ``memory`` (per device, e.g.
+``2GiB``, ``512MB``, overrides the preset). Default size: one node (local: 2
+ranks).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, replace
+
+import torch
+
+from rannc_py.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Device:
+    """One compute device (a rank's share of the machine).
+
+    Attributes:
+        name: preset name.
+        peak_flops: dtype name ("float32", "bfloat16", "float16") -> peak FLOP/s.
+        memory: bytes usable by one rank.
+        memory_bandwidth: bytes/s from that memory.
+    """
+
+    name: str
+    peak_flops: tuple[tuple[str, float], ...]
+    memory: int
+    memory_bandwidth: float
+
+    def flops(self, dtype: torch.dtype | str = torch.float32) -> float:
+        """Peak FLOP/s for ``dtype``. Raises ConfigError when the preset has no figure for it."""
+        key = str(dtype).removeprefix("torch.")
+        for name, value in self.peak_flops:
+            if name == key:
+                return value
+        raise ConfigError(
+            f"device {self.name!r} has no peak FLOP/s for {key}; known: {[n for n, _ in self.peak_flops]}"
+        )
+
+
+@dataclass(frozen=True)
+class Link:
+    """A network path: ``bandwidth`` bytes/s per direction and ``latency`` seconds per message."""
+
+    bandwidth: float
+    latency: float
+
+
+@dataclass(frozen=True)
+class Cluster:
+    """A set of identical devices and the network between them.
+
+    Attributes:
+        name: the preset string it was made from (or a user label).
+        device: the device every rank runs on.
+        num_devices: ranks in the job.
+        devices_per_node: ranks sharing a node (and ``intra_node`` links).
+        intra_node: link between ranks of one node (NVLink, shared memory).
+        inter_node: link between nodes (InfiniBand, Tofu-D), per rank.
+        topology: "torus" (Tofu: dimension-wise allreduce) or "switched" (fat tree).
+        torus_shape: node grid for a torus, else None.
+        concurrent_links: links one node drives at once (Tofu-D: 6 TNIs).
+    """
+
+    name: str
+    device: Device
+    num_devices: int
+    devices_per_node: int
+    intra_node: Link
+    inter_node: Link
+    topology: str
+    torus_shape: tuple[int, ...] | None = None
+    concurrent_links: int = 1
+
+    def __post_init__(self) -> None:
+        if self.num_devices < 1:
+            raise ConfigError(f"cluster needs at least one device, got {self.num_devices}")
+        if self.topology not in ("torus", "switched"):
+            raise ConfigError(f"cluster topology must be 'torus' or 'switched', got {self.topology!r}")
+
+    @classmethod
+    def from_preset(cls, spec: str) -> Cluster:
+        """Build a cluster from a preset string such as ``"a64fx:nodes=256"`` or ``"local:ranks=4,memory=2GiB"``.
+
+        Raises:
+            ConfigError: unknown preset, unknown or malformed key, bad value.
+        """
+        return parse_cluster(spec)
+
+    def link(self, group_size: int) -> Link:
+        """The slowest link a group of ``group_size`` consecutive ranks communicates over."""
+        return self.intra_node if group_size <= self.devices_per_node else self.inter_node
+
+    def describe(self) -> str:
+        """One line: preset, device count, per-device memory and peak, links."""
+        d = self.device
+        return (
+            f"{self.name}: {self.num_devices} x {d.name} ({d.memory / 2**30:.1f} GiB, "
+            f"{d.flops('float32') / 1e12:.3g} TFLOP/s fp32), {self.topology}"
+            + (f" {'x'.join(map(str, self.torus_shape))}" if self.torus_shape else "")
+            + f", inter-node {self.inter_node.bandwidth / 1e9:.3g} GB/s"
+        )
+
+
+GiB = 2**30
+
+# --- presets: every figure names its source ---------------------------------
+
+# Fugaku A64FX node (Fujitsu A64FX datasheet; RIKEN Fugaku system overview):
+# 48 compute cores at 2.2 GHz, 2 x 512-bit SVE FMA pipes -> 48*2.2e9*32 = 3.38
+# TFLOP/s fp64, 6.76 fp32, 13.5 fp16; 32 GiB HBM2 at 1024 GB/s.
+# Tofu interconnect D (Ajima et al., IEEE Cluster 2018): 6.8 GB/s per link per
+# direction, 10 ports, 6 TNIs (so 6 transfers at once), ~0.49 us put latency.
+_A64FX = Device("a64fx", (("float32", 6.76e12), ("float16", 13.5e12), ("bfloat16", 13.5e12)), 32 * GiB, 1024e9)
+_TOFU_D = Link(6.8e9, 0.49e-6)
+
+# NVIDIA A100 SXM datasheet: 19.5 TFLOP/s fp32 (156 TF32), 312 bf16/fp16 dense;
+# 40 GB HBM2 at 1555 GB/s, 80 GB HBM2e at 2039 GB/s; NVLink 3: 600 GB/s
+# total = 300 GB/s per direction. DGX A100: 8 GPUs, one 200 Gb/s HDR
+# InfiniBand HCA per GPU = 25 GB/s. Latencies: NVIDIA NCCL-tests typical
+# small-message figures (~2 us NVLink, ~5 us IB across nodes).
+_A100_FLOPS = (("float32", 19.5e12), ("tfloat32", 156e12), ("bfloat16", 312e12), ("float16", 312e12))
+_A100_40 = Device("a100-40g", _A100_FLOPS, 40 * 10**9, 1555e9)
+_A100_80 = Device("a100-80g", _A100_FLOPS, 80 * 10**9, 2039e9)
+_NVLINK3 = Link(300e9, 2e-6)
+_IB_HDR = Link(25e9, 5e-6)
+
+# NVIDIA H100 SXM datasheet: 67 TFLOP/s fp32, 989 bf16/fp16 dense; 80 GB HBM3
+# at 3.35 TB/s; NVLink 4: 900 GB/s total = 450 per direction. DGX H100: one
+# 400 Gb/s NDR InfiniBand port per GPU = 50 GB/s.
+_H100 = Device("h100", (("float32", 67e12), ("bfloat16", 989e12), ("float16", 989e12)), 80 * 10**9, 3350e9)
+_NVLINK4 = Link(450e9, 2e-6)
+_IB_NDR = Link(50e9, 5e-6)
+
+_GPU_PRESETS = {
+    "a100-40g": (_A100_40, _NVLINK3, _IB_HDR),
+    "a100-80g": (_A100_80, _NVLINK3, _IB_HDR),
+    "h100": (_H100, _NVLINK4, _IB_NDR),
+}
+_GPUS_PER_NODE = 8  # DGX/HGX A100 and H100 nodes
+
+PRESETS = ("a64fx", *_GPU_PRESETS, "local")
+
+_KEYS = {
+    "a64fx": {"nodes", "shape", "memory"},
+    "local": {"ranks", "memory"},
+    **{k: {"nodes", "gpus", "memory"} for k in _GPU_PRESETS},
+}
+
+
+def parse_size(text: str) -> int:
+    """Parse a byte size such as ``"2GiB"``, ``"512MB"``, ``"1.5e9"`` or ``"4096"``.
+
+    Raises:
+        ConfigError: not a positive size.
+    """
+    m = re.fullmatch(r"\s*([0-9.eE+]+)\s*([KMGT]i?B|B)?\s*", text)
+    units = {None: 1, "B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12,
+             "KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "TiB": 2**40}
+    try:
+        value = float(m.group(1)) * units[m.group(2)] if m else -1.0
+    except ValueError:
+        value = -1.0
+    if value <= 0:
+        raise ConfigError(f"cannot read memory size {text!r}; write e.g. 2GiB, 512MB or a byte count")
+    return int(value)
+
+
+def _positive_int(key: str, text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise ConfigError(f"cluster option {key}={text!r} must be a positive integer")
+    return int(text)
+
+
+def cubic_shape(n: int) -> tuple[int, int, int]:
+    """The most cubic 3-D factorisation a x b x c = n with a <= b <= c."""
+    best = (1, 1, n)
+    for a in range(1, round(n ** (1 / 3)) + 2):
+        if n % a:
+            continue
+        for b in range(a, math.isqrt(n // a) + 1):
+            if (n // a) % b == 0:
+                c = n // a // b
+                if c >= b and max(a, b, c) < max(best):
+                    best = (a, b, c)
+    return best
+
+
+def parse_cluster(spec: str) -> Cluster:
+    """Parse ``"<preset>[:key=value,...]"`` into a :class:`Cluster` (see the module docstring).
+
+    Raises:
+        ConfigError: unknown preset, unknown or malformed key, bad value.
+    """
+    if not isinstance(spec, str) or not spec.strip():
+        raise ConfigError(f"cluster must be a Cluster or a preset string like 'a64fx:nodes=256', got {spec!r}")
+    name, _, rest = spec.strip().partition(":")
+    name = name.strip().lower()
+    if name not in _KEYS:
+        raise ConfigError(f"unknown cluster preset {name!r}; choose one of {list(PRESETS)}")
+    opts: dict[str, str] = {}
+    for item in filter(None, (s.strip() for s in rest.split(","))):
+        key, eq, value = item.partition("=")
+        key = key.strip()
+        if not eq or not value.strip():
+            raise ConfigError(f"malformed cluster option {item!r} in {spec!r}; write key=value")
+        if key not in _KEYS[name]:
+            raise ConfigError(f"preset {name!r} has no option {key!r}; options: {sorted(_KEYS[name])}")
+        opts[key] = value.strip()
+    memory = parse_size(opts["memory"]) if "memory" in opts else None
+
+    if name == "local":
+        from rannc_py.planner.calibrate import local_cluster
+
+        ranks = _positive_int("ranks", opts.get("ranks", "2"))
+        return local_cluster(ranks, memory=memory, name=spec.strip())
+    if name == "a64fx":
+        nodes = _positive_int("nodes", opts.get("nodes", "1"))
+        if "shape" in opts:
+            try:
+                shape = tuple(int(x) for x in opts["shape"].lower().split("x"))
+            except ValueError:
+                raise ConfigError(f"a64fx shape {opts['shape']!r} must look like 4x8x8") from None
+            if math.prod(shape) != nodes or min(shape) < 1:
+                raise ConfigError(f"a64fx shape {opts['shape']} has {math.prod(shape)} nodes, not nodes={nodes}")
+        else:
+            shape = cubic_shape(nodes)
+        dev = _A64FX if memory is None else replace(_A64FX, memory=memory)
+        # One rank per node; the intra-node link is never used (devices_per_node=1).
+        return Cluster(spec.strip(), dev, nodes, 1, _TOFU_D, _TOFU_D, "torus", shape, concurrent_links=6)
+    dev, intra, inter = _GPU_PRESETS[name]
+    if "gpus" in opts and "nodes" in opts:
+        raise ConfigError(f"give either gpus= or nodes= for {name!r}, not both ({spec!r})")
+    if "gpus" in opts:
+        gpus = _positive_int("gpus", opts["gpus"])
+    else:
+        gpus = _GPUS_PER_NODE * _positive_int("nodes", opts.get("nodes", "1"))
+    per_node = min(gpus, _GPUS_PER_NODE)
+    if gpus % per_node:
+        raise ConfigError(f"{name} gpus={gpus} must be a multiple of {per_node} GPUs per node")
+    if memory is not None:
+        dev = replace(dev, memory=memory)
+    return Cluster(spec.strip(), dev, gpus, per_node, intra, inter, "switched")
+
+
+def as_cluster(cluster: Cluster | str) -> Cluster:
+    """Accept a :class:`Cluster` or a preset string. Raises ConfigError otherwise."""
+    if isinstance(cluster, Cluster):
+        return cluster
+    return parse_cluster(cluster)

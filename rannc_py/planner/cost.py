@@ -1,0 +1,184 @@
+"""The cost model: time and memory of a stage, and of a whole plan's step.
+
+A stage covers blocks ``[i, j)`` of the chain and has ``R = r * d`` replicas
+(``r`` per pipeline, ``d`` whole-pipeline copies); each replica runs
+``b = ceil((B / m) / R)`` rows of every microbatch (B global batch, m
+microbatches).
+
+Per replica and microbatch:
+- compute: forward + backward of its blocks at ``b`` rows; a recompute stage
+  pays its forward twice.
+- communication: activations out and gradients in, alpha + bytes / beta per
+  message on the cluster's link; overlapped with compute (the runtime's sends
+  are nonblocking), so a stage's per-microbatch time is
+  ``c = max(compute, comm)``.
+- once per step: allreduce of the stage's gradients across its R replicas
+  (fastest algorithm for the topology, :mod:`rannc_py.comm.cost`).
+Memory per rank: parameters + gradients + optimizer state (SGD 0, SGD with
+momentum 1, Adam/AdamW 2 extra copies of the parameters) + activations of the
+microbatches in flight (GPipe: m; 1F1B: min(p - s, m)); with recompute only
+the stage inputs of those plus one microbatch's full activations + one
+microbatch's send and receive buffers. A plan fits when every rank's memory is
+at most ``device memory * (1 - margin)``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from rannc_py.errors import ConfigError
+from rannc_py.planner.chain import Chain
+from rannc_py.comm.cost import ALGORITHMS, allreduce_time, best_allreduce, grid_shape, p2p_time
+from rannc_py.planner.cluster import Cluster
+
+def _allreduce_lines(cluster: Cluster, ranks: int) -> list[tuple[float, float]]:
+    """(intercept, seconds per byte) of each allreduce algorithm on ``ranks`` of ``cluster``."""
+    link = cluster.link(ranks)
+    shape = grid_shape(ranks) if cluster.topology == "torus" else None
+    lines = []
+    for algo in ALGORITHMS:
+        if algo == "torus" and shape is None:
+            continue
+        t1, t2 = (allreduce_time(algo, n, ranks, alpha=link.latency, beta=link.bandwidth, torus_shape=shape,
+                                 concurrent_links=cluster.concurrent_links) for n in (1.0, 2.0**30))
+        slope = (t2 - t1) / (2.0**30 - 1.0)
+        lines.append((t1 - slope, slope))
+    return lines
+
+
+OPTIMIZER_STATE = {"sgd": 0, "sgd_momentum": 1, "momentum": 1, "adam": 2, "adamw": 2}
+
+
+def optimizer_state_factor(optimizer: str) -> int:
+    """Extra parameter-sized fp32 buffers the optimizer keeps. Raises ConfigError on unknown names."""
+    f = OPTIMIZER_STATE.get(optimizer.lower())
+    if f is None:
+        raise ConfigError(f"unknown optimizer {optimizer!r}; choose one of {sorted(OPTIMIZER_STATE)}")
+    return f
+
+
+@dataclass(frozen=True)
+class StageTables:
+    """Per (i, j, replica-index) arrays for one (d, m, schedule, in-flight count).
+
+    ``obj`` is the stage's bottleneck term ``c + allreduce / m`` (inf when it does
+    not fit), ``mem`` its peak bytes per rank with the ``recompute`` choice made,
+    ``mem_min`` the least memory any allowed recompute choice needs.
+    """
+
+    obj: np.ndarray
+    mem: np.ndarray
+    recompute: np.ndarray
+    mem_min: np.ndarray
+
+
+class CostModel:
+    """Stage and step costs of a chain on a cluster.
+
+    Args:
+        chain: the model's blocks.
+        cluster: devices and links.
+        batch_size: global batch B.
+        optimizer: "sgd", "sgd_momentum", "adam" or "adamw".
+        memory_margin: fraction of device memory kept free (0 <= margin < 1).
+    Raises:
+        ConfigError: bad optimizer or margin.
+    """
+
+    def __init__(self, chain: Chain, cluster: Cluster, batch_size: int, optimizer: str = "adam",
+                 memory_margin: float = 0.1) -> None:
+        if not 0 <= memory_margin < 1:
+            raise ConfigError(f"memory_margin must be in [0, 1), got {memory_margin}")
+        self.chain = chain
+        self.t = chain.tables()
+        self.cluster = cluster
+        self.batch_size = batch_size
+        self.state_factor = 2 + optimizer_state_factor(optimizer)
+        self.limit = cluster.device.memory * (1 - memory_margin)
+        self.margin = memory_margin
+
+    def rows(self, m: int, replicas: int) -> int:
+        """Rows per replica per microbatch (the largest chunk)."""
+        return math.ceil(self.batch_size // m / replicas)
+
+    def allreduce(self, nbytes: float, ranks: int) -> float:
+        """Seconds to allreduce ``nbytes`` over ``ranks`` consecutive ranks."""
+        if ranks <= 1 or nbytes <= 0:
+            return 0.0
+        c = self.cluster
+        link = c.link(ranks)
+        shape = grid_shape(ranks) if c.topology == "torus" else None
+        return best_allreduce(nbytes, ranks, alpha=link.latency, beta=link.bandwidth,
+                              torus_shape=shape, concurrent_links=c.concurrent_links)[1]
+
+    def p2p(self, nbytes: float, pipeline_devices: int) -> float:
+        """Seconds for one message of ``nbytes`` between stages of a pipeline of that many devices."""
+        if nbytes <= 0:
+            return 0.0
+        link = self.cluster.link(pipeline_devices)
+        return p2p_time(nbytes, link.latency, link.bandwidth)
+
+    def _allreduce_table(self, ranks: int) -> np.ndarray:
+        """Allreduce seconds of every range's gradients over ``ranks`` replicas.
+
+        Every algorithm's time is affine in the byte count (alpha-beta model), so
+        each is evaluated at two sizes and the table is the minimum of the lines.
+        """
+        cache = self.__dict__.setdefault("_ar_cache", {})
+        if ranks not in cache:
+            pb = self.t.param_bytes
+            if ranks <= 1:
+                cache[ranks] = np.zeros_like(pb)
+            else:
+                lines = _allreduce_lines(self.cluster, ranks)
+                best = np.min([a + b * pb for a, b in lines], axis=0)
+                cache[ranks] = np.where(pb > 0, best, 0.0)
+        return cache[ranks]
+
+    def _p2p_array(self, nbytes: np.ndarray, pipeline_devices: int) -> np.ndarray:
+        link = self.cluster.link(pipeline_devices)
+        return np.where(nbytes > 0, link.latency + nbytes / link.bandwidth, 0.0)
+
+    def stage_tables(self, d: int, m: int, rvals: tuple[int, ...], in_flights: tuple[int, ...],
+                     recompute: bool | None, pipeline_devices: int) -> dict[int, StageTables]:
+        """Costs of every stage [i, j), for each per-pipeline replica count in ``rvals``
+        and each number of microbatches in flight in ``in_flights``.
+
+        ``recompute``: True/False forces it; None picks it per stage only when
+        the stage does not fit otherwise. Returns {in_flight: StageTables}.
+        """
+        t = self.t
+        n = t.n
+        shape = (n + 1, n + 1, len(rvals))
+        out = {f: StageTables(np.full(shape, np.inf), np.full(shape, np.inf), np.zeros(shape, dtype=bool),
+                              np.full(shape, np.inf)) for f in in_flights}
+        valid = np.triu(np.ones((n + 1, n + 1), dtype=bool), 1)
+        state = t.param_bytes * self.state_factor
+        cut_in = np.broadcast_to(t.cut[:, None], (n + 1, n + 1))
+        cut_out = np.broadcast_to(t.cut[None, :], (n + 1, n + 1))
+        not_first = (np.arange(n + 1) > 0)[:, None]
+        for ri, r in enumerate(rvals):
+            b = self.rows(m, r * d)
+            fwd = t.fwd_fixed + t.fwd_ps * b
+            bwd = t.bwd_fixed + t.bwd_ps * b
+            comm_t = self._p2p_array(cut_in * b, pipeline_devices) * not_first + self._p2p_array(
+                cut_out * b, pipeline_devices)
+            ar = self._allreduce_table(r * d) / m
+            c_plain = np.maximum(fwd + bwd, comm_t) + ar
+            c_rec = np.maximum(2 * fwd + bwd, comm_t) + ar
+            base = state + 2 * (cut_in + cut_out) * b  # model state + send/recv buffers
+            for f, tab in out.items():
+                mem_plain = base + f * t.act * b
+                mem_rec = base + (f * cut_in + t.act) * b
+                use_rec = mem_plain > self.limit if recompute is None else np.full(shape[:2], recompute)
+                m_sel = np.where(use_rec, mem_rec, mem_plain)
+                ok = valid & (m_sel <= self.limit)
+                tab.obj[:, :, ri] = np.where(ok, np.where(use_rec, c_rec, c_plain), np.inf)
+                m_min = m_sel if recompute is not None else np.minimum(mem_plain, mem_rec)
+                tab.mem[:, :, ri] = np.where(valid, m_sel, np.inf)
+                tab.mem_min[:, :, ri] = np.where(valid, m_min, np.inf)
+                tab.recompute[:, :, ri] = use_rec & valid
+        return out

@@ -1,0 +1,278 @@
+"""The Plan: pure data that tells the runtime how to split and place a model.
+
+A plan is computed once (or loaded from a file), is deterministic for the same
+inputs and round-trips exactly through JSON. The runtime reads nothing else
+from the planner.
+
+Row split rule (the runtime follows it): the global batch is cut into
+``microbatches`` consecutive chunks of equal size (``batch_size`` is a
+multiple of ``microbatches``); replica j of a stage with r replicas processes
+chunk j of :func:`split_sizes` (microbatch rows, r) of every microbatch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rannc_py.errors import PlanError
+from rannc_py.schedule import SCHEDULES, Schedule, by_name
+
+
+def split_sizes(n: int, parts: int) -> list[int]:
+    """Sizes of ``parts`` consecutive chunks of ``n`` rows, as equal as possible, larger first.
+
+    Same as the chunk sizes of ``torch.tensor_split(x, parts)``.
+    """
+    if parts < 1:
+        raise PlanError(f"cannot split {n} rows into {parts} parts; parts must be >= 1")
+    q, r = divmod(n, parts)
+    return [q + 1 if i < r else q for i in range(parts)]
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    """One pipeline stage.
+
+    Attributes:
+        index: stage number, 0 first.
+        ops: indices into ``graph.ops`` run by this stage (ascending).
+        param_fqns: parameters (and buffers) this stage reads; a tied weight
+            appears in every stage that reads it.
+        ranks: global MPI ranks that hold a replica of this stage (ascending).
+        recompute: drop activations after forward and re-run it in backward.
+        predicted_compute_time: seconds of forward + backward per step on one replica.
+        predicted_peak_memory: bytes per rank (model state + activations + buffers).
+    """
+
+    index: int
+    ops: tuple[int, ...]
+    param_fqns: tuple[str, ...]
+    ranks: tuple[int, ...]
+    recompute: bool
+    predicted_compute_time: float
+    predicted_peak_memory: int
+
+    @property
+    def replicas(self) -> int:
+        """Number of data-parallel replicas of this stage."""
+        return len(self.ranks)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A hybrid data/pipeline-parallel layout of one model on one cluster.
+
+    Attributes:
+        batch_size: global batch size of one step.
+        microbatches: microbatches per step (divides ``batch_size``).
+        schedule: schedule name ("1f1b" or "gpipe"), see :mod:`rannc_py.schedule`.
+        stages: the stages, in pipeline order.
+        world_size: number of ranks the plan uses (every rank holds one stage replica).
+        graph_fingerprint: hash of the graph the plan was made for.
+        cluster: description of the cluster the plan was made for.
+        step_time: predicted seconds per training step.
+        peak_memory_per_rank: predicted peak bytes, indexed by rank.
+        samples_per_second: predicted throughput.
+        mfu: predicted model FLOP utilisation (0..1).
+        search_time: seconds the planner spent.
+    """
+
+    batch_size: int
+    microbatches: int
+    schedule: str
+    stages: tuple[StagePlan, ...]
+    world_size: int
+    graph_fingerprint: str
+    cluster: str
+    step_time: float
+    peak_memory_per_rank: tuple[int, ...]
+    samples_per_second: float
+    mfu: float
+    search_time: float
+
+    def __post_init__(self) -> None:
+        self._check()
+
+    def _check(self) -> None:
+        if self.schedule not in SCHEDULES:
+            raise PlanError(f"plan names unknown schedule {self.schedule!r}; known: {sorted(SCHEDULES)}")
+        if self.microbatches < 1 or self.batch_size < 1 or self.batch_size % self.microbatches:
+            raise PlanError(
+                f"plan batch_size={self.batch_size} must be a positive multiple of "
+                f"microbatches={self.microbatches}"
+            )
+        if not self.stages:
+            raise PlanError("plan has no stages")
+        seen: set[int] = set()
+        for i, st in enumerate(self.stages):
+            if st.index != i:
+                raise PlanError(f"stage at position {i} has index {st.index}; stages must be numbered 0..")
+            if not st.ranks:
+                raise PlanError(f"stage {i} has no ranks")
+            for r in st.ranks:
+                if not 0 <= r < self.world_size or r in seen:
+                    raise PlanError(
+                        f"stage {i} rank {r} is outside 0..{self.world_size - 1} or held by another stage"
+                    )
+                seen.add(r)
+            if self.batch_size // self.microbatches < st.replicas:
+                raise PlanError(
+                    f"stage {i} has {st.replicas} replicas but a microbatch has only "
+                    f"{self.batch_size // self.microbatches} rows; every replica needs at least one"
+                )
+        if len(seen) != self.world_size:
+            raise PlanError(f"plan uses {len(seen)} ranks but world_size is {self.world_size}")
+        if len(self.peak_memory_per_rank) != self.world_size:
+            raise PlanError(
+                f"peak_memory_per_rank has {len(self.peak_memory_per_rank)} entries for "
+                f"world_size {self.world_size}"
+            )
+
+    @property
+    def num_stages(self) -> int:
+        """Pipeline depth."""
+        return len(self.stages)
+
+    def assignment(self) -> list[int]:
+        """Stage index of every op index (the input of ``graph.split``).
+
+        Raises:
+            PlanError: the stages' op sets do not cover 0..N-1 exactly once.
+        """
+        n = sum(len(st.ops) for st in self.stages)
+        out = [-1] * n
+        for st in self.stages:
+            for op in st.ops:
+                if not 0 <= op < n or out[op] != -1:
+                    raise PlanError(f"op {op} of stage {st.index} is out of range 0..{n - 1} or in two stages")
+                out[op] = st.index
+        return out
+
+    def stage_of_rank(self, rank: int) -> int | None:
+        """The stage whose replica ``rank`` holds, or None when the plan does not use it."""
+        for st in self.stages:
+            if rank in st.ranks:
+                return st.index
+        return None
+
+    def replica_of_rank(self, rank: int) -> int | None:
+        """Position of ``rank`` among its stage's replicas (its row chunk), or None."""
+        s = self.stage_of_rank(rank)
+        return None if s is None else self.stages[s].ranks.index(rank)
+
+    def make_schedule(self) -> Schedule:
+        """The training schedule's action lists for this plan's stages and microbatches."""
+        return by_name(self.schedule, self.num_stages, self.microbatches)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Plan:
+        """Inverse of :meth:`to_dict`. Raises PlanError on a malformed dict."""
+        try:
+            stages = tuple(
+                StagePlan(
+                    index=int(s["index"]),
+                    ops=tuple(int(o) for o in s["ops"]),
+                    param_fqns=tuple(str(f) for f in s["param_fqns"]),
+                    ranks=tuple(int(r) for r in s["ranks"]),
+                    recompute=bool(s["recompute"]),
+                    predicted_compute_time=float(s["predicted_compute_time"]),
+                    predicted_peak_memory=int(s["predicted_peak_memory"]),
+                )
+                for s in d["stages"]
+            )
+            return cls(
+                batch_size=int(d["batch_size"]),
+                microbatches=int(d["microbatches"]),
+                schedule=str(d["schedule"]),
+                stages=stages,
+                world_size=int(d["world_size"]),
+                graph_fingerprint=str(d["graph_fingerprint"]),
+                cluster=str(d["cluster"]),
+                step_time=float(d["step_time"]),
+                peak_memory_per_rank=tuple(int(x) for x in d["peak_memory_per_rank"]),
+                samples_per_second=float(d["samples_per_second"]),
+                mfu=float(d["mfu"]),
+                search_time=float(d["search_time"]),
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            raise PlanError(f"malformed plan ({e!r}); write plans with Plan.to_json() or Plan.save()") from e
+
+    def to_json(self) -> str:
+        """Serialise to JSON; :meth:`from_json` gives back an equal Plan."""
+        return json.dumps(self.to_dict(), indent=1)
+
+    @classmethod
+    def from_json(cls, text: str) -> Plan:
+        """Parse :meth:`to_json` output. Raises PlanError on malformed input."""
+        try:
+            d = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise PlanError(f"plan JSON does not parse: {e}") from e
+        return cls.from_dict(d)
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write the plan as JSON to ``path`` atomically (temp file in the same folder, then rename)."""
+        path = Path(path)
+        fd, tmp = tempfile.mkstemp(dir=path.parent or Path("."), prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(self.to_json())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> Plan:
+        """Read a plan written by :meth:`save`. Raises PlanError on malformed content."""
+        return cls.from_json(Path(path).read_text())
+
+    def summary(self) -> str:
+        """A readable table of the stages and the predictions."""
+        mb_rows = self.batch_size // self.microbatches
+        lines = [
+            f"Plan: {self.num_stages} stages, {self.world_size} ranks, schedule {self.schedule}, "
+            f"batch {self.batch_size} = {self.microbatches} microbatches x {mb_rows}",
+            f"cluster: {self.cluster}",
+            f"{'stage':>5} {'ops':>11} {'params':>7} {'ranks':>13} {'recomp':>6} "
+            f"{'compute/step':>12} {'peak mem':>10}",
+        ]
+        for st in self.stages:
+            ops = f"{st.ops[0]}-{st.ops[-1]}" if st.ops else "-"
+            ranks = f"{st.ranks[0]}-{st.ranks[-1]} (x{st.replicas})" if st.replicas > 1 else f"{st.ranks[0]}"
+            lines.append(
+                f"{st.index:>5} {ops:>11} {len(st.param_fqns):>7} {ranks:>13} "
+                f"{'yes' if st.recompute else 'no':>6} {_fmt_time(st.predicted_compute_time):>12} "
+                f"{_fmt_bytes(st.predicted_peak_memory):>10}"
+            )
+        lines.append(
+            f"predicted: step {_fmt_time(self.step_time)}, {self.samples_per_second:.4g} samples/s, "
+            f"MFU {100 * self.mfu:.1f}%, peak memory {_fmt_bytes(max(self.peak_memory_per_rank))}/rank; "
+            f"search {self.search_time:.2f} s"
+        )
+        return "\n".join(lines)
+
+
+def _fmt_time(t: float) -> str:
+    for unit, scale in (("s", 1.0), ("ms", 1e-3), ("us", 1e-6)):
+        if t >= scale:
+            return f"{t / scale:.3g} {unit}"
+    return f"{t * 1e9:.3g} ns"
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.4g} {unit}"
+        n /= 1024
+    return f"{n:.4g} TiB"

@@ -1,0 +1,291 @@
+"""The layout search: a bottleneck dynamic program per (pipelines, microbatches, schedule).
+
+What the DP optimises (and the brute-force test checks): for a pipeline of p
+stages run on m microbatches, the analytic step time
+
+    T = (m + p - 1) * max_s (c_s + a_s / m)
+
+where ``c_s`` is stage s's per-microbatch time and ``a_s`` its gradient
+allreduce (see :mod:`rannc_py.planner.cost`): the classic bubble model with
+each stage's allreduce spread over its microbatches. For fixed p the best T is
+the smallest bottleneck, which a DP finds exactly, building the pipeline from
+its last stage: ``best[q][i][k]`` is the smallest bottleneck of blocks
+``[i, n)`` cut into q + 1 stages on k devices per pipeline. Building backwards
+means a stage knows how many stages follow it, which fixes its 1F1B memory
+(min(q + 1, m) microbatches in flight) when the DP needs it.
+
+Outer loops: d whole-pipeline copies (d divides the device count; a pipeline
+has P = D / d devices, at most ``max_pipeline_devices``), microbatch counts m
+(divisors of B), schedules, and the recompute policy; per-stage replicas r come
+from a small set, may differ between stages and sum to P. The best
+``top_k`` layouts by T are then simulated with their schedule's real action
+lists (:func:`rannc_py.schedule.simulate`), and the one with the smallest
+simulated step time wins; ties go to the smaller T, then the enumeration order,
+so the result is deterministic.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from rannc_py.planner.cost import CostModel
+from rannc_py.schedule import StageCosts, Timeline, by_name, simulate
+
+REPLICA_SET = (1, 2, 3, 4, 6, 8)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """A candidate plan in chain terms.
+
+    Attributes:
+        d: whole-pipeline copies.
+        m: microbatches.
+        schedule: schedule name.
+        bounds: block boundaries, ``bounds[s]..bounds[s+1]`` is stage s.
+        replicas: total replicas of each stage (r_s * d).
+        recompute: per stage.
+        objective: the DP's T (seconds).
+        memory: per stage peak bytes per rank.
+    """
+
+    d: int
+    m: int
+    schedule: str
+    bounds: tuple[int, ...]
+    replicas: tuple[int, ...]
+    recompute: tuple[bool, ...]
+    objective: float
+    memory: tuple[float, ...]
+
+    @property
+    def num_stages(self) -> int:
+        """Pipeline depth."""
+        return len(self.bounds) - 1
+
+
+def divisors(n: int) -> list[int]:
+    """Divisors of n, ascending."""
+    small = [k for k in range(1, math.isqrt(n) + 1) if n % k == 0]
+    return sorted(set(small + [n // k for k in small]))
+
+
+def spread(values: list[int], limit: int) -> list[int]:
+    """At most ``limit`` of the sorted ``values``, evenly spaced on a log scale, ends included."""
+    if len(values) <= limit:
+        return values
+    logs = np.log(np.asarray(values, dtype=float))
+    targets = np.linspace(logs[0], logs[-1], limit)
+    picked = sorted({int(np.argmin(np.abs(logs - x))) for x in targets})
+    return [values[i] for i in picked]
+
+
+def bottleneck_dp(obj_by_q: Sequence[np.ndarray], rvals: Sequence[int], devices: int,
+                  allowed: Sequence[Sequence[int]] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Min-max DP over a chain.
+
+    Args:
+        obj_by_q: per q (stages after this one), an (n+1, n+1, len(rvals)) array of
+            stage costs for blocks [i, j) with ``rvals[ri]`` devices (inf = infeasible).
+        rvals: device counts a stage may use.
+        devices: devices per pipeline (the k the full pipeline must use).
+        allowed: optional per-q list of allowed replica indices (pins).
+    Returns:
+        (best, arg_j, arg_r): ``best[q, i, k]`` the smallest bottleneck of blocks
+        [i, n) in q + 1 stages on exactly k devices, and the argmin end block and
+        replica index of its first stage.
+    """
+    Q = len(obj_by_q)
+    n = obj_by_q[0].shape[0] - 1
+    K = devices
+    best = np.full((Q, n + 1, K + 1), np.inf)
+    arg_j = np.zeros((Q, n + 1, K + 1), dtype=np.int32)
+    arg_r = np.zeros((Q, n + 1, K + 1), dtype=np.int32)
+    for q in range(Q):
+        obj = obj_by_q[q]
+        ris = range(len(rvals)) if allowed is None else allowed[q]
+        for ri in ris:
+            r = rvals[ri]
+            if r > K:
+                continue
+            if q == 0:
+                cand = np.full((n + 1, K + 1), np.inf)
+                cand[:, r] = obj[:, n, ri]
+                js = np.full((n + 1, K + 1), n, dtype=np.int32)
+            else:
+                shifted = np.full((n + 1, K + 1), np.inf)
+                shifted[:, r:] = best[q - 1][:, : K + 1 - r]
+                both = np.maximum(obj[:, :, ri][:, :, None], shifted[None, :, :])
+                js = both.argmin(axis=1).astype(np.int32)
+                cand = np.take_along_axis(both, js[:, None, :], axis=1)[:, 0, :]
+            better = cand < best[q]
+            best[q] = np.where(better, cand, best[q])
+            arg_j[q] = np.where(better, js, arg_j[q])
+            arg_r[q] = np.where(better, ri, arg_r[q])
+    return best, arg_j, arg_r
+
+
+def reconstruct(arg_j: np.ndarray, arg_r: np.ndarray, rvals: Sequence[int], p: int,
+                devices: int) -> tuple[list[int], list[int]]:
+    """Block bounds and per-pipeline replica counts of the DP's p-stage optimum."""
+    bounds, reps = [0], []
+    i, k = 0, devices
+    for q in range(p - 1, -1, -1):
+        j, r = int(arg_j[q, i, k]), rvals[int(arg_r[q, i, k])]
+        bounds.append(j)
+        reps.append(r)
+        i, k = j, k - r
+    return bounds, reps
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    """The enumerated outer choices (shared by the search and the brute-force check)."""
+
+    pipelines: tuple[int, ...]  # d values
+    microbatches: tuple[int, ...]
+    schedules: tuple[str, ...]
+    recompute: bool | None
+    max_stages: int
+    rvals: tuple[int, ...]
+    pinned_replicas: tuple[int, ...] | None = None
+    num_stages: int | None = None
+
+
+def in_flight(schedule: str, q: int, m: int) -> int:
+    """Microbatches whose activations a stage with q stages after it holds at once."""
+    return m if schedule == "gpipe" else min(q + 1, m)
+
+
+def search_config(cost: CostModel, space: SearchSpace, d: int, m: int, schedule: str,
+                  objective: str = "time") -> list[Layout]:
+    """Run the DP for one (d, m, schedule); return the best layout for every feasible p.
+
+    ``objective="memory"`` minimises the largest per-rank memory instead of T
+    (used to report the smallest memory that would fit).
+    """
+    D = cost.cluster.num_devices
+    P = D // d
+    if space.pinned_replicas is not None:
+        p_pin = len(space.pinned_replicas)
+        rvals = tuple(sorted(set(space.pinned_replicas)))
+        allowed = [[rvals.index(space.pinned_replicas[p_pin - 1 - q])] for q in range(p_pin)]
+        Q = p_pin
+    else:
+        rvals = tuple(r for r in space.rvals if r <= P and r * d <= cost.batch_size // m)
+        allowed = None
+        Q = min(space.max_stages, P, cost.chain.n)
+    if not rvals or Q < 1:
+        return []
+    flights = tuple(sorted({in_flight(schedule, q, m) for q in range(Q)}))
+    tabs = cost.stage_tables(d, m, rvals, flights, space.recompute, P)
+    key = "obj" if objective == "time" else "mem_min"
+    obj_by_q = [getattr(tabs[in_flight(schedule, q, m)], key) for q in range(Q)]
+    best, arg_j, arg_r = bottleneck_dp(obj_by_q, rvals, P, allowed)
+    out = []
+    for p in range(1, Q + 1):
+        if space.num_stages is not None and p != space.num_stages:
+            continue
+        if space.pinned_replicas is not None and p != Q:
+            continue
+        val = best[p - 1, 0, P]
+        if not np.isfinite(val):
+            continue
+        bounds, reps = reconstruct(arg_j, arg_r, rvals, p, P)
+        rec, mem = [], []
+        for s in range(p):
+            tab = tabs[in_flight(schedule, p - 1 - s, m)]
+            ri = rvals.index(reps[s])
+            i, j = bounds[s], bounds[s + 1]
+            if objective == "time":
+                rec.append(bool(tab.recompute[i, j, ri]))
+                mem.append(float(tab.mem[i, j, ri]))
+            else:  # the least-memory choice
+                rec.append(bool(tab.mem_min[i, j, ri] < tab.mem[i, j, ri]) or bool(tab.recompute[i, j, ri]))
+                mem.append(float(tab.mem_min[i, j, ri]))
+        t_obj = (m + p - 1) * float(val) if objective == "time" else float(val)
+        out.append(Layout(d, m, schedule, tuple(bounds), tuple(r * d for r in reps), tuple(rec), t_obj,
+                          tuple(mem)))
+    return out
+
+
+def enumerate_layouts(cost: CostModel, space: SearchSpace, objective: str = "time") -> list[Layout]:
+    """Every (d, m, schedule) DP optimum, in enumeration order."""
+    out = []
+    for d in space.pipelines:
+        for m in space.microbatches:
+            if cost.batch_size // m < d:
+                continue
+            for sched in space.schedules:
+                out += search_config(cost, space, d, m, sched, objective)
+    return out
+
+
+def stage_costs(cost: CostModel, lay: Layout) -> list[StageCosts]:
+    """Per-stage simulator costs of a layout, including re-split messages and shared-weight sync."""
+    t = cost.t
+    p = lay.num_stages
+    pipe_devices = sum(lay.replicas) // lay.d
+    rows = [cost.rows(lay.m, r) for r in lay.replicas]
+    names = [_stage_params(cost, lay.bounds[s], lay.bounds[s + 1]) for s in range(p)]
+    out = []
+    for s in range(p):
+        i, j, b = lay.bounds[s], lay.bounds[s + 1], rows[s]
+        fwd = t.fwd_fixed[i, j] + t.fwd_ps[i, j] * b
+        bwd = t.bwd_fixed[i, j] + t.bwd_ps[i, j] * b + (fwd if lay.recompute[s] else 0.0)
+        send_act = send_grad = 0.0
+        if s < p - 1:
+            send_act = _resplit(cost, t.cut[j], b, rows[s + 1], lay.replicas[s], lay.replicas[s + 1], pipe_devices)
+        if s > 0:
+            send_grad = _resplit(cost, t.cut[i], b, rows[s - 1], lay.replicas[s], lay.replicas[s - 1], pipe_devices)
+        ar = cost.allreduce(t.param_bytes[i, j], lay.replicas[s])
+        for s2 in range(p):  # weights shared with another stage: sum their gradients too
+            if s2 != s:
+                shared = sum(nb for name, nb in names[s].items() if name in names[s2])
+                ar += cost.allreduce(shared, lay.replicas[s] + lay.replicas[s2])
+        out.append(StageCosts(float(fwd), float(bwd), send_act, send_grad, ar))
+    return out
+
+
+def _stage_params(cost: CostModel, i: int, j: int) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for blk in cost.chain.blocks[i:j]:
+        out.update(blk.params)
+    return out
+
+
+def _resplit(cost: CostModel, per_sample: float, rows_src: int, rows_dst: int, r_src: int, r_dst: int,
+             pipe_devices: int) -> float:
+    """One sender's time for a boundary between stages with r_src and r_dst replicas.
+
+    A sender's rows overlap about ceil(r_dst / r_src) receivers (one more when
+    neither count divides the other); the link carries the larger of its own
+    and its receiver's share.
+    """
+    msgs = max(math.ceil(r_dst / r_src), 1) + (0 if r_src % r_dst == 0 or r_dst % r_src == 0 else 1)
+    link = cost.cluster.link(pipe_devices)
+    if per_sample <= 0:
+        return 0.0
+    return msgs * link.latency + per_sample * max(rows_src, rows_dst) / link.bandwidth
+
+
+def simulate_layout(cost: CostModel, lay: Layout) -> Timeline:
+    """Simulate a layout's schedule with its stage costs."""
+    return simulate(by_name(lay.schedule, lay.num_stages, lay.m), stage_costs(cost, lay))
+
+
+def pick_best(cost: CostModel, layouts: list[Layout], top_k: int = 8) -> tuple[Layout, Timeline]:
+    """Simulate the ``top_k`` layouts by T; return the fastest simulated (ties: smaller T, then order)."""
+    ranked = sorted(enumerate(layouts), key=lambda il: (il[1].objective, il[0]))[:top_k]
+    best = None
+    for order, lay in ranked:
+        tl = simulate_layout(cost, lay)
+        key = (tl.step_time, lay.objective, order)
+        if best is None or key < best[0]:
+            best = (key, lay, tl)
+    assert best is not None
+    return best[1], best[2]

@@ -1,0 +1,100 @@
+"""Time every block's forward and backward in this process.
+
+The graph is cut at the block boundaries (``Graph.split``) and the stages run
+in order on example inputs; each block's forward and backward is timed after
+one warm-up run, ``repeats`` times, keeping the median. Times are charged per
+sample (the model is linear in rows, ``fixed = 0``).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import TYPE_CHECKING
+
+import torch
+from tqdm import tqdm
+
+from rannc_py.errors import ConfigError
+from rannc_py.profiling import Profile
+from rannc_py.profiling.analytic import act_bytes_per_sample, block_param_bytes
+
+if TYPE_CHECKING:
+    from rannc_py.graph.ir import Graph
+
+
+def _resize(inputs: dict[str, torch.Tensor], old: int, new: int) -> dict[str, torch.Tensor]:
+    out = {}
+    for k, t in inputs.items():
+        if t.dim() > 0 and t.shape[0] == old and old != new:
+            reps = -(-new // old)
+            t = t.repeat(reps, *([1] * (t.dim() - 1)))[:new]
+        out[k] = t
+    return out
+
+
+def _timed(fn, repeats: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def measure_profile(graph: Graph, blocks: list[tuple[int, ...]], batch_size: int,
+                    inputs: dict[str, torch.Tensor], device: str, repeats: int) -> Profile:
+    """Measured :class:`Profile` of ``blocks`` at ``batch_size`` rows (see the module docstring).
+
+    Raises:
+        ConfigError: parameters on the meta device, or a batch size the graph cannot run at.
+    """
+    if any(p.is_meta for p in graph._lowered.model.parameters()):
+        raise ConfigError("cannot time a model whose parameters are on the meta device; "
+                          "materialize it or pass device='<preset>' for an analytic profile")
+    if batch_size != graph.batch_size and not graph.dynamic_batch:
+        raise ConfigError(f"graph was traced with a fixed batch of {graph.batch_size}; "
+                          f"cannot measure at batch_size={batch_size}")
+    values: dict[str, torch.Tensor] = _resize(inputs, graph.batch_size, batch_size)
+    assignment = [0] * len(graph.ops)
+    for b, blk in enumerate(blocks):
+        for i in blk:
+            assignment[i] = b
+    staged = graph.split(assignment)
+    fwd, bwd = [], []
+    for stage in tqdm(staged.stages, desc="profiling blocks", leave=False):
+        args = []
+        for name in stage.input_names:
+            t = values[name]
+            if name in stage.activation_inputs and t.is_floating_point():
+                t = t.detach().requires_grad_()
+            args.append(t)
+
+        def run_fwd(stage=stage, args=args):
+            return stage.module(*args)
+
+        fwd.append(_timed(run_fwd, repeats))
+        outs = run_fwd()
+        grads_needed = [o for o in outs if isinstance(o, torch.Tensor) and o.requires_grad]
+
+        def run_bwd(stage=stage, args=args):
+            outs = [o for o in stage.module(*args) if isinstance(o, torch.Tensor) and o.requires_grad]
+            t0 = time.perf_counter()
+            if outs:
+                torch.autograd.backward(outs, [torch.ones_like(o) for o in outs])
+            return time.perf_counter() - t0
+
+        if grads_needed:
+            run_bwd()
+            bwd.append(statistics.median(run_bwd() for _ in range(repeats)))
+        else:
+            bwd.append(0.0)
+        values.update(zip(stage.output_names, (o.detach() for o in outs)))
+    zeros = tuple(0.0 for _ in blocks)
+    return Profile(
+        graph.fingerprint(), batch_size, device, "measured", tuple(blocks), zeros,
+        tuple(t / batch_size for t in fwd), zeros, tuple(t / batch_size for t in bwd),
+        tuple(act_bytes_per_sample(graph, b) for b in blocks),
+        tuple(block_param_bytes(graph, b) for b in blocks),
+    )

@@ -1,0 +1,1 @@
+"""The runtime: RaNNCModule and the executor of stage action lists."""

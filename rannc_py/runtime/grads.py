@@ -1,0 +1,160 @@
+"""Gradients: held back until ``loss.backward()``, summed across holders, clipped.
+
+Every parameter lives on a set of ranks: the replicas of its stage, plus the
+replicas of every other stage that reads it when it is tied (GPT-2's
+``wte``/``lm_head``). Its gradient is the sum over that set, so one bucketed
+allreduce per distinct set does both the data-parallel sync and the tied-weight
+sum. Sets are visited in one global order on every rank, so collectives on
+different communicators cannot wait on each other in a cycle.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+from mpi4py import MPI
+from torch import Tensor, nn
+
+from rannc_py.runtime import transport
+
+
+class GradSync:
+    """Bucketed, asynchronous allreduce of the local parameters' gradients.
+
+    Args:
+        params: this rank's parameters by (canonical) FQN.
+        holders: every parameter FQN of the model -> the ranks holding it
+            (the same dict on every rank; it decides the communicators).
+        comm: the runtime's communicator; the constructor is collective on it.
+        bucket_bytes: gradients are flattened into buckets of about this size
+            so a few large messages replace many small ones.
+    """
+
+    def __init__(
+        self,
+        params: dict[str, nn.Parameter],
+        holders: dict[str, tuple[int, ...]],
+        comm: MPI.Comm,
+        bucket_bytes: int,
+    ) -> None:
+        me = comm.Get_rank()
+        self._buckets: list[tuple[MPI.Comm, list[nn.Parameter]]] = []
+        self._works: list[tuple[transport.Work, Tensor, list[nn.Parameter]]] = []
+        self._comms: list[MPI.Comm] = []
+        for group in sorted({h for h in holders.values() if len(h) > 1}):
+            sub = comm.Split(0 if me in group else MPI.UNDEFINED, me)
+            if sub == MPI.COMM_NULL:
+                continue
+            self._comms.append(sub)
+            members = [params[f] for f in sorted(f for f, h in holders.items() if h == group)]
+            bucket: list[nn.Parameter] = []
+            size = 0
+            for p in members:
+                if bucket and size + p.numel() * 4 > bucket_bytes:
+                    self._buckets.append((sub, bucket))
+                    bucket, size = [], 0
+                bucket.append(p)
+                size += p.numel() * 4
+            if bucket:
+                self._buckets.append((sub, bucket))
+
+    def start(self) -> None:
+        """Start summing every bucket's gradients (missing ones count as zero)."""
+        for sub, ps in self._buckets:
+            flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in ps])
+            self._works.append((transport.iallreduce_sum(flat, sub), flat, ps))
+
+    def finish(self) -> None:
+        """Wait for the sums and write them back into ``.grad``."""
+        for work, flat, ps in self._works:
+            work.wait()
+            offset = 0
+            for p in ps:
+                g = flat[offset : offset + p.numel()].view_as(p)
+                if p.grad is None:
+                    p.grad = g.clone()
+                else:
+                    p.grad.copy_(g)
+                offset += p.numel()
+        self._works.clear()
+
+    def free(self) -> None:
+        """Release the sub-communicators."""
+        for c in self._comms:
+            c.Free()
+        self._comms.clear()
+
+
+class HeldGrads:
+    """Gradients computed during the forward call, applied when the loss's backward runs.
+
+    The whole schedule (forward and backward of every microbatch) runs inside
+    ``RaNNCModule.__call__``; the user's ``.grad`` values are set aside while
+    it runs. :meth:`end` returns a function that adds ``scale`` times the
+    call's gradients to ``.grad``, so ``(loss / k).backward()`` accumulates
+    like eager, and two forward calls before one backward both count.
+    """
+
+    def __init__(self, params: Sequence[nn.Parameter]) -> None:
+        self._params = list(params)
+        self._user: list[Tensor | None] = []
+
+    def begin(self) -> None:
+        """Set the user's gradients aside so the schedule accumulates from zero."""
+        self._user = [p.grad for p in self._params]
+        for p in self._params:
+            p.grad = None
+
+    def end(self) -> Callable[[Tensor], None]:
+        """Take the schedule's gradients, put the user's back, return their applier."""
+        held: list[Tensor | None] = [p.grad for p in self._params]
+        for p, g in zip(self._params, self._user):
+            p.grad = g
+        self._user = []
+        params = self._params
+
+        def apply(scale: Tensor) -> None:
+            one = bool(scale == 1)
+            for p, h in zip(params, held):
+                if h is None:
+                    continue
+                if p.grad is None:
+                    p.grad = h if one else h * scale
+                else:
+                    p.grad.add_(h if one else h * scale)
+            held.clear()  # a second backward through the same loss adds nothing
+
+        return apply
+
+
+def clip_grad_norm_(
+    params: dict[str, nn.Parameter],
+    owned: set[str],
+    comm: MPI.Comm,
+    max_norm: float,
+    norm_type: float = 2.0,
+) -> Tensor:
+    """Clip local gradients by the global norm over every parameter of the model.
+
+    Each parameter counts once, on the rank in ``owned`` (its lowest holder),
+    though replicas and tied copies hold equal gradients. Returns the total
+    norm (the same on every rank), like ``torch.nn.utils.clip_grad_norm_``.
+    """
+    norm_type = float(norm_type)
+    grads = {f: p.grad for f, p in params.items() if p.grad is not None}
+    mine = [g for f, g in grads.items() if f in owned]
+    if math.isinf(norm_type):
+        local = max((float(g.abs().max()) for g in mine), default=0.0)
+        total = comm.allreduce(local, op=MPI.MAX)
+    else:
+        # float64 partial sums make the result independent of how stages split the model.
+        local = sum(float(torch.linalg.vector_norm(g, norm_type, dtype=torch.float64)) ** norm_type for g in mine)
+        total = comm.allreduce(local, op=MPI.SUM) ** (1.0 / norm_type)
+    total_t = torch.tensor(total, dtype=torch.float32)
+    coef = max_norm / (total + 1e-6)
+    if coef < 1.0:
+        for g in grads.values():
+            g.mul_(coef)
+    return total_t

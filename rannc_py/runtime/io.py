@@ -1,0 +1,138 @@
+"""The step's edges: gather the ranks' local batches, return outputs to each rank.
+
+Inputs: every rank passes its local batch; tensors whose first dimension is
+the local batch size are gathered into the global batch (rank order), so each
+stage replica can read its rows of every microbatch. Other tensors must be
+the same on every rank and are used as given.
+
+Outputs: scalar outputs (the loss first among them) are combined as the
+weighted mean over all microbatches and replicas and are the same on every
+rank; batched outputs travel from the last stage to the rank whose local rows
+they are (see :func:`rannc_py.runtime.routing.output_routes`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from mpi4py import MPI
+from torch import Tensor
+
+from rannc_py.errors import ConfigError
+from rannc_py.runtime import transport
+from rannc_py.runtime.executor import Step, StageResult
+from rannc_py.runtime.routing import output_routes
+
+_OUT_KIND = 2  # tag space of output messages, apart from activations (0) and gradients (1)
+
+
+def _bytes(t: Tensor) -> Any:
+    return [t.reshape(-1).view(torch.uint8).numpy(), MPI.BYTE]
+
+
+def gather_inputs(local: dict[str, Tensor], comm: MPI.Comm) -> tuple[dict[str, Tensor], int]:
+    """Concatenate the ranks' local batches; return ``(global inputs, global batch rows)``.
+
+    Raises:
+        ConfigError: the ranks' inputs differ in names, shapes or dtypes.
+    """
+    first = next(iter(local.values()))
+    rows = int(first.shape[0]) if first.dim() > 0 else 1
+    sig = [(n, tuple(t.shape), str(t.dtype)) for n, t in local.items()]
+    world = comm.Get_size()
+    if world == 1:
+        return dict(local), rows
+    sigs = comm.allgather(sig)
+    if any(s != sig for s in sigs):
+        diff = {r: s for r, s in enumerate(sigs) if s != sigs[0]}
+        raise ConfigError(
+            f"ranks passed inputs of different structure or shape: rank 0 {sigs[0]}, others {diff}; "
+            "every rank must pass a local batch of the same shape"
+        )
+    out = {}
+    for name, t in local.items():
+        if t.dim() > 0 and t.shape[0] == rows:
+            t = t.contiguous()
+            full = torch.empty((rows * world, *t.shape[1:]), dtype=t.dtype)
+            comm.Allgather(_bytes(t), _bytes(full))
+            out[name] = full
+        else:
+            out[name] = t
+    return out, rows * world
+
+
+def _describe_outputs(result: StageResult, rows: int) -> list[tuple[str, str, tuple[int, ...], torch.dtype]]:
+    """(name, kind, shape per chunk, dtype) of each output; kind is scalar/batched/other."""
+    out = []
+    for name, t in result.outputs[0].items():
+        if t.dim() == 0 and t.is_floating_point():
+            kind = "scalar"
+        elif t.dim() > 0 and t.shape[0] == rows:
+            kind = "batched"
+        else:
+            kind = "other"
+        out.append((name, kind, tuple(t.shape), t.dtype))
+    return out
+
+
+def return_outputs(
+    result: StageResult,
+    step: Step,
+    output_names: list[str],
+    stage_ranks: list[list[int]],
+    comm: MPI.Comm,
+    cache: dict[Any, Any],
+    with_batched: bool,
+) -> dict[str, Any]:
+    """Every output of the model for this rank, by name (None for skipped batched ones).
+
+    The key ``"__loss_name__"`` names the first scalar output (None if there is none).
+    ``cache`` keeps the outputs' description per input signature, so it is
+    broadcast from the last stage once, not every step.
+    """
+    last = stage_ranks[-1]
+    rank, world = comm.Get_rank(), comm.Get_size()
+    replica = last.index(rank) if rank in last else None
+    m = step.microbatches
+    if step.signature not in cache:
+        desc = _describe_outputs(result, result.rows) if replica == 0 else None
+        cache[step.signature] = comm.bcast(desc, root=last[0])
+    desc = cache[step.signature]
+    values: dict[str, Any] = {}
+    scalars = [d for d in desc if d[1] == "scalar"]
+    acc = np.zeros(len(scalars), dtype=np.float64)
+    if replica is not None:
+        for k, (name, *_rest) in enumerate(scalars):
+            acc[k] = sum(float(o[name]) for o in result.outputs) * result.weight
+    if world > 1:
+        comm.Allreduce(MPI.IN_PLACE, acc, op=MPI.SUM)
+    for k, (name, _, _, dtype) in enumerate(scalars):
+        values[name] = torch.tensor(acc[k], dtype=dtype)
+    values["__loss_name__"] = scalars[0][0] if scalars else None
+    local_rows = step.batch // world
+    routes = output_routes(step.batch, m, len(last), world)
+    works: list[transport.Work] = []
+    for k, (name, kind, shape, dtype) in enumerate(desc):
+        if kind == "other":
+            values[name] = comm.bcast(result.outputs[0][name] if replica == 0 else None, root=last[0])
+        elif kind == "batched" and not with_batched:
+            values[name] = None
+        elif kind == "batched":
+            buf = torch.empty((local_rows, *shape[1:]), dtype=dtype)
+            for i, seg in routes:
+                tag = (_OUT_KIND * 128 + i % 128) * 64 + k % 64
+                if seg.src == replica:
+                    piece = result.outputs[i][name][seg.src_offset : seg.src_offset + seg.rows].contiguous()
+                    works.append(transport.isend(piece, seg.dst, tag, comm))
+                if seg.dst == rank:
+                    view = buf[seg.dst_offset : seg.dst_offset + seg.rows]
+                    works.append(transport.irecv(view, last[seg.src], tag, comm))
+            values[name] = buf
+    transport.wait_all(works)
+    missing = [n for n in output_names if n not in values]
+    if missing:
+        raise ConfigError(f"the last stage did not produce outputs {missing}")
+    return values
+

@@ -1,0 +1,319 @@
+"""``RaNNCModule``: wrap an unmodified model and train it across MPI ranks.
+
+Semantics are DDP's: every rank calls the module with its local batch; the
+global batch is the ranks' local batches concatenated in rank order; the
+returned loss is the same on every rank and is the mean of the model's
+per-microbatch losses (each replica's share of a microbatch weighted by its
+rows, which is the plain mean when microbatches hold equal token counts).
+
+How ``loss.backward()`` works: the whole schedule (every microbatch's forward
+and backward, in 1F1B or GPipe order, so 1F1B keeps its memory advantage)
+runs inside the forward call, and the gradient allreduce ends it. The
+gradients are held aside; the returned loss is attached to a tiny autograd
+function whose backward adds ``incoming gradient x held gradients`` to
+``.grad``. So ``loss.backward()`` sets eager's gradients, ``(loss / k)
+.backward()`` over k calls accumulates like eager, and ``optimizer.step()``
+needs no hook. Only the loss carries a gradient; other outputs (logits, ...)
+are returned detached, for this rank's local rows (``return_outputs=False``
+skips moving them).
+
+The first call traces the model (in training mode, so dropout is in the graph
+and follows ``train()``/``eval()`` afterwards), plans on rank 0 and
+broadcasts the plan (or uses ``plan=``), builds this rank's stage, keeps only
+its parameters (materialising them from ``meta`` when needed) and rebinds the
+optimizer to them.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import torch
+from mpi4py import MPI
+from torch import Tensor, nn
+
+from rannc_py.errors import ConfigError
+from rannc_py.planner.plan import Plan
+from rannc_py.runtime import params as P
+from rannc_py.runtime.executor import Executor, Step
+from rannc_py.runtime.failure import abort_on_error
+from rannc_py.runtime.grads import GradSync, HeldGrads, clip_grad_norm_
+from rannc_py.runtime.io import gather_inputs, return_outputs
+from rannc_py.runtime.layout import load_plan, rank_stage, stage_ranks
+from rannc_py.runtime.stage import StageProgram, follow_train_mode
+from rannc_py.schedule import by_name, forward_only
+
+OptimizerArg = torch.optim.Optimizer | Callable[[list[nn.Parameter]], torch.optim.Optimizer] | None
+
+
+class _ApplyHeld(torch.autograd.Function):
+    """Identity on the loss value whose backward applies the held gradients."""
+
+    @staticmethod
+    def forward(ctx: Any, anchor: Tensor, loss: Tensor, apply: Callable[[Tensor], None]) -> Tensor:
+        ctx.apply_held = apply
+        return loss.clone()
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[None, None, None]:
+        ctx.apply_held(grad)
+        return None, None, None
+
+
+class RaNNCModule(nn.Module):
+    """Train ``model`` with automatic pipeline + data parallelism over the MPI ranks.
+
+    Args:
+        model: an unmodified ``nn.Module`` that returns its loss (a 0-dim
+            tensor, e.g. a Hugging Face model given ``labels``). May live on
+            the ``meta`` device; then only this rank's parameters are allocated.
+        optimizer: the user's optimizer built on ``model.parameters()`` (it is
+            rebound to this rank's parameters, keeping groups and
+            hyperparameters), or a factory ``params -> optimizer`` (needed for
+            meta models), or None. Default None.
+        plan: a :class:`rannc_py.Plan`, a path to a saved plan, or a layout
+            dict ``dict(stages=2, replicas=[2, 1], microbatches=4,
+            schedule="1f1b", recompute=False)``. Default None: the planner
+            searches on rank 0 on the first call.
+        microbatches: fix the planner's microbatch count. Default None (searched).
+        schedules: schedules the planner may pick. Default ("1f1b", "gpipe").
+        recompute: force activation recompute on (True) or off (False) for
+            the planner. Default None (searched).
+        memory_limit: bytes (or a string like "8GiB") each rank may use.
+            Default None: the machine's memory divided by the ranks.
+        memory_margin: fraction of ``memory_limit`` kept free. Default 0.1.
+        save_plan: write the plan used to this JSON path (rank 0). Default None.
+        param_init: ``callable(module)`` that initialises a module materialised
+            from ``meta``. Default None (``module.reset_parameters()``).
+        return_outputs: return outputs other than scalars (e.g. logits) on
+            every rank, for its local rows; False returns None for them and
+            saves moving them. Default True.
+        bucket_bytes: size of a gradient allreduce bucket. Default 25 MiB.
+
+    Raises:
+        ConfigError: an argument cannot be used (checked here or on the first call).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: OptimizerArg = None,
+        *,
+        plan: Plan | str | os.PathLike[str] | Mapping[str, Any] | None = None,
+        microbatches: int | None = None,
+        schedules: tuple[str, ...] = ("1f1b", "gpipe"),
+        recompute: bool | None = None,
+        memory_limit: int | str | None = None,
+        memory_margin: float = 0.1,
+        save_plan: str | os.PathLike[str] | None = None,
+        param_init: Callable[[nn.Module], None] | None = None,
+        return_outputs: bool = True,
+        bucket_bytes: int = 25 * 2**20,
+    ) -> None:
+        super().__init__()
+        if not isinstance(model, nn.Module):
+            raise ConfigError(f"RaNNCModule wraps an nn.Module, got {type(model).__name__}")
+        # Kept outside the module tree: after setup it holds only meta placeholders.
+        object.__setattr__(self, "_model", model)
+        self._optimizer = optimizer
+        self._plan_arg = plan
+        self._planner_options = dict(
+            microbatches=microbatches, schedules=tuple(schedules), recompute=recompute,
+            memory_limit=memory_limit, memory_margin=memory_margin,
+        )
+        self._save_plan = save_plan
+        self._param_init = param_init
+        self._return_outputs = return_outputs
+        self._bucket_bytes = bucket_bytes
+        self._comm = MPI.COMM_WORLD.Dup()
+        self._ready = False
+        self.training = model.training
+
+    # ------------------------------------------------------------- setup
+    @property
+    def plan(self) -> Plan | None:
+        """The plan in use (None before the first call)."""
+        return self._plan if self._ready else None
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer | None:
+        """The optimizer over this rank's parameters (None before the first call when given as a factory)."""
+        opt = self._optimizer
+        return opt if isinstance(opt, torch.optim.Optimizer) else None
+
+    def _setup(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        from rannc_py.graph.trace import trace
+
+        model, comm = self._model, self._comm
+        rank, world = comm.Get_rank(), comm.Get_size()
+        was_training = model.training
+        model.train()  # dropout must be in the graph; stages follow train()/eval() afterwards
+        graph = trace(model, args, kwargs)
+        model.train(was_training)
+        local = graph.flatten_inputs(args, kwargs)
+        batch = int(next(iter(local.values())).shape[0]) * world
+        self._plan = self._make_plan(graph, batch)
+        if self._save_plan is not None and rank == 0:
+            self._plan.save(self._save_plan)
+        plan = self._plan
+        staged = graph.split(plan.assignment())
+        s = rank_stage(plan, rank)
+        stage = staged.stages[s]
+        names = P.canonical_names(model)
+        local_names = {names[f] for f in (*stage.param_fqns, *stage.buffer_fqns)}
+        seed = comm.bcast(torch.initial_seed() % 2**31 if rank == 0 else None, root=0)
+        P.materialize(model, sorted(local_names), seed, self._param_init)
+        tensors = {f: P.get_tensor(model, names[f]) for f in (*stage.param_fqns, *stage.buffer_fqns)}
+        gm = stage.module_with(
+            {f: tensors[f] for f in stage.param_fqns}, {f: tensors[f] for f in stage.buffer_fqns}
+        )
+        gm = follow_train_mode(gm)
+        gm.train(self.training)
+        recv = stage.activation_inputs
+        send = staged.stages[s + 1].activation_inputs if s + 1 < plan.num_stages else []
+        prog = StageProgram(gm, stage.input_names, stage.output_names, recv, send)
+        self._local = {names[f]: t for f, t in tensors.items()}
+        self._params = {names[f]: tensors[f] for f in stage.param_fqns}
+        holders: dict[str, set[int]] = {}
+        for st, sp in zip(staged.stages, plan.stages):
+            for f in (*st.param_fqns, *st.buffer_fqns):
+                holders.setdefault(names[f], set()).update(sp.ranks)
+        self._owned = {f for f in self._local if min(holders[f]) == rank}
+        self._bind_optimizer()  # before release(): the optimizer is matched to the model's parameters
+        P.release(model, keep=set(self._local))
+        param_holders = {names[f]: tuple(sorted(holders[names[f]])) for st in staged.stages for f in st.param_fqns}
+        self._sync = GradSync(self._params, param_holders, comm, self._bucket_bytes)
+        self._held = HeldGrads(list(self._params.values()))
+        self._exec = Executor(prog, s, stage_ranks(plan), comm, plan.stages[s].recompute)
+        self._stage_index, self._graph, self._gm = s, graph, gm
+        self._anchor = torch.zeros((), requires_grad=True)
+        self._schedules: dict[tuple[bool, int], Any] = {}
+        self._out_meta: dict[Any, Any] = {}
+        self._ready = True
+
+    def _make_plan(self, graph: Any, batch: int) -> Plan:
+        comm = self._comm
+        if self._plan_arg is not None:
+            return load_plan(self._plan_arg, graph, batch, comm.Get_size())
+        text = None
+        if comm.Get_rank() == 0:
+            from rannc_py.runtime.autoplan import search_plan
+
+            text = search_plan(graph, batch, comm.Get_size(), **self._planner_options).to_json()
+        return Plan.from_json(comm.bcast(text, root=0))
+
+    def _bind_optimizer(self) -> None:
+        opt = self._optimizer
+        if opt is None:
+            return
+        if isinstance(opt, torch.optim.Optimizer):
+            P.rebind_optimizer(opt, self._model, self._params)
+        elif callable(opt):
+            self._optimizer = opt(list(self._params.values()))
+        else:
+            raise ConfigError(f"optimizer must be a torch optimizer or a factory, got {type(opt).__name__}")
+
+    # ----------------------------------------------------------- forward
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """Run one step of the schedule on this rank's local batch; return the model's output.
+
+        In training mode with autograd enabled the full forward+backward
+        schedule runs and the loss carries the gradients (see the module
+        docstring); otherwise a forward-only pipeline runs.
+
+        Raises:
+            ConfigError: the inputs differ in structure or shape between ranks,
+                or the global batch does not split into the plan's microbatches.
+        """
+        with abort_on_error(self._comm, "the forward call"):
+            if not self._ready:
+                self._setup(args, kwargs)
+            return self._step(args, kwargs)
+
+    def _step(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        plan, comm = self._plan, self._comm
+        local = self._graph.flatten_inputs(args, kwargs)
+        inputs, batch = gather_inputs(local, comm)
+        m = plan.microbatches
+        rows = batch // m if batch % m == 0 else 0
+        widest = max(st.replicas for st in plan.stages)
+        if rows < widest:
+            raise ConfigError(
+                f"global batch {batch} does not split into {m} microbatches of at least {widest} rows "
+                f"(the widest stage's replicas); use a global batch that is a multiple of {m * widest}"
+            )
+        training = self.training and torch.is_grad_enabled()
+        signature = (batch, m, tuple((n, tuple(t.shape), t.dtype) for n, t in inputs.items()))
+        step = Step(batch, m, inputs, signature, training)
+        key = (training, m)
+        if key not in self._schedules:
+            gen = by_name(plan.schedule, plan.num_stages, m) if training else forward_only(plan.num_stages, m)
+            self._schedules[key] = gen.actions[self._stage_index]
+        if training:
+            self._held.begin()
+        result = self._exec.run(self._schedules[key], step, self._sync.start)
+        apply = None
+        if training:
+            self._sync.finish()
+            apply = self._held.end()
+        values = return_outputs(
+            result, step, self._graph.output_names, stage_ranks(plan), comm, self._out_meta, self._return_outputs
+        )
+        loss_name = values.pop("__loss_name__", None)
+        if apply is not None and loss_name is not None:
+            values[loss_name] = _ApplyHeld.apply(self._anchor, values[loss_name], apply)
+        return self._graph.unflatten_outputs([values[n] for n in self._graph.output_names])
+
+    # ------------------------------------------------------ parameters
+    def named_parameters(self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True
+                         ) -> Iterator[tuple[str, nn.Parameter]]:
+        """This rank's parameters under their original names (all of the model's before the first call)."""
+        if not self._ready:
+            yield from self._model.named_parameters(prefix, recurse, remove_duplicate)
+            return
+        for f, p in self._params.items():
+            yield (f"{prefix}.{f}" if prefix else f), p
+
+    def train(self, mode: bool = True) -> RaNNCModule:
+        """Switch training (full schedule, dropout on) / evaluation (forward-only, dropout off)."""
+        self.training = mode
+        self._model.train(mode)
+        if self._ready:
+            self._gm.train(mode)
+        return self
+
+    def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0) -> Tensor:
+        """Clip gradients by their global norm over all stages (replicas and tied copies once).
+
+        Returns the total norm before clipping, the same on every rank.
+        Raises ConfigError before the first call.
+        """
+        self._need_ready("clip_grad_norm_")
+        with abort_on_error(self._comm, "clip_grad_norm_"):
+            return clip_grad_norm_(self._params, self._owned, self._comm, max_norm, norm_type)
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Tensor]:  # type: ignore[override]
+        """The full state with the original names, gathered on rank 0 ({} on other ranks).
+
+        Loadable into the unwrapped model. Before the first call: the model's own state dict.
+        """
+        if not self._ready:
+            return self._model.state_dict()
+        with abort_on_error(self._comm, "state_dict"):
+            return P.gather_state_dict(self._model, self._local, self._owned, self._comm)
+
+    def load_state_dict(self, state_dict: Mapping[str, Tensor], strict: bool = True, assign: bool = False) -> Any:  # type: ignore[override]
+        """Load a full state dict (original names) on every rank, before or after the first call.
+
+        Raises ConfigError when a tensor this rank holds is missing.
+        """
+        if not self._ready:
+            return self._model.load_state_dict(state_dict, strict=strict)
+        P.load_local_state(self._local, self._model, dict(state_dict))
+        return None
+
+    def _need_ready(self, what: str) -> None:
+        if not self._ready:
+            raise ConfigError(f"{what}() needs the first forward call, which partitions the model")

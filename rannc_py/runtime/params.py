@@ -1,0 +1,185 @@
+"""Parameters: names, materialising a rank's share, the optimizer, state dicts.
+
+A parameter may have several names (tied weights); the *canonical* name is the
+first one ``model.named_parameters()`` yields. Everything the runtime
+exchanges about parameters (holders, state dicts) uses canonical names.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+
+import torch
+from mpi4py import MPI
+from torch import Tensor, nn
+
+from rannc_py.errors import ConfigError
+
+
+def canonical_names(model: nn.Module) -> dict[str, str]:
+    """Every parameter and buffer name of ``model`` -> its canonical name."""
+    first: dict[int, str] = {}
+    out: dict[str, str] = {}
+    named = [
+        *model.named_parameters(remove_duplicate=False),
+        *model.named_buffers(remove_duplicate=False),
+    ]
+    for name, t in named:
+        out[name] = first.setdefault(id(t), name)
+    return out
+
+
+def get_tensor(module: nn.Module, fqn: str) -> Tensor:
+    """The parameter or buffer ``fqn`` of ``module``."""
+    owner, _, leaf = fqn.rpartition(".")
+    return getattr(module.get_submodule(owner), leaf)
+
+
+def set_tensor(module: nn.Module, fqn: str, value: Tensor) -> None:
+    """Replace the parameter or buffer ``fqn`` of ``module`` by ``value``."""
+    owner, _, leaf = fqn.rpartition(".")
+    mod = module.get_submodule(owner)
+    if leaf in mod._parameters:
+        mod._parameters[leaf] = value if isinstance(value, nn.Parameter) else nn.Parameter(value)
+    else:
+        mod._buffers[leaf] = value
+
+
+def materialize(
+    model: nn.Module,
+    fqns: Iterable[str],
+    seed: int,
+    param_init: Callable[[nn.Module], None] | None,
+) -> None:
+    """Allocate and initialise, on CPU, only the meta parameters/buffers named in ``fqns``.
+
+    Each module owning one of them is materialised with ``to_empty`` (its own
+    tensors only) and initialised by ``param_init(module)`` if given, else by
+    its ``reset_parameters()``, under a seed derived from ``seed`` and the
+    module's name, so every rank that materialises a module (replicas, tied
+    copies) gets the same values. Aliases of a materialised tensor (tied
+    weights) are re-pointed at it.
+
+    Raises:
+        ConfigError: a module to materialise has no ``reset_parameters`` and
+            no ``param_init`` was given.
+    """
+    names = canonical_names(model)
+    aliases: dict[str, list[str]] = defaultdict(list)
+    for name, canon in names.items():
+        aliases[canon].append(name)
+    owners = sorted({names[f].rpartition(".")[0] for f in fqns if get_tensor(model, names[f]).is_meta})
+    for path in owners:
+        mod = model.get_submodule(path)
+        init = param_init or getattr(mod, "reset_parameters", None)
+        if init is None:
+            raise ConfigError(
+                f"module {path!r} ({type(mod).__name__}) is on the meta device and has no "
+                "reset_parameters(); pass param_init=callable(module) to initialise it"
+            )
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed + zlib.crc32(path.encode()))
+            mod.to_empty(device="cpu", recurse=False)
+            if param_init is not None:
+                param_init(mod)
+            else:
+                mod.reset_parameters()
+        for leaf, t in [*mod._parameters.items(), *mod._buffers.items()]:
+            canon = names.get(f"{path}.{leaf}" if path else leaf)
+            for alias in aliases.get(canon or "", []):
+                if alias != canon:
+                    set_tensor(model, alias, t)
+
+
+def release(model: nn.Module, keep: set[str]) -> None:
+    """Replace every parameter/buffer of ``model`` whose canonical name is not in
+    ``keep`` by a meta tensor of the same shape, freeing its memory."""
+    names = canonical_names(model)
+    for name, canon in names.items():
+        if canon in keep:
+            continue
+        t = get_tensor(model, name)
+        if not t.is_meta:
+            meta = torch.empty_like(t, device="meta")
+            set_tensor(model, name, nn.Parameter(meta, t.requires_grad) if isinstance(t, nn.Parameter) else meta)
+
+
+def rebind_optimizer(opt: torch.optim.Optimizer, model: nn.Module, local: dict[str, nn.Parameter]) -> None:
+    """Point ``opt`` at this rank's parameters, keeping its param groups and hyperparameters.
+
+    Groups keep their order and options (so LR schedulers built on ``opt``
+    keep working); a group may end up empty on a rank that holds none of its
+    parameters. Existing optimizer state moves with its parameter.
+
+    Raises:
+        ConfigError: ``opt`` holds a tensor that is not a parameter of ``model``.
+    """
+    names = canonical_names(model)
+    by_id = {id(p): names[n] for n, p in model.named_parameters(remove_duplicate=False)}
+    moved: dict[int, nn.Parameter] = {}
+    for g, group in enumerate(opt.param_groups):
+        new: list[nn.Parameter] = []
+        for p in group["params"]:
+            canon = by_id.get(id(p))
+            if canon is None:
+                raise ConfigError(
+                    f"optimizer param group {g} holds a tensor of shape {tuple(p.shape)} that is not a "
+                    "parameter of the wrapped model; build the optimizer on model.parameters()"
+                )
+            q = local.get(canon)
+            if q is not None and all(q is not r for r in new):
+                new.append(q)
+                moved[id(p)] = q
+        group["params"] = new
+    old_state = opt.state
+    opt.state = defaultdict(dict)
+    for p, st in old_state.items():
+        if id(p) in moved:
+            opt.state[moved[id(p)]] = st
+
+
+def gather_state_dict(
+    model: nn.Module, local: dict[str, Tensor], owned: set[str], comm: MPI.Comm
+) -> dict[str, Tensor]:
+    """The full state dict, with the original names, on rank 0 of ``comm`` ({} elsewhere).
+
+    Each rank contributes the tensors it owns (``owned``, canonical names);
+    every name of the unwrapped model's ``state_dict()`` (aliases included) is
+    filled from its canonical tensor.
+    """
+    mine = {f: t.detach().clone() for f, t in local.items() if f in owned}
+    parts = comm.gather(mine, root=0)
+    if comm.Get_rank() != 0:
+        return {}
+    full: dict[str, Tensor] = {}
+    for part in parts:
+        full.update(part)
+    names = canonical_names(model)
+    out: dict[str, Tensor] = {}
+    for key, t in model.state_dict(keep_vars=True).items():
+        canon = names.get(key, key)
+        out[key] = full[canon] if canon in full else t.detach().clone()
+    return out
+
+
+def load_local_state(local: dict[str, Tensor], model: nn.Module, state: dict[str, Tensor]) -> None:
+    """Copy the entries of ``state`` (original names) that this rank holds into ``local``.
+
+    Raises:
+        ConfigError: a tensor this rank holds is missing from ``state``.
+    """
+    names = canonical_names(model)
+    by_canon: dict[str, Tensor] = {}
+    for key, t in state.items():
+        by_canon.setdefault(names.get(key, key), t)
+    missing = sorted(f for f in local if f not in by_canon)
+    if missing:
+        raise ConfigError(
+            f"state dict lacks {len(missing)} tensor(s) this rank holds, e.g. {missing[:3]}; "
+            "pass the full state dict (as returned by state_dict() on rank 0) on every rank"
+        )
+    with torch.no_grad():
+        for f, t in local.items():
+            t.copy_(by_canon[f])

@@ -1,0 +1,57 @@
+"""Point-to-point transfers and gradient allreduce for the executor.
+
+Tensors move as raw bytes on their own memory (no pickling); a tensor must be
+contiguous and stay alive until its transfer's ``wait`` returns.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+from mpi4py import MPI
+
+from rannc_py.comm import p2p as comm_p2p
+
+
+class Work(Protocol):
+    """A transfer in flight."""
+
+    def wait(self) -> None:
+        """Block until the transfer completes."""
+
+
+class _Request:
+    """An MPI request plus the tensor whose memory it uses (kept alive until done)."""
+
+    def __init__(self, req: MPI.Request, tensor: torch.Tensor) -> None:
+        self._req = req
+        self._tensor = tensor
+
+    def wait(self) -> None:
+        self._req.Wait()
+        self._tensor = None  # type: ignore[assignment]
+
+
+def isend(t: torch.Tensor, dest: int, tag: int, comm: MPI.Comm) -> Work:
+    """Start sending ``t`` to rank ``dest`` of ``comm`` (through the C++ engine)."""
+    return comm_p2p.isend(t, dest, tag, comm)
+
+
+def irecv(t: torch.Tensor, source: int, tag: int, comm: MPI.Comm) -> Work:
+    """Start receiving into ``t`` (preallocated with the sender's shape and dtype) from ``source``."""
+    return comm_p2p.irecv(t, source, tag, comm)
+
+
+def iallreduce_sum(t: torch.Tensor, comm: MPI.Comm) -> Work:
+    """Start summing float32 ``t`` in place across ``comm``."""
+    if t.dtype != torch.float32:
+        raise ValueError(f"gradient allreduce expects float32, got {t.dtype}")
+    return _Request(comm.Iallreduce(MPI.IN_PLACE, [t.numpy(), MPI.FLOAT], op=MPI.SUM), t)
+
+
+def wait_all(works: list[Work]) -> None:
+    """Wait for every transfer in ``works`` and clear the list."""
+    for w in works:
+        w.wait()
+    works.clear()

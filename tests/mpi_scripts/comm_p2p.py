@@ -1,0 +1,90 @@
+"""Point-to-point through rannc_py.comm on 2+ ranks: dtypes, sizes, tags, order, errors."""
+
+import torch
+
+from rannc_py.comm import irecv, isend, wait_all  # sets the MPI thread level first
+from rannc_py.errors import CommError, ConfigError
+
+from mpi4py import MPI  # noqa: E402  (after rannc_py.comm on purpose)
+
+comm = MPI.COMM_WORLD
+rank, size = comm.Get_rank(), comm.Get_size()
+assert MPI.Query_thread() == MPI.THREAD_MULTIPLE
+right, left = (rank + 1) % size, (rank - 1) % size
+
+
+def payload(n: int, dtype: torch.dtype, src: int, salt: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(1000 * src + salt)
+    return (torch.randn(n, generator=g) * 100).to(dtype)
+
+
+# Ring exchange: every dtype, sizes from 0 bytes to a few MiB, large tags.
+salt = 0
+for dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16, torch.int64, torch.int8, torch.bool):
+    for n in (0, 1, 3, 1000, 1 << 20):
+        salt += 1
+        send = payload(n, dtype, rank, salt)
+        recv = torch.empty(n, dtype=dtype)
+        tag = (salt * 7919) % (2**20 + 1)
+        works = [irecv(recv, left, tag, comm), isend(send, right, tag, comm)]
+        wait_all(works)
+        assert all(w.is_completed() for w in works)
+        torch.testing.assert_close(recv, payload(n, dtype, left, salt), rtol=0, atol=0)
+
+# Multi-dimensional and offset views (contiguous) go zero-copy: the receive
+# writes into the base tensor's memory.
+base = torch.zeros(4, 6)
+view = base[1:3]
+w = irecv(view, left, 2**20, comm)
+isend(torch.full((2, 6), float(rank)), right, 2**20, comm).wait()
+w.wait()
+assert torch.equal(base[1:3], torch.full((2, 6), float(left))) and base[0].abs().sum() == 0 and base[3].abs().sum() == 0
+
+# Many messages in flight, same tag: they arrive in the order sent.
+k = 32
+recvs = [torch.empty(100) for _ in range(k)]
+rw = [irecv(r, left, 5, comm) for r in recvs]
+sends = [torch.full((100,), float(rank * 1000 + i)) for i in range(k)]
+sw = [isend(s, right, 5, comm) for s in sends]
+del sends  # the Works keep the tensors alive
+wait_all(sw + rw)
+for i, r in enumerate(recvs):
+    assert torch.equal(r, torch.full((100,), float(left * 1000 + i))), (i, r[:3])
+
+# Bad input: rejected on the calling rank before anything is sent.
+for bad, match in [
+    (lambda: isend(torch.zeros(4, 4)[:, 1], right, 0, comm), "contiguous"),
+    (lambda: isend(torch.zeros(4), size, 0, comm), "outside"),
+    (lambda: irecv(torch.zeros(4), 0, -1, comm), "tag"),
+    (lambda: isend([1.0], right, 0, comm), "torch.Tensor"),
+]:
+    try:
+        bad()
+    except ConfigError as e:
+        assert match in str(e), e
+    else:
+        raise AssertionError(f"expected ConfigError matching {match!r}")
+
+# A receive smaller than the message fails on wait() with CommError, no hang.
+if size >= 2 and rank < 2:
+    if rank == 0:
+        isend(torch.zeros(10), 1, 77, comm).wait()
+    else:
+        try:
+            irecv(torch.zeros(4), 0, 77, comm).wait()
+        except CommError as e:
+            assert "rank 0" in str(e), e
+        else:
+            raise AssertionError("a truncated receive must raise CommError")
+    # And a larger receive than sent is reported too.
+    if rank == 0:
+        isend(torch.zeros(4), 1, 78, comm).wait()
+    else:
+        try:
+            irecv(torch.zeros(10), 0, 78, comm).wait()
+        except CommError as e:
+            assert "expected 40 bytes, received 16" in str(e), e
+        else:
+            raise AssertionError("a short message must raise CommError")
+comm.Barrier()
+print(f"rank {rank}: ok")
