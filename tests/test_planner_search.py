@@ -15,7 +15,7 @@ from rannc_py.planner.api import build_space, plan_chain
 from rannc_py.planner.chain import Block, Chain
 from rannc_py.planner.cluster import Cluster, Device, Link
 from rannc_py.planner.cost import CostModel
-from rannc_py.planner.search import enumerate_layouts, in_flight, simulate_layout
+from rannc_py.planner.search import enumerate_layouts, in_flight, search_config, simulate_layout
 
 GiB = 2**30
 
@@ -33,8 +33,9 @@ def make_chain(specs: list[tuple[float, float, float, float, int]]) -> Chain:
     return Chain(blocks, 1e3, tuple((f"w{k}",) for k in range(len(specs))))
 
 
-def brute_force(cost: CostModel, space) -> float:
-    """Smallest T over every partition, replica choice, d, m and schedule, by enumeration."""
+def brute_force(cost: CostModel, space, weight) -> float:
+    """Smallest T_w (w = weight(m)) over every partition, replica choice, d, m and
+    schedule, by enumeration."""
     n = cost.chain.n
     D = cost.cluster.num_devices
     best = math.inf
@@ -56,7 +57,9 @@ def brute_force(cost: CostModel, space) -> float:
                             if sum(rvals[r] for r in reps) != P:
                                 continue
                             worst = max(
-                                tabs[in_flight(sched, p - 1 - s, m)].obj[bounds[s], bounds[s + 1], reps[s]]
+                                tabs[in_flight(sched, p - 1 - s, m)].c[bounds[s], bounds[s + 1], reps[s]]
+                                + tabs[in_flight(sched, p - 1 - s, m)].ar[bounds[s], bounds[s + 1], reps[s]]
+                                * weight(m)
                                 for s in range(p)
                             )
                             best = min(best, (m + p - 1) * worst)
@@ -75,15 +78,27 @@ block_spec = st.tuples(
     batch=st.sampled_from([6, 8, 12]),
     memory_gib=st.floats(1.0, 12.0),
     recompute=st.sampled_from([None, True, False]),
+    extra=st.sampled_from([0, 3]),
 )
-def test_dp_matches_brute_force(specs, devices, batch, memory_gib, recompute):
+def test_dp_matches_brute_force(specs, devices, batch, memory_gib, recompute, extra):
+    # The DP pass with allreduce weight w = 1 / (m + extra) is exact for its T_w.
     chain = make_chain(specs)
     cost = CostModel(chain, make_cluster(devices, int(memory_gib * GiB)), batch, "adam", 0.1)
     space = build_space(chain, cost.cluster, batch, schedules=("1f1b", "gpipe"), max_stages=None,
                         num_stages=None, replicas=None, microbatches=None, recompute=recompute)
-    layouts = enumerate_layouts(cost, space)
-    expected = brute_force(cost, space)
-    got = min((lay.objective for lay in layouts), default=math.inf)
+    def weight(m):
+        return 1.0 / (m + extra)
+
+    layouts = [
+        lay
+        for d in space.pipelines
+        for m in space.microbatches
+        if batch // m >= d
+        for sched in space.schedules
+        for lay in search_config(cost, space, d, m, sched, weights=(weight(m),))
+    ]
+    expected = brute_force(cost, space, weight)
+    got = min((lay.dp_objective for lay in layouts), default=math.inf)
     if math.isinf(expected):
         assert not layouts
     else:

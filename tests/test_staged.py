@@ -165,3 +165,25 @@ def test_module_with_binds_other_tensors() -> None:
         assert model.get_parameter(fqn).grad is None  # the traced model was not touched
     for fqn, b in reference.named_buffers():
         torch.testing.assert_close(buffers[fqn], b, **TOL)
+
+
+def test_dropout_matches_eager_with_shared_rng_state() -> None:
+    from examples.gpt.model import GPT, gpt_config
+
+    torch.manual_seed(0)
+    model = GPT(gpt_config("tiny", vocab_size=97, block_size=16, n_embd=32, dropout=0.1))
+    ids = torch.randint(0, 97, (4, 8))
+    graph = trace(model, kwargs={"input_ids": ids, "labels": ids})
+    assert any("dropout" in op.target for op in graph.ops)  # traced in training mode
+    staged = graph.split(3)
+    reference = copy.deepcopy(model)
+    torch.manual_seed(1)
+    expected = reference(input_ids=ids, labels=ids)
+    expected.loss.backward()
+    torch.manual_seed(1)
+    actual = staged(input_ids=ids, labels=ids)
+    actual.loss.backward()
+    torch.testing.assert_close(actual.logits, expected.logits, **TOL)
+    ref = dict(reference.named_parameters())
+    for fqn, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, ref[fqn].grad, **TOL)

@@ -99,7 +99,8 @@ def test_static_fallback_when_batch_size_is_branched_on() -> None:
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return self.fc(x) * 2 if x.shape[0] == 3 else self.fc(x)
 
-    graph = trace(BatchBranch(), (torch.randn(3, 4),))
+    with pytest.warns(UserWarning, match="fixed batch size of 3"):
+        graph = trace(BatchBranch(), (torch.randn(3, 4),))
     assert not graph.dynamic_batch and graph.batch_size == 3
     assert trace(BatchBranch(), (torch.randn(3, 4),), dynamic_batch=False).fingerprint() == graph.fingerprint()
 
@@ -112,7 +113,8 @@ def test_meta_device_gpt_with_a_billion_parameters_does_not_allocate() -> None:
         from examples.gpt.model import GPT, gpt_config
         from rannc_py import trace
         with torch.device("meta"):
-            model = GPT(gpt_config("1.3b"))
+            # Wide and shallow: over 1e9 parameters with few ops, so the trace is quick.
+            model = GPT(gpt_config("1.3b", n_layer=4, n_embd=4096, n_head=32))
         ids = torch.zeros(2, 64, dtype=torch.long)  # on CPU: trace moves it to meta
         graph = trace(model, kwargs={"input_ids": ids, "labels": ids})
         print(json.dumps({
@@ -131,7 +133,7 @@ def test_meta_device_gpt_with_a_billion_parameters_does_not_allocate() -> None:
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["params"] >= 1e9
     assert result["graph_param_bytes"] == 4 * result["params"]
-    assert result["dynamic"] and result["ops"] > 24 * 10
+    assert result["dynamic"] and result["ops"] > 4 * 10
     assert result["peak_rss"] < 2 * 2**30, f"peak RSS {result['peak_rss'] / 2**30:.2f} GiB"
 
 

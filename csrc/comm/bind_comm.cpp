@@ -51,16 +51,17 @@ void check_int_count(int64_t count, const char* what) {
 }
 
 struct CommInfo {
-  MPI_Comm comm;
+  MPI_Comm user;
+  std::shared_ptr<comm::CommState> state;
   int rank;
   int size;
 };
 
 CommInfo open_collective(long long comm_f) {
-  MPI_Comm c = comm::collective_comm(comm_from_fortran(comm_f));
-  CommInfo info{c, 0, 1};
-  check_mpi(MPI_Comm_rank(c, &info.rank), "MPI_Comm_rank");
-  check_mpi(MPI_Comm_size(c, &info.size), "MPI_Comm_size");
+  MPI_Comm user = comm_from_fortran(comm_f);
+  CommInfo info{user, comm::collective_comm(user), 0, 1};
+  check_mpi(MPI_Comm_rank(user, &info.rank), "MPI_Comm_rank");
+  check_mpi(MPI_Comm_size(user, &info.size), "MPI_Comm_size");
   return info;
 }
 
@@ -95,7 +96,7 @@ std::shared_ptr<Op> allreduce(uintptr_t ptr, int64_t count, long long comm_f, co
   if (code == 0) {
     check_int_count(count, "allreduce");
     op = std::make_shared<CollectiveOp>(
-        ci.comm, ag, check,
+        ci.user, ci.state, ag, check,
         [buf, count](MPI_Comm c, MPI_Request* r) {
           return MPI_Iallreduce(MPI_IN_PLACE, buf, static_cast<int>(count), MPI_FLOAT, MPI_SUM, c, r);
         },
@@ -105,7 +106,7 @@ std::shared_ptr<Op> allreduce(uintptr_t ptr, int64_t count, long long comm_f, co
     std::vector<comm::Step> steps = code == 1   ? comm::ring_allreduce(n, ci.rank, ci.size)
                                     : code == 2 ? comm::halving_doubling_allreduce(n, ci.rank, ci.size)
                                                 : comm::torus_allreduce(n, ci.rank, torus_shape);
-    op = std::make_shared<CollectiveOp>(ci.comm, ag, check, reinterpret_cast<char*>(buf), sizeof(float),
+    op = std::make_shared<CollectiveOp>(ci.user, ci.state, ag, check, reinterpret_cast<char*>(buf), sizeof(float),
                                         std::move(steps), segment_bytes, nullptr, nullptr);
   }
   return submit(op);
@@ -124,7 +125,7 @@ std::shared_ptr<Op> reduce_scatter(uintptr_t in_ptr, uintptr_t out_ptr, int64_t 
   if (code == 0) {
     check_int_count(block, "reduce_scatter");
     return submit(std::make_shared<CollectiveOp>(
-        ci.comm, ag, check,
+        ci.user, ci.state, ag, check,
         [in, out, block](MPI_Comm c, MPI_Request* r) {
           return MPI_Ireduce_scatter_block(in, out, static_cast<int>(block), MPI_FLOAT, MPI_SUM, c, r);
         },
@@ -136,7 +137,7 @@ std::shared_ptr<Op> reduce_scatter(uintptr_t in_ptr, uintptr_t out_ptr, int64_t 
   float* w = work->data();
   int rank = ci.rank;
   return submit(std::make_shared<CollectiveOp>(
-      ci.comm, ag, check, reinterpret_cast<char*>(w), sizeof(float), comm::ring_reduce_scatter(b, rank, ci.size),
+      ci.user, ci.state, ag, check, reinterpret_cast<char*>(w), sizeof(float), comm::ring_reduce_scatter(b, rank, ci.size),
       segment_bytes, [w, in, total] { std::memcpy(w, in, total * sizeof(float)); },
       [work, out, b, rank] { std::memcpy(out, work->data() + b * rank, b * sizeof(float)); }));
 }
@@ -154,7 +155,7 @@ std::shared_ptr<Op> allgather(uintptr_t in_ptr, uintptr_t out_ptr, int64_t block
   if (code == 0) {
     check_int_count(block_bytes, "allgather");
     return submit(std::make_shared<CollectiveOp>(
-        ci.comm, ag, check,
+        ci.user, ci.state, ag, check,
         [in, out, block_bytes, rank = ci.rank](MPI_Comm c, MPI_Request* r) {
           int n = static_cast<int>(block_bytes);
           // MPI forbids overlapping buffers; the own-block case has a spelling.
@@ -166,7 +167,7 @@ std::shared_ptr<Op> allgather(uintptr_t in_ptr, uintptr_t out_ptr, int64_t block
   size_t b = static_cast<size_t>(block_bytes);
   char* mine = out + b * ci.rank;
   return submit(std::make_shared<CollectiveOp>(
-      ci.comm, ag, check, out, 1, comm::ring_allgather(b, ci.rank, ci.size), segment_bytes,
+      ci.user, ci.state, ag, check, out, 1, comm::ring_allgather(b, ci.rank, ci.size), segment_bytes,
       [mine, in, b] {
         if (mine != in) std::memmove(mine, in, b);
       },

@@ -15,15 +15,17 @@ std::mutex keyval_mu;
 int keyval = MPI_KEYVAL_INVALID;
 
 int free_duplicate(MPI_Comm, int, void* attr, void*) {
-  MPI_Comm* dup = static_cast<MPI_Comm*>(attr);
-  MPI_Comm_free(dup);
-  delete dup;
+  auto* holder = static_cast<std::shared_ptr<CommState>*>(attr);
+  CommState& st = **holder;
+  if (st.pending != MPI_REQUEST_NULL) MPI_Wait(&st.pending, MPI_STATUS_IGNORE);
+  if (st.dup != MPI_COMM_NULL) MPI_Comm_free(&st.dup);
+  delete holder;
   return MPI_SUCCESS;
 }
 
 }  // namespace
 
-MPI_Comm collective_comm(MPI_Comm user) {
+std::shared_ptr<CommState> collective_comm(MPI_Comm user) {
   std::lock_guard<std::mutex> lk(keyval_mu);
   if (keyval == MPI_KEYVAL_INVALID)
     check_mpi(MPI_Comm_create_keyval(MPI_COMM_NULL_COPY_FN, free_duplicate, &keyval, nullptr),
@@ -31,23 +33,23 @@ MPI_Comm collective_comm(MPI_Comm user) {
   void* attr = nullptr;
   int flag = 0;
   check_mpi(MPI_Comm_get_attr(user, keyval, &attr, &flag), "MPI_Comm_get_attr");
-  if (flag) return *static_cast<MPI_Comm*>(attr);
-  auto* dup = new MPI_Comm;
-  int rc = MPI_Comm_dup(user, dup);
+  if (flag) return *static_cast<std::shared_ptr<CommState>*>(attr);
+  auto state = std::make_shared<CommState>();
+  check_mpi(MPI_Comm_idup(user, &state->dup, &state->pending), "MPI_Comm_idup");
+  auto* holder = new std::shared_ptr<CommState>(state);
+  int rc = MPI_Comm_set_attr(user, keyval, holder);
   if (rc != MPI_SUCCESS) {
-    delete dup;
-    check_mpi(rc, "MPI_Comm_dup");
+    delete holder;
+    check_mpi(rc, "MPI_Comm_set_attr");
   }
-  // Errors come back as codes and become Python exceptions, not aborts.
-  MPI_Comm_set_errhandler(*dup, MPI_ERRORS_RETURN);
-  check_mpi(MPI_Comm_set_attr(user, keyval, dup), "MPI_Comm_set_attr");
-  return *dup;
+  return state;
 }
 
-CollectiveOp::CollectiveOp(MPI_Comm comm, Agreement agreement, bool check, char* buf, size_t elem_size,
+CollectiveOp::CollectiveOp(MPI_Comm user, std::shared_ptr<CommState> state, Agreement agreement, bool check, char* buf, size_t elem_size,
                            std::vector<Step> steps, size_t segment_bytes, std::function<void()> prologue,
                            std::function<void()> epilogue)
-    : comm_(comm),
+    : user_(user),
+      state_(std::move(state)),
       agreement_(std::move(agreement)),
       check_(check),
       buf_(buf),
@@ -66,10 +68,11 @@ CollectiveOp::CollectiveOp(MPI_Comm comm, Agreement agreement, bool check, char*
   scratch_.resize(scratch * elem_size_);
 }
 
-CollectiveOp::CollectiveOp(MPI_Comm comm, Agreement agreement, bool check,
+CollectiveOp::CollectiveOp(MPI_Comm user, std::shared_ptr<CommState> state, Agreement agreement, bool check,
                            std::function<int(MPI_Comm, MPI_Request*)> native, std::function<void()> prologue,
                            std::function<void()> epilogue)
-    : comm_(comm),
+    : user_(user),
+      state_(std::move(state)),
       agreement_(std::move(agreement)),
       check_(check),
       native_(std::move(native)),
@@ -77,6 +80,17 @@ CollectiveOp::CollectiveOp(MPI_Comm comm, Agreement agreement, bool check,
       epilogue_(std::move(epilogue)) {}
 
 void CollectiveOp::start() {
+  // Collectives on one communicator run in order, so only the first one ever
+  // finds the duplicate still being made.
+  if (state_->pending != MPI_REQUEST_NULL) {
+    awaiting_dup_ = true;
+    return;
+  }
+  begin();
+}
+
+void CollectiveOp::begin() {
+  comm_ = state_->dup;
   if (!check_) {
     start_data();
     return;
@@ -188,6 +202,16 @@ bool CollectiveOp::advance_step() {
 }
 
 bool CollectiveOp::progress() {
+  if (awaiting_dup_) {
+    int done = 0;
+    check_mpi(MPI_Test(&state_->pending, &done, MPI_STATUS_IGNORE), "MPI_Comm_idup");
+    if (!done) return false;
+    awaiting_dup_ = false;
+    // Errors come back as codes and become Python exceptions, not aborts.
+    MPI_Comm_set_errhandler(state_->dup, MPI_ERRORS_RETURN);
+    begin();
+    return true;
+  }
   if (checking_) {
     int done = 0;
     check_mpi(MPI_Test(&check_req_, &done, MPI_STATUS_IGNORE), "MPI_Test (agreement check)");

@@ -8,6 +8,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <functional>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -16,11 +17,17 @@
 
 namespace rannc::comm {
 
-// The communicator rannc_py's collectives use for `user`: a duplicate made on
-// first use (collectively) and cached on `user` as an attribute, so their
-// messages never match the caller's own point-to-point traffic. Freed with
-// `user`.
-MPI_Comm collective_comm(MPI_Comm user);
+// The communicator rannc_py's collectives use for a caller's communicator: a
+// duplicate, so their messages never match the caller's own point-to-point
+// traffic. It is started with MPI_Comm_idup on first use (by the calling
+// thread, so in program order among the caller's collectives, without
+// blocking) and cached on the caller's communicator as an attribute; it is
+// freed with that communicator.
+struct CommState {
+  MPI_Comm dup = MPI_COMM_NULL;
+  MPI_Request pending = MPI_REQUEST_NULL;  // the MPI_Comm_idup, until the first collective sees it done
+};
+std::shared_ptr<CommState> collective_comm(MPI_Comm user);
 
 // What every rank must agree on before data moves; checked with one small
 // MPI_Iallreduce (a few microseconds) so a mismatch fails on every rank
@@ -39,17 +46,17 @@ class CollectiveOp : public Op {
   // first message (e.g. copy an input into the work buffer) and `epilogue`
   // after the last. Messages are cut into pieces of at most `segment_bytes`
   // so reductions overlap the transfer of later pieces.
-  CollectiveOp(MPI_Comm comm, Agreement agreement, bool check, char* buf, size_t elem_size,
+  CollectiveOp(MPI_Comm user, std::shared_ptr<CommState> state, Agreement agreement, bool check, char* buf, size_t elem_size,
                std::vector<Step> steps, size_t segment_bytes, std::function<void()> prologue,
                std::function<void()> epilogue);
   // Run MPI's own collective, started by `native` on the progress thread.
-  CollectiveOp(MPI_Comm comm, Agreement agreement, bool check,
+  CollectiveOp(MPI_Comm user, std::shared_ptr<CommState> state, Agreement agreement, bool check,
                std::function<int(MPI_Comm, MPI_Request*)> native, std::function<void()> prologue,
                std::function<void()> epilogue);
 
   void start() override;
   bool progress() override;
-  MPI_Comm serial_comm() const override { return comm_; }
+  MPI_Comm serial_comm() const override { return user_; }
   void abandon() override;
 
  private:
@@ -59,12 +66,16 @@ class CollectiveOp : public Op {
     size_t len;          // elements
   };
 
+  void begin();
   void start_data();
   bool finish_if_disagreed();
   void post_step();
   bool advance_step();
 
-  MPI_Comm comm_;
+  MPI_Comm user_;
+  std::shared_ptr<CommState> state_;
+  MPI_Comm comm_ = MPI_COMM_NULL;  // state_->dup, once it exists
+  bool awaiting_dup_ = false;
   Agreement agreement_;
   bool check_;
   int64_t check_send_[6] = {};

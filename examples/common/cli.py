@@ -48,8 +48,10 @@ def training_parser(description: str, sizes: list[str]) -> argparse.ArgumentPars
     r = p.add_argument_group("rannc_py")
     r.add_argument("--plan", default=None,
                    help="plan JSON: reused when the file exists, otherwise the new plan is saved there")
-    r.add_argument("--cluster", default=None,
-                   help="cluster preset string, e.g. 'local:ranks=4,memory=2GiB' (default: measure this machine)")
+    r.add_argument("--stages", type=int, default=None,
+                   help="skip the planner: split into this many pipeline stages (ranks shared equally)")
+    r.add_argument("--microbatches", type=int, default=None,
+                   help="microbatches per step (default: searched by the planner; 1 with --stages)")
     r.add_argument("--memory-limit", type=parse_bytes, default=None,
                    help="memory per rank the plan must fit, e.g. 64MiB; small values force pipeline stages")
     return p

@@ -50,20 +50,27 @@ def _wrap(model: torch.nn.Module, opt: torch.optim.Optimizer, args: argparse.Nam
     kwargs: dict[str, Any] = {}
     if args.memory_limit is not None:
         kwargs["memory_limit"] = args.memory_limit
-    if args.cluster is not None:
-        kwargs["cluster"] = args.cluster
+    if args.stages is not None:
+        kwargs["plan"] = {"stages": args.stages, "microbatches": args.microbatches or 1}
+    elif args.microbatches is not None:
+        kwargs["microbatches"] = args.microbatches
     if args.plan is not None:
         if Path(args.plan).exists():
-            kwargs["plan"] = rannc_py.Plan.load(args.plan)
+            kwargs["plan"] = args.plan
         else:
             kwargs["save_plan"] = args.plan
     return rannc_py.RaNNCModule(model, opt, **kwargs)
 
 
-def _checkpoint_path(folder: str, rank: int) -> Path:
-    # One file per rank: under pipeline parallelism each rank holds only its
-    # stage's parameters and optimizer state.
-    return Path(folder) / f"rank{rank}.pt"
+# A checkpoint folder holds the full model state (written by rank 0, readable
+# by the unwrapped model too) and one optimizer-state file per rank, because
+# under pipeline parallelism each rank's optimizer holds only its stage.
+def _model_file(folder: str) -> Path:
+    return Path(folder) / "model.pt"
+
+
+def _optimizer_file(folder: str, rank: int) -> Path:
+    return Path(folder) / f"optimizer_rank{rank}.pt"
 
 
 def train(args: argparse.Namespace, model: torch.nn.Module, dataset: Dataset, name: str) -> dict[str, Any]:
@@ -83,14 +90,14 @@ def train(args: argparse.Namespace, model: torch.nn.Module, dataset: Dataset, na
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr)
     model = _wrap(model, opt, args)
 
-    start, losses = 0, []
+    start, losses, opt_state = 0, [], None
     if args.resume:
-        state = torch.load(_checkpoint_path(args.resume, rank), weights_only=False)
+        state = torch.load(_model_file(args.resume), weights_only=False)
         if state["world_size"] != size:
             raise SystemExit(f"checkpoint {args.resume} was written by {state['world_size']} ranks, not {size}")
         model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
         start, losses = state["step"], state["losses"]
+        opt_state = torch.load(_optimizer_file(args.resume, rank), weights_only=False)
 
     loader = ShardedLoader(dataset, args.batch_size, rank=rank, world_size=size, seed=args.seed)
     batches = _batches(loader, start)
@@ -101,19 +108,26 @@ def train(args: argparse.Namespace, model: torch.nn.Module, dataset: Dataset, na
         t0 = time.perf_counter()
         loss = model(**batch).loss
         loss.backward()
+        if opt_state is not None:
+            # rannc_py rebinds the optimizer to this rank's parameters during
+            # the first call, so its saved state can only be loaded now.
+            opt.load_state_dict(opt_state)
+            opt_state = None
         opt.step()
         opt.zero_grad()
         step_times.append(time.perf_counter() - t0)
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         if step == start and rank == 0 and not args.eager:
             tqdm.write(model.plan.summary())
         bar.set_postfix(loss=f"{losses[-1]:.3f}", samples_s=f"{args.batch_size / step_times[-1]:.1f}")
 
     if args.save:
         Path(args.save).mkdir(parents=True, exist_ok=True)
-        state = {"step": args.steps, "losses": losses, "world_size": size,
-                 "model": model.state_dict(), "optimizer": opt.state_dict()}
-        torch.save(state, _checkpoint_path(args.save, rank))
+        full = model.state_dict()  # gathered on rank 0 by rannc_py ({} elsewhere)
+        if rank == 0:
+            torch.save({"step": args.steps, "losses": losses, "world_size": size, "model": full},
+                       _model_file(args.save))
+        torch.save(opt.state_dict(), _optimizer_file(args.save, rank))
 
     # ru_maxrss is in KiB on Linux: the process's peak resident memory.
     peak = comm.gather(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, root=0)
@@ -142,7 +156,7 @@ def print_summary(summary: dict[str, Any]) -> None:
         return
     mib = ", ".join(f"{b / 2**20:.0f}" for b in summary["peak_rss_per_rank"])
     lines = [f"loss: {summary['first_loss']:.4f} -> {summary['final_loss']:.4f} after {summary['steps']} steps"]
-    if "predicted_step_time" in summary:
+    if summary.get("predicted_step_time"):  # 0 for a hand-given layout (--stages)
         lines.append(f"step time: predicted {summary['predicted_step_time'] * 1e3:.1f} ms, "
                      f"measured {summary['measured_step_time'] * 1e3:.1f} ms (median)")
     elif summary["measured_step_time"] is not None:

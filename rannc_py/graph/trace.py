@@ -18,6 +18,7 @@ from __future__ import annotations
 import linecache
 import os
 import traceback
+import warnings
 from typing import Any
 
 import torch
@@ -88,6 +89,7 @@ def trace(
     batch_size = int(flat[0].shape[0]) if flat[0].dim() > 0 else 1
     batch_carrying = [t.dim() > 0 and int(t.shape[0]) == batch_size for t in flat]
 
+    dynamic_failure = ""
     if dynamic_batch and any(batch_carrying):
         batch = torch.export.Dim("batch")
         shapes = tuple({0: batch} if carry else None for carry in batch_carrying)
@@ -95,14 +97,21 @@ def trace(
             return _export(model, inputs, flat, batch_size, (shapes,), dynamic=True)
         except TraceError:
             raise
-        except Exception:  # noqa: BLE001 - retried with static shapes; that error is the one reported
-            pass
+        except Exception as e:  # noqa: BLE001 - retried with static shapes; that error is the one reported
+            dynamic_failure = f"{type(e).__name__}: {str(e).strip()[:300]}"
     try:
-        return _export(model, inputs, flat, batch_size, None, dynamic=False)
+        graph = _export(model, inputs, flat, batch_size, None, dynamic=False)
     except TraceError:
         raise
     except Exception as e:  # noqa: BLE001 - every export failure becomes a TraceError
         raise _trace_error(model, e) from e
+    if dynamic_failure:
+        warnings.warn(
+            f"{type(model).__name__} was traced with a fixed batch size of {batch_size}, so its stages only run "
+            f"at that size; a dynamic batch dimension failed with {dynamic_failure}",
+            stacklevel=2,
+        )
+    return graph
 
 
 def _export(model: nn.Module, inputs: InputLayout, flat: list[torch.Tensor], batch_size: int,

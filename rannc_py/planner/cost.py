@@ -64,12 +64,14 @@ def optimizer_state_factor(optimizer: str) -> int:
 class StageTables:
     """Per (i, j, replica-index) arrays for one (d, m, schedule, in-flight count).
 
-    ``obj`` is the stage's bottleneck term ``c + allreduce / m`` (inf when it does
-    not fit), ``mem`` its peak bytes per rank with the ``recompute`` choice made,
-    ``mem_min`` the least memory any allowed recompute choice needs.
+    ``c`` is the stage's per-microbatch time (inf when it does not fit),
+    ``ar`` its gradient allreduce per step, ``mem`` its peak bytes per rank with
+    the ``recompute`` choice made, ``mem_min`` the least memory any allowed
+    recompute choice needs.
     """
 
-    obj: np.ndarray
+    c: np.ndarray
+    ar: np.ndarray
     mem: np.ndarray
     recompute: np.ndarray
     mem_min: np.ndarray
@@ -153,7 +155,8 @@ class CostModel:
         t = self.t
         n = t.n
         shape = (n + 1, n + 1, len(rvals))
-        out = {f: StageTables(np.full(shape, np.inf), np.full(shape, np.inf), np.zeros(shape, dtype=bool),
+        ar_all = np.zeros(shape)
+        out = {f: StageTables(np.full(shape, np.inf), ar_all, np.full(shape, np.inf), np.zeros(shape, dtype=bool),
                               np.full(shape, np.inf)) for f in in_flights}
         valid = np.triu(np.ones((n + 1, n + 1), dtype=bool), 1)
         state = t.param_bytes * self.state_factor
@@ -166,9 +169,9 @@ class CostModel:
             bwd = t.bwd_fixed + t.bwd_ps * b
             comm_t = self._p2p_array(cut_in * b, pipeline_devices) * not_first + self._p2p_array(
                 cut_out * b, pipeline_devices)
-            ar = self._allreduce_table(r * d) / m
-            c_plain = np.maximum(fwd + bwd, comm_t) + ar
-            c_rec = np.maximum(2 * fwd + bwd, comm_t) + ar
+            ar_all[:, :, ri] = self._allreduce_table(r * d)
+            c_plain = np.maximum(fwd + bwd, comm_t)
+            c_rec = np.maximum(2 * fwd + bwd, comm_t)
             base = state + 2 * (cut_in + cut_out) * b  # model state + send/recv buffers
             for f, tab in out.items():
                 mem_plain = base + f * t.act * b
@@ -176,7 +179,7 @@ class CostModel:
                 use_rec = mem_plain > self.limit if recompute is None else np.full(shape[:2], recompute)
                 m_sel = np.where(use_rec, mem_rec, mem_plain)
                 ok = valid & (m_sel <= self.limit)
-                tab.obj[:, :, ri] = np.where(ok, np.where(use_rec, c_rec, c_plain), np.inf)
+                tab.c[:, :, ri] = np.where(ok, np.where(use_rec, c_rec, c_plain), np.inf)
                 m_min = m_sel if recompute is not None else np.minimum(mem_plain, mem_rec)
                 tab.mem[:, :, ri] = np.where(valid, m_sel, np.inf)
                 tab.mem_min[:, :, ri] = np.where(valid, m_min, np.inf)

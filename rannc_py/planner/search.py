@@ -1,27 +1,37 @@
 """The layout search: a bottleneck dynamic program per (pipelines, microbatches, schedule).
 
-What the DP optimises (and the brute-force test checks): for a pipeline of p
-stages run on m microbatches, the analytic step time
+Cost of a layout with p stages on m microbatches, stage s taking ``c_s`` per
+microbatch and ``a_s`` for its gradient allreduce (see
+:mod:`rannc_py.planner.cost`): the ranking estimate is the flow-shop model
+(fill and drain, steady state, final allreduce)
 
-    T = (m + p - 1) * max_s (c_s + a_s / m)
+    T = sum_s c_s + (m - 1) * max_s c_s + max_s a_s.
 
-where ``c_s`` is stage s's per-microbatch time and ``a_s`` its gradient
-allreduce (see :mod:`rannc_py.planner.cost`): the classic bubble model with
-each stage's allreduce spread over its microbatches. For fixed p the best T is
-the smallest bottleneck, which a DP finds exactly, building the pipeline from
-its last stage: ``best[q][i][k]`` is the smallest bottleneck of blocks
-``[i, n)`` cut into q + 1 stages on k devices per pipeline. Building backwards
-means a stage knows how many stages follow it, which fixes its 1F1B memory
-(min(q + 1, m) microbatches in flight) when the DP needs it.
+Sums and maxima together do not decompose, so the DP minimises, exactly, the
+single-bottleneck surrogate
+
+    T_w = (m + p - 1) * max_s (c_s + w * a_s)
+
+(for fixed p: the smallest bottleneck), building the pipeline from its last
+stage: ``best[q][i][k]`` is the smallest bottleneck of blocks ``[i, n)`` cut
+into q + 1 stages on k devices per pipeline. Building backwards means a stage
+knows how many stages follow it, which fixes its 1F1B memory (min(q + 1, m)
+microbatches in flight) when the DP needs it, and one DP gives the optimum for
+every p. Three weights give the candidates: ``w = 1/m`` (the allreduce spread
+over the microbatches), ``w = 1/(m + p* - 1)`` for the best depth p* of the
+first pass (there ``T_w`` bounds the bubble model from below), ``w = 1`` and
+``w = 1000`` (allreduce-dominated steps, e.g. few microbatches on many
+replicas, where balancing gradient bytes matters most). The
+brute-force test checks that a pass returns the exact optimum of its ``T_w``.
 
 Outer loops: d whole-pipeline copies (d divides the device count; a pipeline
-has P = D / d devices, at most ``max_pipeline_devices``), microbatch counts m
-(divisors of B), schedules, and the recompute policy; per-stage replicas r come
-from a small set, may differ between stages and sum to P. The best
-``top_k`` layouts by T are then simulated with their schedule's real action
-lists (:func:`rannc_py.schedule.simulate`), and the one with the smallest
-simulated step time wins; ties go to the smaller T, then the enumeration order,
-so the result is deterministic.
+has P = D / d devices), microbatch counts m (divisors of B), schedules; the
+recompute policy is per stage inside the tables. Per-stage replicas r come from
+a small set, may differ between stages and sum to P. The ``top_k`` layouts by T
+are then simulated with their schedule's real action lists
+(:func:`rannc_py.schedule.simulate`); the smallest simulated step time wins,
+ties going to the smaller T and then the enumeration order, so the result is
+deterministic.
 """
 
 from __future__ import annotations
@@ -49,8 +59,11 @@ class Layout:
         bounds: block boundaries, ``bounds[s]..bounds[s+1]`` is stage s.
         replicas: total replicas of each stage (r_s * d).
         recompute: per stage.
-        objective: the DP's T (seconds).
+        objective: the ranking estimate T (seconds), or for ``objective="memory"``
+            searches the largest per-rank memory.
         memory: per stage peak bytes per rank.
+        dp_objective: the surrogate ``T_w`` the DP minimised.
+        weight: the allreduce weight w of that DP pass.
     """
 
     d: int
@@ -61,6 +74,8 @@ class Layout:
     recompute: tuple[bool, ...]
     objective: float
     memory: tuple[float, ...]
+    dp_objective: float = 0.0
+    weight: float = 0.0
 
     @property
     def num_stages(self) -> int:
@@ -162,11 +177,12 @@ def in_flight(schedule: str, q: int, m: int) -> int:
 
 
 def search_config(cost: CostModel, space: SearchSpace, d: int, m: int, schedule: str,
-                  objective: str = "time") -> list[Layout]:
+                  objective: str = "time", weights: Sequence[float] | None = None) -> list[Layout]:
     """Run the DP for one (d, m, schedule); return the best layout for every feasible p.
 
-    ``objective="memory"`` minimises the largest per-rank memory instead of T
-    (used to report the smallest memory that would fit).
+    ``objective="memory"`` minimises the largest per-rank memory instead
+    (used to report the smallest memory that would fit). ``weights`` overrides
+    the allreduce weights of the DP passes (default: the two of the module docstring).
     """
     D = cost.cluster.num_devices
     P = D // d
@@ -183,8 +199,27 @@ def search_config(cost: CostModel, space: SearchSpace, d: int, m: int, schedule:
         return []
     flights = tuple(sorted({in_flight(schedule, q, m) for q in range(Q)}))
     tabs = cost.stage_tables(d, m, rvals, flights, space.recompute, P)
-    key = "obj" if objective == "time" else "mem_min"
-    obj_by_q = [getattr(tabs[in_flight(schedule, q, m)], key) for q in range(Q)]
+    if objective == "memory":
+        return _collect(tabs, [tabs[in_flight(schedule, q, m)].mem_min for q in range(Q)], rvals, P, allowed,
+                        space, d, m, schedule, 0.0, memory=True)
+    out: list[Layout] = []
+    for w in weights if weights is not None else (1.0 / m, None, 1.0, 1000.0):
+        if w is None:  # second pass: weight for the first pass's best depth
+            if not out:
+                break
+            p_star = min(out, key=lambda lay: (lay.objective, lay.num_stages)).num_stages
+            if p_star == 1:
+                continue
+            w = 1.0 / (m + p_star - 1)
+        obj = [tabs[in_flight(schedule, q, m)].c + w * tabs[in_flight(schedule, q, m)].ar for q in range(Q)]
+        seen = {(lay.bounds, lay.replicas, lay.recompute) for lay in out}
+        out += [lay for lay in _collect(tabs, obj, rvals, P, allowed, space, d, m, schedule, w)
+                if (lay.bounds, lay.replicas, lay.recompute) not in seen]
+    return out
+
+
+def _collect(tabs, obj_by_q, rvals, P, allowed, space, d, m, schedule, w, memory=False) -> list[Layout]:
+    Q = len(obj_by_q)
     best, arg_j, arg_r = bottleneck_dp(obj_by_q, rvals, P, allowed)
     out = []
     for p in range(1, Q + 1):
@@ -196,20 +231,26 @@ def search_config(cost: CostModel, space: SearchSpace, d: int, m: int, schedule:
         if not np.isfinite(val):
             continue
         bounds, reps = reconstruct(arg_j, arg_r, rvals, p, P)
-        rec, mem = [], []
+        rec, mem, cs, ars = [], [], [], []
         for s in range(p):
             tab = tabs[in_flight(schedule, p - 1 - s, m)]
-            ri = rvals.index(reps[s])
-            i, j = bounds[s], bounds[s + 1]
-            if objective == "time":
-                rec.append(bool(tab.recompute[i, j, ri]))
-                mem.append(float(tab.mem[i, j, ri]))
-            else:  # the least-memory choice
+            i, j, ri = bounds[s], bounds[s + 1], rvals.index(reps[s])
+            cs.append(float(tab.c[i, j, ri]))
+            ars.append(float(tab.ar[i, j, ri]))
+            if memory:  # the least-memory choice
                 rec.append(bool(tab.mem_min[i, j, ri] < tab.mem[i, j, ri]) or bool(tab.recompute[i, j, ri]))
                 mem.append(float(tab.mem_min[i, j, ri]))
-        t_obj = (m + p - 1) * float(val) if objective == "time" else float(val)
-        out.append(Layout(d, m, schedule, tuple(bounds), tuple(r * d for r in reps), tuple(rec), t_obj,
-                          tuple(mem)))
+            else:
+                rec.append(bool(tab.recompute[i, j, ri]))
+                mem.append(float(tab.mem[i, j, ri]))
+        if memory:
+            est = float(val)
+            dp_val = float(val)
+        else:
+            est = sum(cs) + (m - 1) * max(cs) + max(ars)
+            dp_val = (m + p - 1) * float(val)
+        out.append(Layout(d, m, schedule, tuple(bounds), tuple(r * d for r in reps), tuple(rec), est,
+                          tuple(mem), dp_val, w))
     return out
 
 
@@ -280,7 +321,10 @@ def simulate_layout(cost: CostModel, lay: Layout) -> Timeline:
 
 def pick_best(cost: CostModel, layouts: list[Layout], top_k: int = 8) -> tuple[Layout, Timeline]:
     """Simulate the ``top_k`` layouts by T; return the fastest simulated (ties: smaller T, then order)."""
-    ranked = sorted(enumerate(layouts), key=lambda il: (il[1].objective, il[0]))[:top_k]
+    unique: dict[tuple, tuple[int, Layout]] = {}
+    for order, lay in enumerate(layouts):  # the same layout can come from several (d, pass) pairs
+        unique.setdefault((lay.m, lay.schedule, lay.bounds, lay.replicas, lay.recompute), (order, lay))
+    ranked = sorted(unique.values(), key=lambda il: (il[1].objective, il[0]))[:top_k]
     best = None
     for order, lay in ranked:
         tl = simulate_layout(cost, lay)

@@ -1,0 +1,182 @@
+"""Planner benchmark: search time and predicted throughput against baseline splits.
+
+For GPT 1.3B, GPT 13B (Fugaku-LLM's shape), GPT 175B, BERT-large and a
+4.9B-parameter BERT (hidden 2048, 96 layers), traced on the meta device, on
+``a64fx`` and ``a100-80g`` clusters of 8..4096 devices, it runs
+``rannc_py.plan`` and three baselines on the same cost model and simulator:
+
+- uniform: equal numbers of blocks (layers) per stage (DeepSpeed "uniform");
+- params: stages balanced by parameter bytes (DeepSpeed's default);
+- time: stages balanced by compute time (torchgpipe's balance_by_time);
+
+each with every stage count dividing the device count (replicas = D / p per
+stage, "the best replica count"), every microbatch count and schedule the
+planner considers, recompute where needed, and the same final pick (simulate
+the best by T). Writes ``benchmarks/results/plan.md``.
+
+Usage: python benchmarks/plan_bench.py [--sizes 8,64,512,4096] [--models gpt-1.3b,...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from rannc_py.cli import build_model  # noqa: E402
+from rannc_py.errors import NoFeasiblePlanError  # noqa: E402
+from rannc_py.graph.trace import trace  # noqa: E402
+from rannc_py.planner.api import build_space, chain_from_graph, plan_chain  # noqa: E402
+from rannc_py.planner.cluster import parse_cluster  # noqa: E402
+from rannc_py.planner.cost import CostModel  # noqa: E402
+from rannc_py.planner.search import Layout, divisors, in_flight, pick_best  # noqa: E402
+from rannc_py.profiling import profile  # noqa: E402
+
+MODELS = {
+    "gpt-1.3b": ("gpt:1.3b", 2048, 512),
+    "gpt-13b": ("gpt:13b", 2048, 2016),
+    "gpt-175b": ("gpt:175b", 2048, 1536),
+    "bert-large": ("bert:large", 512, 1024),
+    "bert-4.9b": ("bert:large,hidden=2048,n_layer=96,n_head=32,intermediate=8192", 512, 1024),
+}
+
+
+def balanced_bounds(weights: np.ndarray, p: int) -> tuple[int, ...] | None:
+    """Cut a sequence into p contiguous parts minimising the largest part's weight (exact, by DP)."""
+    n = len(weights)
+    if p > n:
+        return None
+    pre = np.concatenate([[0.0], np.cumsum(weights)])
+    best = np.full((p + 1, n + 1), np.inf)
+    arg = np.zeros((p + 1, n + 1), dtype=int)
+    best[0, 0] = 0.0
+    for k in range(1, p + 1):
+        for j in range(k, n + 1):
+            cand = np.maximum(best[k - 1, k - 1:j], pre[j] - pre[k - 1:j])
+            i = int(np.argmin(cand))
+            best[k, j], arg[k, j] = cand[i], k - 1 + i
+    bounds, j = [n], n
+    for k in range(p, 0, -1):
+        j = arg[k, j]
+        bounds.append(j)
+    return tuple(reversed(bounds))
+
+
+def baseline(cost: CostModel, space, rule: str) -> float | None:
+    """Best simulated step time of a baseline rule, or None if nothing fits."""
+    chain, D = cost.chain, cost.cluster.num_devices
+    if rule == "uniform":
+        w = np.ones(chain.n)
+    elif rule == "params":
+        w = np.array([sum(nb for _, nb in b.params) for b in chain.blocks], dtype=float)
+    else:
+        w = np.array([b.fwd_per_sample + b.bwd_per_sample for b in chain.blocks])
+    layouts = []
+    for p in divisors(D):
+        bounds = balanced_bounds(w, p)
+        if bounds is None:
+            continue
+        R = D // p
+        for m in space.microbatches:
+            if cost.batch_size // m < R:
+                continue
+            for sched in space.schedules:
+                flights = tuple(sorted({in_flight(sched, q, m) for q in range(p)}))
+                tabs = cost.stage_tables(R, m, (1,), flights, None, p)
+                cs, ars, mems, recs = [], [], [], []
+                for s in range(p):
+                    tab = tabs[in_flight(sched, p - 1 - s, m)]
+                    i, j = bounds[s], bounds[s + 1]
+                    cs.append(tab.c[i, j, 0])
+                    ars.append(tab.ar[i, j, 0])
+                    mems.append(float(tab.mem[i, j, 0]))
+                    recs.append(bool(tab.recompute[i, j, 0]))
+                if np.isfinite(max(cs)):  # ranked by the same T as the planner's candidates
+                    layouts.append(Layout(R, m, sched, bounds, (R,) * p, tuple(recs),
+                                          float(sum(cs) + (m - 1) * max(cs) + max(ars)), tuple(mems)))
+    if not layouts:
+        return None
+    return pick_best(cost, layouts)[1].step_time
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--sizes", default="8,64,512,4096")
+    ap.add_argument("--models", default=",".join(MODELS))
+    ap.add_argument("--clusters", default="a64fx,a100-80g")
+    ap.add_argument("--out", default=str(REPO / "benchmarks/results/plan.md"))
+    ns = ap.parse_args()
+    rows = []
+    for name in ns.models.split(","):
+        spec, seq, batch = MODELS[name]
+        model, args, kwargs = build_model(spec, seq)
+        t0 = time.perf_counter()
+        graph = trace(model, args, kwargs)
+        t_trace = time.perf_counter() - t0
+        nparams = sum(p.numel() for p in model.parameters())
+        print(f"{name}: {nparams / 1e9:.2f} B params, {len(graph.ops)} ops, traced in {t_trace:.1f} s", flush=True)
+        for preset in ns.clusters.split(","):
+            for size in (int(s) for s in ns.sizes.split(",")):
+                key = "nodes" if preset == "a64fx" else "gpus"
+                cl = parse_cluster(f"{preset}:{key}={size}")
+                t1 = time.perf_counter()
+                prof = profile(graph, graph.batch_size, cl)
+                chain = chain_from_graph(graph, prof)
+                try:
+                    plan = plan_chain(chain, cl, batch, start_time=t1)
+                    ours, search, mfu = plan.samples_per_second, plan.search_time, plan.mfu
+                    layout = (f"{plan.num_stages}st x{'/'.join(str(s.replicas) for s in plan.stages[:4])}"
+                              f"{'...' if plan.num_stages > 4 else ''} m={plan.microbatches} {plan.schedule}"
+                              f"{' rc' if any(s.recompute for s in plan.stages) else ''}")
+                except NoFeasiblePlanError as e:
+                    need = str(e).split("fits is ")[1].split(" bytes")[0]
+                    ours, search, mfu = None, time.perf_counter() - t1, None
+                    layout = f"infeasible (needs {float(need) / 2**30:.1f} GiB/device)"
+                cost = CostModel(chain, cl, batch)
+                space = build_space(chain, cl, batch, schedules=("1f1b", "gpipe"), max_stages=None,
+                                    num_stages=None, replicas=None, microbatches=None, recompute=None)
+                base = {}
+                for rule in ("uniform", "params", "time"):
+                    st = baseline(cost, space, rule)
+                    base[rule] = None if st is None else batch / st
+                row = (name, preset, size, search, ours, mfu, base, layout)
+                rows.append(row)
+                print(_fmt_row(row), flush=True)
+    _write(ns.out, rows)
+
+
+def _f(x: float | None) -> str:
+    return "-" if x is None else f"{x:.4g}"
+
+
+def _fmt_row(row) -> str:
+    name, preset, size, search, ours, mfu, base, layout = row
+    ok = ours is None or all(b is None or ours >= b * (1 - 1e-9) for b in base.values())
+    return (f"| {name} | {preset} | {size} | {search:.2f} | {_f(ours)} | "
+            f"{'-' if mfu is None else f'{100 * mfu:.1f}%'} | {_f(base['uniform'])} | {_f(base['params'])} | "
+            f"{_f(base['time'])} | {'yes' if ok else 'NO'} | {layout} |")
+
+
+def _write(path: str, rows) -> None:
+    lines = [
+        "# Planner benchmark",
+        "",
+        "Predicted throughput (samples/s) from the planner's cost model and schedule simulator;",
+        "baselines are evaluated on the same model (see benchmarks/plan_bench.py). Search time",
+        "excludes tracing; measured on the 2-core development machine (shared, so noisy).",
+        "",
+        "| model | cluster | devices | search s | ours | MFU | uniform | params | time | ours >= all | layout |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+        *(_fmt_row(r) for r in rows),
+    ]
+    Path(path).write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()

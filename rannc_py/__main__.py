@@ -1,0 +1,7 @@
+"""``python -m rannc_py``: see :mod:`rannc_py.cli`."""
+
+import sys
+
+from rannc_py.cli import main
+
+sys.exit(main())

@@ -1,0 +1,55 @@
+"""Cluster presets and preset-string parsing."""
+
+from __future__ import annotations
+
+import pytest
+
+import rannc_py
+from rannc_py.errors import ConfigError
+from rannc_py.planner.cluster import cubic_shape, parse_cluster, parse_size
+
+
+def test_presets():
+    a = parse_cluster("a64fx:nodes=256")
+    assert a.num_devices == 256 and a.torus_shape == (4, 8, 8) and a.topology == "torus"
+    assert a.device.flops("float32") == 6.76e12 and a.device.memory == 32 * 2**30
+    assert parse_cluster("a64fx:nodes=24,shape=2x3x4").torus_shape == (2, 3, 4)
+    h = rannc_py.Cluster.from_preset("h100:nodes=2")
+    assert h.num_devices == 16 and h.devices_per_node == 8
+    assert h.link(8) is h.intra_node and h.link(9) is h.inter_node
+    assert parse_cluster("a100-80g:gpus=4,memory=2GiB").device.memory == 2 * 2**30
+    assert parse_cluster("a100-40g").num_devices == 8
+
+
+def test_local_preset_is_measured_and_cached(tmp_path, monkeypatch):
+    monkeypatch.setenv("RANNC_CACHE_DIR", str(tmp_path))
+    c = parse_cluster("local:ranks=3,memory=1GiB")
+    assert c.num_devices == 3 and c.device.memory == 2**30
+    assert c.device.flops() > 0 and c.inter_node.bandwidth > 0 and c.inter_node.latency > 0
+    assert len(list(tmp_path.glob("local-calibration-*.json"))) == 1
+    assert parse_cluster("local:ranks=3,memory=1GiB") == c  # second call reads the cache
+
+
+@pytest.mark.parametrize(
+    "spec,match",
+    [
+        ("tpu:nodes=4", "unknown cluster preset 'tpu'"),
+        ("a64fx:nodes", "malformed cluster option"),
+        ("a64fx:nodes=0", "positive integer"),
+        ("a64fx:nodes=-3", "positive integer"),
+        ("a64fx:gpus=4", "has no option 'gpus'"),
+        ("a64fx:nodes=8,shape=2x2", "has 4 nodes"),
+        ("h100:gpus=12", "multiple of 8"),
+        ("h100:gpus=8,nodes=1", "either gpus= or nodes="),
+        ("a100-80g:memory=lots", "cannot read memory size"),
+        ("", "preset string"),
+    ],
+)
+def test_bad_specs(spec, match):
+    with pytest.raises(ConfigError, match=match):
+        parse_cluster(spec)
+
+
+def test_helpers():
+    assert parse_size("512MB") == 512 * 10**6 and parse_size("1.5GiB") == 3 * 2**29
+    assert cubic_shape(64) == (4, 4, 4) and cubic_shape(7) == (1, 1, 7)

@@ -1,0 +1,91 @@
+"""rannc_py.plan and rannc_py.profile on a real traced model (the example GPT, tiny size)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import rannc_py
+from rannc_py.errors import ConfigError, NoFeasiblePlanError, PlanError
+from rannc_py.planner.coarsen import coarsen, layer_key
+from rannc_py.profiling import Profile
+
+
+@pytest.fixture(scope="module")
+def gpt():
+    from examples.gpt.model import GPT, gpt_config
+
+    torch.manual_seed(0)
+    model = GPT(gpt_config("tiny", n_layer=3))
+    ids = torch.randint(0, 256, (4, 16))
+    graph = rannc_py.trace(model, (ids,), {"labels": ids})
+    return model, graph, ids
+
+
+def test_coarsen_keeps_layers_apart(gpt):
+    _, graph, _ = gpt
+    blocks = coarsen(graph)
+    assert [i for b in blocks for i in b] == list(range(len(graph.ops)))
+    keys = [{layer_key(graph.ops[i].module_path) for i in b} for b in blocks]
+    for layer in ("transformer.h.0", "transformer.h.1", "transformer.h.2"):
+        holders = [k for k in keys if layer in k]
+        assert len(holders) == 1, f"{layer} split over blocks"
+    assert len(coarsen(graph, max_blocks=2)) == 2
+
+
+def test_analytic_profile_and_plan(gpt):
+    _, graph, _ = gpt
+    prof = rannc_py.profile(graph, 4, device="a64fx")
+    assert isinstance(prof, Profile) and prof.source == "analytic"
+    assert Profile.from_json(prof.to_json()) == prof
+    p = rannc_py.plan(graph, batch_size=16, cluster="a64fx:nodes=4")
+    assert p.world_size == 4 and sum(s.replicas for s in p.stages) == 4
+    assert p.graph_fingerprint == graph.fingerprint()
+    staged = graph.split(p.assignment())  # the plan's assignment is a valid split
+    assert staged.num_stages == p.num_stages
+    assert rannc_py.Plan.from_json(p.to_json()) == p
+    again = rannc_py.plan(graph, batch_size=16, cluster="a64fx:nodes=4")
+    assert again.to_dict() | {"search_time": 0} == p.to_dict() | {"search_time": 0}
+
+
+def test_pinned_layout(gpt):
+    _, graph, _ = gpt
+    p = rannc_py.plan(graph, batch_size=8, cluster="a64fx:nodes=3", replicas=[2, 1], microbatches=2)
+    assert [s.ranks for s in p.stages] == [(0, 1), (2,)]
+    fqns = {f for s in p.stages for f in s.param_fqns}
+    assert fqns >= set(graph.params)
+
+
+def test_measured_profile_is_cached(gpt, tmp_path, monkeypatch):
+    _, graph, ids = gpt
+    monkeypatch.setenv("RANNC_CACHE_DIR", str(tmp_path))
+    inputs = graph.flatten_inputs((ids,), {"labels": ids})
+    prof = rannc_py.profile(graph, 4, inputs=inputs, repeats=1)
+    assert prof.source == "measured" and all(t > 0 for t in prof.fwd_per_sample)
+    assert sum(prof.bwd_per_sample) > 0
+
+    def boom(*a, **k):
+        raise AssertionError("measured again instead of reading the cache")
+
+    monkeypatch.setattr("rannc_py.profiling.measure.measure_profile", boom)
+    assert rannc_py.profile(graph, 4, inputs=inputs, repeats=1) == prof
+    p = rannc_py.plan(graph, batch_size=8, cluster="local:ranks=2,memory=4GiB", profile=prof)
+    assert p.world_size == 2
+
+
+def test_errors(gpt):
+    _, graph, _ = gpt
+    with pytest.raises(NoFeasiblePlanError, match="smallest per-device memory that fits is"):
+        rannc_py.plan(graph, batch_size=8, cluster="a64fx:nodes=2,memory=1MB")
+    with pytest.raises(ConfigError, match="batch_size must be a positive integer"):
+        rannc_py.plan(graph, batch_size=0, cluster="a64fx:nodes=2")
+    with pytest.raises(ConfigError, match="not divisible"):
+        rannc_py.plan(graph, batch_size=10, cluster="a64fx:nodes=2", microbatches=4)
+    with pytest.raises(ConfigError, match="unknown cluster preset"):
+        rannc_py.plan(graph, batch_size=8, cluster="cray:nodes=2")
+    with pytest.raises(ConfigError, match="needs example inputs"):
+        rannc_py.profile(graph, 4)
+    other = rannc_py.profile(graph, 4, device="a64fx")
+    other = Profile(**{**other.__dict__, "graph_fingerprint": "x"})
+    with pytest.raises(PlanError, match="different graph"):
+        rannc_py.plan(graph, batch_size=8, cluster="a64fx:nodes=2", profile=other)
