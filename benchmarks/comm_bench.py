@@ -27,26 +27,26 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+BASELINE = "MPI_Allreduce"  # blocking, through mpi4py: the reference point
 ALGOS = ("mpi", "ring", "halving_doubling", "torus")
+COLUMNS = (BASELINE, *ALGOS)
 
 
 def _pingpong(comm, nbytes: int, iters: int) -> float:
-    """One-way seconds of an nbytes message between ranks 0 and 1 (others idle)."""
-    import torch
+    """One-way seconds of an nbytes MPI message between ranks 0 and 1 (others idle)."""
+    import numpy as np
 
-    from rannc_py.comm import irecv, isend
-
-    buf = torch.empty(nbytes, dtype=torch.uint8)
+    buf = np.zeros(nbytes, dtype=np.uint8)
     rank = comm.Get_rank()
     comm.Barrier()
     start = time.perf_counter()
     for _ in range(iters):
         if rank == 0:
-            isend(buf, 1, 0, comm).wait()
-            irecv(buf, 1, 0, comm).wait()
+            comm.Send(buf, 1)
+            comm.Recv(buf, 1)
         elif rank == 1:
-            irecv(buf, 0, 0, comm).wait()
-            isend(buf, 0, 0, comm).wait()
+            comm.Recv(buf, 0)
+            comm.Send(buf, 0)
     return (time.perf_counter() - start) / (2 * iters)
 
 
@@ -58,13 +58,20 @@ def _time_allreduce(comm, n_floats: int, algo: str, shape, seconds: float) -> fl
     from rannc_py.comm import allreduce
 
     t = torch.ones(n_floats)
-    allreduce(t, comm, algo, shape).wait()  # warm-up: communicator set-up, page faults
+
+    def once() -> None:
+        if algo == BASELINE:
+            comm.Allreduce(MPI.IN_PLACE, t.numpy(), op=MPI.SUM)
+        else:
+            allreduce(t, comm, algo, shape).wait()
+
+    once()  # warm-up: communicator set-up, page faults
     samples: list[float] = []
     budget_end = time.perf_counter() + seconds
     while True:
         comm.Barrier()
         start = time.perf_counter()
-        allreduce(t, comm, algo, shape).wait()
+        once()
         samples.append(comm.allreduce(time.perf_counter() - start, op=MPI.MAX))
         # Every rank must take the same decision to stop.
         if comm.bcast(len(samples) >= 50 or (len(samples) >= 3 and time.perf_counter() > budget_end), root=0):
@@ -92,14 +99,15 @@ def worker(args: argparse.Namespace) -> None:
         a.add_(b)
     gamma = comm.bcast((time.perf_counter() - start) / (5 * big), root=0)
     shape = grid_shape(p)
-    rows = []
+    rows: list[dict] = []
     nbytes = args.min_bytes
     while nbytes <= args.max_bytes:
         row = {"bytes": nbytes}
-        for algo in ALGOS:
+        for algo in COLUMNS:
             s = shape if algo == "torus" else None
             t = _time_allreduce(comm, nbytes // 4, algo, s, args.seconds)
-            pred = allreduce_time(algo, nbytes, p, alpha=alpha, beta=beta, torus_shape=s, gamma=gamma)
+            model = "mpi" if algo == BASELINE else algo
+            pred = allreduce_time(model, nbytes, p, alpha=alpha, beta=beta, torus_shape=s, gamma=gamma)
             row[algo] = (t, pred)
         rows.append(row)
         nbytes *= 4
@@ -122,13 +130,13 @@ def table(res: dict) -> list[str]:
         "",
         "Bus bandwidth GB/s, measured (cost model's prediction):",
         "",
-        "| size | " + " | ".join(ALGOS) + " |",
-        "|---:|" + "---:|" * len(ALGOS),
+        "| size | " + " | ".join(COLUMNS) + " |",
+        "|---:|" + "---:|" * len(COLUMNS),
     ]
     for row in res["rows"]:
         n = row["bytes"]
         size = f"{n >> 20} MiB" if n >= 1 << 20 else f"{n >> 10} KiB"
-        cells = [f"{busbw(n, p, row[a][0]):.2f} ({busbw(n, p, row[a][1]):.2f})" for a in ALGOS]
+        cells = [f"{busbw(n, p, row[a][0]):.2f} ({busbw(n, p, row[a][1]):.2f})" for a in COLUMNS]
         lines.append(f"| {size} | " + " | ".join(cells) + " |")
     return lines
 
@@ -156,8 +164,13 @@ def main() -> None:
         f"Allreduce of float32 buffers through `rannc_py.comm.allreduce` on local ranks; "
         f"{platform.machine()}, {os.cpu_count()} CPUs, "
         f"MPI {subprocess.run([sys.executable, '-c', 'from mpi4py import MPI; print(MPI.Get_library_version().splitlines()[0])'], capture_output=True, text=True).stdout.strip()}.",
-        "Each point is the median over repetitions of the slowest rank's time. The prediction is "
-        "`rannc_py.comm.cost.allreduce_time` with α, β, γ measured in the same launch.",
+        "Each point is the median over repetitions of the slowest rank's time. `MPI_Allreduce` is the "
+        "blocking library call through mpi4py; the other columns are `rannc_py.comm.allreduce` with that "
+        "algorithm (nonblocking, driven by the progress thread). The prediction is "
+        "`rannc_py.comm.cost.allreduce_time` (`\"mpi\"` for MPI_Allreduce) with α, β (MPI ping-pong) and γ "
+        "(a float32 add) measured in the same launch.",
+        f"Load average when the run started: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs "
+        "(ranks above the core count, or other load, make small-message times scheduler-bound).",
         "",
         f"Command: `python benchmarks/comm_bench.py {' '.join(sys.argv[1:])}`",
         "",

@@ -100,26 +100,47 @@ def build_programs(
     return progs
 
 
+class _TrainOnly(nn.Module):
+    """Calls ``op`` with argument ``index`` as traced in training mode, and ``eval_value`` in eval."""
+
+    def __init__(self, op: object, index: int, eval_value: object) -> None:
+        super().__init__()
+        self.op, self.index, self.eval_value = op, index, eval_value
+
+    def forward(self, *args: object) -> object:
+        if not self.training:
+            args = (*args[: self.index], self.eval_value, *args[self.index + 1 :])
+        return self.op(*args)  # type: ignore[operator]
+
+
+# Ops whose behaviour depends on the mode the model was traced in: the
+# argument that carries it, and its value in eval mode.
+_MODE_ARGS = {
+    torch.ops.aten.dropout.default: (2, False),
+    torch.ops.aten.scaled_dot_product_attention.default: (4, 0.0),
+}
+
+
 def follow_train_mode(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     """Make the dropouts of a traced stage obey ``gm.train()`` / ``gm.eval()``.
 
-    The tracer records dropout with its training flag fixed at trace time;
-    each becomes an ``nn.Dropout`` submodule, which draws the same random
-    numbers as the traced op in training mode and is the identity in eval.
+    The tracer records dropout (also inside scaled-dot-product attention)
+    with its training setting fixed at trace time; each such op becomes a
+    submodule that runs the same op, drawing the same random numbers, in
+    training mode and runs it without dropout in eval mode.
     """
     changed = False
     for k, node in enumerate(list(gm.graph.nodes)):
-        if node.op == "call_function" and node.target is torch.ops.aten.dropout.default:
-            x, p, train = node.args
-            if train is not True:
-                continue
-            name = f"rannc_dropout_{k}"
-            gm.add_submodule(name, nn.Dropout(float(p)))
-            with gm.graph.inserting_after(node):
-                new = gm.graph.call_module(name, (x,))
-            node.replace_all_uses_with(new)
-            gm.graph.erase_node(node)
-            changed = True
+        spec = _MODE_ARGS.get(node.target) if node.op == "call_function" else None
+        if spec is None or node.kwargs or len(node.args) <= spec[0]:
+            continue
+        name = f"rannc_mode_{k}"
+        gm.add_submodule(name, _TrainOnly(node.target, *spec))
+        with gm.graph.inserting_after(node):
+            new = gm.graph.call_module(name, node.args)
+        node.replace_all_uses_with(new)
+        gm.graph.erase_node(node)
+        changed = True
     if changed:
         gm.recompile()
     return gm

@@ -2,7 +2,7 @@
 
 import torch
 
-from rannc_py.comm import irecv, isend, wait_all  # sets the MPI thread level first
+from rannc_py.comm import allreduce, irecv, isend, wait_all  # sets the MPI thread level first
 from rannc_py.errors import CommError, ConfigError
 
 from mpi4py import MPI  # noqa: E402  (after rannc_py.comm on purpose)
@@ -86,5 +86,24 @@ if size >= 2 and rank < 2:
             assert "expected 40 bytes, received 16" in str(e), e
         else:
             raise AssertionError("a short message must raise CommError")
+
+# Starting a collective never blocks, not even the first one on a new
+# communicator: rank 1 joins only after rank 0 has started and then sent.
+fresh = comm.Dup()
+token = torch.zeros(1)
+x = torch.full((1000,), float(rank))
+if rank == 0:
+    w = allreduce(x, fresh, "ring")
+    isend(token, 1, 9, comm).wait()
+elif rank == 1:
+    irecv(token, 0, 9, comm).wait()
+    w = allreduce(x, fresh, "ring")
+else:
+    w = allreduce(x, fresh, "ring")
+# The progress thread completes it with no wait() from Python.
+while not w.is_completed():
+    pass
+w.wait()
+assert torch.equal(x, torch.full((1000,), float(sum(range(size)))))
 comm.Barrier()
 print(f"rank {rank}: ok")
