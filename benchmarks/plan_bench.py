@@ -35,7 +35,7 @@ from rannc_py.graph.trace import trace  # noqa: E402
 from rannc_py.planner.api import build_space, chain_from_graph, plan_chain  # noqa: E402
 from rannc_py.planner.cluster import parse_cluster  # noqa: E402
 from rannc_py.planner.cost import CostModel  # noqa: E402
-from rannc_py.planner.search import Layout, divisors, in_flight, pick_best  # noqa: E402
+from rannc_py.planner.search import Layout, divisors, in_flight, microbatch_candidates, pick_best  # noqa: E402
 from rannc_py.profiling import profile  # noqa: E402
 
 MODELS = {
@@ -83,9 +83,7 @@ def baseline(cost: CostModel, space, rule: str) -> float | None:
         if bounds is None:
             continue
         R = D // p
-        for m in space.microbatches:
-            if cost.batch_size // m < R:
-                continue
+        for m in microbatch_candidates(space, R, cost.batch_size):
             for sched in space.schedules:
                 flights = tuple(sorted({in_flight(sched, q, m) for q in range(p)}))
                 tabs = cost.stage_tables(R, m, (1,), flights, None, p)

@@ -15,7 +15,7 @@ from rannc_py.planner.api import build_space, plan_chain
 from rannc_py.planner.chain import Block, Chain
 from rannc_py.planner.cluster import Cluster, Device, Link
 from rannc_py.planner.cost import CostModel
-from rannc_py.planner.search import enumerate_layouts, in_flight, search_config, simulate_layout
+from rannc_py.planner.search import enumerate_layouts, in_flight, microbatch_candidates, search_config, simulate_layout
 
 GiB = 2**30
 
@@ -41,9 +41,7 @@ def brute_force(cost: CostModel, space, weight) -> float:
     best = math.inf
     for d in space.pipelines:
         P = D // d
-        for m in space.microbatches:
-            if cost.batch_size // m < d:
-                continue
+        for m in microbatch_candidates(space, d, cost.batch_size):
             rvals = tuple(r for r in space.rvals if r <= P and r * d <= cost.batch_size // m)
             if not rvals:
                 continue
@@ -92,8 +90,7 @@ def test_dp_matches_brute_force(specs, devices, batch, memory_gib, recompute, ex
     layouts = [
         lay
         for d in space.pipelines
-        for m in space.microbatches
-        if batch // m >= d
+        for m in microbatch_candidates(space, d, batch)
         for sched in space.schedules
         for lay in search_config(cost, space, d, m, sched, weights=(weight(m),))
     ]

@@ -4,11 +4,17 @@
 
 #include <chrono>
 #include <exception>
+#include <thread>
 #include <stdexcept>
 
 namespace rannc::comm {
 
 void Op::wait() {
+  // Poll briefly first: most small operations finish within microseconds,
+  // and sleeping on the condition variable costs a scheduler wake-up.
+  auto until = std::chrono::steady_clock::now() + std::chrono::microseconds(200);
+  while (!completed() && std::chrono::steady_clock::now() < until) std::this_thread::yield();
+  if (completed()) return;
   std::unique_lock<std::mutex> lk(mu_);
   cv_.wait(lk, [this] { return completed(); });
 }

@@ -33,9 +33,8 @@ if TYPE_CHECKING:
 # Devices per pipeline the search considers (the rest is whole-pipeline replication);
 # also bounds the DP's device dimension, which keeps a search of thousands of devices in seconds.
 MAX_PIPELINE_DEVICES = 64
-# Outer candidates kept (log-spaced, ends included) to bound the number of DPs.
+# Pipeline counts kept (log-spaced, ends included) to bound the number of DPs.
 MAX_PIPELINE_COUNTS = 7
-MAX_MICROBATCH_COUNTS = 6
 
 
 def chain_from_graph(graph: Graph, prof: Profile) -> Chain:
@@ -88,7 +87,7 @@ def build_space(chain: Chain, cluster: Cluster, batch_size: int, *, schedules: S
             raise ConfigError(f"batch_size={B} is not divisible by microbatches={m}; pick a divisor of {B}")
         ms = [m]
     else:
-        ms = spread(divisors(B), MAX_MICROBATCH_COUNTS)
+        ms = divisors(B)  # thinned per pipeline count by search.microbatch_candidates
     pinned = None
     if replicas is not None:
         pinned = tuple(_positive("replicas[i]", r) for r in replicas)

@@ -254,13 +254,22 @@ def _collect(tabs, obj_by_q, rvals, P, allowed, space, d, m, schedule, w, memory
     return out
 
 
+MAX_MICROBATCH_COUNTS = 6
+
+
+def microbatch_candidates(space: SearchSpace, d: int, batch_size: int) -> list[int]:
+    """Microbatch counts tried with d pipelines: those of ``space`` leaving every pipeline
+    at least one row per microbatch, at most MAX_MICROBATCH_COUNTS of them, log-spaced
+    with both ends kept (the largest keeps the bubble smallest)."""
+    ok = [m for m in space.microbatches if batch_size // m >= d]
+    return spread(ok, MAX_MICROBATCH_COUNTS)
+
+
 def enumerate_layouts(cost: CostModel, space: SearchSpace, objective: str = "time") -> list[Layout]:
     """Every (d, m, schedule) DP optimum, in enumeration order."""
     out = []
     for d in space.pipelines:
-        for m in space.microbatches:
-            if cost.batch_size // m < d:
-                continue
+        for m in microbatch_candidates(space, d, cost.batch_size):
             for sched in space.schedules:
                 out += search_config(cost, space, d, m, sched, objective)
     return out

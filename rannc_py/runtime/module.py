@@ -42,7 +42,7 @@ from rannc_py.runtime.failure import abort_on_error
 from rannc_py.runtime.grads import GradSync, HeldGrads, clip_grad_norm_
 from rannc_py.runtime.io import gather_inputs, return_outputs
 from rannc_py.runtime.layout import load_plan, rank_stage, stage_ranks
-from rannc_py.runtime.stage import StageProgram, follow_train_mode
+from rannc_py.runtime.stage import StageProgram, follow_train_mode, retarget_device
 from rannc_py.schedule import by_name, forward_only
 
 OptimizerArg = torch.optim.Optimizer | Callable[[list[nn.Parameter]], torch.optim.Optimizer] | None
@@ -169,7 +169,7 @@ class RaNNCModule(nn.Module):
         gm = stage.module_with(
             {f: tensors[f] for f in stage.param_fqns}, {f: tensors[f] for f in stage.buffer_fqns}
         )
-        gm = follow_train_mode(gm)
+        gm = retarget_device(follow_train_mode(gm), torch.device("cpu"))
         gm.train(self.training)
         recv = stage.activation_inputs
         send = staged.stages[s + 1].activation_inputs if s + 1 < plan.num_stages else []

@@ -11,6 +11,7 @@ from typing import Protocol
 import torch
 from mpi4py import MPI
 
+from rannc_py.comm import collectives as comm_collectives
 from rannc_py.comm import p2p as comm_p2p
 
 
@@ -19,18 +20,6 @@ class Work(Protocol):
 
     def wait(self) -> None:
         """Block until the transfer completes."""
-
-
-class _Request:
-    """An MPI request plus the tensor whose memory it uses (kept alive until done)."""
-
-    def __init__(self, req: MPI.Request, tensor: torch.Tensor) -> None:
-        self._req = req
-        self._tensor = tensor
-
-    def wait(self) -> None:
-        self._req.Wait()
-        self._tensor = None  # type: ignore[assignment]
 
 
 def isend(t: torch.Tensor, dest: int, tag: int, comm: MPI.Comm) -> Work:
@@ -45,9 +34,7 @@ def irecv(t: torch.Tensor, source: int, tag: int, comm: MPI.Comm) -> Work:
 
 def iallreduce_sum(t: torch.Tensor, comm: MPI.Comm) -> Work:
     """Start summing float32 ``t`` in place across ``comm``."""
-    if t.dtype != torch.float32:
-        raise ValueError(f"gradient allreduce expects float32, got {t.dtype}")
-    return _Request(comm.Iallreduce(MPI.IN_PLACE, [t.numpy(), MPI.FLOAT], op=MPI.SUM), t)
+    return comm_collectives.allreduce(t, comm)
 
 
 def wait_all(works: list[Work]) -> None:

@@ -1,0 +1,127 @@
+"""RaNNCModule: equivalence with eager PyTorch across layouts, and runtime behaviours.
+
+Multi-rank cases run many layouts per mpiexec launch; each compares, after 5
+AdamW steps, every loss and the gathered parameters with eager training on
+the same microbatches (see tests/mpi_scripts/runtime_equiv.py).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mpi_launch import REPO, run_mpi
+from rannc_py.runtime.routing import chunks, output_routes, stage_routes, unbatched_source
+
+EQUIV = REPO / "tests/mpi_scripts/runtime_equiv.py"
+FEATURES = REPO / "tests/mpi_scripts/runtime_features.py"
+
+
+# ------------------------------------------------------------------ routing
+def test_chunks_follow_plan_split() -> None:
+    assert chunks(5, 2) == [(0, 3), (3, 5)]
+    assert chunks(4, 1) == [(0, 4)]
+
+
+@pytest.mark.parametrize("rows,a,b", [(4, 2, 1), (4, 1, 2), (6, 2, 3), (5, 3, 2), (8, 4, 4)])
+def test_stage_routes_cover_every_row_once(rows: int, a: int, b: int) -> None:
+    segs = stage_routes(rows, a, b)
+    covered = sorted(r for s in segs for r in range(s.start, s.stop))
+    assert covered == list(range(rows))
+    src, dst = chunks(rows, a), chunks(rows, b)
+    for s in segs:
+        assert src[s.src][0] + s.src_offset == s.start
+        assert dst[s.dst][0] + s.dst_offset == s.start
+    for d in range(b):  # the unbatched sender is one of d's row partners
+        assert unbatched_source(rows, a, b, d) in {s.src for s in segs if s.dst == d}
+
+
+def test_output_routes_reassemble_local_batches() -> None:
+    batch, m, r, world = 12, 3, 2, 3
+    got = {w: [None] * (batch // world) for w in range(world)}
+    rows = batch // m
+    for i, seg in output_routes(batch, m, r, world):
+        lo = chunks(rows, r)[seg.src][0]
+        for k in range(seg.rows):
+            got[seg.dst][seg.dst_offset + k] = i * rows + lo + seg.src_offset + k
+    assert [x for w in range(world) for x in got[w]] == list(range(batch))
+
+
+# ------------------------------------------------------------ one process
+def test_single_process_matches_eager() -> None:
+    import sys
+
+    sys.path.insert(0, str(REPO / "tests/mpi_scripts"))
+    from runtime_models import build_model, make_batch
+
+    import rannc_py
+
+    torch.manual_seed(0)
+    model = build_model("gpt")
+    ref = build_model("gpt")
+    ref.load_state_dict(model.state_dict())
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, eps=1e-6)
+    ropt = torch.optim.AdamW(ref.parameters(), lr=1e-3, eps=1e-6)
+    sched = torch.optim.lr_scheduler.StepLR(opt, 1, gamma=0.5)
+    rsched = torch.optim.lr_scheduler.StepLR(ropt, 1, gamma=0.5)
+    wrapped = rannc_py.RaNNCModule(model, opt, plan=dict(stages=2, replicas=[1, 1], microbatches=2))
+    # a 2-stage plan needs 2 ranks: one process runs one stage only
+    with pytest.raises(rannc_py.ConfigError, match="replicas"):
+        wrapped(**make_batch("gpt", 4, seed=0))
+    wrapped = rannc_py.RaNNCModule(model, opt, plan=dict(stages=1, microbatches=2, schedule="gpipe"))
+    for step in range(3):
+        batch = make_batch("gpt", 4, seed=step)
+        loss = wrapped(**batch).loss
+        loss.backward()
+        want = sum(ref(**{k: v[i * 2 : i * 2 + 2] for k, v in batch.items()}).loss * 0.5 for i in range(2))
+        want.backward()
+        torch.testing.assert_close(loss.detach(), want.detach(), rtol=1e-5, atol=1e-6)
+        opt.step(), ropt.step(), sched.step(), rsched.step()
+        opt.zero_grad(), ropt.zero_grad()
+    sd = wrapped.state_dict()
+    for k, v in ref.state_dict().items():
+        torch.testing.assert_close(sd[k], v, rtol=1e-5, atol=1e-6)
+    fresh = build_model("gpt")
+    fresh.load_state_dict(sd)  # loadable into the unwrapped model
+
+
+# -------------------------------------------------------------- multi-rank
+def test_two_ranks_pp2_and_dp2() -> None:
+    cases = [
+        "gpt:p1_r2_m1_gpipe",
+        "gpt:p1_r2_m2_1f1b:accum,clip",
+        "gpt:p2_r1x1_m2_gpipe",
+        "gpt:p2_r1x1_m4_1f1b",
+        "gpt:p2_r1x1_m4_1f1b:rc",
+        "gpt:p2_r1x1_m2_gpipe:rc,accum,clip",
+    ]
+    out = run_mpi(2, EQUIV, *cases, timeout=300).stdout
+    assert out.count(": ok") == len(cases), out
+
+
+def test_three_ranks_replicas_2_1() -> None:
+    cases = ["gpt:p2_r2x1_m2_1f1b", "gpt:p2_r2x1_m2_gpipe:rc,clip", "gpt:p2_r1x2_m2_1f1b:accum"]
+    out = run_mpi(3, EQUIV, *cases, timeout=300).stdout
+    assert out.count(": ok") == len(cases), out
+
+
+def test_four_ranks_pp4_pp2dp2_dp4() -> None:
+    cases = ["gpt:p4_r1x1x1x1_m4_1f1b", "gpt:p4_r1x1x1x1_m4_gpipe:rc", "gpt:p2_r2x2_m2_1f1b:accum,clip",
+             "gpt:p1_r4_m1_gpipe:clip"]
+    out = run_mpi(4, EQUIV, *cases, timeout=400).stdout
+    assert out.count(": ok") == len(cases), out
+
+
+def test_eval_state_dict_recompute_dropout_meta() -> None:
+    checks = ["eval_and_state", "recompute_replays_dropout", "meta"]
+    out = run_mpi(2, FEATURES, *checks, timeout=300).stdout
+    assert out.count(": ok") == len(checks), out
+
+
+def test_failure_on_one_rank_ends_all() -> None:
+    with pytest.raises(AssertionError) as info:
+        run_mpi(2, REPO / "tests/mpi_scripts/runtime_fail.py", timeout=120)
+    text = str(info.value)
+    assert "did not finish" not in text, text  # no hang
+    assert "failed during the forward call" in text and "different structure or shape" in text, text
+    assert "unreachable" not in text
