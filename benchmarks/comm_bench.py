@@ -83,7 +83,10 @@ def worker(args: argparse.Namespace) -> None:
     """Run on every rank of one launch; rank 0 prints one JSON line."""
     import torch
 
-    import rannc_py.comm  # noqa: F401  (sets the MPI thread level before mpi4py.MPI)
+    # Importing an operation loads the engine, which sets the MPI thread level before mpi4py.MPI.
+    from rannc_py.comm import allreduce  # noqa: F401
+
+    # isort: split
     from mpi4py import MPI
 
     from rannc_py.comm.cost import allreduce_time, grid_shape
@@ -125,8 +128,10 @@ def table(res: dict) -> list[str]:
     lines = [
         f"### {p} ranks (torus shape {'x'.join(map(str, res['shape']))})",
         "",
-        f"Measured here: α = {res['alpha'] * 1e6:.2f} µs, β = {res['beta'] / 1e9:.2f} GB/s, "
-        f"γ = {res['gamma'] * 1e9:.3f} ns/byte.",
+        (
+            f"Measured here: α = {res['alpha'] * 1e6:.2f} µs, β = {res['beta'] / 1e9:.2f} GB/s, "
+            f"γ = {res['gamma'] * 1e9:.3f} ns/byte."
+        ),
         "",
         "Bus bandwidth GB/s, measured (cost model's prediction):",
         "",
@@ -139,6 +144,13 @@ def table(res: dict) -> list[str]:
         cells = [f"{busbw(n, p, row[a][0]):.2f} ({busbw(n, p, row[a][1]):.2f})" for a in COLUMNS]
         lines.append(f"| {size} | " + " | ".join(cells) + " |")
     return lines
+
+
+def _mpi_version() -> str:
+    """The MPI library's one-line version, asked of a fresh process so this one never initialises MPI."""
+    code = "from mpi4py import MPI; print(MPI.Get_library_version().splitlines()[0])"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    return proc.stdout.strip()
 
 
 def main() -> None:
@@ -161,16 +173,21 @@ def main() -> None:
     lines = [
         "# Communication benchmark",
         "",
-        f"Allreduce of float32 buffers through `rannc_py.comm.allreduce` on local ranks; "
-        f"{platform.machine()}, {os.cpu_count()} CPUs, "
-        f"MPI {subprocess.run([sys.executable, '-c', 'from mpi4py import MPI; print(MPI.Get_library_version().splitlines()[0])'], capture_output=True, text=True).stdout.strip()}.",
-        "Each point is the median over repetitions of the slowest rank's time. `MPI_Allreduce` is the "
-        "blocking library call through mpi4py; the other columns are `rannc_py.comm.allreduce` with that "
-        "algorithm (nonblocking, driven by the progress thread). The prediction is "
-        "`rannc_py.comm.cost.allreduce_time` (`\"mpi\"` for MPI_Allreduce) with α, β (MPI ping-pong) and γ "
-        "(a float32 add) measured in the same launch.",
-        f"Load average when the run started: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs "
-        "(ranks above the core count, or other load, make small-message times scheduler-bound).",
+        (
+            f"Allreduce of float32 buffers through `rannc_py.comm.allreduce` on local ranks; "
+            f"{platform.machine()}, {os.cpu_count()} CPUs, MPI {_mpi_version()}."
+        ),
+        (
+            "Each point is the median over repetitions of the slowest rank's time. `MPI_Allreduce` is the "
+            "blocking library call through mpi4py; the other columns are `rannc_py.comm.allreduce` with that "
+            "algorithm (nonblocking, driven by the progress thread). The prediction is "
+            "`rannc_py.comm.cost.allreduce_time` (`\"mpi\"` for MPI_Allreduce) with α, β (MPI ping-pong) and γ "
+            "(a float32 add) measured in the same launch."
+        ),
+        (
+            f"Load average when the run started: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs "
+            "(ranks above the core count, or other load, make small-message times scheduler-bound)."
+        ),
         "",
         f"Command: `python benchmarks/comm_bench.py {' '.join(sys.argv[1:])}`",
         "",

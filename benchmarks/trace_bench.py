@@ -23,8 +23,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from examples.gpt.model import GPT, gpt_config  # noqa: E402
-from rannc_py import trace  # noqa: E402
+from examples.gpt.model import GPT, gpt_config
+from rannc_py import trace
 
 
 def bench(size: str, layers: int, batch: int, seq: int) -> dict[str, float | int | bool]:

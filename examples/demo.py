@@ -17,10 +17,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
-import torch  # noqa: E402
+import torch
 
-from examples.gpt.model import GPT, gpt_config  # noqa: E402
-from examples.gpt.train import run  # noqa: E402
+from examples.gpt.model import GPT, gpt_config
+from examples.gpt.train import run
 
 SIZE = "small"
 SEQ_LEN = 64

@@ -11,8 +11,8 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 Case = tuple[nn.Module, tuple[Any, ...], dict[str, Any]]
 
@@ -91,6 +91,18 @@ def hf_gpt2() -> Case:
     return GPT2LMHeadModel(cfg), (), {"input_ids": ids, "labels": ids, "use_cache": False}
 
 
+def _bert_kwargs() -> dict[str, Any]:
+    """A pretraining batch in the keyword form both BERTs take: MLM labels and NSP labels."""
+    ids = _ids()
+    return {
+        "input_ids": ids,
+        "token_type_ids": torch.zeros_like(ids),
+        "attention_mask": torch.ones_like(ids),
+        "labels": ids,
+        "next_sentence_label": torch.randint(0, 2, (BATCH,)),
+    }
+
+
 def hf_bert() -> Case:
     from transformers import BertConfig, BertForPreTraining
 
@@ -99,14 +111,7 @@ def hf_bert() -> Case:
         vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
         max_position_embeddings=16, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
     )
-    ids = _ids()
-    kwargs = {
-        "input_ids": ids,
-        "token_type_ids": torch.zeros_like(ids),
-        "attention_mask": torch.ones_like(ids),
-        "labels": ids,
-        "next_sentence_label": torch.randint(0, 2, (BATCH,)),
-    }
+    kwargs = _bert_kwargs()  # inputs drawn before the weights, keeping the seeded values
     return BertForPreTraining(cfg), (), kwargs
 
 
@@ -136,14 +141,7 @@ def bert() -> Case:
 
     torch.manual_seed(0)
     cfg = bert_config("tiny", vocab_size=VOCAB, max_position=16, hidden=32, intermediate=64)
-    ids = _ids()
-    kwargs = {
-        "input_ids": ids,
-        "token_type_ids": torch.zeros_like(ids),
-        "attention_mask": torch.ones_like(ids),
-        "labels": ids,
-        "next_sentence_label": torch.randint(0, 2, (BATCH,)),
-    }
+    kwargs = _bert_kwargs()  # inputs drawn before the weights, keeping the seeded values
     return Bert(cfg), (), kwargs
 
 

@@ -7,7 +7,6 @@ import sys
 
 import pytest
 import torch
-
 from mpi_launch import REPO, run_mpi
 
 

@@ -30,7 +30,13 @@ def bert_batch(batch: int = 3, seq: int = 16, seed: int = 0) -> dict[str, torch.
     mask = torch.ones_like(ids)
     mask[0, -3:] = 0  # one padded sequence, so the mask path is exercised
     nsp = torch.arange(batch) % 2
-    return dict(input_ids=ids, token_type_ids=token_type, attention_mask=mask, labels=labels, next_sentence_label=nsp)
+    return {
+        "input_ids": ids,
+        "token_type_ids": token_type,
+        "attention_mask": mask,
+        "labels": labels,
+        "next_sentence_label": nsp,
+    }
 
 
 def make(kind: str) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
@@ -88,7 +94,7 @@ def test_weights_are_tied(kind: str) -> None:
         emb, head = model.embeddings.word.weight, model.mlm.decoder.weight
     assert emb is head
     names = [n for n, _ in model.named_parameters()]
-    assert len(names) == len(set(id(p) for p in model.parameters()))
+    assert len(names) == len({id(p) for p in model.parameters()})
     # The shared weight's gradient carries both uses: compare against an untied copy.
     model(**batch).loss.backward()
     tied_grad = emb.grad.clone()

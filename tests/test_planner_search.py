@@ -143,6 +143,8 @@ def test_pins_are_respected():
     assert p.microbatches == 4 and p.schedule == "gpipe" and all(s.recompute for s in p.stages)
     p2 = plan_chain(chain, cl, 16, num_stages=4)
     assert p2.num_stages == 4
+    p3 = plan_chain(chain, cl, 16, replicas=[3, 1])
+    assert [s.replicas for s in p3.stages] == [3, 1] and 16 // p3.microbatches >= 3
 
 
 @pytest.mark.parametrize(
@@ -150,6 +152,7 @@ def test_pins_are_respected():
     [
         ({"microbatches": 3}, "not divisible by microbatches=3"),
         ({"replicas": [1, 1]}, "use 2 devices but the cluster has 4"),
+        ({"replicas": [4], "microbatches": 8}, "needs microbatches of at least that many rows"),
         ({"num_stages": 0}, "positive integer"),
         ({"num_stages": 99}, "exceeds the 8 blocks"),
         ({"schedules": ("zb",)}, "schedules must be"),

@@ -9,9 +9,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from mpi_launch import REPO, run_mpi
-from rannc_py.runtime.routing import chunks, output_routes, stage_routes, unbatched_source
+
+from rannc_py.runtime.routing import (
+    chunks,
+    output_routes,
+    stage_routes,
+    unbatched_source,
+)
 
 EQUIV = REPO / "tests/mpi_scripts/runtime_equiv.py"
 FEATURES = REPO / "tests/mpi_scripts/runtime_features.py"
@@ -64,11 +69,11 @@ def test_single_process_matches_eager() -> None:
     ropt = torch.optim.AdamW(ref.parameters(), lr=1e-3, eps=1e-6)
     sched = torch.optim.lr_scheduler.StepLR(opt, 1, gamma=0.5)
     rsched = torch.optim.lr_scheduler.StepLR(ropt, 1, gamma=0.5)
-    wrapped = rannc_py.RaNNCModule(model, opt, plan=dict(stages=2, replicas=[1, 1], microbatches=2))
+    wrapped = rannc_py.RaNNCModule(model, opt, plan={"stages": 2, "replicas": [1, 1], "microbatches": 2})
     # a 2-stage plan needs 2 ranks: one process runs one stage only
     with pytest.raises(rannc_py.ConfigError, match="replicas"):
         wrapped(**make_batch("gpt", 4, seed=0))
-    wrapped = rannc_py.RaNNCModule(model, opt, plan=dict(stages=1, microbatches=2, schedule="gpipe"))
+    wrapped = rannc_py.RaNNCModule(model, opt, plan={"stages": 1, "microbatches": 2, "schedule": "gpipe"})
     for step in range(3):
         batch = make_batch("gpt", 4, seed=step)
         loss = wrapped(**batch).loss

@@ -11,8 +11,8 @@ import torch
 import torch.utils._pytree as pytree
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
 from models import CASES
+
 from rannc_py import Graph, trace
 
 TOL = {"rtol": 1e-5, "atol": 1e-6}
@@ -52,10 +52,14 @@ def assert_staged_matches_eager(name: str, stages: Any, args: Any = None, kwargs
     ref_params = dict(reference.named_parameters())
     for fqn, p in model.named_parameters():
         assert p.grad is not None, f"{name}: {fqn} got no gradient"
-        torch.testing.assert_close(p.grad, ref_params[fqn].grad, **TOL, msg=lambda m: f"{name}: grad of {fqn}: {m}")
+        torch.testing.assert_close(
+            p.grad, ref_params[fqn].grad, **TOL, msg=lambda m, fqn=fqn: f"{name}: grad of {fqn}: {m}"
+        )
     ref_buffers = dict(reference.named_buffers())
     for fqn, b in model.named_buffers():
-        torch.testing.assert_close(b, ref_buffers[fqn], **TOL, msg=lambda m: f"{name}: buffer {fqn}: {m}")
+        torch.testing.assert_close(
+            b, ref_buffers[fqn], **TOL, msg=lambda m, fqn=fqn: f"{name}: buffer {fqn}: {m}"
+        )
 
 
 @pytest.mark.parametrize("num_stages", [1, 2, 3, 4])
@@ -93,9 +97,9 @@ def test_random_assignment_matches_eager(name: str, data: st.DataObject) -> None
 @pytest.mark.parametrize("name", ["gpt", "hf_gpt2", "hf_llama", "cnn"])
 @pytest.mark.parametrize("batch", [1, 3])
 def test_stages_run_at_other_batch_sizes(name: str, batch: int) -> None:
-    model, args, kwargs, graph = traced(name)
+    _, args, kwargs, graph = traced(name)
     assert graph.dynamic_batch
-    cut = lambda t: t[:batch] if isinstance(t, torch.Tensor) and t.dim() > 0 else t  # noqa: E731
+    cut = lambda t: t[:batch] if isinstance(t, torch.Tensor) and t.dim() > 0 else t
     assert_staged_matches_eager(name, 3, pytree.tree_map(cut, args), pytree.tree_map(cut, kwargs))
 
 

@@ -9,7 +9,15 @@
 #include "kernels/fp_contract_off.h"
 #include "kernels/impl.h"
 
-#if defined(__aarch64__) && (defined(__clang__) || defined(__GNUC__))
+// Without -march=...+sve, GCC (10+) and clang 18+ can still enable SVE per
+// function; older clang refuses arm_sve.h, so such a build has no SVE path.
+#if defined(__aarch64__) &&                                                  \
+    (defined(__ARM_FEATURE_SVE) || (defined(__clang__) && __clang_major__ >= 18) || \
+     (!defined(__clang__) && defined(__GNUC__) && __GNUC__ >= 10))
+#define RANNC_HAVE_SVE 1
+#endif
+
+#if defined(RANNC_HAVE_SVE)
 
 #if !defined(__ARM_FEATURE_SVE)
 #if defined(__clang__)

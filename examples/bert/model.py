@@ -25,9 +25,8 @@ from dataclasses import dataclass, fields, replace
 from typing import Any
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 INIT_STD = 0.02
 

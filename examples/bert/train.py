@@ -16,13 +16,13 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from a checkout
 
-import torch  # noqa: E402
+import torch
 
-from examples.bert.model import BERT_SIZES, Bert, BertConfig, bert_config  # noqa: E402
-from examples.common.cli import training_parser  # noqa: E402
-from examples.common.datasets import bert_dataset  # noqa: E402
-from examples.common.tokenizer import ByteTokenizer  # noqa: E402
-from examples.common.trainer import print_summary, train  # noqa: E402
+from examples.bert.model import BERT_SIZES, Bert, BertConfig, bert_config
+from examples.common.cli import training_parser
+from examples.common.datasets import bert_dataset
+from examples.common.tokenizer import ByteTokenizer
+from examples.common.trainer import print_summary, train
 
 
 def build_model(kind: str, cfg: BertConfig) -> torch.nn.Module:

@@ -7,9 +7,9 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")  # files only; no display on cluster nodes
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
-from rannc_py.schedule import ActionKind, StageCosts, Timeline, simulate  # noqa: E402
+from rannc_py.schedule import ActionKind, StageCosts, Timeline, simulate
 
 _COLOURS = {
     ActionKind.FORWARD: "tab:blue",

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from typing import ClassVar
 
 
 class ByteTokenizer:
@@ -15,7 +16,7 @@ class ByteTokenizer:
     CLS = 257
     SEP = 258
     MASK = 259
-    SPECIALS = {PAD: "[PAD]", CLS: "[CLS]", SEP: "[SEP]", MASK: "[MASK]"}
+    SPECIALS: ClassVar[Mapping[int, str]] = {PAD: "[PAD]", CLS: "[CLS]", SEP: "[SEP]", MASK: "[MASK]"}
     num_bytes = 256
     vocab_size = 260
 

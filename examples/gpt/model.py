@@ -27,9 +27,8 @@ from dataclasses import dataclass, fields, replace
 from typing import Any
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 
 @dataclass
@@ -171,13 +170,13 @@ class GPT(nn.Module):
         super().__init__()
         self.config = cfg
         self.transformer = nn.ModuleDict(
-            dict(
-                wte=InitEmbedding(cfg.vocab_size, cfg.n_embd, std=0.02),
-                wpe=InitEmbedding(cfg.block_size, cfg.n_embd, std=0.02),
-                drop=nn.Dropout(cfg.dropout),
-                h=nn.ModuleList([Block(cfg) for _ in range(cfg.n_layer)]),
-                ln_f=nn.LayerNorm(cfg.n_embd, bias=cfg.bias),
-            )
+            {
+                "wte": InitEmbedding(cfg.vocab_size, cfg.n_embd, std=0.02),
+                "wpe": InitEmbedding(cfg.block_size, cfg.n_embd, std=0.02),
+                "drop": nn.Dropout(cfg.dropout),
+                "h": nn.ModuleList([Block(cfg) for _ in range(cfg.n_layer)]),
+                "ln_f": nn.LayerNorm(cfg.n_embd, bias=cfg.bias),
+            }
         )
         self.lm_head = InitLinear(cfg.n_embd, cfg.vocab_size, bias=False, std=0.02)
         self.tie_weights()

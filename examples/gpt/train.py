@@ -16,12 +16,12 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from a checkout
 
-import torch  # noqa: E402
+import torch
 
-from examples.common.cli import training_parser  # noqa: E402
-from examples.common.datasets import gpt_dataset  # noqa: E402
-from examples.common.trainer import print_summary, train  # noqa: E402
-from examples.gpt.model import GPT, GPT_SIZES, GPTConfig, gpt_config  # noqa: E402
+from examples.common.cli import training_parser
+from examples.common.datasets import gpt_dataset
+from examples.common.trainer import print_summary, train
+from examples.gpt.model import GPT, GPT_SIZES, GPTConfig, gpt_config
 
 
 def build_model(kind: str, cfg: GPTConfig) -> torch.nn.Module:

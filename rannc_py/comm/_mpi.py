@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import atexit
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import mpi4py
@@ -15,9 +16,9 @@ from rannc_py.errors import CommError, ConfigError
 if "mpi4py.MPI" not in sys.modules:
     mpi4py.rc.thread_level = "multiple"
 
-from mpi4py import MPI  # noqa: E402  (must follow the rc setting)
+from mpi4py import MPI  # must follow the rc setting
 
-from rannc_py import _core  # noqa: E402
+from rannc_py import _core
 
 # Stop the progress thread before mpi4py finalises MPI (it does so after the
 # atexit handlers have run).
@@ -53,3 +54,14 @@ def comm_handle(comm: Any) -> int:
         )
     require_thread_multiple()
     return int(comm.py2f())
+
+
+def start(fn: Callable[..., Any], *args: Any) -> Any:
+    """Call the ``_core`` function ``fn`` that posts MPI work, and return its handle.
+
+    Raises: CommError, carrying MPI's message, if the engine refuses the call.
+    """
+    try:
+        return fn(*args)
+    except RuntimeError as e:
+        raise CommError(str(e)) from None

@@ -31,16 +31,16 @@ transfer of the next ones.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, NoReturn
+from typing import Any
 
 import torch
 
 from rannc_py import _core
-from rannc_py.comm._mpi import comm_handle
+from rannc_py.comm._mpi import comm_handle, start
 from rannc_py.comm._tensors import check_buffer, nbytes
 from rannc_py.comm.cost import ALGORITHMS, GATHER_ALGORITHMS, grid_shape
 from rannc_py.comm.work import Work
-from rannc_py.errors import CommError, ConfigError
+from rannc_py.errors import ConfigError
 
 DEFAULT_SEGMENT_BYTES = 1 << 20
 _MAX_SEGMENT_BYTES = 1 << 30
@@ -67,10 +67,6 @@ def _check_mpi_count(algorithm: str, count: int, what: str) -> None:
 def _overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
     a0, b0 = a.data_ptr(), b.data_ptr()
     return a0 < b0 + nbytes(b) and b0 < a0 + nbytes(a) and nbytes(a) > 0 and nbytes(b) > 0
-
-
-def _started(e: RuntimeError) -> NoReturn:
-    raise CommError(str(e)) from None
 
 
 def allreduce(
@@ -115,10 +111,7 @@ def allreduce(
             )
     elif torus_shape is not None:
         raise ConfigError(f"torus_shape is only used by algorithm='torus', got it with {algorithm!r}")
-    try:
-        h = _core.comm_allreduce(t.data_ptr(), t.numel(), handle, algorithm, shape, check, segment_bytes)
-    except RuntimeError as e:
-        _started(e)
+    h = start(_core.comm_allreduce, t.data_ptr(), t.numel(), handle, algorithm, shape, check, segment_bytes)
     return Work(h, (t,), f"allreduce ({algorithm}, {t.numel()} elements)")
 
 
@@ -156,10 +149,9 @@ def reduce_scatter(
     if _overlap(i, o):
         raise ConfigError("reduce_scatter: output overlaps input; pass separate tensors")
     _check_mpi_count(algorithm, o.numel(), "reduce_scatter")
-    try:
-        h = _core.comm_reduce_scatter(i.data_ptr(), o.data_ptr(), o.numel(), handle, algorithm, check, segment_bytes)
-    except RuntimeError as e:
-        _started(e)
+    h = start(
+        _core.comm_reduce_scatter, i.data_ptr(), o.data_ptr(), o.numel(), handle, algorithm, check, segment_bytes
+    )
     return Work(h, (i, o), f"reduce_scatter ({algorithm}, {o.numel()} elements per rank)")
 
 
@@ -196,8 +188,5 @@ def allgather(
     if _overlap(i, o) and i.data_ptr() != own_block:
         raise ConfigError("allgather: input overlaps output other than as this rank's own block")
     _check_mpi_count(algorithm, nbytes(i), "allgather")
-    try:
-        h = _core.comm_allgather(i.data_ptr(), o.data_ptr(), nbytes(i), handle, algorithm, check, segment_bytes)
-    except RuntimeError as e:
-        _started(e)
+    h = start(_core.comm_allgather, i.data_ptr(), o.data_ptr(), nbytes(i), handle, algorithm, check, segment_bytes)
     return Work(h, (i, o), f"allgather ({algorithm}, {i.numel()} elements per rank)")

@@ -9,15 +9,15 @@ in the order they were sent (MPI's non-overtaking rule).
 
 from __future__ import annotations
 
-from typing import Any, NoReturn
+from typing import Any
 
 import torch
 
 from rannc_py import _core
-from rannc_py.comm._mpi import comm_handle
+from rannc_py.comm._mpi import comm_handle, start
 from rannc_py.comm._tensors import check_buffer, nbytes
 from rannc_py.comm.work import Work
-from rannc_py.errors import CommError, ConfigError
+from rannc_py.errors import ConfigError
 
 MIN_TAG_UB = 2**20  # tags at least up to this are promised to callers
 
@@ -45,10 +45,7 @@ def isend(tensor: torch.Tensor, dest: int, tag: int, comm: Any) -> Work:
     """
     t = check_buffer(tensor, "isend tensor")
     handle = _check_peer_and_tag(comm, dest, tag, "destination")
-    try:
-        h = _core.comm_isend(t.data_ptr(), nbytes(t), dest, tag, handle)
-    except RuntimeError as e:
-        raise_comm(e)
+    h = start(_core.comm_isend, t.data_ptr(), nbytes(t), dest, tag, handle)
     return Work(h, (t,), f"isend to rank {dest} (tag {tag})")
 
 
@@ -63,13 +60,5 @@ def irecv(tensor: torch.Tensor, source: int, tag: int, comm: Any) -> Work:
     """
     t = check_buffer(tensor, "irecv tensor")
     handle = _check_peer_and_tag(comm, source, tag, "source")
-    try:
-        h = _core.comm_irecv(t.data_ptr(), nbytes(t), source, tag, handle)
-    except RuntimeError as e:
-        raise_comm(e)
+    h = start(_core.comm_irecv, t.data_ptr(), nbytes(t), source, tag, handle)
     return Work(h, (t,), f"irecv from rank {source} (tag {tag})")
-
-
-def raise_comm(e: RuntimeError) -> NoReturn:
-    """Re-raise an MPI failure from _core as CommError."""
-    raise CommError(str(e)) from None

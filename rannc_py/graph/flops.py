@@ -53,7 +53,7 @@ def _conv(x: Shape, w: Shape, out: Shape, transposed: bool) -> float:
 
 
 # Each entry takes (tensor-argument shapes in call order, output shape, non-tensor args).
-_Formula = Callable[[list[Shape], Shape, tuple], float]
+_Formula = Callable[[Sequence[Shape], Shape, tuple], float]
 
 _FORMULAS: dict[object, _Formula] = {
     aten.linear.default: lambda s, o, a: _linear(s[0], s[1], o),
@@ -73,7 +73,7 @@ _FORMULAS: dict[object, _Formula] = {
 }
 
 
-def op_flops(target: object, tensor_shapes: list[Shape], out_shape: Shape | None, args: tuple) -> float:
+def op_flops(target: object, tensor_shapes: Sequence[Shape], out_shape: Shape | None, args: tuple) -> float:
     """Forward FLOPs of one op at concrete shapes.
 
     Takes the op's ``target`` (an ATen overload), the shapes of its tensor

@@ -13,6 +13,7 @@ boundary. Multi-output ops (``split``, a higher-order op) are one op whose
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -223,27 +224,25 @@ class Graph:
     def summary(self, top: int = 10) -> str:
         """A readable summary: op/param counts, FLOPs, and the ``top``
         module paths by FLOPs."""
-        distinct = sum(_numel(p.shape) for p in self.params.values())
+        distinct = sum(math.prod(p.shape) for p in self.params.values())
         by_module: dict[str, float] = {}
         for op in self.ops:
             by_module[op.module_path] = by_module.get(op.module_path, 0.0) + op.flops
         lines = [
-            f"Graph: {len(self.ops)} ops, batch size {self.batch_size} "
-            f"({'dynamic' if self.dynamic_batch else 'static'} batch)",
+            (
+                f"Graph: {len(self.ops)} ops, batch size {self.batch_size} "
+                f"({'dynamic' if self.dynamic_batch else 'static'} batch)"
+            ),
             f"  inputs:  {', '.join(self.input_names)}",
             f"  outputs: {', '.join(self.output_names)}",
-            f"  params:  {distinct:,} elements in {len(self.params)} tensors "
-            f"({self.param_bytes / 2**20:.1f} MiB)" + (f", {len(self.tied_params)} tied group(s)" if self.tied_params else ""),
+            (
+                f"  params:  {distinct:,} elements in {len(self.params)} tensors "
+                f"({self.param_bytes / 2**20:.1f} MiB)"
+                + (f", {len(self.tied_params)} tied group(s)" if self.tied_params else "")
+            ),
             f"  forward: {self.total_flops / 1e9:.3f} GFLOP at batch {self.batch_size}",
             "  top modules by FLOPs:",
         ]
         for path, flops in sorted(by_module.items(), key=lambda kv: (-kv[1], kv[0]))[:top]:
             lines.append(f"    {flops / 1e9:10.4f} GFLOP  {path or '<top>'}")
         return "\n".join(lines)
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n

@@ -17,14 +17,15 @@ Every fx node of the exported graph gets a *kind*:
 
 from __future__ import annotations
 
+import math
 import operator
 from dataclasses import dataclass, field
 from typing import Any
 
 import sympy
 import torch
-import torch.fx as fx
 import torch.utils._pytree as pytree
+from torch import fx
 from torch.export import ExportedProgram
 from torch.export.graph_signature import InputKind, OutputKind
 
@@ -83,10 +84,8 @@ def _meta(val: torch.Tensor, batch_sym: sympy.Symbol | None, batch_size: int, dy
     if not dynamic and shape and shape[0] == batch_size:
         # A static trace has no symbol to follow: assume a leading batch-sized dim is the batch.
         batch_dim = 0
-    numel = 1
-    for d in shape:
-        numel *= d
-    return TensorMeta(shape=shape, dtype=val.dtype, nbytes=numel * val.element_size(), batch_dim=batch_dim)
+    nbytes = math.prod(shape) * val.element_size()
+    return TensorMeta(shape=shape, dtype=val.dtype, nbytes=nbytes, batch_dim=batch_dim)
 
 
 def _tensors_in(val: Any) -> list[torch.Tensor]:
@@ -214,21 +213,21 @@ def build_graph(ep: ExportedProgram, model: torch.nn.Module, prefix: str, inputs
         for x in pytree.tree_leaves((node.args, node.kwargs)):
             if not isinstance(x, fx.Node):
                 continue
-            kind = low.kind.get(x)
+            xkind = low.kind.get(x)
             xval = x.meta.get("val")
             if isinstance(xval, torch.Tensor):
                 shapes.append(tuple(_hint(d) for d in xval.shape))
             if x in seen_values:
                 continue
             seen_values.add(x)
-            if kind == "param":
+            if xkind == "param":
                 op.params.append(low.source[x])
-            elif kind == "buffer":
+            elif xkind == "buffer":
                 op.buffers.append(low.source[x])
-            elif kind in ("input", "op", "alias") and isinstance(xval, torch.Tensor):
+            elif xkind in ("input", "op", "alias") and isinstance(xval, torch.Tensor):
                 meta = _meta(xval, batch_sym, batch_size, dynamic)
                 op.inputs.append(meta)
-                if kind == "input":
+                if xkind == "input":
                     op.user_inputs.append(low.source[x])
                 else:
                     src = low.op_of[x]

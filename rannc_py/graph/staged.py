@@ -32,8 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.fx as fx
-import torch.nn as nn
+from torch import fx, nn
 
 from rannc_py.errors import ConfigError, PartitionError
 from rannc_py.graph import symbolic

@@ -15,7 +15,7 @@ from typing import Any
 
 import sympy
 import torch
-import torch.fx as fx
+from torch import fx
 from torch.utils._sympy.functions import FloorDiv, Mod, PythonMod
 
 aten = torch.ops.aten

@@ -22,7 +22,7 @@ import warnings
 from typing import Any
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 from rannc_py.errors import TraceError
 from rannc_py.graph.ir import Graph
@@ -103,7 +103,7 @@ def trace(
         graph = _export(model, inputs, flat, batch_size, None, dynamic=False)
     except TraceError:
         raise
-    except Exception as e:  # noqa: BLE001 - every export failure becomes a TraceError
+    except Exception as e:  # every export failure becomes a TraceError
         raise _trace_error(model, e) from e
     if dynamic_failure:
         warnings.warn(

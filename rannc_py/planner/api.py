@@ -95,9 +95,9 @@ def build_space(chain: Chain, cluster: Cluster, batch_size: int, *, schedules: S
             raise ConfigError(f"replicas {list(pinned)} use {sum(pinned)} devices but the cluster has {D}")
         if num_stages is not None and num_stages != len(pinned):
             raise ConfigError(f"num_stages={num_stages} but replicas lists {len(pinned)} stages")
-        if max(pinned) > B // max(ms):
+        if max(pinned) > B // min(ms):
             raise ConfigError(f"a stage with {max(pinned)} replicas needs microbatches of at least that many "
-                              f"rows; batch_size={B} with {max(ms)} microbatches gives {B // max(ms)}")
+                              f"rows; batch_size={B} with {min(ms)} microbatches gives {B // min(ms)}")
         pipelines: tuple[int, ...] = (1,)
     else:
         counts = [D // P for P in divisors(D) if P <= MAX_PIPELINE_DEVICES]

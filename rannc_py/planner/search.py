@@ -188,6 +188,8 @@ def search_config(cost: CostModel, space: SearchSpace, d: int, m: int, schedule:
     P = D // d
     if space.pinned_replicas is not None:
         p_pin = len(space.pinned_replicas)
+        if max(space.pinned_replicas) > cost.batch_size // m:
+            return []  # some replica would get no rows
         rvals = tuple(sorted(set(space.pinned_replicas)))
         allowed = [[rvals.index(space.pinned_replicas[p_pin - 1 - q])] for q in range(p_pin)]
         Q = p_pin

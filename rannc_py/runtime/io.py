@@ -22,7 +22,7 @@ from torch import Tensor
 
 from rannc_py.errors import ConfigError
 from rannc_py.runtime import transport
-from rannc_py.runtime.executor import Step, StageResult
+from rannc_py.runtime.executor import StageResult, Step
 from rannc_py.runtime.routing import output_routes
 
 _OUT_KIND = 2  # tag space of output messages, apart from activations (0) and gradients (1)

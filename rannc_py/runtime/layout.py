@@ -9,7 +9,7 @@ balancing the graph's FLOPs. With ``None`` the planner searches.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 from rannc_py.errors import ConfigError, PlanError
@@ -123,7 +123,3 @@ def rank_stage(plan: Plan, rank: int) -> int:
         raise PlanError(f"plan gives rank {rank} no stage; every rank must hold a stage replica")
     return s
 
-
-def all_fqns(stage_fqns: Sequence[Sequence[str]]) -> set[str]:
-    """Union of the stages' parameter/buffer names."""
-    return {f for fq in stage_fqns for f in fq}

@@ -119,10 +119,10 @@ class RaNNCModule(nn.Module):
         object.__setattr__(self, "_model", model)
         self._optimizer = optimizer
         self._plan_arg = plan
-        self._planner_options = dict(
-            microbatches=microbatches, schedules=tuple(schedules), recompute=recompute,
-            memory_limit=memory_limit, memory_margin=memory_margin,
-        )
+        self._planner_options = {
+            "microbatches": microbatches, "schedules": tuple(schedules), "recompute": recompute,
+            "memory_limit": memory_limit, "memory_margin": memory_margin,
+        }
         self._save_plan = save_plan
         self._param_init = param_init
         self._return_outputs = return_outputs

@@ -7,13 +7,13 @@ runs concurrently. Then: many collectives in flight at once on several
 communicators, and bad input failing on every rank without a hang.
 """
 
-import numpy as np
 import torch
 
 from rannc_py.comm import allgather, allreduce, reduce_scatter, wait_all
 from rannc_py.errors import ConfigError
 
-from mpi4py import MPI  # noqa: E402
+# isort: split
+from mpi4py import MPI  # after rannc_py.comm, which sets the MPI thread level
 
 world = MPI.COMM_WORLD
 wrank, wsize = world.Get_rank(), world.Get_size()
@@ -52,7 +52,8 @@ def check_group(comm: MPI.Intracomm, salt: int) -> None:
             seg = seg_small or seg
             t = x.clone()
             allreduce(t, comm, algo, shape, segment_bytes=seg).wait()
-            torch.testing.assert_close(t, ref, rtol=1e-6, atol=0, msg=lambda m: f"{algo} {shape} p={p} n={n}: {m}")
+            where = f"{algo} {shape} p={p} n={n}"
+            torch.testing.assert_close(t, ref, rtol=1e-6, atol=0, msg=lambda m, where=where: f"{where}: {m}")
             count += 1
         for algo in ("mpi", "ring"):
             m = n // 3

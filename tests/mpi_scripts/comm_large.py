@@ -2,9 +2,10 @@
 
 import torch
 
-from rannc_py.comm import allreduce
+from rannc_py.comm import allreduce  # sets the MPI thread level first
 
-from mpi4py import MPI  # noqa: E402
+# isort: split
+from mpi4py import MPI
 
 comm = MPI.COMM_WORLD
 rank = comm.Get_rank()
@@ -17,6 +18,6 @@ ref_t = torch.from_numpy(ref)
 for algo, shape in (("mpi", None), ("ring", None), ("halving_doubling", None), ("torus", (2, 2))):
     t = x.clone()
     allreduce(t, comm, algo, shape).wait()
-    torch.testing.assert_close(t, ref_t, rtol=1e-6, atol=0, msg=lambda m: f"{algo}: {m}")
+    torch.testing.assert_close(t, ref_t, rtol=1e-6, atol=0, msg=lambda m, algo=algo: f"{algo}: {m}")
     del t
 print(f"rank {rank}: ok")

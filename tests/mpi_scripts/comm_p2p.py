@@ -5,7 +5,8 @@ import torch
 from rannc_py.comm import allreduce, irecv, isend, wait_all  # sets the MPI thread level first
 from rannc_py.errors import CommError, ConfigError
 
-from mpi4py import MPI  # noqa: E402  (after rannc_py.comm on purpose)
+# isort: split
+from mpi4py import MPI  # after rannc_py.comm on purpose
 
 comm = MPI.COMM_WORLD
 rank, size = comm.Get_rank(), comm.Get_size()
@@ -65,27 +66,19 @@ for bad, match in [
     else:
         raise AssertionError(f"expected ConfigError matching {match!r}")
 
-# A receive smaller than the message fails on wait() with CommError, no hang.
+# A receive smaller than the message (truncated), or larger (short message),
+# fails on wait() with CommError, no hang.
 if size >= 2 and rank < 2:
-    if rank == 0:
-        isend(torch.zeros(10), 1, 77, comm).wait()
-    else:
+    for sent, posted, tag, match in ((10, 4, 77, "rank 0"), (4, 10, 78, "expected 40 bytes, received 16")):
+        if rank == 0:
+            isend(torch.zeros(sent), 1, tag, comm).wait()
+            continue
         try:
-            irecv(torch.zeros(4), 0, 77, comm).wait()
+            irecv(torch.zeros(posted), 0, tag, comm).wait()
         except CommError as e:
-            assert "rank 0" in str(e), e
+            assert match in str(e), e
         else:
-            raise AssertionError("a truncated receive must raise CommError")
-    # And a larger receive than sent is reported too.
-    if rank == 0:
-        isend(torch.zeros(4), 1, 78, comm).wait()
-    else:
-        try:
-            irecv(torch.zeros(10), 0, 78, comm).wait()
-        except CommError as e:
-            assert "expected 40 bytes, received 16" in str(e), e
-        else:
-            raise AssertionError("a short message must raise CommError")
+            raise AssertionError(f"receiving {posted} floats of a {sent}-float message must raise CommError")
 
 # Starting a collective never blocks, not even the first one on a new
 # communicator: rank 1 joins only after rank 0 has started and then sent.

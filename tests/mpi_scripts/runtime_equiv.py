@@ -13,8 +13,7 @@ import sys
 
 import torch
 from mpi4py import MPI
-
-from runtime_models import build_model, make_batch  # noqa: E402  (tests/mpi_scripts on sys.path)
+from runtime_models import build_model, make_batch
 
 import rannc_py
 from rannc_py.runtime.routing import chunks
@@ -28,8 +27,8 @@ rank, world = comm.Get_rank(), comm.Get_size()
 def parse_layout(text: str) -> dict:
     """``p2_r2x1_m4_1f1b`` -> 2 stages with replicas [2, 1], 4 microbatches, schedule 1f1b."""
     p, r, m, sched = text.split("_")
-    return dict(stages=int(p[1:]), replicas=[int(x) for x in r[1:].split("x")], microbatches=int(m[1:]),
-                schedule=sched)
+    return {"stages": int(p[1:]), "replicas": [int(x) for x in r[1:].split("x")], "microbatches": int(m[1:]),
+                "schedule": sched}
 
 
 def run_case(case: str) -> None:
@@ -54,11 +53,11 @@ def run_case(case: str) -> None:
             out = wrapped(**local)
             (out.loss / calls).backward()
             want = eager_loss_scaled(ref, batch, layout, calls)
-            torch.testing.assert_close(out.loss.detach(), want, rtol=1e-5, atol=1e-6, msg=lambda e: f"{case} step {step} loss\n{e}")
+            torch.testing.assert_close(out.loss.detach(), want, rtol=1e-5, atol=1e-6, msg=lambda e: f"{case} step {step} loss\n{e}")  # noqa: B023 - called at once
         if "clip" in opts:
             norm = wrapped.clip_grad_norm_(0.05)
             rnorm = torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.05)
-            torch.testing.assert_close(norm, rnorm, rtol=1e-5, atol=1e-6, msg=lambda e: f"{case} step {step} norm\n{e}")
+            torch.testing.assert_close(norm, rnorm, rtol=1e-5, atol=1e-6, msg=lambda e: f"{case} step {step} norm\n{e}")  # noqa: B023 - called at once
         opt.step()
         opt.zero_grad()
         ropt.step()
@@ -89,7 +88,7 @@ if __name__ == "__main__":
     for case in sys.argv[1:]:
         try:
             run_case(case)
-        except BaseException:
+        except BaseException:  # noqa: BLE001 - any failure must abort every rank
             # One rank's mismatch must end the job, not leave the others waiting.
             import traceback
 

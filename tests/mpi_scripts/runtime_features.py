@@ -20,7 +20,7 @@ import rannc_py
 comm = MPI.COMM_WORLD
 rank, world = comm.Get_rank(), comm.Get_size()
 LOCAL = 4
-LAYOUT = dict(stages=2, replicas=[world - 1, 1], microbatches=2, schedule="1f1b")
+LAYOUT = {"stages": 2, "replicas": [world - 1, 1], "microbatches": 2, "schedule": "1f1b"}
 
 
 def local_rows(batch: dict) -> dict:
@@ -130,7 +130,7 @@ if __name__ == "__main__":
             globals()[f"check_{name}"]()
             if rank == 0:
                 print(f"{name}: ok", flush=True)
-    except BaseException:
+    except BaseException:  # noqa: BLE001 - any failure must abort every rank
         import traceback
 
         traceback.print_exc()

@@ -11,7 +11,6 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
-#include <random>
 #include <vector>
 
 #if defined(__ARM_FEATURE_SVE)
@@ -25,7 +24,14 @@ using namespace rannc::kernels;
 namespace {
 
 int g_failures = 0;
-std::mt19937 g_rng(12345);
+// xorshift64: cheap enough for millions of values under qemu emulation.
+uint64_t g_state = 0x9E3779B97F4A7C15ull;
+uint32_t next_u32() {
+  g_state ^= g_state << 13;
+  g_state ^= g_state >> 7;
+  g_state ^= g_state << 17;
+  return static_cast<uint32_t>(g_state >> 32);
+}
 
 void fail(const char* what, Isa isa, size_t n, size_t off, const char* detail) {
   ++g_failures;
@@ -36,9 +42,8 @@ void fail(const char* what, Isa isa, size_t n, size_t off, const char* detail) {
 }
 
 std::vector<float> random_floats(size_t n, float lo, float hi) {
-  std::uniform_real_distribution<float> d(lo, hi);
   std::vector<float> v(n);
-  for (auto& x : v) x = d(g_rng);
+  for (auto& x : v) x = lo + (hi - lo) * static_cast<float>(next_u32() >> 8) * 0x1p-24f;
   if (n > 3) v[n / 2] = 0.0f;
   return v;
 }
@@ -67,7 +72,8 @@ void compare(const char* what, Isa isa, size_t n, size_t off, Setup setup, Run r
 
 using Bufs = std::vector<std::vector<float>>;
 
-void check_sizes(Isa isa, size_t n, size_t off) {
+// `stride` > 1 tests every stride-th optimizer variant only (large sizes).
+void check_sizes(Isa isa, size_t n, size_t off, int stride = 1) {
   const size_t len = n + off;
   compare("sum_into", isa, n, off,
           [&] { return Bufs{random_floats(len, -2, 2), random_floats(len, -2, 2)}; },
@@ -109,10 +115,10 @@ void check_sizes(Isa isa, size_t n, size_t off) {
 
   // bf16 casts on arbitrary bit patterns: NaNs, infinities, subnormals, ties.
   {
-    std::uniform_int_distribution<uint32_t> bits;
     std::vector<float> src(len);
     for (auto& x : src) {
-      const uint32_t u = bits(g_rng) & (g_rng() % 4 == 0 ? 0xFFFF8000u : 0xFFFFFFFFu);
+      // A quarter of the values are exact ties between two bf16 neighbours.
+      const uint32_t u = next_u32() & (next_u32() % 4 == 0 ? 0xFFFF8000u : 0xFFFFFFFFu);
       std::memcpy(&x, &u, sizeof u);
     }
     std::vector<uint16_t> ref(len), got(len), h(len);
@@ -121,7 +127,7 @@ void check_sizes(Isa isa, size_t n, size_t off) {
     set_isa(isa);
     f32_to_bf16(src.data() + off, got.data() + off, n);
     if (!same_bits(ref.data() + off, got.data() + off, n * 2)) fail("f32_to_bf16", isa, n, off, "differs");
-    for (auto& x : h) x = static_cast<uint16_t>(bits(g_rng));
+    for (auto& x : h) x = static_cast<uint16_t>(next_u32());
     std::vector<float> fr(len), fg(len);
     set_isa(Isa::Scalar);
     bf16_to_f32(h.data() + off, fr.data() + off, n);
@@ -130,7 +136,7 @@ void check_sizes(Isa isa, size_t n, size_t off) {
     if (!same_bits(fr.data() + off, fg.data() + off, n * 4)) fail("bf16_to_f32", isa, n, off, "differs");
   }
 
-  for (int variant = 0; variant < 12; ++variant) {
+  for (int variant = 0; variant < 12; variant += stride) {
     AdamConfig c;
     c.lr = 1e-2;
     c.beta1 = (variant & 4) ? 0.3 : 0.9;  // 0.3: torch's other lerp formula
@@ -150,7 +156,7 @@ void check_sizes(Isa isa, size_t n, size_t off) {
               adam_step(&p, &g, &m, &v, &n, 1, c);
             });
   }
-  for (int variant = 0; variant < 32; ++variant) {
+  for (int variant = 0; variant < 32; variant += stride) {
     SgdConfig c;
     c.lr = 0.1;
     c.momentum = (variant & 1) ? 0.9 : 0.0;
@@ -188,7 +194,7 @@ int main() {
     // Large enough to be split across threads, with chunk ends mid-vector.
     for (int threads : {1, 3}) {
       set_num_threads(threads);
-      check_sizes(isa, 100003, 1);
+      check_sizes(isa, 100003, 1, 5);
     }
     set_num_threads(1);
     std::printf("%s: %s\n", isa_name(isa), g_failures ? "FAILED" : "all kernels match scalar");
