@@ -129,7 +129,7 @@ RANNC_AVX2 void adam(float* p, const float* g, float* m, float* v, size_t n, con
     const __m256 diff = _mm256_sub_ps(grad, avg0);
     const __m256 avg = _mm256_fmadd_ps(coeff, diff, c.lerp_small ? avg0 : grad);
     __m256 sq = _mm256_mul_ps(_mm256_loadu_ps(v + i), beta2);
-    sq = _mm256_add_ps(sq, _mm256_mul_ps(_mm256_mul_ps(omb2, grad), grad));
+    sq = _mm256_fmadd_ps(_mm256_mul_ps(omb2, grad), grad, sq);
     const __m256 denom = _mm256_add_ps(_mm256_div_ps(_mm256_sqrt_ps(sq), bc2), eps);
     const __m256 upd = _mm256_div_ps(_mm256_mul_ps(nss, avg), denom);
     _mm256_storeu_ps(p + i, _mm256_add_ps(param, upd));

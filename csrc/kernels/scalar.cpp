@@ -77,12 +77,13 @@ void adam(float* p, const float* g, float* m, float* v, size_t n, const AdamCons
     const float diff = grad - m[i];
     const float avg = c.lerp_small ? std::fma(c.lerp_weight, diff, m[i])
                                    : std::fma(c.lerp_weight - 1.0f, diff, grad);
-    // exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-    float sq = v[i] * c.beta2;
+    // exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2); torch's
+    // compiled addcmul fuses its last multiply with the add.
+    const float decayed = v[i] * c.beta2;
     const float scaled = c.one_minus_beta2 * grad;
-    const float prod = scaled * grad;
-    sq = sq + prod;
-    // denom = sqrt(exp_avg_sq) / bias_correction2_sqrt + eps
+    const float sq = std::fma(scaled, grad, decayed);
+    // denom = sqrt(exp_avg_sq) / bias_correction2_sqrt + eps, with a correctly
+    // rounded sqrt (torch's vectorised sqrt may differ from it by 1 ulp)
     float denom = std::sqrt(sq) / c.bc2_sqrt;
     denom = denom + c.eps;
     // param.addcdiv_(exp_avg, denom, value=-step_size)

@@ -129,7 +129,7 @@ void adam(float* p, const float* g, float* m, float* v, size_t n, const AdamCons
     const svfloat32_t diff = svsub_f32_x(pg, grad, avg0);
     const svfloat32_t avg = svmla_n_f32_x(pg, c.lerp_small ? avg0 : grad, diff, coeff);
     svfloat32_t sq = svmul_n_f32_x(pg, svld1_f32(pg, v + i), c.beta2);
-    sq = svadd_f32_x(pg, sq, svmul_f32_x(pg, svmul_n_f32_x(pg, grad, c.one_minus_beta2), grad));
+    sq = svmla_f32_x(pg, sq, svmul_n_f32_x(pg, grad, c.one_minus_beta2), grad);
     svfloat32_t denom = svdiv_n_f32_x(pg, svsqrt_f32_x(pg, sq), c.bc2_sqrt);
     denom = svadd_n_f32_x(pg, denom, c.eps);
     const svfloat32_t upd = svdiv_f32_x(pg, svmul_n_f32_x(pg, avg, c.neg_step_size), denom);
