@@ -1,7 +1,8 @@
 // Scalar reference kernels. The vector paths must match these bit for bit, so
 // the compiler may not fuse a multiply and an add here on its own
 // (fp_contract_off.h): every fused multiply-add is an explicit std::fma,
-// placed where torch's vectorised CPU kernels use one (lerp, add with alpha).
+// placed where torch's compiled CPU kernels have one (lerp, addcmul, add
+// with alpha).
 #include "kernels/fp_contract_off.h"
 
 #include <cmath>

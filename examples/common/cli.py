@@ -37,7 +37,9 @@ def training_parser(description: str, sizes: list[str]) -> argparse.ArgumentPars
     t = p.add_argument_group("training")
     t.add_argument("--steps", type=int, default=100, help="optimizer steps to run (in total, when resuming)")
     t.add_argument("--batch-size", type=int, default=16, help="global batch size (split across ranks)")
-    t.add_argument("--lr", type=float, default=3e-3, help="AdamW learning rate")
+    t.add_argument("--lr", type=float, default=3e-3, help="AdamW peak learning rate")
+    t.add_argument("--warmup", type=int, default=10,
+                   help="steps of linear learning-rate warm-up; then cosine decay to lr/10 at --steps")
     t.add_argument("--seed", type=int, default=0, help="seed for initialisation, data and shuffling")
     t.add_argument("--docs", type=int, default=2000, help="documents in the generated corpus")
     t.add_argument("--save", default=None, help="write a checkpoint to this folder at the end")
@@ -48,10 +50,12 @@ def training_parser(description: str, sizes: list[str]) -> argparse.ArgumentPars
     r = p.add_argument_group("rannc_py")
     r.add_argument("--plan", default=None,
                    help="plan JSON: reused when the file exists, otherwise the new plan is saved there")
+    r.add_argument("--cluster", default=None,
+                   help="plan for this cluster preset, e.g. a64fx:nodes=4 (its device count must equal the "
+                        "ranks), and run that plan here (default: this machine, local:ranks=<ranks>)")
     r.add_argument("--stages", type=int, default=None,
-                   help="skip the planner: split into this many pipeline stages (ranks shared equally)")
-    r.add_argument("--microbatches", type=int, default=None,
-                   help="microbatches per step (default: searched by the planner; 1 with --stages)")
+                   help="pin the pipeline depth; the planner still places the cuts and replicas")
+    r.add_argument("--microbatches", type=int, default=None, help="pin the microbatches per step")
     r.add_argument("--memory-limit", type=parse_bytes, default=None,
                    help="memory per rank the plan must fit, e.g. 64MiB; small values force pipeline stages")
     return p

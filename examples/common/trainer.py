@@ -9,7 +9,9 @@ with ``--save``, a checkpoint that ``--resume`` continues exactly.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
+import math
 import resource
 import statistics
 import time
@@ -21,7 +23,9 @@ import torch
 from tqdm import tqdm
 
 from examples.common.loader import Dataset, ShardedLoader
-from examples.common.plots import plan_timeline, plot_losses, plot_timeline
+from examples.common.plots import plot_losses, plot_timeline
+from examples.common.timeline import planned_timeline
+from examples.common.wrap import wrap
 
 
 def world() -> tuple[Any, int, int]:
@@ -42,24 +46,15 @@ def _batches(loader: ShardedLoader, start_step: int) -> Iterator[dict[str, torch
         epoch, skip = epoch + 1, 0
 
 
-def _wrap(model: torch.nn.Module, opt: torch.optim.Optimizer, args: argparse.Namespace) -> torch.nn.Module:
-    if args.eager:
-        return model
-    import rannc_py
+def learning_rate(step: int, args: argparse.Namespace) -> float:
+    """The learning rate of global step ``step``: linear warm-up, then cosine decay to ``lr / 10``.
 
-    kwargs: dict[str, Any] = {}
-    if args.memory_limit is not None:
-        kwargs["memory_limit"] = args.memory_limit
-    if args.stages is not None:
-        kwargs["plan"] = {"stages": args.stages, "microbatches": args.microbatches or 1}
-    elif args.microbatches is not None:
-        kwargs["microbatches"] = args.microbatches
-    if args.plan is not None:
-        if Path(args.plan).exists():
-            kwargs["plan"] = args.plan
-        else:
-            kwargs["save_plan"] = args.plan
-    return rannc_py.RaNNCModule(model, opt, **kwargs)
+    A function of the step alone, so a resumed run follows the same schedule.
+    """
+    if step < args.warmup:
+        return args.lr * (step + 1) / args.warmup
+    progress = (step - args.warmup) / max(args.steps - args.warmup, 1)
+    return args.lr * (0.1 + 0.45 * (1 + math.cos(math.pi * min(progress, 1.0))))
 
 
 # A checkpoint folder holds the full model state (written by rank 0, readable
@@ -88,7 +83,6 @@ def train(args: argparse.Namespace, model: torch.nn.Module, dataset: Dataset, na
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr)
-    model = _wrap(model, opt, args)
 
     start, losses, opt_state = 0, [], None
     if args.resume:
@@ -101,10 +95,18 @@ def train(args: argparse.Namespace, model: torch.nn.Module, dataset: Dataset, na
 
     loader = ShardedLoader(dataset, args.batch_size, rank=rank, world_size=size, seed=args.seed)
     batches = _batches(loader, start)
+    batch = next(batches)
+    graph = None
+    if not args.eager:
+        original = model
+        model, graph = wrap(model, opt, batch, args, comm)
     step_times: list[float] = []
     bar = tqdm(range(start, args.steps), disable=rank != 0, desc=name, initial=start, total=args.steps)
     for step in bar:
-        batch = next(batches)
+        if step > start:
+            batch = next(batches)
+        for group in opt.param_groups:
+            group["lr"] = learning_rate(step, args)
         t0 = time.perf_counter()
         loss = model(**batch).loss
         loss.backward()
@@ -142,25 +144,47 @@ def train(args: argparse.Namespace, model: torch.nn.Module, dataset: Dataset, na
     }
     if not args.eager:
         plan = model.plan
-        summary["predicted_step_time"] = plan.step_time
-        summary["plan"] = plan.summary()
-        summary["timeline"] = str(plot_timeline(plan_timeline(plan), out / "timeline.png", f"{name} plan"))
+        summary.update(plan=plan.summary(), plan_cluster=plan.cluster, stages=[st.replicas for st in plan.stages],
+                       microbatches=plan.microbatches, predicted_step_time=plan.step_time,
+                       predicted_peak_memory_per_rank=list(plan.peak_memory_per_rank))
+        if plan.step_time > 0:  # a hand-written layout carries no predictions to draw
+            if graph is None:  # the same trace the runtime made; the plan's fingerprint checks it
+                import rannc_py
+
+                # rannc_py moved the other stages' weights to "meta"; a meta copy traces the same graph.
+                graph = rannc_py.trace(copy.deepcopy(original).to("meta"), (), batch)
+            timeline = plot_timeline(plan, planned_timeline(plan, graph), out / "timeline.png", f"{name} plan")
+            summary["timeline"] = str(timeline)
     (out / "losses.json").write_text(json.dumps(losses))
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary
 
 
-def print_summary(summary: dict[str, Any]) -> None:
-    """Print the end-of-run summary that :func:`train` returned on rank 0 (nothing elsewhere)."""
-    if not summary:
-        return
+def summary_lines(summary: dict[str, Any]) -> list[str]:
+    """The end-of-run summary that :func:`train` returned on rank 0, as printable lines."""
     mib = ", ".join(f"{b / 2**20:.0f}" for b in summary["peak_rss_per_rank"])
-    lines = [f"loss: {summary['first_loss']:.4f} -> {summary['final_loss']:.4f} after {summary['steps']} steps"]
-    if summary.get("predicted_step_time"):  # 0 for a hand-given layout (--stages)
-        lines.append(f"step time: predicted {summary['predicted_step_time'] * 1e3:.1f} ms, "
-                     f"measured {summary['measured_step_time'] * 1e3:.1f} ms (median)")
-    elif summary["measured_step_time"] is not None:
-        lines.append(f"step time: measured {summary['measured_step_time'] * 1e3:.1f} ms (median)")
-    lines.append(f"peak memory (RSS) per rank, MiB: {mib}")
+    lines = []
+    if "stages" in summary:
+        replicas = summary["stages"]
+        lines.append(f"plan: {len(replicas)} pipeline stages with {replicas} replicas, "
+                     f"{summary['microbatches']} microbatches per step")
+    lines.append(f"loss: {summary['first_loss']:.4f} at step 1 -> {summary['final_loss']:.4f} "
+                 f"at step {summary['steps']}")
+    if summary["measured_step_time"] is not None:
+        line = f"step time: measured {summary['measured_step_time'] * 1e3:.1f} ms (median)"
+        if summary.get("predicted_step_time"):  # 0 for a hand-written layout
+            where = summary["plan_cluster"].partition(": ")[0]
+            line += f", predicted {summary['predicted_step_time'] * 1e3:.1f} ms (for {where})"
+        lines.append(line)
+    lines.append(f"peak memory per rank, MiB: measured (process RSS) {mib}")
+    if any(summary.get("predicted_peak_memory_per_rank", [])):
+        planned = ", ".join(f"{b / 2**20:.1f}" for b in summary["predicted_peak_memory_per_rank"])
+        lines[-1] += f"; planned (model state + activations) {planned}"
     lines.append(f"pictures: {summary['loss_curve']}" + (f", {summary['timeline']}" if "timeline" in summary else ""))
-    print("\n".join(lines), flush=True)
+    return lines
+
+
+def print_summary(summary: dict[str, Any]) -> None:
+    """Print :func:`summary_lines` of rank 0's summary (nothing on other ranks, whose summary is empty)."""
+    if summary:
+        print("\n".join(summary_lines(summary)), flush=True)

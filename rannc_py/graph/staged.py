@@ -82,7 +82,8 @@ class Stage:
         registered as parameters and get ``.grad``), ``buffers`` (FQN ->
         tensor, updated in place if forward mutates them) and optionally
         ``constants`` (lifted tensor constants; default: the traced values).
-        Extra keys are ignored. Returns a new GraphModule; raises ConfigError
+        Extra keys are ignored. Returns a new GraphModule over its own copy of
+        the stage's fx graph; raises ConfigError
         when a tensor the stage needs is missing.
         """
         root: dict[str, Any] = dict(self._attrs)
@@ -93,7 +94,10 @@ class Stage:
         root.update({f: buffers[f] for f in self.buffer_fqns})
         if constants:
             root.update({k: v for k, v in constants.items() if k in root})
-        return fx.GraphModule(root, self._fx_graph, class_name=f"Stage{self.index}")
+        # A copy of the graph: a module's graph may be edited (e.g. by a pass) without changing other ones.
+        graph = fx.Graph()
+        graph.output(graph.graph_copy(self._fx_graph, {}))
+        return fx.GraphModule(root, graph, class_name=f"Stage{self.index}")
 
 
 class StagedModule(nn.Module):

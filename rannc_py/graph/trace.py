@@ -68,7 +68,8 @@ def trace(
     fails; False: trace static shapes only). The module is traced in its
     current mode (``model.train()`` keeps dropout in the graph). When every
     parameter and buffer is on ``meta``, tensor inputs are moved to ``meta``
-    too.
+    too, and ops that create tensors are recorded to create them on the CPU,
+    where the stages run once their parameters are materialised.
 
     Inputs may be tensors, Python bool/int/float constants, None, and
     tuples/lists/dicts of these; outputs a tensor, tuple, dict, dataclass
@@ -83,7 +84,8 @@ def trace(
     inputs = InputLayout(args, dict(kwargs or {}))
     flat = list(inputs.flatten(args, dict(kwargs or {})).values())
     tensors = [*model.parameters(), *model.buffers()]
-    if tensors and all(t.is_meta for t in tensors):
+    on_meta = bool(tensors) and all(t.is_meta for t in tensors)
+    if on_meta:
         # A model on the meta device is traced for planning only: match its inputs to it.
         flat = [t if t.is_meta else torch.empty_like(t, device="meta") for t in flat]
     batch_size = int(flat[0].shape[0]) if flat[0].dim() > 0 else 1
@@ -94,13 +96,13 @@ def trace(
         batch = torch.export.Dim("batch")
         shapes = tuple({0: batch} if carry else None for carry in batch_carrying)
         try:
-            return _export(model, inputs, flat, batch_size, (shapes,), dynamic=True)
+            return _export(model, inputs, flat, batch_size, (shapes,), dynamic=True, on_meta=on_meta)
         except TraceError:
             raise
         except Exception as e:  # noqa: BLE001 - retried with static shapes; that error is the one reported
             dynamic_failure = f"{type(e).__name__}: {str(e).strip()[:300]}"
     try:
-        graph = _export(model, inputs, flat, batch_size, None, dynamic=False)
+        graph = _export(model, inputs, flat, batch_size, None, dynamic=False, on_meta=on_meta)
     except TraceError:
         raise
     except Exception as e:  # every export failure becomes a TraceError
@@ -115,14 +117,28 @@ def trace(
 
 
 def _export(model: nn.Module, inputs: InputLayout, flat: list[torch.Tensor], batch_size: int,
-            dynamic_shapes: Any, dynamic: bool) -> Graph:
+            dynamic_shapes: Any, dynamic: bool, on_meta: bool) -> Graph:
     seen: list[Any] = []
     wrapper = _FlatCall(model, inputs, seen)
     ep = torch.export.export(wrapper, tuple(flat), dynamic_shapes=dynamic_shapes, strict=False)
+    if on_meta:
+        _create_on_cpu(ep.graph)
     if not seen:
         raise TraceError("torch.export did not run the model's forward; cannot record its output structure")
     outputs = OutputLayout(seen[-1])
     return build_graph(ep, model, _PREFIX, inputs, outputs, batch_size, dynamic)
+
+
+def _create_on_cpu(graph: torch.fx.Graph) -> None:
+    """Point ops that create tensors (``arange``, ``zeros``...) recorded with ``device=meta`` at the CPU.
+
+    Tracing a meta model records where it ran, but its stages run where their
+    parameters are materialised (the CPU); the nodes' metadata stays on meta.
+    """
+    for node in graph.nodes:
+        dev = node.kwargs.get("device")
+        if dev is not None and torch.device(dev).type == "meta":
+            node.kwargs = {**node.kwargs, "device": torch.device("cpu")}
 
 
 def _where(model: nn.Module, error: BaseException) -> tuple[str, str]:

@@ -31,7 +31,9 @@ class _FlatGroup:
     signature: tuple[tuple[int, int], ...]  # (id, numel) of each param, in order
     buffers: dict[str, Tensor]  # state name -> flat fp32 buffer
     steps: Tensor  # one fp32 step count per param
-    views: list[dict[str, Tensor]] = field(default_factory=list)  # per param: name -> view
+    views: list[dict[str, Tensor]] = field(
+        default_factory=list
+    )  # per param: name -> view
 
 
 def check_param(p: Tensor, owner: str) -> None:
@@ -61,6 +63,11 @@ class FlatStateOptimizer(torch.optim.Optimizer):
             for p in group["params"]:
                 check_param(p, type(self).__name__)
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        # Unpickled optimizers have no flat storage yet; it is rebuilt on first use.
+        self.__dict__.setdefault("_flat", {})
+
     # ---- flat storage -------------------------------------------------
 
     def _flat_group(self, index: int) -> _FlatGroup:
@@ -74,14 +81,23 @@ class FlatStateOptimizer(torch.optim.Optimizer):
         self._flat[index] = flat
         return flat
 
-    def _build_flat(self, params: list[Tensor], signature: tuple[tuple[int, int], ...]) -> _FlatGroup:
+    def _build_flat(
+        self, params: list[Tensor], signature: tuple[tuple[int, int], ...]
+    ) -> _FlatGroup:
         total = sum(n for _, n in signature)
-        buffers = {name: torch.zeros(total, dtype=torch.float32) for name in self._buffer_names}
-        flat = _FlatGroup(signature, buffers, torch.zeros(len(params), dtype=torch.float32))
+        buffers = {
+            name: torch.zeros(total, dtype=torch.float32) for name in self._buffer_names
+        }
+        flat = _FlatGroup(
+            signature, buffers, torch.zeros(len(params), dtype=torch.float32)
+        )
         offset = 0
         for i, p in enumerate(params):
             n = p.numel()
-            views = {name: buf[offset : offset + n].view_as(p) for name, buf in buffers.items()}
+            views = {
+                name: buf[offset : offset + n].view_as(p)
+                for name, buf in buffers.items()
+            }
             flat.views.append(views)
             offset += n
             # Move any state the param already has (loaded, or from an older layout).
@@ -156,7 +172,9 @@ class FlatStateOptimizer(torch.optim.Optimizer):
             for _, p in live:
                 g = p.grad
                 if g.is_sparse:
-                    raise ConfigError(f"{type(self).__name__} does not support sparse gradients; use torch.optim")
+                    raise ConfigError(
+                        f"{type(self).__name__} does not support sparse gradients; use torch.optim"
+                    )
                 check_param(p, type(self).__name__)
                 grads.append(g if g.is_contiguous() else g.contiguous())
                 _addr(grads[-1], "gradient")
@@ -164,6 +182,10 @@ class FlatStateOptimizer(torch.optim.Optimizer):
         return loss
 
     def _update_group(
-        self, group: dict[str, Any], flat: _FlatGroup, live: list[tuple[int, Tensor]], grads: list[Tensor]
+        self,
+        group: dict[str, Any],
+        flat: _FlatGroup,
+        live: list[tuple[int, Tensor]],
+        grads: list[Tensor],
     ) -> None:
         raise NotImplementedError

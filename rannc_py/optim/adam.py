@@ -20,7 +20,9 @@ from rannc_py.errors import ConfigError
 from rannc_py.optim._flat import FlatStateOptimizer, _FlatGroup
 
 
-def _check_hyper(lr: float, betas: tuple[float, float], eps: float, weight_decay: float) -> None:
+def _check_hyper(
+    lr: float, betas: tuple[float, float], eps: float, weight_decay: float
+) -> None:
     if not 0.0 <= float(lr):
         raise ConfigError(f"learning rate must be >= 0, got {lr}")
     if not 0.0 <= eps:
@@ -69,14 +71,14 @@ class FusedAdam(FlatStateOptimizer):
         decoupled_weight_decay: bool = False,
     ) -> None:
         _check_hyper(lr, betas, eps, weight_decay)
-        defaults = dict(
-            lr=lr,
-            betas=tuple(betas),
-            eps=eps,
-            weight_decay=weight_decay,
-            maximize=maximize,
-            decoupled_weight_decay=decoupled_weight_decay,
-        )
+        defaults = {
+            "lr": lr,
+            "betas": tuple(betas),
+            "eps": eps,
+            "weight_decay": weight_decay,
+            "maximize": maximize,
+            "decoupled_weight_decay": decoupled_weight_decay,
+        }
         super().__init__(params, defaults)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -95,7 +97,11 @@ class FusedAdam(FlatStateOptimizer):
                 )
 
     def _update_group(
-        self, group: dict[str, Any], flat: _FlatGroup, live: list[tuple[int, Tensor]], grads: list[Tensor]
+        self,
+        group: dict[str, Any],
+        flat: _FlatGroup,
+        live: list[tuple[int, Tensor]],
+        grads: list[Tensor],
     ) -> None:
         for i, p in live:
             if "exp_avg" not in self.state.get(p, {}):
@@ -118,7 +124,11 @@ class FusedAdam(FlatStateOptimizer):
                 sqs.append(views["exp_avg_sq"].data_ptr())
                 sizes.append(p.numel())
             _k.adam_step(
-                params, gs, avgs, sqs, sizes,
+                params,
+                gs,
+                avgs,
+                sqs,
+                sizes,
                 lr=float(group["lr"]),
                 beta1=beta1,
                 beta2=beta2,
@@ -153,7 +163,13 @@ class FusedAdamW(FusedAdam):
         maximize: bool = False,
     ) -> None:
         super().__init__(
-            params, lr, betas, eps, weight_decay, maximize=maximize, decoupled_weight_decay=True
+            params,
+            lr,
+            betas,
+            eps,
+            weight_decay,
+            maximize=maximize,
+            decoupled_weight_decay=True,
         )
 
     def __setstate__(self, state: dict[str, Any]) -> None:

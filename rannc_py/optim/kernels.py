@@ -26,7 +26,9 @@ ISAS = ("scalar", "avx2", "sve")
 def _addr(t: Tensor, name: str, dtype: torch.dtype = torch.float32) -> int:
     """Address of ``t``'s first element after checking it can go to a kernel as is."""
     if not isinstance(t, Tensor):
-        raise ConfigError(f"{name} must be a torch.Tensor, got {type(t).__name__}; pass a tensor")
+        raise ConfigError(
+            f"{name} must be a torch.Tensor, got {type(t).__name__}; pass a tensor"
+        )
     if t.device.type != "cpu" or t.dtype != dtype:
         raise ConfigError(
             f"{name} must be a {dtype} CPU tensor, got {t.dtype} on {t.device}; "
@@ -42,7 +44,9 @@ def _addr(t: Tensor, name: str, dtype: torch.dtype = torch.float32) -> int:
 
 def _same_numel(a: Tensor, b: Tensor, what: str) -> None:
     if a.numel() != b.numel():
-        raise ConfigError(f"{what}: element counts differ ({a.numel()} vs {b.numel()}); pass equal-sized tensors")
+        raise ConfigError(
+            f"{what}: element counts differ ({a.numel()} vs {b.numel()}); pass equal-sized tensors"
+        )
 
 
 def set_num_threads(n: int) -> None:
@@ -80,7 +84,9 @@ def set_isa(name: str) -> None:
         ConfigError: ``name`` is unknown or not available here.
     """
     if name not in available_isas():
-        raise ConfigError(f"kernel path {name!r} is not available here; choose one of {available_isas()}")
+        raise ConfigError(
+            f"kernel path {name!r} is not available here; choose one of {available_isas()}"
+        )
     _k.set_isa(name)
 
 
@@ -175,7 +181,9 @@ def pack(tensors: Sequence[Tensor], out: Tensor | None = None) -> Tensor:
     if out is None:
         out = torch.empty(total, dtype=torch.float32)
     if out.numel() != total:
-        raise ConfigError(f"pack: out holds {out.numel()} elements but the tensors hold {total}; size it to match")
+        raise ConfigError(
+            f"pack: out holds {out.numel()} elements but the tensors hold {total}; size it to match"
+        )
     addrs = [_addr(t, f"tensors[{i}]") for i, t in enumerate(tensors)]
     _k.pack(_addr(out, "out"), addrs, sizes)
     return out

@@ -58,14 +58,14 @@ class FusedSGD(FlatStateOptimizer):
                 f"Nesterov momentum needs momentum > 0 and dampening 0, got momentum={momentum}, "
                 f"dampening={dampening}"
             )
-        defaults = dict(
-            lr=lr,
-            momentum=momentum,
-            dampening=dampening,
-            weight_decay=weight_decay,
-            nesterov=nesterov,
-            maximize=maximize,
-        )
+        defaults = {
+            "lr": lr,
+            "momentum": momentum,
+            "dampening": dampening,
+            "weight_decay": weight_decay,
+            "nesterov": nesterov,
+            "maximize": maximize,
+        }
         super().__init__(params, defaults)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -76,10 +76,16 @@ class FusedSGD(FlatStateOptimizer):
 
     def _check_group(self, group: dict[str, Any]) -> None:
         if group.get("differentiable", False):
-            raise ConfigError("FusedSGD does not implement differentiable=True; use torch.optim.SGD for it")
+            raise ConfigError(
+                "FusedSGD does not implement differentiable=True; use torch.optim.SGD for it"
+            )
 
     def _update_group(
-        self, group: dict[str, Any], flat: _FlatGroup, live: list[tuple[int, Tensor]], grads: list[Tensor]
+        self,
+        group: dict[str, Any],
+        flat: _FlatGroup,
+        live: list[tuple[int, Tensor]],
+        grads: list[Tensor],
     ) -> None:
         momentum = float(group["momentum"])
         # Without momentum there is no state (as in torch). With it, a param's
@@ -100,7 +106,10 @@ class FusedSGD(FlatStateOptimizer):
                 if momentum != 0.0:
                     bufs.append(flat.views[i]["momentum_buffer"].data_ptr())
             _k.sgd_step(
-                params, gs, bufs, sizes,
+                params,
+                gs,
+                bufs,
+                sizes,
                 lr=float(group["lr"]),
                 momentum=momentum,
                 dampening=float(group["dampening"]),

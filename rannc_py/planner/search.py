@@ -100,7 +100,7 @@ def spread(values: list[int], limit: int) -> list[int]:
 
 
 def bottleneck_dp(obj_by_q: Sequence[np.ndarray], rvals: Sequence[int], devices: int,
-                  allowed: Sequence[Sequence[int]] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                  allowed: Sequence[Sequence[int]] | None = None) -> np.ndarray:
     """Min-max DP over a chain.
 
     Args:
@@ -110,50 +110,73 @@ def bottleneck_dp(obj_by_q: Sequence[np.ndarray], rvals: Sequence[int], devices:
         devices: devices per pipeline (the k the full pipeline must use).
         allowed: optional per-q list of allowed replica indices (pins).
     Returns:
-        (best, arg_j, arg_r): ``best[q, i, k]`` the smallest bottleneck of blocks
-        [i, n) in q + 1 stages on exactly k devices, and the argmin end block and
-        replica index of its first stage.
+        ``best[q, i, k]``: the smallest bottleneck of blocks [i, n) in q + 1
+        stages on exactly k devices (inf when impossible);
+        :func:`reconstruct` recovers the cuts.
+
+    Only the reachable part of each table is computed: with q stages after it,
+    a stage ends at block n - q at the latest and leaves at least q devices to
+    them. The inner step is a (min, max) product, ``min_j max(obj[i, j],
+    best[q-1][j, k - r])``, reduced over a contiguous axis.
     """
     Q = len(obj_by_q)
     n = obj_by_q[0].shape[0] - 1
     K = devices
     best = np.full((Q, n + 1, K + 1), np.inf)
-    arg_j = np.zeros((Q, n + 1, K + 1), dtype=np.int32)
-    arg_r = np.zeros((Q, n + 1, K + 1), dtype=np.int32)
     for q in range(Q):
         obj = obj_by_q[q]
-        ris = range(len(rvals)) if allowed is None else allowed[q]
-        for ri in ris:
+        hi = n - q  # the stage is blocks [i, j) with i < hi, j <= hi
+        if hi < 1:
+            break
+        for ri in _replica_indices(rvals, q, allowed):
             r = rvals[ri]
-            if r > K:
-                continue
             if q == 0:
-                cand = np.full((n + 1, K + 1), np.inf)
-                cand[:, r] = obj[:, n, ri]
-                js = np.full((n + 1, K + 1), n, dtype=np.int32)
-            else:
-                shifted = np.full((n + 1, K + 1), np.inf)
-                shifted[:, r:] = best[q - 1][:, : K + 1 - r]
-                both = np.maximum(obj[:, :, ri][:, :, None], shifted[None, :, :])
-                js = both.argmin(axis=1).astype(np.int32)
-                cand = np.take_along_axis(both, js[:, None, :], axis=1)[:, 0, :]
-            better = cand < best[q]
-            best[q] = np.where(better, cand, best[q])
-            arg_j[q] = np.where(better, js, arg_j[q])
-            arg_r[q] = np.where(better, ri, arg_r[q])
-    return best, arg_j, arg_r
+                if r <= K:
+                    best[0, :n, r] = np.minimum(best[0, :n, r], obj[:n, n, ri])
+                continue
+            if q + r > K:
+                continue
+            a = obj[:hi, 1:hi + 1, ri]  # (i, j)
+            rest = best[q - 1, 1:hi + 1, q:K + 1 - r]  # (j, k - r)
+            cand = np.maximum(a[:, None, :], rest.T[None, :, :]).min(axis=2)  # (i, k - r)
+            view = best[q, :hi, q + r:]
+            np.minimum(view, cand, out=view)
+    return best
 
 
-def reconstruct(arg_j: np.ndarray, arg_r: np.ndarray, rvals: Sequence[int], p: int,
-                devices: int) -> tuple[list[int], list[int]]:
-    """Block bounds and per-pipeline replica counts of the DP's p-stage optimum."""
+def _replica_indices(rvals: Sequence[int], q: int, allowed: Sequence[Sequence[int]] | None) -> Sequence[int]:
+    return range(len(rvals)) if allowed is None else allowed[q]
+
+
+def reconstruct(best: np.ndarray, obj_by_q: Sequence[np.ndarray], rvals: Sequence[int], p: int, devices: int,
+                allowed: Sequence[Sequence[int]] | None = None) -> tuple[list[int], list[int]]:
+    """Block bounds and per-pipeline replica counts of the DP's p-stage optimum.
+
+    Re-derives each stage's argmin from the table with the same float operations
+    (so the value found equals ``best`` exactly); ties go to the first replica
+    index, then the smallest end block, so the result is deterministic.
+    """
+    n = best.shape[1] - 1
+    rv = np.asarray(rvals)
     bounds, reps = [0], []
     i, k = 0, devices
     for q in range(p - 1, -1, -1):
-        j, r = int(arg_j[q, i, k]), rvals[int(arg_r[q, i, k])]
-        bounds.append(j)
+        ris = np.asarray(_replica_indices(rvals, q, allowed), dtype=np.int64)
+        if q == 0:
+            ris = ris[rv[ris] == k]
+            vals = obj_by_q[0][i, n, ris][:, None]
+            ends = np.array([n])
+        else:
+            ris = ris[k - rv[ris] >= q]
+            vals = np.maximum(obj_by_q[q][i, :, ris], best[q - 1, :, k - rv[ris]].T)  # (replica, j)
+            ends = np.arange(n + 1)
+        flat = int(np.argmin(vals))  # first replica index, then smallest j, among ties
+        ri, j = divmod(flat, vals.shape[1])
+        assert vals[ri, j] == best[q, i, k], "DP table and reconstruction disagree"
+        r = int(rv[ris[ri]])
+        bounds.append(int(ends[j]))
         reps.append(r)
-        i, k = j, k - r
+        i, k = int(ends[j]), k - r
     return bounds, reps
 
 
@@ -213,7 +236,8 @@ def search_config(cost: CostModel, space: SearchSpace, d: int, m: int, schedule:
             if p_star == 1:
                 continue
             w = 1.0 / (m + p_star - 1)
-        obj = [tabs[in_flight(schedule, q, m)].c + w * tabs[in_flight(schedule, q, m)].ar for q in range(Q)]
+        by_flight = {f: tab.c + w * tab.ar for f, tab in tabs.items()}
+        obj = [by_flight[in_flight(schedule, q, m)] for q in range(Q)]
         seen = {(lay.bounds, lay.replicas, lay.recompute) for lay in out}
         out += [lay for lay in _collect(tabs, obj, rvals, P, allowed, space, d, m, schedule, w)
                 if (lay.bounds, lay.replicas, lay.recompute) not in seen]
@@ -222,7 +246,7 @@ def search_config(cost: CostModel, space: SearchSpace, d: int, m: int, schedule:
 
 def _collect(tabs, obj_by_q, rvals, P, allowed, space, d, m, schedule, w, memory=False) -> list[Layout]:
     Q = len(obj_by_q)
-    best, arg_j, arg_r = bottleneck_dp(obj_by_q, rvals, P, allowed)
+    best = bottleneck_dp(obj_by_q, rvals, P, allowed)
     out = []
     for p in range(1, Q + 1):
         if space.num_stages is not None and p != space.num_stages:
@@ -232,7 +256,7 @@ def _collect(tabs, obj_by_q, rvals, P, allowed, space, d, m, schedule, w, memory
         val = best[p - 1, 0, P]
         if not np.isfinite(val):
             continue
-        bounds, reps = reconstruct(arg_j, arg_r, rvals, p, P)
+        bounds, reps = reconstruct(best, obj_by_q, rvals, p, P, allowed)
         rec, mem, cs, ars = [], [], [], []
         for s in range(p):
             tab = tabs[in_flight(schedule, p - 1 - s, m)]

@@ -42,7 +42,7 @@ from rannc_py.runtime.failure import abort_on_error
 from rannc_py.runtime.grads import GradSync, HeldGrads, clip_grad_norm_
 from rannc_py.runtime.io import gather_inputs, return_outputs
 from rannc_py.runtime.layout import load_plan, rank_stage, stage_ranks
-from rannc_py.runtime.stage import StageProgram, follow_train_mode, retarget_device
+from rannc_py.runtime.stage import StageProgram, follow_train_mode
 from rannc_py.schedule import by_name, forward_only
 
 OptimizerArg = torch.optim.Optimizer | Callable[[list[nn.Parameter]], torch.optim.Optimizer] | None
@@ -161,7 +161,7 @@ class RaNNCModule(nn.Module):
         staged = graph.split(plan.assignment())
         s = rank_stage(plan, rank)
         stage = staged.stages[s]
-        names = P.canonical_names(model)
+        names = self._names = P.canonical_names(model)
         local_names = {names[f] for f in (*stage.param_fqns, *stage.buffer_fqns)}
         seed = comm.bcast(torch.initial_seed() % 2**31 if rank == 0 else None, root=0)
         P.materialize(model, sorted(local_names), seed, self._param_init)
@@ -169,7 +169,7 @@ class RaNNCModule(nn.Module):
         gm = stage.module_with(
             {f: tensors[f] for f in stage.param_fqns}, {f: tensors[f] for f in stage.buffer_fqns}
         )
-        gm = retarget_device(follow_train_mode(gm), torch.device("cpu"))
+        gm = follow_train_mode(gm)
         gm.train(self.training)
         recv = stage.activation_inputs
         send = staged.stages[s + 1].activation_inputs if s + 1 < plan.num_stages else []
@@ -302,7 +302,7 @@ class RaNNCModule(nn.Module):
         if not self._ready:
             return self._model.state_dict()
         with abort_on_error(self._comm, "state_dict"):
-            return P.gather_state_dict(self._model, self._local, self._owned, self._comm)
+            return P.gather_state_dict(self._model, self._names, self._local, self._owned, self._comm)
 
     def load_state_dict(self, state_dict: Mapping[str, Tensor], strict: bool = True, assign: bool = False) -> Any:  # type: ignore[override]
         """Load a full state dict (original names) on every rank, before or after the first call.
@@ -311,7 +311,7 @@ class RaNNCModule(nn.Module):
         """
         if not self._ready:
             return self._model.load_state_dict(state_dict, strict=strict)
-        P.load_local_state(self._local, self._model, dict(state_dict))
+        P.load_local_state(self._local, self._names, dict(state_dict))
         return None
 
     def _need_ready(self, what: str) -> None:

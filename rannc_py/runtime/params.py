@@ -141,13 +141,14 @@ def rebind_optimizer(opt: torch.optim.Optimizer, model: nn.Module, local: dict[s
 
 
 def gather_state_dict(
-    model: nn.Module, local: dict[str, Tensor], owned: set[str], comm: MPI.Comm
+    model: nn.Module, names: dict[str, str], local: dict[str, Tensor], owned: set[str], comm: MPI.Comm
 ) -> dict[str, Tensor]:
     """The full state dict, with the original names, on rank 0 of ``comm`` ({} elsewhere).
 
     Each rank contributes the tensors it owns (``owned``, canonical names);
     every name of the unwrapped model's ``state_dict()`` (aliases included) is
-    filled from its canonical tensor.
+    filled from its canonical tensor. ``names`` is :func:`canonical_names` of
+    the model taken before :func:`release` (which unties what it frees).
     """
     mine = {f: t.detach().clone() for f, t in local.items() if f in owned}
     parts = comm.gather(mine, root=0)
@@ -156,7 +157,6 @@ def gather_state_dict(
     full: dict[str, Tensor] = {}
     for part in parts:
         full.update(part)
-    names = canonical_names(model)
     out: dict[str, Tensor] = {}
     for key, t in model.state_dict(keep_vars=True).items():
         canon = names.get(key, key)
@@ -164,13 +164,14 @@ def gather_state_dict(
     return out
 
 
-def load_local_state(local: dict[str, Tensor], model: nn.Module, state: dict[str, Tensor]) -> None:
+def load_local_state(local: dict[str, Tensor], names: dict[str, str], state: dict[str, Tensor]) -> None:
     """Copy the entries of ``state`` (original names) that this rank holds into ``local``.
+
+    ``names`` maps every original name to its canonical one (:func:`canonical_names`).
 
     Raises:
         ConfigError: a tensor this rank holds is missing from ``state``.
     """
-    names = canonical_names(model)
     by_canon: dict[str, Tensor] = {}
     for key, t in state.items():
         by_canon.setdefault(names.get(key, key), t)

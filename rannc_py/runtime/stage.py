@@ -144,20 +144,3 @@ def follow_train_mode(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     if changed:
         gm.recompile()
     return gm
-
-
-def retarget_device(gm: torch.fx.GraphModule, device: torch.device) -> torch.fx.GraphModule:
-    """Point ops that create tensors (``arange``, ``zeros``, ...) at ``device``.
-
-    A model traced on the ``meta`` device records ``device=meta`` in such
-    ops; the stage must create them where it runs.
-    """
-    changed = False
-    for node in gm.graph.nodes:
-        dev = node.kwargs.get("device")
-        if dev is not None and torch.device(dev) != device:
-            node.kwargs = {**node.kwargs, "device": device}
-            changed = True
-    if changed:
-        gm.recompile()
-    return gm

@@ -1,10 +1,14 @@
 """Train with RaNNCModule under many layouts and compare with eager PyTorch in-process.
 
 Usage: runtime_equiv.py CASE [CASE ...], each CASE ``model:layout[:option,...]``,
-e.g. ``gpt:p2_r1x1_m2_1f1b:rc,accum,clip``. Every rank builds the same model and
-the same global batches (fixed seeds), trains its local slice for STEPS steps,
-and compares losses (every rank) and the gathered state dict (rank 0) with an
-eager reference that runs the same microbatches in the same order.
+e.g. ``gpt:p2_r1x1_m2_1f1b:rc,accum,clip`` (models: see runtime_models.MODELS;
+options: ``rc`` recompute, ``accum`` two calls per step with ``(loss / 2)
+.backward()``, ``clip`` ``clip_grad_norm_``). Every rank builds the same model
+and the same global batches (fixed seeds), trains its local slice for STEPS
+AdamW steps, and compares losses (every rank) and the gathered state dict
+(rank 0) with an eager reference. The reference is DDP's loss: the mean over
+microbatches of the model's per-microbatch loss, each replica's chunk weighted
+by its rows (the eager model runs the same chunks in the same order).
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ import sys
 
 import torch
 from mpi4py import MPI
-from runtime_models import build_model, make_batch
+from runtime_models import build_model, call_kwargs, local_slice, make_batch, rows_slice
 
 import rannc_py
 from rannc_py.runtime.routing import chunks
@@ -28,7 +32,7 @@ def parse_layout(text: str) -> dict:
     """``p2_r2x1_m4_1f1b`` -> 2 stages with replicas [2, 1], 4 microbatches, schedule 1f1b."""
     p, r, m, sched = text.split("_")
     return {"stages": int(p[1:]), "replicas": [int(x) for x in r[1:].split("x")], "microbatches": int(m[1:]),
-                "schedule": sched}
+            "schedule": sched}
 
 
 def run_case(case: str) -> None:
@@ -40,20 +44,20 @@ def run_case(case: str) -> None:
     model = build_model(name, dropout=0.0)
     ref = build_model(name, dropout=0.0)
     ref.load_state_dict(model.state_dict())
-    # eps well above rounding noise: the attention key bias has a gradient that is exactly
-    # zero in exact arithmetic, and Adam would otherwise scale its rounding noise up to lr.
+    # eps well above rounding noise: some gradients (e.g. an attention key bias) are exactly
+    # zero in exact arithmetic, and Adam would otherwise scale their rounding noise up to lr.
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01, eps=1e-6)
     ropt = torch.optim.AdamW(ref.parameters(), lr=1e-3, weight_decay=0.01, eps=1e-6)
     wrapped = rannc_py.RaNNCModule(model, opt, plan=layout)
+    const = call_kwargs(name)
     calls = 2 if "accum" in opts else 1
     for step in range(STEPS):
         for c in range(calls):
             batch = make_batch(name, LOCAL * world, seed=100 * step + c)
-            local = {k: v[rank * LOCAL : (rank + 1) * LOCAL] for k, v in batch.items()}
-            out = wrapped(**local)
-            (out.loss / calls).backward()
-            want = eager_loss_scaled(ref, batch, layout, calls)
-            torch.testing.assert_close(out.loss.detach(), want, rtol=1e-5, atol=1e-6, msg=lambda e: f"{case} step {step} loss\n{e}")  # noqa: B023 - called at once
+            out = wrapped(**local_slice(batch, rank, LOCAL), **const)
+            (out["loss"] / calls).backward()
+            want = eager_loss_scaled(ref, batch, const, layout, calls)
+            torch.testing.assert_close(out["loss"].detach(), want, rtol=1e-5, atol=1e-6, msg=lambda e: f"{case} step {step} loss\n{e}")  # noqa: B023 - called at once
         if "clip" in opts:
             norm = wrapped.clip_grad_norm_(0.05)
             rnorm = torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.05)
@@ -66,19 +70,17 @@ def run_case(case: str) -> None:
     if rank == 0:
         for k, v in ref.state_dict().items():
             torch.testing.assert_close(sd[k], v, rtol=1e-5, atol=1e-6, msg=lambda e, k=k: f"{case}: {k}\n{e}")
-    if rank == 0:
         print(f"case {case}: ok", flush=True)
 
 
-def eager_loss_scaled(ref, batch, layout, calls) -> torch.Tensor:
+def eager_loss_scaled(ref, batch, const, layout, calls) -> torch.Tensor:
     g = next(iter(batch.values())).shape[0]
     m, r = layout["microbatches"], layout["replicas"][-1]
     rows = g // m
     total = torch.zeros(())
     for i in range(m):
         for lo, hi in chunks(rows, r):
-            part = {k: v[i * rows + lo : i * rows + hi] for k, v in batch.items()}
-            loss = ref(**part).loss * ((hi - lo) / g)
+            loss = ref(**rows_slice(batch, i * rows + lo, i * rows + hi), **const)["loss"] * ((hi - lo) / g)
             (loss / calls).backward()
             total += loss.detach()
     return total

@@ -1,0 +1,108 @@
+"""Shared pieces of the runtime benchmark's workers: the model, the batches, the stage split, timing.
+
+Every configuration trains the same GPT (``examples/gpt/model.py``) from the
+same seed on the same global batches, so their step times are comparable.
+The language-model head is untied from the token embedding here: the two
+pipeline peers would need hand-written gradient sync for a weight shared by
+both stages, and rannc_py handles either; untying keeps all of them on the
+same arithmetic.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from examples.gpt.model import GPT, GPTConfig
+
+SEQ = 128
+VOCAB = 256
+
+
+def gpt_config(layers: int, hidden: int) -> GPTConfig:
+    """The benchmark's GPT shape: ``layers`` blocks of ``hidden`` width, seq 128, vocab 256, no dropout."""
+    return GPTConfig(vocab_size=VOCAB, block_size=SEQ, n_layer=layers, n_head=8, n_embd=hidden,
+                     dropout=0.0, tie_weights=False)
+
+
+def build_gpt(layers: int, hidden: int) -> GPT:
+    """The GPT with weights drawn from seed 0 (identical in every process)."""
+    torch.manual_seed(0)
+    return GPT(gpt_config(layers, hidden))
+
+
+def global_batch(rows: int, step: int) -> tuple[Tensor, Tensor]:
+    """``(input_ids, labels)`` of step ``step``'s global batch (``labels = input_ids``)."""
+    g = torch.Generator().manual_seed(1000 + step)
+    ids = torch.randint(0, VOCAB, (rows, SEQ), generator=g)
+    return ids, ids.clone()
+
+
+def lm_loss(logits: Tensor, labels: Tensor) -> Tensor:
+    """The GPT's own loss: next-token cross-entropy (position t predicts token t+1)."""
+    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)), labels[:, 1:].reshape(-1))
+
+
+class Embed(nn.Module):
+    """Token + position embedding of the GPT (its first layer in a hand split)."""
+
+    def __init__(self, gpt: GPT) -> None:
+        super().__init__()
+        self.wte, self.wpe, self.drop = gpt.transformer.wte, gpt.transformer.wpe, gpt.transformer.drop
+
+    def forward(self, ids: Tensor) -> Tensor:
+        pos = torch.arange(ids.shape[1], device=ids.device)
+        return self.drop(self.wte(ids) + self.wpe(pos))
+
+
+class Head(nn.Module):
+    """Final LayerNorm + LM head of the GPT (its last layer in a hand split)."""
+
+    def __init__(self, gpt: GPT) -> None:
+        super().__init__()
+        self.ln_f, self.lm_head = gpt.transformer.ln_f, gpt.lm_head
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.lm_head(self.ln_f(x))
+
+
+def gpt_layers(gpt: GPT) -> list[nn.Module]:
+    """The GPT as a flat layer list ``[embed, block 0, ..., block L-1, head]`` sharing its parameters."""
+    return [Embed(gpt), *gpt.transformer.h, Head(gpt)]
+
+
+def hand_stages(gpt: GPT, boundary: int) -> tuple[nn.Sequential, nn.Sequential]:
+    """Stage 0 = embed + blocks ``[0, boundary)``; stage 1 = the other blocks + head (logits out)."""
+    layers = gpt_layers(gpt)
+    return nn.Sequential(*layers[: 1 + boundary]), nn.Sequential(*layers[1 + boundary:])
+
+
+def median_step(step: Callable[[int], None], warmup: int, steps: int) -> tuple[float, list[float]]:
+    """Run ``step(i)`` for ``warmup + steps`` steps; return the median of the timed ones and all of them."""
+    times = []
+    for i in range(warmup + steps):
+        t0 = time.perf_counter()
+        step(i)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times[warmup:]), times[warmup:]
+
+
+def emit(result: dict[str, Any]) -> None:
+    """Print a worker's result as the single ``RESULT {json}`` line the driver parses."""
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+def launch_rank() -> tuple[int, int]:
+    """This process's (rank, world size) from the launcher's environment (mpiexec or torchrun)."""
+    for r, w in (("PMI_RANK", "PMI_SIZE"), ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE"), ("RANK", "WORLD_SIZE")):
+        if r in os.environ:
+            return int(os.environ[r]), int(os.environ[w])
+    return 0, 1

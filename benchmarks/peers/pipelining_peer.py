@@ -1,0 +1,79 @@
+"""Peer: ``torch.distributed.pipelining`` training the benchmark GPT on 2 ranks (gloo).
+
+Launched by ``benchmarks/runtime_bench.py`` under ``mpiexec -n 2`` (rank and
+size come from the launcher's environment; the process group uses env init on
+localhost). The two stage modules are built by hand from the GPT's own layers
+(see :func:`benchmarks.peers.common.hand_stages`); each stage steps AdamW on
+its parameters. Rank 0 prints one ``RESULT`` line with the median step time.
+
+    mpiexec -n 2 python benchmarks/peers/pipelining_peer.py --boundary 3 --microbatches 4 --schedule 1f1b
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe  # noqa: E402
+
+from benchmarks.peers.common import build_gpt, emit, global_batch, hand_stages, launch_rank, lm_loss, median_step  # noqa: E402
+
+SCHEDULES = {"1f1b": Schedule1F1B, "gpipe": ScheduleGPipe}
+
+
+def main() -> None:
+    """Parse the flags, train, and print the result line on rank 0."""
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--layers", type=int, default=6)
+    ap.add_argument("--hidden", type=int, default=512)
+    ap.add_argument("--batch", type=int, default=8, help="global batch rows; default 8")
+    ap.add_argument("--boundary", type=int, default=3, help="blocks in stage 0; default 3")
+    ap.add_argument("--microbatches", type=int, default=4)
+    ap.add_argument("--schedule", choices=sorted(SCHEDULES), default="1f1b")
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--port", type=int, default=29511)
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    rank, world = launch_rank()
+    if world != 2:
+        raise SystemExit(f"this peer runs a 2-stage pipeline on 2 ranks, got {world}")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(args.port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    stages = hand_stages(build_gpt(args.layers, args.hidden), args.boundary)
+    module = stages[rank]
+    stage = PipelineStage(module, rank, world, torch.device("cpu"))
+    sched = SCHEDULES[args.schedule](stage, args.microbatches, loss_fn=lm_loss)  # grads scaled by 1/m
+    opt = torch.optim.AdamW(module.parameters(), lr=1e-4)
+    losses: list[torch.Tensor] = []
+
+    def step(i: int) -> None:
+        ids, labels = global_batch(args.batch, i)
+        losses.clear()
+        if rank == 0:
+            sched.step(ids)
+        else:
+            sched.step(target=labels, losses=losses)
+        opt.step()
+        opt.zero_grad()
+
+    med, times = median_step(step, args.warmup, args.steps)
+    # a step ends when both ranks have stepped: report the slower rank's median
+    all_meds: list[float | None] = [None] * world
+    dist.all_gather_object(all_meds, med)
+    loss = [float(torch.stack(losses).detach().mean())] if rank == 1 else [None]
+    dist.broadcast_object_list(loss, src=1)
+    if rank == 0:
+        emit({"step": max(m for m in all_meds if m is not None), "times": times, "loss": loss[0]})
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,83 @@
+"""Wrap a model with ``rannc_py.RaNNCModule`` as the training flags say.
+
+The usual path is the one-call API: ``RaNNCModule(model, optimizer,
+memory_limit=...)`` traces, plans and partitions on the first call. Two flags
+need a plan made here instead: ``--cluster`` (plan for a cluster preset, e.g.
+Fugaku nodes, and run that plan on this job's ranks) and ``--stages`` (pin the
+pipeline depth). Then rank 0 traces the model on its first batch, asks
+``rannc_py.plan`` and shares the plan; ``RaNNCModule`` gets it via ``plan=``.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def cluster_spec(args: argparse.Namespace, world_size: int) -> str:
+    """The preset string to plan for: ``--cluster`` or this machine, with ``--memory-limit`` applied.
+
+    Raises ``SystemExit`` when ``--cluster`` and ``--memory-limit`` both set the memory.
+    """
+    spec = args.cluster or f"local:ranks={world_size}"
+    if args.memory_limit is not None:
+        if "memory=" in spec:
+            raise SystemExit(f"--cluster {spec!r} already sets memory=; drop --memory-limit or the memory= key")
+        spec += ("," if ":" in spec else ":") + f"memory={args.memory_limit}"
+    return spec
+
+
+def make_plan(model: torch.nn.Module, batch: dict[str, torch.Tensor], args: argparse.Namespace,
+              comm: Any) -> tuple[Any, Any]:
+    """Plan on rank 0 for ``--cluster``/``--stages`` and share the plan with every rank.
+
+    Takes the model, this rank's first batch, the flags and the MPI
+    communicator. Returns ``(plan, graph)``: the :class:`rannc_py.Plan` on every
+    rank and the traced graph on rank 0 (None elsewhere). Raises
+    ``SystemExit`` with the planner's message when no plan fits.
+    """
+    import rannc_py
+    from rannc_py.errors import RaNNCError
+
+    graph, text, error = None, None, None
+    if comm.Get_rank() == 0:
+        try:
+            # Traced on one rank's batch, as RaNNCModule traces; the plan is for the global batch.
+            graph = rannc_py.trace(model, (), batch)
+            plan = rannc_py.plan(graph, batch_size=graph.batch_size * comm.Get_size(),
+                                 cluster=cluster_spec(args, comm.Get_size()), num_stages=args.stages,
+                                 microbatches=args.microbatches)
+            text = plan.to_json()
+        except RaNNCError as e:
+            error = f"planning failed: {e}"
+    text, error = comm.bcast((text, error), root=0)
+    if error is not None:
+        raise SystemExit(error)
+    return rannc_py.Plan.from_json(text), graph
+
+
+def wrap(model: torch.nn.Module, opt: torch.optim.Optimizer, first_batch: dict[str, torch.Tensor],
+         args: argparse.Namespace, comm: Any) -> tuple[torch.nn.Module, Any]:
+    """Wrap ``model`` in ``RaNNCModule`` (see the module docstring).
+
+    Returns ``(wrapped model, graph or None)``: the graph is rank 0's trace
+    when a plan was made here, else None (it is traced again for the picture).
+    """
+    import rannc_py
+
+    kwargs: dict[str, Any] = {}
+    graph = None
+    plan_file = Path(args.plan) if args.plan is not None else None
+    if plan_file is not None and plan_file.exists():
+        kwargs["plan"] = str(plan_file)
+    elif args.cluster is not None or args.stages is not None:
+        kwargs["plan"], graph = make_plan(model, first_batch, args, comm)
+    else:
+        kwargs["memory_limit"] = args.memory_limit
+        kwargs["microbatches"] = args.microbatches
+    if plan_file is not None and not plan_file.exists():
+        kwargs["save_plan"] = str(plan_file)
+    return rannc_py.RaNNCModule(model, opt, **kwargs), graph
