@@ -24,19 +24,18 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from rannc_py.cli import build_model  # noqa: E402
 from rannc_py.errors import NoFeasiblePlanError  # noqa: E402
 from rannc_py.graph.trace import trace  # noqa: E402
-from rannc_py.planner.api import build_space, chain_from_graph, plan_chain  # noqa: E402
+from rannc_py.planner.api import build_space, chain_from_graph, layout_to_plan, search_chain  # noqa: E402
+from rannc_py.planner.baselines import baseline_picks  # noqa: E402
 from rannc_py.planner.cluster import parse_cluster  # noqa: E402
 from rannc_py.planner.cost import CostModel  # noqa: E402
-from rannc_py.planner.search import Layout, divisors, in_flight, microbatch_candidates, pick_best  # noqa: E402
 from rannc_py.profiling import profile  # noqa: E402
+from rannc_py.profiling.analytic import graph_dtype  # noqa: E402
 
 MODELS = {
     "gpt-1.3b": ("gpt:1.3b", 2048, 512),
@@ -45,62 +44,6 @@ MODELS = {
     "bert-large": ("bert:large", 512, 1024),
     "bert-4.9b": ("bert:large,hidden=2048,n_layer=96,n_head=32,intermediate=8192", 512, 1024),
 }
-
-
-def balanced_bounds(weights: np.ndarray, p: int) -> tuple[int, ...] | None:
-    """Cut a sequence into p contiguous parts minimising the largest part's weight (exact, by DP)."""
-    n = len(weights)
-    if p > n:
-        return None
-    pre = np.concatenate([[0.0], np.cumsum(weights)])
-    best = np.full((p + 1, n + 1), np.inf)
-    arg = np.zeros((p + 1, n + 1), dtype=int)
-    best[0, 0] = 0.0
-    for k in range(1, p + 1):
-        for j in range(k, n + 1):
-            cand = np.maximum(best[k - 1, k - 1:j], pre[j] - pre[k - 1:j])
-            i = int(np.argmin(cand))
-            best[k, j], arg[k, j] = cand[i], k - 1 + i
-    bounds, j = [n], n
-    for k in range(p, 0, -1):
-        j = arg[k, j]
-        bounds.append(j)
-    return tuple(reversed(bounds))
-
-
-def baseline(cost: CostModel, space, rule: str) -> float | None:
-    """Best simulated step time of a baseline rule, or None if nothing fits."""
-    chain, D = cost.chain, cost.cluster.num_devices
-    if rule == "uniform":
-        w = np.ones(chain.n)
-    elif rule == "params":
-        w = np.array([sum(nb for _, nb in b.params) for b in chain.blocks], dtype=float)
-    else:
-        w = np.array([b.fwd_per_sample + b.bwd_per_sample for b in chain.blocks])
-    layouts = []
-    for p in divisors(D):
-        bounds = balanced_bounds(w, p)
-        if bounds is None:
-            continue
-        R = D // p
-        for m in microbatch_candidates(space, R, cost.batch_size):
-            for sched in space.schedules:
-                flights = tuple(sorted({in_flight(sched, q, m) for q in range(p)}))
-                tabs = cost.stage_tables(R, m, (1,), flights, None, p)
-                cs, ars, mems, recs = [], [], [], []
-                for s in range(p):
-                    tab = tabs[in_flight(sched, p - 1 - s, m)]
-                    i, j = bounds[s], bounds[s + 1]
-                    cs.append(tab.c[i, j, 0])
-                    ars.append(tab.ar[i, j, 0])
-                    mems.append(float(tab.mem[i, j, 0]))
-                    recs.append(bool(tab.recompute[i, j, 0]))
-                if np.isfinite(max(cs)):  # ranked by the same T as the planner's candidates
-                    layouts.append(Layout(R, m, sched, bounds, (R,) * p, tuple(recs),
-                                          float(sum(cs) + (m - 1) * max(cs) + max(ars)), tuple(mems)))
-    if not layouts:
-        return None
-    return pick_best(cost, layouts)[1].step_time
 
 
 def main() -> None:
@@ -118,6 +61,7 @@ def main() -> None:
         graph = trace(model, args, kwargs)
         t_trace = time.perf_counter() - t0
         nparams = sum(p.numel() for p in model.parameters())
+        dtype = graph_dtype(graph)
         print(f"{name}: {nparams / 1e9:.2f} B params, {len(graph.ops)} ops, traced in {t_trace:.1f} s", flush=True)
         for preset in ns.clusters.split(","):
             for size in (int(s) for s in ns.sizes.split(",")):
@@ -126,23 +70,22 @@ def main() -> None:
                 t1 = time.perf_counter()
                 prof = profile(graph, graph.batch_size, cl)
                 chain = chain_from_graph(graph, prof)
+                cost = CostModel(chain, cl, batch)
+                space = build_space(chain, cl, batch, schedules=("1f1b", "gpipe"), max_stages=None,
+                                    num_stages=None, replicas=None, microbatches=None, recompute=None)
                 try:
-                    plan = plan_chain(chain, cl, batch, start_time=t1)
+                    lay, step = search_chain(cost, space)
+                    plan = layout_to_plan(cost, lay, step, graph.fingerprint(), dtype, time.perf_counter() - t1)
                     ours, search, mfu = plan.samples_per_second, plan.search_time, plan.mfu
                     layout = (f"{plan.num_stages}st x{'/'.join(str(s.replicas) for s in plan.stages[:4])}"
                               f"{'...' if plan.num_stages > 4 else ''} m={plan.microbatches} {plan.schedule}"
-                              f"{' rc' if any(s.recompute for s in plan.stages) else ''}")
+                              f"{' rc' if any(s.recompute for s in plan.stages) else ''} ({lay.origin})")
                 except NoFeasiblePlanError as e:
                     need = str(e).split("fits is ")[1].split(" bytes")[0]
                     ours, search, mfu = None, time.perf_counter() - t1, None
                     layout = f"infeasible (needs {float(need) / 2**30:.1f} GiB/device)"
-                cost = CostModel(chain, cl, batch)
-                space = build_space(chain, cl, batch, schedules=("1f1b", "gpipe"), max_stages=None,
-                                    num_stages=None, replicas=None, microbatches=None, recompute=None)
-                base = {}
-                for rule in ("uniform", "params", "time"):
-                    st = baseline(cost, space, rule)
-                    base[rule] = None if st is None else batch / st
+                picks = baseline_picks(cost, space)
+                base = {rule: None if pk is None else batch / pk[1] for rule, pk in picks.items()}
                 row = (name, preset, size, search, ours, mfu, base, layout)
                 rows.append(row)
                 print(_fmt_row(row), flush=True)

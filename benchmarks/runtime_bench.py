@@ -1,19 +1,31 @@
-"""Training throughput of RaNNCModule against single-process eager PyTorch.
+"""Training throughput of rannc_py against torch.distributed.pipelining, DeepSpeed and eager PyTorch.
 
-Run from the repository root:
+Run from the repository root (it launches ``mpiexec`` itself):
 
-    python benchmarks/runtime_bench.py [--steps 5] [--batch 8]
+    python benchmarks/runtime_bench.py [--steps 5] [--warmup 2] [--gpipe]
 
-It launches each configuration in its own process(es) (``mpiexec`` for the
-multi-rank ones, 1 torch thread per rank), measures samples/s over ``--steps``
-steps after 2 warm-up steps, prints a table and writes
-``benchmarks/results/runtime.md``. Model: GPT, 6 layers x 512 hidden, seq 128,
-vocab 256, AdamW.
+Model: the project's GPT (``examples/gpt/model.py``), 6 layers x 512 hidden,
+seq 128, vocab 256, no dropout, head untied (see ``benchmarks/peers/common.py``),
+AdamW; global batch 8; 1 torch thread per rank. Each configuration runs in its
+own process(es) and reports the median step over ``--steps`` timed steps after
+``--warmup`` steps (for rannc_py the first, tracing call is one of the
+warm-up steps; a multi-rank step is the slowest rank's median).
 
-Configurations: eager with 2 threads; eager with 1 thread; rannc_py on 1
-rank; rannc_py on 2 ranks with the hand layout (2 stages split in the middle
-by FLOPs, 4 microbatches, 1F1B); rannc_py on 2 ranks with the planner's
-layout. Predicted step times come from the plan.
+Configurations:
+  * eager, 1 process, 2 threads and 1 thread;
+  * rannc_py on 1 rank (its default plan) — the 1-rank overhead vs eager, 1 thread;
+  * equal layout, 2 ranks: 2 stages x 1 replica, 4 microbatches, 1F1B (also
+    GPipe with ``--gpipe``): rannc_py with the planner placing the boundary,
+    ``torch.distributed.pipelining`` (gloo) and DeepSpeed ``PipelineModule``
+    (CPU accelerator, gloo) on the middle split (embed + blocks 0-2 | blocks
+    3-5 + head); when the planner's boundary differs from the middle, rannc_py
+    on the middle split too, which separates the balance gain from the
+    runtime's own;
+  * rannc_py on 2 ranks with the planner free (its default plan);
+  * per-stage forward+backward time of one microbatch for each split (the
+    stage-time imbalance), measured in one process.
+
+Prints tables and writes ``benchmarks/results/runtime.md``.
 """
 
 from __future__ import annotations
@@ -23,131 +35,201 @@ import json
 import os
 import subprocess
 import sys
-import time
+import tempfile
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+PEERS = REPO / "benchmarks" / "peers"
+MPIEXEC = str(Path(sys.executable).parent / "mpiexec")
 
 
-def build():
-    import torch
+def launch(script: str, ranks: int, flags: list[str], threads: int = 1, env: dict[str, str] | None = None,
+           timeout: float = 600) -> dict[str, Any]:
+    """Run a worker (under mpiexec when ``ranks`` > 1 or ``script`` needs it) and parse its RESULT line.
 
-    from examples.gpt.model import GPT, GPTConfig
-
-    torch.manual_seed(0)
-    return GPT(GPTConfig(vocab_size=256, block_size=128, n_layer=6, n_head=8, n_embd=512))
-
-
-def batch(rows: int, seed: int):
-    import torch
-
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, 256, (rows, 128), generator=g)
-    return {"input_ids": ids, "labels": ids}
-
-
-def worker(kind: str, steps: int, global_batch: int, threads: int) -> None:
-    """Run one configuration in this process (under mpiexec for multi-rank) and print JSON on rank 0."""
-    import torch
-
-    torch.set_num_threads(threads)
-    model = build()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    if kind == "eager":
-        rank, world, predicted, where = 0, 1, None, "-"
-
-        def step_fn(b):
-            model(**b).loss.backward()
-            opt.step()
-            opt.zero_grad()
-    else:
-        from mpi4py import MPI
-
-        import rannc_py
-
-        rank, world = MPI.COMM_WORLD.Get_rank(), MPI.COMM_WORLD.Get_size()
-        plan_arg = {"stages": 2, "microbatches": 4, "schedule": "1f1b"} if kind == "hand" else None
-        wrapped = rannc_py.RaNNCModule(model, opt, plan=plan_arg)
-
-        def step_fn(b):
-            wrapped(**b).loss.backward()
-            opt.step()
-            opt.zero_grad()
-
-    local = global_batch // world
-    times = []
-    for s in range(steps + 2):
-        b = batch(global_batch, s)
-        b = {k: v[rank * local : (rank + 1) * local] for k, v in b.items()}
-        t0 = time.perf_counter()
-        step_fn(b)
-        times.append(time.perf_counter() - t0)
-    if kind != "eager":
-        plan = wrapped.plan
-        predicted = plan.step_time if plan.step_time > 0 else None
-        where = "; ".join(f"stage {st.index}: ops {st.ops[0]}-{st.ops[-1]} x{st.replicas}" for st in plan.stages)
-        where += f"; m={plan.microbatches} {plan.schedule}"
-    if rank == 0:
-        step = sorted(times[2:])[len(times[2:]) // 2]  # median
-        print("RESULT " + json.dumps({"step": step, "predicted": predicted, "layout": where}), flush=True)
-
-
-def launch(kind: str, ranks: int, threads: int, args: argparse.Namespace) -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONPATH=str(REPO))
-    cmd = [sys.executable, __file__, "--worker", kind, "--steps", str(args.steps), "--batch", str(args.batch),
-           "--threads", str(threads)]
-    if kind != "eager":
-        cmd = [str(Path(sys.executable).parent / "mpiexec"), "-n", str(ranks), *cmd]
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=1800, check=False)
+    Returns the parsed dict, or ``{"error": <last lines of output>}`` when it failed.
+    """
+    cmd = [sys.executable, str(PEERS / script), *flags]
+    if ranks > 1 or "--mpi" in flags:
+        cmd = [MPIEXEC, "-n", str(ranks), *[c for c in cmd if c != "--mpi"]]
+    full_env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONPATH=str(REPO), **(env or {}))
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, env=full_env, cwd=REPO, timeout=timeout,
+                             check=False)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout:.0f} s: {' '.join(cmd)}"}
     for line in out.stdout.splitlines():
         if line.startswith("RESULT "):
             return json.loads(line[7:])
-    raise RuntimeError(f"{kind} on {ranks} ranks failed:\n{out.stdout}\n{out.stderr}")
+    tail = "\n".join((out.stdout + out.stderr).strip().splitlines()[-15:])
+    return {"error": f"exit {out.returncode}: {tail}"}
+
+
+def ms(t: float | None) -> str:
+    """Seconds as whole milliseconds, '-' for None."""
+    return "-" if t is None else f"{t * 1e3:.0f}"
+
+
+class Bench:
+    """Runs the configurations and collects rows ``(label, ranks, layout, result)``."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.rows: list[tuple[str, int, str, dict[str, Any]]] = []
+        self.common = ["--batch", str(args.batch), "--steps", str(args.steps), "--warmup", str(args.warmup),
+                       "--layers", str(args.layers), "--hidden", str(args.hidden)]
+
+    def run(self, label: str, ranks: int, layout: str, script: str, flags: list[str], **kw: Any) -> dict[str, Any]:
+        """Launch one configuration, print its line, keep its row."""
+        r = launch(script, ranks, [*flags, *self.common], **kw)
+        if "error" not in r:
+            r["samples"] = self.args.batch / r["step"]
+            layout = r.get("layout", layout)
+            pred = f"predicted {ms(r.get('predicted'))} ms" if r.get("predicted") else ""
+            print(f"{label:52s} {ms(r['step']):>6} ms/step {r['samples']:6.2f} samples/s {pred}  {layout}", flush=True)
+        else:
+            print(f"{label:52s} FAILED: {r['error']}", flush=True)
+        self.rows.append((label, ranks, layout, r))
+        return r
 
 
 def main() -> None:
+    """Parse flags, run every configuration, print and write the results."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=5, help="timed steps (after 2 warm-up steps); default 5")
+    ap.add_argument("--steps", type=int, default=5, help="timed steps per configuration; default 5")
+    ap.add_argument("--warmup", type=int, default=2, help="untimed steps first; default 2 (at least 1)")
     ap.add_argument("--batch", type=int, default=8, help="global batch (rows of 128 tokens); default 8")
-    ap.add_argument("--worker", help=argparse.SUPPRESS)
-    ap.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
+    ap.add_argument("--microbatches", type=int, default=4, help="microbatches at equal layout; default 4")
+    ap.add_argument("--layers", type=int, default=6, help="GPT blocks; default 6")
+    ap.add_argument("--hidden", type=int, default=512, help="GPT width; default 512")
+    ap.add_argument("--gpipe", action="store_true", help="also compare at equal layout with GPipe")
     args = ap.parse_args()
-    if args.worker:
-        worker(args.worker, args.steps, args.batch, args.threads)
-        return
-    rows = [
-        ("eager, 1 process, 2 threads", "eager", 1, 2),
-        ("eager, 1 process, 1 thread", "eager", 1, 1),
-        ("rannc_py, 1 rank (planner)", "auto", 1, 1),
-        ("rannc_py, 2 ranks, hand layout (2 stages, m=4, 1F1B)", "hand", 2, 1),
-        ("rannc_py, 2 ranks, planner layout", "auto", 2, 1),
-    ]
-    results = []
-    for label, kind, ranks, threads in rows:
-        r = launch(kind, ranks, threads, args)
-        r["samples"] = args.batch / r["step"]
-        results.append((label, ranks, r))
-        pred = f"{r['predicted'] * 1e3:.0f} ms" if r["predicted"] else "-"
-        print(f"{label:55s} {r['step'] * 1e3:8.0f} ms/step {r['samples']:7.2f} samples/s  predicted {pred}  {r['layout']}")
-    lines = [
-        "# Runtime benchmark",
-        "",
-        f"GPT 6 layers x 512 hidden, seq 128, vocab 256, AdamW; global batch {args.batch}; "
-        f"median of {args.steps} steps after 2 warm-up steps; 1 torch thread per rank. "
-        "Command: `python benchmarks/runtime_bench.py"
-        + (f" --steps {args.steps} --batch {args.batch}" if (args.steps, args.batch) != (5, 8) else "") + "`.",
-        "",
-        "| configuration | ranks | step (ms) | samples/s | predicted step (ms) | layout |",
-        "|---|---|---|---|---|---|",
-    ]
-    for label, ranks, r in results:
-        pred = f"{r['predicted'] * 1e3:.0f}" if r["predicted"] else "-"
-        lines.append(f"| {label} | {ranks} | {r['step'] * 1e3:.0f} | {r['samples']:.2f} | {pred} | {r['layout']} |")
+    if args.warmup < 1:
+        ap.error("--warmup must be at least 1 (rannc_py's first call traces and plans)")
+    load0 = os.getloadavg()
+    b = Bench(args)
+    m = str(args.microbatches)
+    mid = f"embed + blocks 0-{args.layers // 2 - 1} | blocks {args.layers // 2}-{args.layers - 1} + head"
+    b.run("eager, 1 process, 2 threads", 1, "-", "rannc_worker.py", ["eager", "--threads", "2"], threads=2)
+    eager1 = b.run("eager, 1 process, 1 thread", 1, "-", "rannc_worker.py", ["eager"])
+    one = b.run("rannc_py, 1 rank (default plan)", 1, "", "rannc_worker.py", ["rannc", "--mpi"])
+    equal: dict[str, dict[str, dict[str, Any]]] = {}
+    stage: dict[str, Any] = {}
+    for sched in ["1f1b"] + (["gpipe"] if args.gpipe else []):
+        S = sched.upper() if sched == "gpipe" else "1F1B"
+        e: dict[str, dict[str, Any]] = {}
+        e["ours"] = b.run(f"rannc_py, 2 ranks, 2 stages, m={m}, {S}, planner split", 2, "", "rannc_worker.py",
+                          ["rannc", "--plan", "pinned", "--microbatches", m, "--schedule", sched])
+        e["pipelining"] = b.run(f"torch.distributed.pipelining, 2 ranks, m={m}, {S}", 2, mid, "pipelining_peer.py",
+                                ["--microbatches", m, "--schedule", sched, "--boundary", str(args.layers // 2)])
+        if sched == "1f1b":
+            e["deepspeed"] = b.run(f"DeepSpeed PipelineModule, 2 ranks, m={m}, 1F1B", 2, mid, "deepspeed_peer.py",
+                                   ["--microbatches", m], env={"DS_ACCELERATOR": "cpu"})
+            with tempfile.TemporaryDirectory() as tmp:
+                plan_file = Path(tmp) / "plan.json"
+                flags = ["stagetime", "--microbatches", m]
+                if "plan" in e["ours"]:
+                    plan_file.write_text(e["ours"]["plan"])
+                    flags += ["--plan-file", str(plan_file)]
+                stage = launch("rannc_worker.py", 1, [*flags, *b.common])
+        boundary_differs = "planner" in stage
+        if boundary_differs:
+            e["ours_middle"] = b.run(f"rannc_py, 2 ranks, 2 stages, m={m}, {S}, middle split", 2, "",
+                                     "rannc_worker.py", ["rannc", "--plan", "middle", "--microbatches", m,
+                                                         "--schedule", sched])
+        equal[sched] = e
+    free = b.run("rannc_py, 2 ranks, planner free (default plan)", 2, "", "rannc_worker.py", ["rannc"])
+    load1 = os.getloadavg()
+    lines = report(args, b, equal, stage, free, one, eager1, (load0, load1))
+    print("\n".join(lines))
     out = REPO / "benchmarks/results/runtime.md"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines) + "\n")
     print(f"wrote {out.relative_to(REPO)}")
+
+
+def ratio(a: dict[str, Any], b: dict[str, Any]) -> float | None:
+    """Speed of ``a`` over ``b`` (b's step time / a's), None when either failed."""
+    return b["step"] / a["step"] if "step" in a and "step" in b else None
+
+
+def fx(v: float | None, pct: bool = False) -> str:
+    """A ratio as '1.23x' (or a signed percentage), 'could not run' for None."""
+    if v is None:
+        return "could not run"
+    return f"{(v - 1) * 100:+.1f} %" if pct else f"{v:.2f}x"
+
+
+def report(args: argparse.Namespace, b: Bench, equal: dict[str, dict[str, dict[str, Any]]], stage: dict[str, Any],
+           free: dict[str, Any], one: dict[str, Any], eager1: dict[str, Any],
+           loads: tuple[tuple[float, ...], tuple[float, ...]]) -> list[str]:
+    """The markdown of ``benchmarks/results/runtime.md``."""
+    flags = [f"--{k} {v}" for k, v, d in (("steps", args.steps, 5), ("warmup", args.warmup, 2),
+                                          ("batch", args.batch, 8), ("microbatches", args.microbatches, 4),
+                                          ("layers", args.layers, 6), ("hidden", args.hidden, 512)) if v != d]
+    cmd = " ".join(["python benchmarks/runtime_bench.py", *flags, *(["--gpipe"] if args.gpipe else [])])
+    L = [
+        "# Runtime benchmark", "",
+        f"GPT {args.layers} layers x {args.hidden} hidden, seq 128, vocab 256, head untied, no dropout, AdamW; "
+        f"global batch {args.batch}; median of {args.steps} timed steps after {args.warmup} warm-up steps "
+        "(a multi-rank step: the slowest rank's median); 1 torch thread per rank unless stated. "
+        f"Command: `{cmd}`.", "",
+        "**Caveat: this machine has 2 cores shared with other work.** Load average (1/5/15 min) was "
+        f"{'/'.join(f'{x:.1f}' for x in loads[0])} at the start and {'/'.join(f'{x:.1f}' for x in loads[1])} "
+        "at the end; the configurations ran one after another, so each saw a different load and the ratios "
+        "carry that noise (compare the per-step times listed in the last table).", "",
+        "## Throughput", "",
+        "| configuration | ranks | step (ms) | samples/s | predicted step (ms) | predicted / measured | "
+        "loss after step 1 | layout |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for label, ranks, layout, r in b.rows:
+        if "error" in r:
+            err = r["error"].replace("\n", " ").replace("|", "/")[:300]
+            L.append(f"| {label} | {ranks} | could not run | | | | | {err} |")
+            continue
+        pred = r.get("predicted")
+        acc = f"{pred / r['step']:.2f}" if pred else "-"
+        loss = (r.get("losses") or [r.get("loss")])[0]
+        L.append(f"| {label} | {ranks} | {ms(r['step'])} | {r['samples']:.2f} | {ms(pred)} | {acc} | "
+                 f"{'-' if loss is None else f'{loss:.5f}'} | {layout} |")
+    L += ["", "Loss after step 1 is the same model, weights and batch everywhere (a check that every "
+          "configuration trains the same thing; DeepSpeed reports the loss of its last step instead)."]
+    L += ["", "## Ratios", "", "| comparison | rannc_py speed-up | target |", "|---|---|---|"]
+    for sched, e in equal.items():
+        ours, mid_run = e["ours"], e.get("ours_middle", e["ours"])
+        for peer in ("pipelining", "deepspeed"):
+            if peer not in e:
+                continue
+            name = "torch.distributed.pipelining" if peer == "pipelining" else "DeepSpeed"
+            total, bal, rt = ratio(ours, e[peer]), ratio(ours, mid_run), ratio(mid_run, e[peer])
+            L.append(f"| equal layout ({sched}) vs {name}: total | {fx(total)} | >= 1.1x |")
+            L.append(f"| ... of which balance (rannc_py middle split / planner split) | {fx(bal)} | |")
+            L.append(f"| ... of which runtime (peer / rannc_py, same middle split) | {fx(rt)} | |")
+    for peer in ("pipelining", "deepspeed"):
+        if peer in equal["1f1b"]:
+            L.append(f"| planner free vs {peer} hand config (middle split, m={args.microbatches}, 1F1B) | "
+                     f"{fx(ratio(free, equal['1f1b'][peer]))} | >= 1.3x |")
+    ov = ratio(eager1, one)
+    L.append(f"| 1-rank overhead (rannc_py step / eager 1 thread step) | {fx(ov, pct=True)} | <= +5 % |")
+    L += ["", "## Stage balance at equal layout", ""]
+    if "error" in stage or not stage:
+        L.append(f"Per-stage timing could not run: {stage.get('error', 'no plan')}")
+    else:
+        L += ["Forward + backward of one microbatch "
+              f"({args.batch // args.microbatches} rows) per stage, measured stage after stage in one process "
+              "(1 thread, median of --steps repetitions). Imbalance = slowest stage / mean.", "",
+              "| split | stage 1 starts at | stage 0 (ms) | stage 1 (ms) | imbalance |", "|---|---|---|---|---|"]
+        for name, s in stage.items():
+            t = s["times"]
+            label = "middle (peers; also the planner's)" if name == "middle" and "planner" not in stage else name
+            L.append(f"| {label} | {s['boundary']} | {ms(t[0])} | {ms(t[1])} | {max(t) / (sum(t) / len(t)):.3f} |")
+    L += ["", "## Per-step times (s)", "", "| configuration | timed steps |", "|---|---|"]
+    for label, _, _, r in b.rows:
+        if "times" in r:
+            L.append(f"| {label} | {', '.join(f'{t:.2f}' for t in r['times'])} |")
+    return L
 
 
 if __name__ == "__main__":

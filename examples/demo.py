@@ -4,9 +4,10 @@
 
 The limit is set below the model's training state (weights, gradients and
 two AdamW moments), so no rank can hold the whole model: rannc_py must cut it
-into pipeline stages, and with ranks to spare it replicates the stages for
-data parallelism. The run ends with the plan chosen, predicted against
-measured step time, peak memory per rank, the loss and the pictures' paths.
+into pipeline stages, and with ranks to spare it replicates stages for data
+parallelism. The demo checks that the plan has both, then ends with the plan
+chosen, predicted against measured step time, peak memory per rank, the
+loss and the pictures' paths.
 """
 
 from __future__ import annotations
@@ -19,16 +20,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 import torch
 
+from examples.common.trainer import summary_lines
 from examples.gpt.model import GPT, gpt_config
 from examples.gpt.train import run
 
 SIZE = "small"
 SEQ_LEN = 64
+BATCH = 16
 # Bytes of training state per parameter: fp32 weight, gradient, two AdamW moments.
 STATE_BYTES_PER_PARAM = 16
 # Fraction of the whole model's training state one rank may hold: below 1, so
-# at least two stages are needed.
-LIMIT_FRACTION = 0.6
+# at least two stages are needed, and above 1/2, so two stages fit and the
+# other two ranks can hold replicas.
+LIMIT_FRACTION = 0.8
 
 
 def memory_limit() -> int:
@@ -40,28 +44,31 @@ def memory_limit() -> int:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=200, help="optimizer steps")
-    p.add_argument("--out", default="runs/demo", help="folder for the pictures and logs")
+    p.add_argument("--steps", type=int, default=150, help="optimizer steps")
+    p.add_argument("--out", default="out/demo", help="folder for the pictures and logs")
     args = p.parse_args()
     limit = memory_limit()
     summary = run([
-        "--size", SIZE, "--seq-len", str(SEQ_LEN), "--batch-size", "32", "--steps", str(args.steps),
+        "--size", SIZE, "--seq-len", str(SEQ_LEN), "--batch-size", str(BATCH), "--steps", str(args.steps),
         "--memory-limit", str(limit), "--out", args.out,
     ])
     if not summary:  # ranks other than 0
         return
-    mib = ", ".join(f"{b / 2**20:.0f}" for b in summary["peak_rss_per_rank"])
-    print(
-        "\n== rannc_py demo summary ==\n"
-        f"{summary['plan']}\n"
-        f"memory limit per rank: {limit / 2**20:.1f} MiB (model state {limit / LIMIT_FRACTION / 2**20:.1f} MiB)\n"
-        f"step time: predicted {summary['predicted_step_time'] * 1e3:.1f} ms, "
-        f"measured {summary['measured_step_time'] * 1e3:.1f} ms (median)\n"
-        f"peak memory (RSS, incl. Python and PyTorch) per rank, MiB: {mib}\n"
-        f"loss: {summary['first_loss']:.3f} at step 1 -> {summary['final_loss']:.3f} at step {summary['steps']}\n"
-        f"pictures: {summary['loss_curve']}, {summary['timeline']}",
-        flush=True,
-    )
+    replicas = summary["stages"]
+    lines = [
+        "",
+        "== rannc_py demo summary ==",
+        f"memory limit per rank: {limit / 2**20:.1f} MiB; the whole model's training state "
+        f"(weights, grads, AdamW moments) is {limit / LIMIT_FRACTION / 2**20:.1f} MiB",
+        *summary_lines(summary),
+    ]
+    print("\n".join(lines), flush=True)
+    if len(replicas) < 2 or max(replicas) < 2:
+        raise SystemExit(f"the demo expected pipeline stages with data-parallel replicas, but the plan has "
+                         f"replicas {replicas} per stage; check the planner's choice above")
+    if summary["final_loss"] > summary["first_loss"] - 1.0:
+        raise SystemExit(f"the loss did not fall by at least 1 ({summary['first_loss']:.3f} -> "
+                         f"{summary['final_loss']:.3f}); run more --steps")
 
 
 if __name__ == "__main__":

@@ -1,8 +1,11 @@
 """Smoke tests of the GPT and BERT training scripts (tiny sizes, a few steps).
 
 Eager runs check that training learns and that --save/--resume continues
-exactly; rannc_py runs on 1 and 2 ranks check that the losses equal the eager
-ones and that the pictures are written.
+exactly. rannc_py runs on 1 and 2 ranks check that the losses equal the eager
+ones and fall, that the pictures are written, and that the drawn timeline is
+the planner's own simulation (its step time is the plan's prediction); the
+2-rank runs also cover --memory-limit, --stages, --cluster, --plan and
+--save/--resume under pipeline parallelism.
 """
 
 from __future__ import annotations
@@ -18,22 +21,28 @@ import torch
 from mpi_launch import REPO, run_mpi
 
 SCRIPTS = {"gpt": REPO / "examples/gpt/train.py", "bert": REPO / "examples/bert/train.py"}
-COMMON = ["--size", "tiny", "--batch-size", "8", "--docs", "300"]
+COMMON = ["--size", "tiny", "--batch-size", "8", "--docs", "300", "--warmup", "2"]
 
 
 def run_eager(kind: str, out: Path, *args: str) -> list[float]:
     env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [sys.executable, str(SCRIPTS[kind]), *COMMON, "--eager", "--out", str(out), *args]
-    proc = subprocess.run(
-        cmd, capture_output=True, text=True, timeout=120, env=env, cwd=str(REPO), check=False
-    )
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env, cwd=str(REPO), check=False)
     assert proc.returncode == 0, f"{cmd} failed:\n{proc.stdout}\n{proc.stderr}"
     return json.loads((out / "losses.json").read_text())
 
 
-def run_rannc(kind: str, ranks: int, out: Path, *args: str) -> list[float]:
+def run_rannc(kind: str, ranks: int, out: Path, *args: str) -> tuple[list[float], dict]:
     run_mpi(ranks, SCRIPTS[kind], *COMMON, "--out", str(out), *args, timeout=300)
-    return json.loads((out / "losses.json").read_text())
+    return json.loads((out / "losses.json").read_text()), json.loads((out / "summary.json").read_text())
+
+
+def gpt_state_bytes() -> int:
+    """Training state of the tiny GPT: fp32 weights, gradients and two AdamW moments."""
+    from examples.gpt.model import GPT, gpt_config
+
+    with torch.device("meta"):
+        return 16 * GPT(gpt_config("tiny")).num_parameters()
 
 
 @pytest.mark.parametrize("kind", ["gpt", "bert"])
@@ -51,55 +60,62 @@ def test_eager_resume_continues_the_same_run(tmp_path: Path) -> None:
     first = run_eager("gpt", tmp_path / "first", "--steps", "4", "--save", str(tmp_path / "ckpt"))
     resumed = run_eager("gpt", tmp_path / "resumed", "--steps", "8", "--resume", str(tmp_path / "ckpt"))
     assert first == whole[:4]
-    # Same data order and optimizer state: the continuation is the same computation.
+    # Same data order, learning-rate schedule and optimizer state: the same computation.
     torch.testing.assert_close(torch.tensor(resumed), torch.tensor(whole), rtol=1e-6, atol=0)
 
 
-def _needs_runtime() -> None:
-    pytest.importorskip("rannc_py.runtime.module", reason="rannc_py.runtime.module (RaNNCModule) not built yet")
+# (script, ranks, flags, stages expected): 1 rank planned freely; 2 ranks under a
+# memory limit below the model's training state, which forces 2 pipeline stages;
+# 2 ranks with the depth pinned.
+CASES = [
+    ("gpt", 1, (), 1),
+    ("gpt", 2, ("--memory-limit", "LIMIT"), 2),
+    ("bert", 2, ("--stages", "2", "--microbatches", "2"), 2),
+]
 
 
-PIPELINE = ["--stages", "2", "--microbatches", "2"]
-
-
-@pytest.mark.parametrize("kind,ranks,layout", [("gpt", 1, []), ("gpt", 2, PIPELINE), ("bert", 2, PIPELINE)])
-def test_rannc_matches_eager_and_draws_the_plan(kind: str, ranks: int, layout: list[str], tmp_path: Path) -> None:
-    _needs_runtime()
-    ref = run_eager(kind, tmp_path / "eager", "--steps", "4")
-    got = run_rannc(kind, ranks, tmp_path / "rannc", "--steps", "4", *layout)
+@pytest.mark.parametrize("kind,ranks,flags,stages", CASES)
+def test_rannc_matches_eager_and_draws_the_plan(kind: str, ranks: int, flags: tuple[str, ...], stages: int,
+                                                tmp_path: Path) -> None:
+    flags = tuple(str(int(0.7 * gpt_state_bytes())) if f == "LIMIT" else f for f in flags)
+    ref = run_eager(kind, tmp_path / "eager", "--steps", "5")
+    got, summary = run_rannc(kind, ranks, tmp_path / "rannc", "--steps", "5", *flags)
     torch.testing.assert_close(torch.tensor(got), torch.tensor(ref), rtol=1e-5, atol=1e-6)
-    summary = json.loads((tmp_path / "rannc" / "summary.json").read_text())
-    assert summary["ranks"] == ranks
-    if not layout:  # planned, not hand-given: the plan carries predictions
-        assert summary["predicted_step_time"] > 0
+    assert got[-1] < got[0] - 0.3, got
+    assert summary["ranks"] == ranks and len(summary["stages"]) == stages and sum(summary["stages"]) == ranks
+    assert summary["predicted_step_time"] > 0 and summary["measured_step_time"] > 0
+    # The picture is the planner's own simulation of the plan that ran.
+    assert summary["simulated_step_time"] == pytest.approx(summary["predicted_step_time"], rel=1e-9)
     assert (tmp_path / "rannc" / "timeline.png").stat().st_size > 0
     assert (tmp_path / "rannc" / "loss.png").stat().st_size > 0
 
 
-def test_rannc_pipeline_resume_and_plan_reuse(tmp_path: Path) -> None:
-    _needs_runtime()
+def test_rannc_pipeline_resume_cluster_preset_and_plan_reuse(tmp_path: Path) -> None:
     plan = ["--plan", str(tmp_path / "plan.json")]
-    whole = run_rannc("gpt", 2, tmp_path / "whole", "--steps", "6", *PIPELINE, *plan)
+    # Planned for two Fugaku nodes with the depth pinned, run on this machine's 2 ranks.
+    whole, summary = run_rannc("gpt", 2, tmp_path / "whole", "--steps", "6", "--cluster", "a64fx:nodes=2",
+                               "--stages", "2", "--microbatches", "2", *plan)
+    assert summary["plan_cluster"].startswith("a64fx:nodes=2") and summary["stages"] == [1, 1]
     assert (tmp_path / "plan.json").exists()  # saved by the first run, reused by the next two
     run_rannc("gpt", 2, tmp_path / "first", "--steps", "3", "--save", str(tmp_path / "ckpt"), *plan)
-    resumed = run_rannc("gpt", 2, tmp_path / "resumed", "--steps", "6", "--resume", str(tmp_path / "ckpt"), *plan)
+    resumed, summary = run_rannc("gpt", 2, tmp_path / "resumed", "--steps", "6", "--resume",
+                                 str(tmp_path / "ckpt"), *plan)
+    assert summary["plan_cluster"].startswith("a64fx:nodes=2")
     torch.testing.assert_close(torch.tensor(resumed), torch.tensor(whole), rtol=1e-6, atol=0)
 
-def test_plan_timeline_picture(tmp_path: Path) -> None:
-    from examples.common.plots import plan_timeline, plot_losses, plot_timeline
-    from rannc_py.planner.plan import Plan, StagePlan
 
-    stages = tuple(
-        StagePlan(index=s, ops=(2 * s, 2 * s + 1), param_fqns=(f"w{s}",), ranks=(2 * s, 2 * s + 1),
-                  recompute=False, predicted_compute_time=0.3 * (s + 1), predicted_peak_memory=1 << 20)
-        for s in range(2)
-    )
-    plan = Plan(batch_size=8, microbatches=4, schedule="1f1b", stages=stages, world_size=4,
-                graph_fingerprint="x", cluster="test", step_time=1.0, peak_memory_per_rank=(1 << 20,) * 4,
-                samples_per_second=8.0, mfu=0.1, search_time=0.0)
-    timeline = plan_timeline(plan)
-    # The slower stage's work bounds the step: 4 microbatches x (fwd + bwd) = its compute time.
-    assert timeline.busy[1] == pytest.approx(0.6)
-    assert timeline.step_time >= 0.6
-    assert plot_timeline(timeline, tmp_path / "t.png").stat().st_size > 0
-    assert plot_losses([3.0, 2.0, 1.0], tmp_path / "l.png").stat().st_size > 0
+def test_learning_rate_schedule() -> None:
+    from argparse import Namespace
+
+    from examples.common.trainer import learning_rate
+
+    assert [learning_rate(s, Namespace(lr=1.0, warmup=4)) for s in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    assert learning_rate(0, Namespace(lr=0.5, warmup=0)) == 0.5
+
+
+def test_parse_bytes() -> None:
+    from examples.common.cli import parse_bytes
+
+    assert parse_bytes("64MiB") == 64 * 2**20 and parse_bytes("2GB") == 2 * 10**9 and parse_bytes("1000") == 1000
+    with pytest.raises(Exception, match="cannot read"):
+        parse_bytes("lots")

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import random
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from rannc_py.errors import ConfigError, PlanError
 from rannc_py.schedule import (
@@ -19,6 +22,7 @@ from rannc_py.schedule import (
     simulate,
     validate,
 )
+from rannc_py.schedule.fast import step_time
 
 K = ActionKind
 
@@ -127,3 +131,20 @@ def test_parse_errors():
         Schedule.from_json('{"name": "x", "num_stages": 1, "num_microbatches": 1, "actions": [["Q1"]]}')
     with pytest.raises(PlanError, match="malformed"):
         Schedule.from_json('{"name": "x"}')
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    name=st.sampled_from(["1f1b", "gpipe", "forward_only"]),
+    p=st.integers(1, 8),
+    m=st.integers(1, 24),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_fast_step_time_equals_simulator(name, p, m, seed):
+    # The search ranks candidates with step_time; it must be the simulator's number, bit for bit.
+    rnd = random.Random(seed)
+    costs = [StageCosts(rnd.random(), 0.0 if name == "forward_only" else 2 * rnd.random(),
+                        rnd.choice([0.0, 0.3, 3.0]) * rnd.random(), rnd.choice([0.0, 0.3, 3.0]) * rnd.random(),
+                        0.0 if name == "forward_only" else rnd.choice([0.0, 5.0]) * rnd.random())
+             for _ in range(p)]
+    assert step_time(name, m, costs) == simulate(by_name(name, p, m), costs).step_time

@@ -39,7 +39,7 @@ def training_parser(description: str, sizes: list[str]) -> argparse.ArgumentPars
     t.add_argument("--batch-size", type=int, default=16, help="global batch size (split across ranks)")
     t.add_argument("--lr", type=float, default=3e-3, help="AdamW peak learning rate")
     t.add_argument("--warmup", type=int, default=10,
-                   help="steps of linear learning-rate warm-up; then cosine decay to lr/10 at --steps")
+                   help="steps of linear learning-rate warm-up to --lr")
     t.add_argument("--seed", type=int, default=0, help="seed for initialisation, data and shuffling")
     t.add_argument("--docs", type=int, default=2000, help="documents in the generated corpus")
     t.add_argument("--save", default=None, help="write a checkpoint to this folder at the end")

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import resource
 import statistics
 import time
@@ -47,14 +46,12 @@ def _batches(loader: ShardedLoader, start_step: int) -> Iterator[dict[str, torch
 
 
 def learning_rate(step: int, args: argparse.Namespace) -> float:
-    """The learning rate of global step ``step``: linear warm-up, then cosine decay to ``lr / 10``.
+    """The learning rate of global step ``step``: linear warm-up over ``--warmup`` steps, then ``--lr``.
 
-    A function of the step alone, so a resumed run follows the same schedule.
+    A function of the step alone (not of ``--steps``), so a run saved early
+    and resumed follows the same schedule as one uninterrupted run.
     """
-    if step < args.warmup:
-        return args.lr * (step + 1) / args.warmup
-    progress = (step - args.warmup) / max(args.steps - args.warmup, 1)
-    return args.lr * (0.1 + 0.45 * (1 + math.cos(math.pi * min(progress, 1.0))))
+    return args.lr * min(1.0, (step + 1) / args.warmup) if args.warmup > 0 else args.lr
 
 
 # A checkpoint folder holds the full model state (written by rank 0, readable
@@ -153,8 +150,9 @@ def train(args: argparse.Namespace, model: torch.nn.Module, dataset: Dataset, na
 
                 # rannc_py moved the other stages' weights to "meta"; a meta copy traces the same graph.
                 graph = rannc_py.trace(copy.deepcopy(original).to("meta"), (), batch)
-            timeline = plot_timeline(plan, planned_timeline(plan, graph), out / "timeline.png", f"{name} plan")
-            summary["timeline"] = str(timeline)
+            timeline = planned_timeline(plan, graph)
+            summary["simulated_step_time"] = timeline.step_time  # equals the prediction: the same simulation
+            summary["timeline"] = str(plot_timeline(plan, timeline, out / "timeline.png", f"{name} plan"))
     (out / "losses.json").write_text(json.dumps(losses))
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary

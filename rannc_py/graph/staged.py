@@ -37,7 +37,7 @@ from torch import fx, nn
 from rannc_py.errors import ConfigError, PartitionError
 from rannc_py.graph import symbolic
 from rannc_py.graph.ir import Graph
-from rannc_py.graph.lowered import Lowered
+from rannc_py.graph.lowered import Lowered, _meta
 
 aten = torch.ops.aten
 
@@ -51,7 +51,9 @@ class Stage:
     previous stage) and returns a tuple in ``output_names`` order. Its
     parameters and buffers are registered under their original FQNs
     (``param_fqns``, ``buffer_fqns``); tied parameters appear under each name
-    the stage reads.
+    the stage reads. ``batch_dims`` gives, for every input and output name,
+    the dimension that holds the batch's rows (None: the tensor is the same
+    for every row), by the rule of the graph's ``TensorMeta.batch_dim``.
     """
 
     index: int
@@ -62,6 +64,7 @@ class Stage:
     param_fqns: list[str]
     buffer_fqns: list[str]
     module: fx.GraphModule
+    batch_dims: dict[str, int | None] = field(default_factory=dict)
     _fx_graph: fx.Graph = field(repr=False, default_factory=fx.Graph)
     _attrs: dict[str, Any] = field(repr=False, default_factory=dict)
 
@@ -312,6 +315,8 @@ def _build_stage(planner: _StagePlanner, s: int, boundaries: list[list[fx.Node]]
         outputs = boundaries[s]
         output_names = [x.name for x in outputs]
     g.output(tuple(resolve(x) for x in outputs))
+    batch_dims = _batch_dims(low, graph, {**{n: input_node[n] for n in user_inputs}, **{x.name: x for x in received}})
+    batch_dims.update(_batch_dims(low, graph, dict(zip(output_names, outputs))))
     g.lint()
     module = fx.GraphModule(attrs, g, class_name=f"Stage{s}")
     return Stage(
@@ -323,6 +328,19 @@ def _build_stage(planner: _StagePlanner, s: int, boundaries: list[list[fx.Node]]
         param_fqns=sorted(params),
         buffer_fqns=sorted(buffers),
         module=module,
+        batch_dims=batch_dims,
         _fx_graph=g,
         _attrs={k: v for k, v in attrs.items() if k not in params and k not in buffers},
     )
+
+
+def _batch_dims(low: Lowered, graph: Graph, nodes: dict[str, fx.Node]) -> dict[str, int | None]:
+    """Name -> batch dimension of the tensor each node holds (None for non-tensors and batch-free ones)."""
+    # The batch symbol is the first dim-0 size symbol of the inputs, as in the Graph's TensorMeta.
+    batch_sym = next((sym for sym, (_, dim) in low.symbols.items() if dim == 0), None)
+    dynamic = graph.dynamic_batch and batch_sym is not None
+    out: dict[str, int | None] = {}
+    for name, node in nodes.items():
+        val = node.meta.get("val")
+        out[name] = _meta(val, batch_sym, graph.batch_size, dynamic).batch_dim if isinstance(val, torch.Tensor) else None
+    return out

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from rannc_py.errors import ConfigError, NoFeasiblePlanError, PlanError
+from rannc_py.planner.baselines import seed_layouts
 from rannc_py.planner.chain import Block, Chain
 from rannc_py.planner.cluster import Cluster, as_cluster
 from rannc_py.planner.coarsen import cut_bytes
@@ -210,11 +211,22 @@ def plan_chain(chain: Chain, cluster: Cluster, batch_size: int, *, graph_fingerp
     cost = CostModel(chain, cluster, batch_size, optimizer, memory_margin)
     space = build_space(chain, cluster, batch_size, schedules=schedules, max_stages=max_stages,
                         num_stages=num_stages, replicas=replicas, microbatches=microbatches, recompute=recompute)
+    lay, step = search_chain(cost, space)
+    return layout_to_plan(cost, lay, step, graph_fingerprint, dtype, time.perf_counter() - t0)
+
+
+def search_chain(cost: CostModel, space: SearchSpace) -> tuple[Layout, float]:
+    """The chosen layout and its simulated step time: the DP's candidates plus the
+    split rules' (:func:`rannc_py.planner.baselines.seed_layouts`), simulated, fastest wins.
+
+    Raises:
+        NoFeasiblePlanError: nothing fits (see :func:`plan`).
+    """
     layouts = enumerate_layouts(cost, space)
-    if not layouts:
+    seeds = seed_layouts(cost, space)
+    if not layouts and not seeds:
         raise _infeasible(cost, space)
-    lay, timeline = pick_best(cost, layouts)
-    return layout_to_plan(cost, lay, timeline.step_time, graph_fingerprint, dtype, time.perf_counter() - t0)
+    return pick_best(cost, layouts, extra=seeds)
 
 
 def _infeasible(cost: CostModel, space: SearchSpace) -> NoFeasiblePlanError:

@@ -72,6 +72,8 @@ class ChainTables:
     Attributes (all (n+1) x (n+1) float arrays, meaningful for j > i):
         fwd_fixed, fwd_ps, bwd_fixed, bwd_ps, act, flops: sums.
         param_bytes: bytes of the distinct parameters of the range.
+        tied_bytes: bytes of those parameters that blocks outside the range
+            also read (tied weights: their gradients need a sum across stages).
     Attributes (length n+1): ``cut[k]`` bytes per sample crossing the
         boundary before block k (``cut[0]`` the model input, ``cut[n]`` 0).
     """
@@ -103,3 +105,15 @@ class ChainTables:
                         total += nbytes
                 pb[i, j + 1] = total
         self.param_bytes = pb
+        self.tied_bytes = np.zeros((n + 1, n + 1))
+        holders: dict[str, list[int]] = {}
+        sizes: dict[str, int] = {}
+        for k, b in enumerate(bl):
+            for name, nbytes in b.params:
+                holders.setdefault(name, []).append(k)
+                sizes[name] = nbytes
+        for name, ks in holders.items():
+            if len(ks) < 2:
+                continue
+            inside = rng([1.0 if k in ks else 0.0 for k in range(n)])  # holders within [i, j)
+            self.tied_bytes += np.where((inside > 0) & (inside < len(ks)), sizes[name], 0.0)

@@ -13,7 +13,11 @@ Per replica and microbatch:
   are nonblocking), so a stage's per-microbatch time is
   ``c = max(compute, comm)``.
 - once per step: allreduce of the stage's gradients across its R replicas
-  (fastest algorithm for the topology, :mod:`rannc_py.comm.cost`).
+  (fastest algorithm for the topology, :mod:`rannc_py.comm.cost`), plus, for
+  parameters another stage also reads (tied weights), a sum across both
+  stages' replicas. In the per-stage tables the other stage is assumed to
+  have as many replicas (2R ranks); the simulated step time
+  (:func:`rannc_py.planner.search.stage_costs`) uses the real counts.
 Memory per rank: parameters + gradients + optimizer state (SGD 0, SGD with
 momentum 1, Adam/AdamW 2 extra copies of the parameters) + activations of the
 microbatches in flight (GPipe: m; 1F1B: min(p - s, m)); with recompute only
@@ -124,21 +128,23 @@ class CostModel:
         return p2p_time(nbytes, link.latency, link.bandwidth)
 
     def _allreduce_table(self, ranks: int) -> np.ndarray:
-        """Allreduce seconds of every range's gradients over ``ranks`` replicas.
+        """Gradient sync seconds of every range over ``ranks`` replicas (tied weights: see the module docstring).
 
         Every algorithm's time is affine in the byte count (alpha-beta model), so
         each is evaluated at two sizes and the table is the minimum of the lines.
         """
         cache = self.__dict__.setdefault("_ar_cache", {})
         if ranks not in cache:
-            pb = self.t.param_bytes
-            if ranks <= 1:
-                cache[ranks] = np.zeros_like(pb)
-            else:
-                lines = _allreduce_lines(self.cluster, ranks)
-                best = np.min([a + b * pb for a, b in lines], axis=0)
-                cache[ranks] = np.where(pb > 0, best, 0.0)
+            cache[ranks] = self._sync_table(self.t.param_bytes, ranks) + self._sync_table(
+                self.t.tied_bytes, 2 * ranks)
         return cache[ranks]
+
+    def _sync_table(self, nbytes: np.ndarray, ranks: int) -> np.ndarray:
+        if ranks <= 1:
+            return np.zeros_like(nbytes)
+        lines = _allreduce_lines(self.cluster, ranks)
+        best = np.min([a + b * nbytes for a, b in lines], axis=0)
+        return np.where(nbytes > 0, best, 0.0)
 
     def _p2p_array(self, nbytes: np.ndarray, pipeline_devices: int) -> np.ndarray:
         link = self.cluster.link(pipeline_devices)

@@ -27,9 +27,13 @@ brute-force test checks that a pass returns the exact optimum of its ``T_w``.
 Outer loops: d whole-pipeline copies (d divides the device count; a pipeline
 has P = D / d devices), microbatch counts m (divisors of B), schedules; the
 recompute policy is per stage inside the tables. Per-stage replicas r come from
-a small set, may differ between stages and sum to P. The ``top_k`` layouts by T
+a small set, may differ between stages and sum to P. The ``TOP_K`` layouts by T
 are then simulated with their schedule's real action lists
-(:func:`rannc_py.schedule.simulate`); the smallest simulated step time wins,
+(:func:`rannc_py.schedule.fast.step_time`, the simulator's arithmetic), together
+with the best few layouts of the classic split rules
+(:mod:`rannc_py.planner.baselines`: uniform, parameter- and time-balanced
+splits with every replica count), so the pick is never slower, under this cost
+model, than what those rules would pick. The smallest simulated step time wins,
 ties going to the smaller T and then the enumeration order, so the result is
 deterministic.
 """
@@ -44,8 +48,11 @@ import numpy as np
 
 from rannc_py.planner.cost import CostModel
 from rannc_py.schedule import StageCosts, Timeline, by_name, simulate
+from rannc_py.schedule.fast import step_time
 
 REPLICA_SET = (1, 2, 3, 4, 6, 8)
+# Layouts (best by the estimate T) whose schedules are simulated for the final pick.
+TOP_K = 16
 
 
 @dataclass(frozen=True)
@@ -64,6 +71,8 @@ class Layout:
         memory: per stage peak bytes per rank.
         dp_objective: the surrogate ``T_w`` the DP minimised.
         weight: the allreduce weight w of that DP pass.
+        origin: "dp" for the search's own candidates, else the baseline rule
+            that proposed it (:mod:`rannc_py.planner.baselines`).
     """
 
     d: int
@@ -76,6 +85,7 @@ class Layout:
     memory: tuple[float, ...]
     dp_objective: float = 0.0
     weight: float = 0.0
+    origin: str = "dp"
 
     @property
     def num_stages(self) -> int:
@@ -168,7 +178,7 @@ def reconstruct(best: np.ndarray, obj_by_q: Sequence[np.ndarray], rvals: Sequenc
             ends = np.array([n])
         else:
             ris = ris[k - rv[ris] >= q]
-            vals = np.maximum(obj_by_q[q][i, :, ris], best[q - 1, :, k - rv[ris]].T)  # (replica, j)
+            vals = np.maximum(obj_by_q[q][i, :, ris], best[q - 1, :, k - rv[ris]])  # (replica, j): advanced indices go first
             ends = np.arange(n + 1)
         flat = int(np.argmin(vals))  # first replica index, then smallest j, among ties
         ri, j = divmod(flat, vals.shape[1])
@@ -354,17 +364,38 @@ def simulate_layout(cost: CostModel, lay: Layout) -> Timeline:
     return simulate(by_name(lay.schedule, lay.num_stages, lay.m), stage_costs(cost, lay))
 
 
-def pick_best(cost: CostModel, layouts: list[Layout], top_k: int = 8) -> tuple[Layout, Timeline]:
-    """Simulate the ``top_k`` layouts by T; return the fastest simulated (ties: smaller T, then order)."""
+def ranked(layouts: Sequence[Layout], top_k: int) -> list[Layout]:
+    """The ``top_k`` distinct layouts by the estimate T (ties: enumeration order)."""
     unique: dict[tuple, tuple[int, Layout]] = {}
-    for order, lay in enumerate(layouts):  # the same layout can come from several (d, pass) pairs
-        unique.setdefault((lay.m, lay.schedule, lay.bounds, lay.replicas, lay.recompute), (order, lay))
-    ranked = sorted(unique.values(), key=lambda il: (il[1].objective, il[0]))[:top_k]
+    for order, lay in enumerate(layouts):  # the same layout can come from several DP passes
+        unique.setdefault(_key(lay), (order, lay))
+    return [lay for _, lay in sorted(unique.values(), key=lambda il: (il[1].objective, il[0]))[:top_k]]
+
+
+def _key(lay: Layout) -> tuple:
+    return (lay.d, lay.m, lay.schedule, lay.bounds, lay.replicas, lay.recompute)
+
+
+def layout_step_time(cost: CostModel, lay: Layout) -> float:
+    """Simulated step time of a layout (:func:`rannc_py.schedule.fast.step_time`, equal to the simulator's)."""
+    return step_time(lay.schedule, lay.m, stage_costs(cost, lay))
+
+
+def pick_best(cost: CostModel, layouts: Sequence[Layout], top_k: int = TOP_K,
+              extra: Sequence[Layout] = ()) -> tuple[Layout, float]:
+    """Simulate the ``top_k`` layouts by T and every layout of ``extra``; return the fastest
+    simulated and its step time (ties: smaller T, then order: ``layouts`` first)."""
+    cands = ranked(layouts, top_k)
+    seen = {_key(lay) for lay in cands}
+    for lay in extra:
+        if _key(lay) not in seen:
+            seen.add(_key(lay))
+            cands.append(lay)
     best = None
-    for order, lay in ranked:
-        tl = simulate_layout(cost, lay)
-        key = (tl.step_time, lay.objective, order)
+    for order, lay in enumerate(cands):
+        key = (layout_step_time(cost, lay), lay.objective, order)
         if best is None or key < best[0]:
-            best = (key, lay, tl)
-    assert best is not None
-    return best[1], best[2]
+            best = (key, lay)
+    if best is None:
+        raise ValueError("pick_best needs at least one layout")
+    return best[1], best[0][0]

@@ -4,15 +4,20 @@ For every action of :mod:`rannc_py.schedule` the executor does one thing:
 
 - ``RECV_F i``: post receives for microbatch i's input activations.
 - ``F i``: wait for them, run the stage (without keeping the autograd graph
-  on a recompute stage, whose CPU RNG state is saved instead).
+  on a recompute stage, whose CPU RNG state and running statistics are saved
+  instead).
 - ``SEND_F i``: post sends of the outputs the next stage reads.
 - ``RECV_B i``: post receives for the gradients of those outputs.
-- ``B i``: (re-run the forward with the saved RNG state on a recompute stage,
-  so dropout masks match) backpropagate, keep the inputs' gradients, free i.
+- ``B i``: (re-run the forward with the saved RNG state and running
+  statistics on a recompute stage, so dropout masks match and batch norm
+  counts once) backpropagate, keep the inputs' gradients, free i. Before the
+  last backward the gradient synchroniser is told, so it can start summing
+  each bucket as soon as its gradients are final.
 - ``SEND_B i``: post sends of the inputs' gradients.
 - ``ALLREDUCE``: hand over to the gradient synchroniser.
 
-Rows follow the plan's rule (:mod:`rannc_py.runtime.routing`). Shapes are
+Rows follow the plan's rule (:mod:`rannc_py.runtime.routing`) along each
+tensor's batch dimension, as the traced graph records it. Shapes are
 exchanged once per input signature (first microbatch of the first step with
 new input shapes), never per step. The last stage weights each of its
 microbatch losses by its share of the global batch, so the sum over all
@@ -104,8 +109,13 @@ class Executor:
         self._out_meta_sent: set[Hashable] = set()
 
     # ----------------------------------------------------------------- step
-    def run(self, actions: tuple[Action, ...], step: Step, on_allreduce: Callable[[], None]) -> StageResult:
-        """Execute ``actions`` for ``step``; return the last stage's outputs (empty elsewhere)."""
+    def run(self, actions: tuple[Action, ...], step: Step, before_last_backward: Callable[[], None],
+            on_allreduce: Callable[[], None]) -> StageResult:
+        """Execute ``actions`` for ``step``; return the last stage's outputs (empty elsewhere).
+
+        ``before_last_backward`` runs just before the last microbatch's
+        backward, ``on_allreduce`` at the ALLREDUCE action.
+        """
         self._step = step
         self._rows = step.batch // step.microbatches
         lo, hi = chunks(self._rows, len(self.ranks[self.stage]))[self.replica]
@@ -114,7 +124,10 @@ class Executor:
         self._recv_work: dict[int, list[transport.Work]] = {}
         self._ins: dict[int, dict[str, Tensor]] = {}
         self._outs: dict[int, dict[str, Tensor]] = {}
-        self._rng: dict[int, Tensor] = {}
+        self._rng: dict[int, tuple[Tensor, list[Tensor]]] = {}
+        backwards = [a.microbatch for a in actions if a.kind is K.BACKWARD]
+        self._last_b = backwards[-1] if backwards else None
+        self._before_last_backward = before_last_backward
         self._in_grads: dict[int, list[Tensor]] = {}
         self._sends: list[transport.Work] = []
         self.result = StageResult(weight=self._n / (self._rows * step.microbatches), rows=self._n)
@@ -148,8 +161,8 @@ class Executor:
         out = {}
         for name, t in self._step.inputs.items():
             if name in self.prog.input_names:
-                batched = t.dim() > 0 and t.shape[0] == self._step.batch
-                out[name] = t[lo : lo + self._n] if batched else t
+                dim = self.prog.batch_dims.get(name)
+                out[name] = t if dim is None else t.narrow(dim, lo, self._n)
         return out
 
     # ---------------------------------------------------------- activations
@@ -189,7 +202,7 @@ class Executor:
                 values[name] = t
         train = self._step.training
         if train and self.recompute:
-            self._rng[mb] = torch.get_rng_state()
+            self._rng[mb] = torch.get_rng_state(), [b.clone() for b in self.prog.updated_buffers]
         with torch.set_grad_enabled(train and not self.recompute):
             outs = self.prog(values)
         if train:
@@ -217,7 +230,7 @@ class Executor:
         routes = [r for r in self._routes(self.stage) if r.src == me]
         outs = self._outs[mb]
         tensors = [outs[n].detach().contiguous() for n in self.prog.send_names]
-        metas = [describe(t, self._n) for t in tensors]
+        metas = [describe(t, self.prog.batch_dims.get(n)) for n, t in zip(self.prog.send_names, tensors)]
         sig = self._step.signature
         if sig not in self._out_meta_sent:
             for r in routes:
@@ -248,7 +261,7 @@ class Executor:
             t = outs[name]
             if not t.is_floating_point():
                 continue
-            meta = describe(t, self._n)
+            meta = describe(t, self.prog.batch_dims.get(name))
             pieces = []
             if meta.batch_dim is None:
                 for d in un_dsts:
@@ -265,11 +278,7 @@ class Executor:
         values = self._ins.pop(mb)
         outs = self._outs.pop(mb)
         if self.recompute:
-            saved = torch.get_rng_state()
-            torch.set_rng_state(self._rng.pop(mb))
-            with torch.enable_grad():
-                outs = self.prog(values)
-            torch.set_rng_state(saved)
+            outs = self._recompute(mb, values)
         tensors: list[Tensor] = []
         grads: list[Tensor] = []
         if self.last:
@@ -286,6 +295,8 @@ class Executor:
                 if t.requires_grad:
                     tensors.append(t)
                     grads.append(g)
+        if mb == self._last_b:
+            self._before_last_backward()
         if tensors:
             torch.autograd.backward(tensors, grads)
         if self.stage > 0:
@@ -294,6 +305,23 @@ class Executor:
                 for n in self.prog.recv_names
                 if values[n].is_floating_point()
             ]
+
+    def _recompute(self, mb: int, values: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Re-run microbatch ``mb``'s forward as it first ran: same RNG draws, same running statistics."""
+        rng, buffers = self._rng.pop(mb)
+        saved_rng = torch.get_rng_state()
+        saved = [b.clone() for b in self.prog.updated_buffers]
+        torch.set_rng_state(rng)
+        with torch.no_grad():
+            for b, v in zip(self.prog.updated_buffers, buffers):
+                b.copy_(v)
+        with torch.enable_grad():
+            outs = self.prog(values)
+        torch.set_rng_state(saved_rng)
+        with torch.no_grad():
+            for b, v in zip(self.prog.updated_buffers, saved):
+                b.copy_(v)
+        return outs
 
     def _send_grad(self, mb: int) -> None:
         prev, me = self.stage - 1, self.replica

@@ -21,12 +21,25 @@ from rannc_py.runtime import transport
 
 
 class GradSync:
-    """Bucketed, asynchronous allreduce of the local parameters' gradients.
+    """Bucketed allreduce of the local parameters' gradients, started during backward.
+
+    Each holder set's parameters are cut into buckets in the order their
+    gradients become final in backward (the reverse of their first use in
+    forward, the same order on every rank). While the step's last backward
+    runs, a hook on each parameter counts its bucket's final gradients; a
+    full bucket starts its asynchronous allreduce at once, so communication
+    overlaps the rest of backward. Buckets of one communicator start in
+    bucket order on every rank (a full bucket waits for the ones before it),
+    since collectives on a communicator must be issued in the same order.
+    Whatever did not start during backward (parameters without a gradient in
+    the last microbatch) starts at the schedule's ALLREDUCE action.
 
     Args:
         params: this rank's parameters by (canonical) FQN.
         holders: every parameter FQN of the model -> the ranks holding it
             (the same dict on every rank; it decides the communicators).
+        order: every parameter FQN of the model, in the order their gradients
+            become final (the same list on every rank).
         comm: the runtime's communicator; the constructor is collective on it.
         bucket_bytes: gradients are flattened into buckets of about this size
             so a few large messages replace many small ones.
@@ -36,35 +49,71 @@ class GradSync:
         self,
         params: dict[str, nn.Parameter],
         holders: dict[str, tuple[int, ...]],
+        order: Sequence[str],
         comm: MPI.Comm,
         bucket_bytes: int,
     ) -> None:
         me = comm.Get_rank()
-        self._buckets: list[tuple[MPI.Comm, list[nn.Parameter]]] = []
+        # Per communicator: its buckets in launch order, and how many have started.
+        self._groups: list[tuple[MPI.Comm, list[list[nn.Parameter]]]] = []
+        self._bucket_of: dict[int, tuple[int, int]] = {}  # id(param) -> (group, bucket)
         self._works: list[tuple[transport.Work, Tensor, list[nn.Parameter]]] = []
-        self._comms: list[MPI.Comm] = []
+        self._hooks = []
+        self.started_in_backward = 0  # buckets started before ALLREDUCE in the last step
         for group in sorted({h for h in holders.values() if len(h) > 1}):
             sub = comm.Split(0 if me in group else MPI.UNDEFINED, me)
             if sub == MPI.COMM_NULL:
                 continue
-            self._comms.append(sub)
-            members = [params[f] for f in sorted(f for f, h in holders.items() if h == group)]
-            bucket: list[nn.Parameter] = []
+            buckets: list[list[nn.Parameter]] = [[]]
             size = 0
-            for p in members:
-                if bucket and size + p.numel() * 4 > bucket_bytes:
-                    self._buckets.append((sub, bucket))
-                    bucket, size = [], 0
-                bucket.append(p)
+            for f in (f for f in order if holders.get(f) == group):
+                p = params[f]
+                if buckets[-1] and size + p.numel() * 4 > bucket_bytes:
+                    buckets.append([])
+                    size = 0
+                buckets[-1].append(p)
                 size += p.numel() * 4
-            if bucket:
-                self._buckets.append((sub, bucket))
+            g = len(self._groups)
+            self._groups.append((sub, buckets))
+            for b, ps in enumerate(buckets):
+                for p in ps:
+                    self._bucket_of[id(p)] = (g, b)
+                    self._hooks.append(p.register_post_accumulate_grad_hook(self._on_grad))
+        self._armed = False
+        self._ready: list[list[int]] = []
+        self._next: list[int] = []
+
+    def arm(self) -> None:
+        """The next backward is the step's last: start each bucket once its gradients are final."""
+        self._armed = True
+        self._ready = [[0] * len(buckets) for _, buckets in self._groups]
+        self._next = [0] * len(self._groups)
+        self.started_in_backward = 0
+
+    def _on_grad(self, p: Tensor) -> None:
+        if not self._armed:
+            return
+        g, b = self._bucket_of[id(p)]
+        self._ready[g][b] += 1
+        sub, buckets = self._groups[g]
+        while self._next[g] < len(buckets) and self._ready[g][self._next[g]] == len(buckets[self._next[g]]):
+            self._start(sub, buckets[self._next[g]])
+            self._next[g] += 1
+            self.started_in_backward += 1
+
+    def _start(self, sub: MPI.Comm, ps: list[nn.Parameter]) -> None:
+        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in ps])
+        self._works.append((transport.iallreduce_sum(flat, sub), flat, ps))
 
     def start(self) -> None:
-        """Start summing every bucket's gradients (missing ones count as zero)."""
-        for sub, ps in self._buckets:
-            flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in ps])
-            self._works.append((transport.iallreduce_sum(flat, sub), flat, ps))
+        """Start summing every bucket not yet started (missing gradients count as zero)."""
+        if not self._armed:
+            self._next = [0] * len(self._groups)
+        for g, (sub, buckets) in enumerate(self._groups):
+            for ps in buckets[self._next[g] :]:
+                self._start(sub, ps)
+            self._next[g] = len(buckets)
+        self._armed = False
 
     def finish(self) -> None:
         """Wait for the sums and write them back into ``.grad``."""
@@ -81,10 +130,12 @@ class GradSync:
         self._works.clear()
 
     def free(self) -> None:
-        """Release the sub-communicators."""
-        for c in self._comms:
-            c.Free()
-        self._comms.clear()
+        """Remove the hooks and release the sub-communicators."""
+        for h in self._hooks:
+            h.remove()
+        for sub, _ in self._groups:
+            sub.Free()
+        self._groups.clear()
 
 
 class HeldGrads:

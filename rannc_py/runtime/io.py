@@ -1,14 +1,15 @@
 """The step's edges: gather the ranks' local batches, return outputs to each rank.
 
-Inputs: every rank passes its local batch; tensors whose first dimension is
-the local batch size are gathered into the global batch (rank order), so each
-stage replica can read its rows of every microbatch. Other tensors must be
-the same on every rank and are used as given.
+Inputs: every rank passes its local batch; the tensors that carry the batch
+(the traced graph gives their batch dimension) are gathered into the global
+batch (rank order), so each stage replica can read its rows of every
+microbatch. Other tensors must be the same on every rank and are used as given.
 
 Outputs: scalar outputs (the loss first among them) are combined as the
 weighted mean over all microbatches and replicas and are the same on every
 rank; batched outputs travel from the last stage to the rank whose local rows
-they are (see :func:`rannc_py.runtime.routing.output_routes`).
+they are (see :func:`rannc_py.runtime.routing.output_routes`), along their
+batch dimension.
 """
 
 from __future__ import annotations
@@ -32,14 +33,23 @@ def _bytes(t: Tensor) -> Any:
     return [t.reshape(-1).view(torch.uint8).numpy(), MPI.BYTE]
 
 
-def gather_inputs(local: dict[str, Tensor], comm: MPI.Comm) -> tuple[dict[str, Tensor], int]:
+def gather_inputs(
+    local: dict[str, Tensor], batch_dims: dict[str, int | None], comm: MPI.Comm
+) -> tuple[dict[str, Tensor], int]:
     """Concatenate the ranks' local batches; return ``(global inputs, global batch rows)``.
 
+    ``batch_dims`` maps input names to their batch dimension (None or absent:
+    not batched).
+
     Raises:
-        ConfigError: the ranks' inputs differ in names, shapes or dtypes.
+        ConfigError: the ranks' inputs differ in names, shapes or dtypes, or
+            carry no batch.
     """
-    first = next(iter(local.values()))
-    rows = int(first.shape[0]) if first.dim() > 0 else 1
+    batched = {n: d for n, d in batch_dims.items() if d is not None and n in local}
+    if not batched:
+        raise ConfigError(f"none of the inputs {list(local)} carries the batch; pass batched tensors")
+    name0, dim0 = next(iter(batched.items()))
+    rows = int(local[name0].shape[dim0])
     sig = [(n, tuple(t.shape), str(t.dtype)) for n, t in local.items()]
     world = comm.Get_size()
     if world == 1:
@@ -53,27 +63,31 @@ def gather_inputs(local: dict[str, Tensor], comm: MPI.Comm) -> tuple[dict[str, T
         )
     out = {}
     for name, t in local.items():
-        if t.dim() > 0 and t.shape[0] == rows:
-            t = t.contiguous()
-            full = torch.empty((rows * world, *t.shape[1:]), dtype=t.dtype)
-            comm.Allgather(_bytes(t), _bytes(full))
-            out[name] = full
-        else:
+        dim = batched.get(name)
+        if dim is None:
             out[name] = t
+            continue
+        t = t.contiguous()
+        full = torch.empty((world, *t.shape), dtype=t.dtype)
+        comm.Allgather(_bytes(t), _bytes(full))
+        out[name] = torch.cat(full.unbind(0), dim=dim) if dim else full.view(rows * world, *t.shape[1:])
     return out, rows * world
 
 
-def _describe_outputs(result: StageResult, rows: int) -> list[tuple[str, str, tuple[int, ...], torch.dtype]]:
-    """(name, kind, shape per chunk, dtype) of each output; kind is scalar/batched/other."""
+def _describe_outputs(
+    result: StageResult, batch_dims: dict[str, int | None]
+) -> list[tuple[str, str, tuple[int, ...], torch.dtype, int | None]]:
+    """(name, kind, shape per chunk, dtype, batch dim) of each output; kind is scalar/batched/other."""
     out = []
     for name, t in result.outputs[0].items():
+        dim = batch_dims.get(name)
         if t.dim() == 0 and t.is_floating_point():
             kind = "scalar"
-        elif t.dim() > 0 and t.shape[0] == rows:
+        elif dim is not None:
             kind = "batched"
         else:
             kind = "other"
-        out.append((name, kind, tuple(t.shape), t.dtype))
+        out.append((name, kind, tuple(t.shape), t.dtype, dim))
     return out
 
 
@@ -81,6 +95,7 @@ def return_outputs(
     result: StageResult,
     step: Step,
     output_names: list[str],
+    batch_dims: dict[str, int | None],
     stage_ranks: list[list[int]],
     comm: MPI.Comm,
     cache: dict[Any, Any],
@@ -89,6 +104,7 @@ def return_outputs(
     """Every output of the model for this rank, by name (None for skipped batched ones).
 
     The key ``"__loss_name__"`` names the first scalar output (None if there is none).
+    ``batch_dims`` gives the outputs' batch dimensions.
     ``cache`` keeps the outputs' description per input signature, so it is
     broadcast from the last stage once, not every step.
     """
@@ -97,7 +113,7 @@ def return_outputs(
     replica = last.index(rank) if rank in last else None
     m = step.microbatches
     if step.signature not in cache:
-        desc = _describe_outputs(result, result.rows) if replica == 0 else None
+        desc = _describe_outputs(result, batch_dims) if replica == 0 else None
         cache[step.signature] = comm.bcast(desc, root=last[0])
     desc = cache[step.signature]
     values: dict[str, Any] = {}
@@ -108,28 +124,30 @@ def return_outputs(
             acc[k] = sum(float(o[name]) for o in result.outputs) * result.weight
     if world > 1:
         comm.Allreduce(MPI.IN_PLACE, acc, op=MPI.SUM)
-    for k, (name, _, _, dtype) in enumerate(scalars):
+    for k, (name, _, _, dtype, _) in enumerate(scalars):
         values[name] = torch.tensor(acc[k], dtype=dtype)
     values["__loss_name__"] = scalars[0][0] if scalars else None
     local_rows = step.batch // world
     routes = output_routes(step.batch, m, len(last), world)
     works: list[transport.Work] = []
-    for k, (name, kind, shape, dtype) in enumerate(desc):
+    for k, (name, kind, shape, dtype, dim) in enumerate(desc):
         if kind == "other":
             values[name] = comm.bcast(result.outputs[0][name] if replica == 0 else None, root=last[0])
         elif kind == "batched" and not with_batched:
             values[name] = None
         elif kind == "batched":
-            buf = torch.empty((local_rows, *shape[1:]), dtype=dtype)
+            # Received with the batch dimension first, so every piece is a contiguous block.
+            first = (shape[dim], *shape[:dim], *shape[dim + 1 :])
+            buf = torch.empty((local_rows, *first[1:]), dtype=dtype)
             for i, seg in routes:
                 tag = (_OUT_KIND * 128 + i % 128) * 64 + k % 64
                 if seg.src == replica:
-                    piece = result.outputs[i][name][seg.src_offset : seg.src_offset + seg.rows].contiguous()
-                    works.append(transport.isend(piece, seg.dst, tag, comm))
+                    piece = result.outputs[i][name].movedim(dim, 0)[seg.src_offset : seg.src_offset + seg.rows]
+                    works.append(transport.isend(piece.contiguous(), seg.dst, tag, comm))
                 if seg.dst == rank:
                     view = buf[seg.dst_offset : seg.dst_offset + seg.rows]
                     works.append(transport.irecv(view, last[seg.src], tag, comm))
-            values[name] = buf
+            values[name] = buf.movedim(0, dim)
     transport.wait_all(works)
     missing = [n for n in output_names if n not in values]
     if missing:

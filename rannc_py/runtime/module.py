@@ -35,14 +35,15 @@ from mpi4py import MPI
 from torch import Tensor, nn
 
 from rannc_py.errors import ConfigError
+from rannc_py.planner.cluster import Cluster
 from rannc_py.planner.plan import Plan
 from rannc_py.runtime import params as P
 from rannc_py.runtime.executor import Executor, Step
 from rannc_py.runtime.failure import abort_on_error
 from rannc_py.runtime.grads import GradSync, HeldGrads, clip_grad_norm_
 from rannc_py.runtime.io import gather_inputs, return_outputs
-from rannc_py.runtime.layout import load_plan, rank_stage, stage_ranks
-from rannc_py.runtime.stage import StageProgram, follow_train_mode
+from rannc_py.runtime.layout import load_plan, stage_ranks
+from rannc_py.runtime.placement import place
 from rannc_py.schedule import by_name, forward_only
 
 OptimizerArg = torch.optim.Optimizer | Callable[[list[nn.Parameter]], torch.optim.Optimizer] | None
@@ -82,8 +83,13 @@ class RaNNCModule(nn.Module):
         recompute: force activation recompute on (True) or off (False) for
             the planner. Default None (searched).
         memory_limit: bytes (or a string like "8GiB") each rank may use.
-            Default None: the machine's memory divided by the ranks.
+            Default None: the cluster's per-device memory (for ``"local"``,
+            the machine's memory divided by the ranks).
         memory_margin: fraction of ``memory_limit`` kept free. Default 0.1.
+        cluster: what the planner plans for: a :class:`rannc_py.Cluster` or a
+            preset string (e.g. ``"a64fx:nodes=4"``) with as many devices as
+            the job has ranks. Default None: ``"local:ranks=<ranks>"``, this
+            machine, calibrated by measuring it (cached).
         save_plan: write the plan used to this JSON path (rank 0). Default None.
         param_init: ``callable(module)`` that initialises a module materialised
             from ``meta``. Default None (``module.reset_parameters()``).
@@ -107,6 +113,7 @@ class RaNNCModule(nn.Module):
         recompute: bool | None = None,
         memory_limit: int | str | None = None,
         memory_margin: float = 0.1,
+        cluster: Cluster | str | None = None,
         save_plan: str | os.PathLike[str] | None = None,
         param_init: Callable[[nn.Module], None] | None = None,
         return_outputs: bool = True,
@@ -121,8 +128,9 @@ class RaNNCModule(nn.Module):
         self._plan_arg = plan
         self._planner_options = {
             "microbatches": microbatches, "schedules": tuple(schedules), "recompute": recompute,
-            "memory_limit": memory_limit, "memory_margin": memory_margin,
+            "memory_margin": memory_margin,
         }
+        self._cluster, self._memory_limit = cluster, memory_limit
         self._save_plan = save_plan
         self._param_init = param_init
         self._return_outputs = return_outputs
@@ -147,47 +155,26 @@ class RaNNCModule(nn.Module):
         from rannc_py.graph.trace import trace
 
         model, comm = self._model, self._comm
-        rank, world = comm.Get_rank(), comm.Get_size()
+        rank = comm.Get_rank()
         was_training = model.training
         model.train()  # dropout must be in the graph; stages follow train()/eval() afterwards
         graph = trace(model, args, kwargs)
         model.train(was_training)
-        local = graph.flatten_inputs(args, kwargs)
-        batch = int(next(iter(local.values())).shape[0]) * world
-        self._plan = self._make_plan(graph, batch)
+        self._names = P.canonical_names(model)
+        self._plan = self._make_plan(graph, graph.batch_size * comm.Get_size())
         if self._save_plan is not None and rank == 0:
             self._plan.save(self._save_plan)
-        plan = self._plan
-        staged = graph.split(plan.assignment())
-        s = rank_stage(plan, rank)
-        stage = staged.stages[s]
-        names = self._names = P.canonical_names(model)
-        local_names = {names[f] for f in (*stage.param_fqns, *stage.buffer_fqns)}
-        seed = comm.bcast(torch.initial_seed() % 2**31 if rank == 0 else None, root=0)
-        P.materialize(model, sorted(local_names), seed, self._param_init)
-        tensors = {f: P.get_tensor(model, names[f]) for f in (*stage.param_fqns, *stage.buffer_fqns)}
-        gm = stage.module_with(
-            {f: tensors[f] for f in stage.param_fqns}, {f: tensors[f] for f in stage.buffer_fqns}
-        )
-        gm = follow_train_mode(gm)
-        gm.train(self.training)
-        recv = stage.activation_inputs
-        send = staged.stages[s + 1].activation_inputs if s + 1 < plan.num_stages else []
-        prog = StageProgram(gm, stage.input_names, stage.output_names, recv, send)
-        self._local = {names[f]: t for f, t in tensors.items()}
-        self._params = {names[f]: tensors[f] for f in stage.param_fqns}
-        holders: dict[str, set[int]] = {}
-        for st, sp in zip(staged.stages, plan.stages):
-            for f in (*st.param_fqns, *st.buffer_fqns):
-                holders.setdefault(names[f], set()).update(sp.ranks)
-        self._owned = {f for f in self._local if min(holders[f]) == rank}
+        placement = place(model, graph, self._plan, self._names, comm, self._param_init)
+        self._local, self._params, self._owned = placement.local, placement.params, placement.owned
         self._bind_optimizer()  # before release(): the optimizer is matched to the model's parameters
         P.release(model, keep=set(self._local))
-        param_holders = {names[f]: tuple(sorted(holders[names[f]])) for st in staged.stages for f in st.param_fqns}
-        self._sync = GradSync(self._params, param_holders, comm, self._bucket_bytes)
+        self._sync = GradSync(self._params, placement.holders, placement.grad_order, comm, self._bucket_bytes)
         self._held = HeldGrads(list(self._params.values()))
-        self._exec = Executor(prog, s, stage_ranks(plan), comm, plan.stages[s].recompute)
-        self._stage_index, self._graph, self._gm = s, graph, gm
+        prog = placement.program
+        self._exec = Executor(prog, placement.stage, stage_ranks(self._plan), comm,
+                              self._plan.stages[placement.stage].recompute)
+        self._stage_index, self._graph, self._gm = placement.stage, graph, prog.module
+        self._input_dims, self._output_dims = placement.input_dims, placement.output_dims
         self._anchor = torch.zeros((), requires_grad=True)
         self._schedules: dict[tuple[bool, int], Any] = {}
         self._out_meta: dict[Any, Any] = {}
@@ -199,9 +186,10 @@ class RaNNCModule(nn.Module):
             return load_plan(self._plan_arg, graph, batch, comm.Get_size())
         text = None
         if comm.Get_rank() == 0:
-            from rannc_py.runtime.autoplan import search_plan
+            from rannc_py.runtime.autoplan import job_cluster, search_plan
 
-            text = search_plan(graph, batch, comm.Get_size(), **self._planner_options).to_json()
+            cluster = job_cluster(self._cluster, comm.Get_size(), self._memory_limit)
+            text = search_plan(graph, batch, cluster, **self._planner_options).to_json()
         return Plan.from_json(comm.bcast(text, root=0))
 
     def _bind_optimizer(self) -> None:
@@ -235,7 +223,7 @@ class RaNNCModule(nn.Module):
     def _step(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         plan, comm = self._plan, self._comm
         local = self._graph.flatten_inputs(args, kwargs)
-        inputs, batch = gather_inputs(local, comm)
+        inputs, batch = gather_inputs(local, self._input_dims, comm)
         m = plan.microbatches
         rows = batch // m if batch % m == 0 else 0
         widest = max(st.replicas for st in plan.stages)
@@ -253,13 +241,13 @@ class RaNNCModule(nn.Module):
             self._schedules[key] = gen.actions[self._stage_index]
         if training:
             self._held.begin()
-        result = self._exec.run(self._schedules[key], step, self._sync.start)
+        result = self._exec.run(self._schedules[key], step, self._sync.arm, self._sync.start)
         apply = None
         if training:
             self._sync.finish()
             apply = self._held.end()
         values = return_outputs(
-            result, step, self._graph.output_names, stage_ranks(plan), comm, self._out_meta, self._return_outputs
+            result, step, self._graph.output_names, self._output_dims, stage_ranks(plan), comm, self._out_meta, self._return_outputs
         )
         loss_name = values.pop("__loss_name__", None)
         if apply is not None and loss_name is not None:

@@ -93,6 +93,39 @@ def materialize(
                     set_tensor(model, alias, t)
 
 
+def copy_from_source(
+    model: nn.Module, holders: dict[str, tuple[int, ...]], comm: MPI.Comm, from_rank0: bool
+) -> None:
+    """Make every holder's copy of each tensor equal to its source's (collective over ``comm``).
+
+    The source is rank 0 when ``from_rank0`` (it holds the whole model, as
+    DDP assumes), else each tensor's first holder. ``holders`` maps canonical
+    names to the ranks holding them. Sends are nonblocking and receives run
+    in one global name order, so no rank waits on a rank that waits on it.
+    """
+    rank = comm.Get_rank()
+    sends: list[MPI.Request] = []
+    keep: list[Tensor] = []
+    for f in sorted(holders):
+        src = 0 if from_rank0 else holders[f][0]
+        dsts = [r for r in holders[f] if r != src]
+        if rank == src and dsts:
+            t = get_tensor(model, f).detach().contiguous()
+            keep.append(t)
+            sends += [comm.Isend(_raw(t), dest=d, tag=0) for d in dsts]
+        elif rank in dsts:
+            t = get_tensor(model, f)
+            buf = torch.empty_like(t, device="cpu")
+            comm.Recv(_raw(buf), source=src, tag=0)
+            with torch.no_grad():
+                t.copy_(buf)
+    MPI.Request.Waitall(sends)
+
+
+def _raw(t: Tensor) -> list:
+    return [t.detach().reshape(-1).view(torch.uint8).numpy(), MPI.BYTE]
+
+
 def release(model: nn.Module, keep: set[str]) -> None:
     """Replace every parameter/buffer of ``model`` whose canonical name is not in
     ``keep`` by a meta tensor of the same shape, freeing its memory."""

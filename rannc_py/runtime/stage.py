@@ -7,8 +7,7 @@ inputs directly; the last stage's outputs are the model's outputs.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
@@ -35,14 +34,9 @@ class TensorMeta:
         return tuple(s)
 
 
-def describe(t: Tensor, rows: int) -> TensorMeta:
-    """Metadata of ``t`` produced for a chunk of ``rows`` rows.
-
-    The batch dimension is taken to be dimension 0 when its size is ``rows``,
-    the convention of the traced graph (inputs are batch-first).
-    """
-    bd = 0 if t.dim() > 0 and t.shape[0] == rows else None
-    return TensorMeta(tuple(t.shape), t.dtype, bd)
+def describe(t: Tensor, batch_dim: int | None) -> TensorMeta:
+    """Metadata of ``t``, whose rows lie along ``batch_dim`` (from the traced graph)."""
+    return TensorMeta(tuple(t.shape), t.dtype, batch_dim)
 
 
 @dataclass
@@ -55,6 +49,9 @@ class StageProgram:
         output_names: every output, in the module's return order.
         recv_names: activations received from the previous stage, in message order.
         send_names: outputs sent to the next stage, in message order.
+        batch_dims: input/output name -> the dimension holding the batch's
+            rows (None: the same tensor for every row).
+        updated_buffers: buffers the forward writes in place (see :func:`updated_buffers`).
     """
 
     module: nn.Module
@@ -62,6 +59,8 @@ class StageProgram:
     output_names: list[str]
     recv_names: list[str]
     send_names: list[str]
+    batch_dims: dict[str, int | None] = field(default_factory=dict)
+    updated_buffers: list[Tensor] = field(default_factory=list)
 
     def __call__(self, values: dict[str, Tensor]) -> dict[str, Tensor]:
         """Run the stage on ``values`` (name -> tensor); return its outputs by name."""
@@ -74,30 +73,6 @@ class StageProgram:
                 f"{self.output_names}"
             )
         return dict(zip(self.output_names, out))
-
-
-def build_programs(
-    modules: Sequence[nn.Module],
-    input_names: Sequence[Sequence[str]],
-    output_names: Sequence[Sequence[str]],
-) -> list[StageProgram]:
-    """Programs for every stage, with the activations each pair of stages exchanges.
-
-    Both ends of a boundary derive the message order from the same lists, so
-    no names travel at run time.
-    """
-    progs = []
-    for s, mod in enumerate(modules):
-        send = []
-        if s + 1 < len(modules):
-            nxt = set(input_names[s + 1])
-            send = [n for n in output_names[s] if n in nxt]
-        recv = []
-        if s > 0:
-            mine = set(input_names[s])
-            recv = [n for n in output_names[s - 1] if n in mine]
-        progs.append(StageProgram(mod, list(input_names[s]), list(output_names[s]), recv, send))
-    return progs
 
 
 class _TrainOnly(nn.Module):
@@ -113,6 +88,39 @@ class _TrainOnly(nn.Module):
         return self.op(*args)  # type: ignore[operator]
 
 
+class _UpdateInTraining(nn.Module):
+    """An in-place update of a buffer (``num_batches_tracked += 1``) that eval mode skips, as eager does."""
+
+    def __init__(self, op: object) -> None:
+        super().__init__()
+        self.op = op
+
+    def forward(self, buffer: Tensor, *args: object) -> object:
+        return self.op(buffer, *args) if self.training else buffer  # type: ignore[operator]
+
+
+class _BatchNorm(nn.Module):
+    """``aten.batch_norm`` traced in training mode, following the module's mode.
+
+    Training: batch statistics, running ones updated in place, as traced. The
+    op runs on copies of the running statistics that are then written back,
+    because autograd saves them for backward: updating the buffers themselves
+    would fail the backward of every microbatch but the last one in flight.
+    Eval: running statistics, left unchanged.
+    """
+
+    def forward(self, x: Tensor, weight: Tensor | None, bias: Tensor | None, mean: Tensor | None,
+                var: Tensor | None, training: bool, *rest: object) -> Tensor:
+        if not (self.training and training) or mean is None or var is None:
+            return torch.ops.aten.batch_norm.default(x, weight, bias, mean, var, self.training and training, *rest)
+        new_mean, new_var = mean.clone(), var.clone()
+        out = torch.ops.aten.batch_norm.default(x, weight, bias, new_mean, new_var, True, *rest)
+        with torch.no_grad():
+            mean.copy_(new_mean)
+            var.copy_(new_var)
+        return out
+
+
 # Ops whose behaviour depends on the mode the model was traced in: the
 # argument that carries it, and its value in eval mode.
 _MODE_ARGS = {
@@ -121,21 +129,40 @@ _MODE_ARGS = {
 }
 
 
-def follow_train_mode(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
-    """Make the dropouts of a traced stage obey ``gm.train()`` / ``gm.eval()``.
+def _updates_buffer(node: torch.fx.Node) -> bool:
+    """True for an in-place op (``add_``, ``copy_``) writing into a module attribute (a buffer)."""
+    if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
+        return False
+    first = node.args[0] if node.args else None
+    in_place = node.target._schema.name.endswith("_") or node.target is torch.ops.aten.copy_.default
+    return in_place and isinstance(first, torch.fx.Node) and first.op == "get_attr"
 
-    The tracer records dropout (also inside scaled-dot-product attention)
-    with its training setting fixed at trace time; each such op becomes a
-    submodule that runs the same op, drawing the same random numbers, in
-    training mode and runs it without dropout in eval mode.
+
+def follow_train_mode(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """Make the mode-dependent ops of a traced stage obey ``gm.train()`` / ``gm.eval()``.
+
+    The tracer records dropout (also inside scaled-dot-product attention) and
+    batch norm with the training setting fixed at trace time, and buffer
+    updates (running statistics) as in-place ops; each becomes a submodule
+    that runs the traced op in training mode (drawing the same random
+    numbers) and its eval form in eval mode: no dropout, running statistics
+    used and left unchanged.
     """
     changed = False
     for k, node in enumerate(list(gm.graph.nodes)):
-        spec = _MODE_ARGS.get(node.target) if node.op == "call_function" else None
-        if spec is None or node.kwargs or len(node.args) <= spec[0]:
+        if node.op != "call_function" or node.kwargs:
+            continue
+        spec = _MODE_ARGS.get(node.target)
+        if spec is not None and len(node.args) > spec[0]:
+            module: nn.Module = _TrainOnly(node.target, *spec)
+        elif node.target is torch.ops.aten.batch_norm.default:
+            module = _BatchNorm()
+        elif _updates_buffer(node):
+            module = _UpdateInTraining(node.target)
+        else:
             continue
         name = f"rannc_mode_{k}"
-        gm.add_submodule(name, _TrainOnly(node.target, *spec))
+        gm.add_submodule(name, module)
         with gm.graph.inserting_after(node):
             new = gm.graph.call_module(name, node.args)
         node.replace_all_uses_with(new)
@@ -144,3 +171,24 @@ def follow_train_mode(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     if changed:
         gm.recompile()
     return gm
+
+
+def updated_buffers(gm: torch.fx.GraphModule) -> list[Tensor]:
+    """The buffers a stage's forward writes in place (running statistics), in graph order.
+
+    Call before :func:`follow_train_mode`. A recomputed forward must see them
+    as the first forward did and must not update them twice.
+    """
+    targets: list[str] = []
+    for node in gm.graph.nodes:
+        if _updates_buffer(node):
+            targets.append(str(node.args[0].target))
+        elif node.op == "call_function" and node.target is torch.ops.aten.batch_norm.default and node.args[5]:
+            # running mean and variance (None when the layer tracks no running statistics)
+            targets += [str(a.target) for a in node.args[3:5] if isinstance(a, torch.fx.Node) and a.op == "get_attr"]
+    out: list[Tensor] = []
+    for t in targets:
+        buf = gm.get_buffer(t)
+        if all(buf is not b for b in out):
+            out.append(buf)
+    return out

@@ -21,8 +21,6 @@ from rannc_py.schedule.simulate import StageCosts
 
 K = ActionKind
 _COMPUTE, _RECV, _SEND = 0, 1, 2
-# Duration slot of a compute action in a stage's (forward, backward, allreduce).
-_SLOT = {K.FORWARD: 0, K.BACKWARD: 1, K.ALLREDUCE: 2}
 
 Program = tuple[tuple[tuple[tuple[int, int, int], ...], ...], tuple[tuple[int, int], ...], int]
 
@@ -30,32 +28,36 @@ Program = tuple[tuple[tuple[tuple[int, int, int], ...], ...], tuple[tuple[int, i
 @functools.lru_cache(maxsize=64)
 def compile_schedule(name: str, p: int, m: int) -> Program:
     """Per stage ``(code, a, b)`` triples: compute (slot a), RECV (message a) or SEND (message a on link b);
-    the links as (sending stage, 0 for activations / 1 for gradients); the message count."""
+    the links as (sending stage, 0 for activations / 1 for gradients); the message count.
+
+    Message ids are ``(receiving stage * 2 + direction) * m + microbatch``; link ids
+    ``sending stage * 2 + direction`` (0: activations down, 1: gradients up).
+    """
     sched = by_name(name, p, m)
-    links: dict[tuple[int, int], int] = {}
-    link_kind: list[tuple[int, int]] = []
-    msg: dict[tuple[int, ActionKind, int | None], int] = {}
-
-    def msg_id(key: tuple[int, ActionKind, int | None]) -> int:
-        return msg.setdefault(key, len(msg))
-
+    fwd, bwd, ar, recv_act, recv_grad, send_act = (K.FORWARD, K.BACKWARD, K.ALLREDUCE, K.RECV_ACT, K.RECV_GRAD,
+                                                     K.SEND_ACT)
     stages = []
     for s, acts in enumerate(sched.actions):
         prog = []
         for a in acts:
-            if a.kind in _SLOT:
-                prog.append((_COMPUTE, _SLOT[a.kind], 0))
-            elif a.kind in (K.RECV_ACT, K.RECV_GRAD):
-                prog.append((_RECV, msg_id((s, a.kind, a.microbatch)), 0))
+            kind, mb = a.kind, a.microbatch
+            if kind is fwd:
+                prog.append((_COMPUTE, 0, 0))
+            elif kind is bwd:
+                prog.append((_COMPUTE, 1, 0))
+            elif kind is ar:
+                prog.append((_COMPUTE, 2, 0))
+            elif kind is recv_act:
+                prog.append((_RECV, (s * 2) * m + mb, 0))
+            elif kind is recv_grad:
+                prog.append((_RECV, (s * 2 + 1) * m + mb, 0))
+            elif kind is send_act:
+                prog.append((_SEND, ((s + 1) * 2) * m + mb, s * 2))
             else:
-                dst = s + 1 if a.kind is K.SEND_ACT else s - 1
-                if (s, dst) not in links:
-                    links[(s, dst)] = len(links)
-                    link_kind.append((s, 0 if a.kind is K.SEND_ACT else 1))
-                recv = K.RECV_ACT if a.kind is K.SEND_ACT else K.RECV_GRAD
-                prog.append((_SEND, msg_id((dst, recv, a.microbatch)), links[(s, dst)]))
+                prog.append((_SEND, ((s - 1) * 2 + 1) * m + mb, s * 2 + 1))
         stages.append(tuple(prog))
-    return tuple(stages), tuple(link_kind), len(msg)
+    links = tuple((s, direction) for s in range(p) for direction in (0, 1))
+    return tuple(stages), links, 2 * p * m
 
 
 def step_time(schedule: str, num_microbatches: int, costs: Sequence[StageCosts]) -> float:

@@ -4,7 +4,10 @@ Checks: eval output equals eager eval output (logits on this rank's rows, loss);
 ``torch.no_grad`` runs forward-only; tied weights stay equal on every rank;
 state_dict round-trips into the unwrapped model and load_state_dict works after
 steps; with dropout on, recompute gives exactly the losses and parameters of no
-recompute; a meta-device model trains, materialising only local parameters.
+recompute; a meta-device model trains, materialising only local parameters;
+parameters are copied from rank 0 at setup (rank 1 perturbs its model first);
+batch norm follows train()/eval() (any world size, 1 included); the
+data-parallel allreduce starts during backward.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import sys
 
 import torch
 from mpi4py import MPI
-from runtime_models import build_model, make_batch
+from runtime_models import build_model, local_slice, make_batch, rows_slice
 
 import rannc_py
 
@@ -21,6 +24,8 @@ comm = MPI.COMM_WORLD
 rank, world = comm.Get_rank(), comm.Get_size()
 LOCAL = 4
 LAYOUT = {"stages": 2, "replicas": [world - 1, 1], "microbatches": 2, "schedule": "1f1b"}
+if world == 1:
+    LAYOUT = {"stages": 1, "replicas": [1], "microbatches": 2, "schedule": "1f1b"}
 
 
 def local_rows(batch: dict) -> dict:
@@ -122,6 +127,78 @@ def check_meta() -> None:
     held = [x for x in comm.allgather(None if t is None else t.detach()) if x is not None]
     for x in held[1:]:
         torch.testing.assert_close(x, held[0], rtol=0, atol=0)
+
+
+def check_copy_from_rank0() -> None:
+    for layout in (LAYOUT, {"stages": 1, "replicas": [world], "microbatches": 2}):
+        torch.manual_seed(0)
+        model = build_model("gpt")
+        ref = build_model("gpt")
+        ref.load_state_dict(model.state_dict())
+        if rank == 1:  # built with another seed: rank 0's values must win, as with DDP
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.add_(torch.randn_like(p))
+        wrapped = rannc_py.RaNNCModule(model, torch.optim.SGD(model.parameters(), lr=0.1), plan=layout)
+        wrapped.eval()
+        batch = make_batch("gpt", LOCAL * world, seed=0)
+        with torch.no_grad():
+            got = wrapped(**local_rows(batch)).loss
+            rows = LOCAL * world // 2
+            want = sum(ref(**rows_slice(batch, i * rows, (i + 1) * rows)).loss for i in range(2)) / 2
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        sd = wrapped.state_dict()
+        if rank == 0:
+            for k, v in ref.state_dict().items():
+                torch.testing.assert_close(sd[k], v, rtol=0, atol=0)
+
+
+def check_batchnorm() -> None:
+    torch.manual_seed(0)
+    model = build_model("cnn")
+    ref = build_model("cnn")
+    ref.load_state_dict(model.state_dict())
+    layout = dict(LAYOUT, replicas=[1] * LAYOUT["stages"]) if world <= 2 else None
+    assert layout is not None, "batch norm check runs on 1 or 2 ranks (no replicas: their statistics differ)"
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    ropt = torch.optim.SGD(ref.parameters(), lr=0.1)
+    wrapped = rannc_py.RaNNCModule(model, opt, plan=layout)
+    rows = LOCAL * world // 2
+    for step in range(2):
+        batch = make_batch("cnn", LOCAL * world, seed=step)
+        wrapped(**local_rows(batch))["loss"].backward()
+        for i in range(2):  # eager: the same microbatches, running statistics updated per microbatch
+            (ref(**rows_slice(batch, i * rows, (i + 1) * rows))["loss"] / 2).backward()
+        opt.step(), ropt.step(), opt.zero_grad(), ropt.zero_grad()
+    before = wrapped.state_dict()
+    wrapped.eval()
+    ref.eval()
+    batch = make_batch("cnn", LOCAL * world, seed=9)
+    out = wrapped(**local_rows(batch))
+    with torch.no_grad():
+        want = ref(**batch)["logits"][rank * LOCAL : (rank + 1) * LOCAL]
+    torch.testing.assert_close(out["logits"], want, rtol=1e-5, atol=1e-6)
+    after = wrapped.state_dict()
+    if rank == 0:
+        for k, v in ref.state_dict().items():  # training updated running stats like eager; eval left them
+            torch.testing.assert_close(before[k], v, rtol=1e-5, atol=1e-6, msg=lambda e, k=k: f"{k}: {e}")
+            torch.testing.assert_close(after[k], before[k], rtol=0, atol=0)
+        assert int(after["blocks.0.bn1.num_batches_tracked"]) == 4  # 2 steps x 2 microbatches
+
+
+def check_overlap() -> None:
+    torch.manual_seed(0)
+    model = build_model("gpt")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    # small buckets: several per step, most of them complete before backward ends
+    wrapped = rannc_py.RaNNCModule(model, opt, plan={"stages": 1, "replicas": [world], "microbatches": 2},
+                                   bucket_bytes=16 * 1024)
+    wrapped(**local_rows(make_batch("gpt", LOCAL * world, seed=0))).loss.backward()
+    sync = wrapped._sync
+    started = sync.started_in_backward
+    total = sum(len(b) for _, b in sync._groups)
+    assert total >= 3, total
+    assert started >= total - 1, f"only {started} of {total} buckets started during backward"
 
 
 if __name__ == "__main__":
