@@ -2,14 +2,16 @@
 
 Run from the repository root (it launches ``mpiexec`` itself):
 
-    python benchmarks/runtime_bench.py [--steps 5] [--warmup 2] [--gpipe]
+    python benchmarks/runtime_bench.py [--steps 3] [--warmup 2] [--rounds 2] [--gpipe]
 
 Model: the project's GPT (``examples/gpt/model.py``), 6 layers x 512 hidden,
 seq 128, vocab 256, no dropout, head untied (see ``benchmarks/peers/common.py``),
 AdamW; global batch 8; 1 torch thread per rank. Each configuration runs in its
-own process(es) and reports the median step over ``--steps`` timed steps after
-``--warmup`` steps (for rannc_py the first, tracing call is one of the
-warm-up steps; a multi-rank step is the slowest rank's median).
+own process(es), ``--rounds`` times in interleaved rounds (the machine's load
+changes over time); a launch reports the median of ``--steps`` timed steps
+after ``--warmup`` steps (for rannc_py the first, tracing call is one of the
+warm-up steps; a multi-rank step is the slowest rank's median) and a
+configuration's step is the median over its launches.
 
 Configurations:
   * eager, 1 process, 2 threads and 1 thread;
@@ -33,9 +35,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -72,33 +74,50 @@ def ms(t: float | None) -> str:
 
 
 class Bench:
-    """Runs the configurations and collects rows ``(label, ranks, layout, result)``."""
+    """Runs the configurations in ``--rounds`` interleaved rounds and merges each one's rounds.
+
+    A configuration's step time is the median over rounds of each round's
+    step (so a load spike during one launch weighs less); its timed steps are
+    pooled for the per-step table.
+    """
 
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
-        self.rows: list[tuple[str, int, str, dict[str, Any]]] = []
+        self.rows: dict[str, tuple[int, str, dict[str, Any]]] = {}
         self.common = ["--batch", str(args.batch), "--steps", str(args.steps), "--warmup", str(args.warmup),
                        "--layers", str(args.layers), "--hidden", str(args.hidden)]
 
-    def run(self, label: str, ranks: int, layout: str, script: str, flags: list[str], **kw: Any) -> dict[str, Any]:
-        """Launch one configuration, print its line, keep its row."""
+    def run(self, label: str, ranks: int, layout: str, script: str, flags: list[str], **kw: Any) -> None:
+        """Launch one configuration once, print its line, merge it into its row."""
         r = launch(script, ranks, [*flags, *self.common], **kw)
-        if "error" not in r:
-            r["samples"] = self.args.batch / r["step"]
-            layout = r.get("layout", layout)
-            pred = f"predicted {ms(r.get('predicted'))} ms" if r.get("predicted") else ""
-            print(f"{label:52s} {ms(r['step']):>6} ms/step {r['samples']:6.2f} samples/s {pred}  {layout}", flush=True)
-        else:
+        if "error" in r:
             print(f"{label:52s} FAILED: {r['error']}", flush=True)
-        self.rows.append((label, ranks, layout, r))
-        return r
+        else:
+            pred = f"predicted {ms(r.get('predicted'))} ms" if r.get("predicted") else ""
+            print(f"{label:52s} {ms(r['step']):>6} ms/step {pred}  {r.get('layout', layout)}", flush=True)
+        if label not in self.rows or "error" in self.rows[label][2]:
+            r["rounds"] = [r["step"]] if "step" in r else []
+            self.rows[label] = (ranks, r.get("layout", layout), r)
+        elif "step" in r:
+            kept = self.rows[label][2]
+            kept["rounds"].append(r["step"])
+            kept["times"] += r["times"]
+            kept["step"] = statistics.median(kept["rounds"])
+        kept = self.rows[label][2]
+        if "step" in kept:
+            kept["samples"] = self.args.batch / kept["step"]
+
+    def get(self, label: str) -> dict[str, Any]:
+        """The merged result of a configuration ({} when it never ran)."""
+        return self.rows[label][2] if label in self.rows else {}
 
 
 def main() -> None:
     """Parse flags, run every configuration, print and write the results."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=5, help="timed steps per configuration; default 5")
+    ap.add_argument("--steps", type=int, default=3, help="timed steps per configuration and round; default 3")
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps first; default 2 (at least 1)")
+    ap.add_argument("--rounds", type=int, default=2, help="interleaved rounds over all configurations; default 2")
     ap.add_argument("--batch", type=int, default=8, help="global batch (rows of 128 tokens); default 8")
     ap.add_argument("--microbatches", type=int, default=4, help="microbatches at equal layout; default 4")
     ap.add_argument("--layers", type=int, default=6, help="GPT blocks; default 6")
@@ -110,38 +129,43 @@ def main() -> None:
     load0 = os.getloadavg()
     b = Bench(args)
     m = str(args.microbatches)
-    mid = f"embed + blocks 0-{args.layers // 2 - 1} | blocks {args.layers // 2}-{args.layers - 1} + head"
-    b.run("eager, 1 process, 2 threads", 1, "-", "rannc_worker.py", ["eager", "--threads", "2"], threads=2)
-    eager1 = b.run("eager, 1 process, 1 thread", 1, "-", "rannc_worker.py", ["eager"])
-    one = b.run("rannc_py, 1 rank (default plan)", 1, "", "rannc_worker.py", ["rannc", "--mpi"])
-    equal: dict[str, dict[str, dict[str, Any]]] = {}
-    stage: dict[str, Any] = {}
+    half = args.layers // 2
+    mid = f"embed + blocks 0-{half - 1} | blocks {half}-{args.layers - 1} + head"
+    # per-stage times first: they also tell whether the planner's boundary differs from the middle
+    stage = launch("rannc_worker.py", 1, ["stagetime", "--microbatches", m, *b.common])
+    configs: list[tuple[str, int, str, str, list[str], dict[str, Any]]] = [
+        ("eager, 1 process, 2 threads", 1, "-", "rannc_worker.py", ["eager", "--threads", "2"], {"threads": 2}),
+        ("eager, 1 process, 1 thread", 1, "-", "rannc_worker.py", ["eager"], {}),
+        ("rannc_py, 1 rank (default plan)", 1, "", "rannc_worker.py", ["rannc", "--mpi"], {}),
+    ]
+    equal: dict[str, dict[str, str]] = {}
     for sched in ["1f1b"] + (["gpipe"] if args.gpipe else []):
-        S = sched.upper() if sched == "gpipe" else "1F1B"
-        e: dict[str, dict[str, Any]] = {}
-        e["ours"] = b.run(f"rannc_py, 2 ranks, 2 stages, m={m}, {S}, planner split", 2, "", "rannc_worker.py",
-                          ["rannc", "--plan", "pinned", "--microbatches", m, "--schedule", sched])
-        e["pipelining"] = b.run(f"torch.distributed.pipelining, 2 ranks, m={m}, {S}", 2, mid, "pipelining_peer.py",
-                                ["--microbatches", m, "--schedule", sched, "--boundary", str(args.layers // 2)])
+        S = "GPipe" if sched == "gpipe" else "1F1B"
+        e = {"ours": f"rannc_py, 2 ranks, 2 stages, m={m}, {S}, planner split",
+             "pipelining": f"torch.distributed.pipelining, 2 ranks, m={m}, {S}"}
+        configs += [
+            (e["ours"], 2, "", "rannc_worker.py",
+             ["rannc", "--plan", "pinned", "--microbatches", m, "--schedule", sched], {}),
+            (e["pipelining"], 2, mid, "pipelining_peer.py",
+             ["--microbatches", m, "--schedule", sched, "--boundary", str(half)], {}),
+        ]
         if sched == "1f1b":
-            e["deepspeed"] = b.run(f"DeepSpeed PipelineModule, 2 ranks, m={m}, 1F1B", 2, mid, "deepspeed_peer.py",
-                                   ["--microbatches", m], env={"DS_ACCELERATOR": "cpu"})
-            with tempfile.TemporaryDirectory() as tmp:
-                plan_file = Path(tmp) / "plan.json"
-                flags = ["stagetime", "--microbatches", m]
-                if "plan" in e["ours"]:
-                    plan_file.write_text(e["ours"]["plan"])
-                    flags += ["--plan-file", str(plan_file)]
-                stage = launch("rannc_worker.py", 1, [*flags, *b.common])
-        boundary_differs = "planner" in stage
-        if boundary_differs:
-            e["ours_middle"] = b.run(f"rannc_py, 2 ranks, 2 stages, m={m}, {S}, middle split", 2, "",
-                                     "rannc_worker.py", ["rannc", "--plan", "middle", "--microbatches", m,
-                                                         "--schedule", sched])
+            e["deepspeed"] = f"DeepSpeed PipelineModule, 2 ranks, m={m}, 1F1B"
+            configs.append((e["deepspeed"], 2, mid, "deepspeed_peer.py", ["--microbatches", m],
+                            {"env": {"DS_ACCELERATOR": "cpu"}}))
+        if "planner" in stage:  # separate the balance gain from the runtime's own
+            e["ours_middle"] = f"rannc_py, 2 ranks, 2 stages, m={m}, {S}, middle split"
+            configs.append((e["ours_middle"], 2, "", "rannc_worker.py",
+                            ["rannc", "--plan", "middle", "--microbatches", m, "--schedule", sched], {}))
         equal[sched] = e
-    free = b.run("rannc_py, 2 ranks, planner free (default plan)", 2, "", "rannc_worker.py", ["rannc"])
+    free = "rannc_py, 2 ranks, planner free (default plan)"
+    configs.append((free, 2, "", "rannc_worker.py", ["rannc"], {}))
+    for rnd in range(args.rounds):
+        print(f"-- round {rnd + 1} of {args.rounds}", flush=True)
+        for label, ranks, layout, script, flags, kw in configs:
+            b.run(label, ranks, layout, script, flags, **kw)
     load1 = os.getloadavg()
-    lines = report(args, b, equal, stage, free, one, eager1, (load0, load1))
+    lines = report(args, b, equal, stage, free, (load0, load1))
     print("\n".join(lines))
     out = REPO / "benchmarks/results/runtime.md"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -161,72 +185,74 @@ def fx(v: float | None, pct: bool = False) -> str:
     return f"{(v - 1) * 100:+.1f} %" if pct else f"{v:.2f}x"
 
 
-def report(args: argparse.Namespace, b: Bench, equal: dict[str, dict[str, dict[str, Any]]], stage: dict[str, Any],
-           free: dict[str, Any], one: dict[str, Any], eager1: dict[str, Any],
-           loads: tuple[tuple[float, ...], tuple[float, ...]]) -> list[str]:
+def report(args: argparse.Namespace, b: Bench, equal: dict[str, dict[str, str]], stage: dict[str, Any],
+           free: str, loads: tuple[tuple[float, ...], tuple[float, ...]]) -> list[str]:
     """The markdown of ``benchmarks/results/runtime.md``."""
-    flags = [f"--{k} {v}" for k, v, d in (("steps", args.steps, 5), ("warmup", args.warmup, 2),
-                                          ("batch", args.batch, 8), ("microbatches", args.microbatches, 4),
-                                          ("layers", args.layers, 6), ("hidden", args.hidden, 512)) if v != d]
+    flags = [f"--{k} {v}" for k, v, d in (("steps", args.steps, 3), ("warmup", args.warmup, 2),
+                                          ("rounds", args.rounds, 2), ("batch", args.batch, 8),
+                                          ("microbatches", args.microbatches, 4), ("layers", args.layers, 6),
+                                          ("hidden", args.hidden, 512)) if v != d]
     cmd = " ".join(["python benchmarks/runtime_bench.py", *flags, *(["--gpipe"] if args.gpipe else [])])
     L = [
         "# Runtime benchmark", "",
-        f"GPT {args.layers} layers x {args.hidden} hidden, seq 128, vocab 256, head untied, no dropout, AdamW; "
-        f"global batch {args.batch}; median of {args.steps} timed steps after {args.warmup} warm-up steps "
-        "(a multi-rank step: the slowest rank's median); 1 torch thread per rank unless stated. "
-        f"Command: `{cmd}`.", "",
-        "**Caveat: this machine has 2 cores shared with other work.** Load average (1/5/15 min) was "
+        (f"GPT {args.layers} layers x {args.hidden} hidden, seq 128, vocab 256, head untied, no dropout, AdamW; "
+        f"global batch {args.batch}; 1 torch thread per rank unless stated. Each configuration ran "
+        f"{args.rounds} times (interleaved rounds over all configurations), each time {args.warmup} warm-up "
+        f"steps then {args.steps} timed steps; a launch's step = the slowest rank's median, a configuration's "
+        f"step = the median over its launches. Command: `{cmd}`."), "",
+        ("**Caveat: this machine has 2 cores shared with other work.** Load average (1/5/15 min) was "
         f"{'/'.join(f'{x:.1f}' for x in loads[0])} at the start and {'/'.join(f'{x:.1f}' for x in loads[1])} "
-        "at the end; the configurations ran one after another, so each saw a different load and the ratios "
-        "carry that noise (compare the per-step times listed in the last table).", "",
+        "at the end; each launch saw a different load, so ratios carry that noise (see the per-step times "
+        "in the last table), and 2 threads on a loaded 2-core machine are slower than 1."), "",
         "## Throughput", "",
-        "| configuration | ranks | step (ms) | samples/s | predicted step (ms) | predicted / measured | "
-        "loss after step 1 | layout |",
+        ("| configuration | ranks | step (ms) | samples/s | predicted step (ms) | predicted / measured | "
+        "loss of step 1 | layout |"),
         "|---|---|---|---|---|---|---|---|",
     ]
-    for label, ranks, layout, r in b.rows:
-        if "error" in r:
-            err = r["error"].replace("\n", " ").replace("|", "/")[:300]
+    for label, (ranks, layout, r) in b.rows.items():
+        if "step" not in r:
+            err = r.get("error", "").replace("\n", " ").replace("|", "/")[-400:]
             L.append(f"| {label} | {ranks} | could not run | | | | | {err} |")
             continue
         pred = r.get("predicted")
         acc = f"{pred / r['step']:.2f}" if pred else "-"
-        loss = (r.get("losses") or [r.get("loss")])[0]
+        loss = (r.get("losses") or [None])[0]
         L.append(f"| {label} | {ranks} | {ms(r['step'])} | {r['samples']:.2f} | {ms(pred)} | {acc} | "
                  f"{'-' if loss is None else f'{loss:.5f}'} | {layout} |")
-    L += ["", "Loss after step 1 is the same model, weights and batch everywhere (a check that every "
-          "configuration trains the same thing; DeepSpeed reports the loss of its last step instead)."]
+    L += ["", ("Every configuration trains the same weights on the same batches: the loss of step 1 (before "
+          "any update) must agree. Predicted = the plan's step time (the runtime's planner: analytic profile "
+          "of the calibrated local device); the hand-split peers have no prediction.")]
     L += ["", "## Ratios", "", "| comparison | rannc_py speed-up | target |", "|---|---|---|"]
     for sched, e in equal.items():
-        ours, mid_run = e["ours"], e.get("ours_middle", e["ours"])
-        for peer in ("pipelining", "deepspeed"):
-            if peer not in e:
-                continue
-            name = "torch.distributed.pipelining" if peer == "pipelining" else "DeepSpeed"
-            total, bal, rt = ratio(ours, e[peer]), ratio(ours, mid_run), ratio(mid_run, e[peer])
-            L.append(f"| equal layout ({sched}) vs {name}: total | {fx(total)} | >= 1.1x |")
-            L.append(f"| ... of which balance (rannc_py middle split / planner split) | {fx(bal)} | |")
-            L.append(f"| ... of which runtime (peer / rannc_py, same middle split) | {fx(rt)} | |")
-    for peer in ("pipelining", "deepspeed"):
+        ours, mid_run = b.get(e["ours"]), b.get(e.get("ours_middle", e["ours"]))
+        for peer, name in (("pipelining", "torch.distributed.pipelining"), ("deepspeed", "DeepSpeed")):
+            if peer in e:
+                other = b.get(e[peer])
+                L.append(f"| equal layout ({sched}) vs {name}: total | {fx(ratio(ours, other))} | >= 1.1x |")
+                L.append(f"| ... balance (rannc_py middle split / planner split) | {fx(ratio(ours, mid_run))} | |")
+                L.append(f"| ... runtime (peer / rannc_py, both middle split) | {fx(ratio(mid_run, other))} | |")
+    for peer, name in (("pipelining", "torch.distributed.pipelining"), ("deepspeed", "DeepSpeed")):
         if peer in equal["1f1b"]:
-            L.append(f"| planner free vs {peer} hand config (middle split, m={args.microbatches}, 1F1B) | "
-                     f"{fx(ratio(free, equal['1f1b'][peer]))} | >= 1.3x |")
-    ov = ratio(eager1, one)
-    L.append(f"| 1-rank overhead (rannc_py step / eager 1 thread step) | {fx(ov, pct=True)} | <= +5 % |")
+            L.append(f"| planner free vs {name} hand config (middle split, m={args.microbatches}, 1F1B) | "
+                     f"{fx(ratio(b.get(free), b.get(equal['1f1b'][peer])))} | >= 1.3x |")
+    ov = ratio(b.get("eager, 1 process, 1 thread"), b.get("rannc_py, 1 rank (default plan)"))
+    L.append(f"| 1-rank overhead (rannc_py step / eager 1 thread step - 1) | {fx(ov, pct=True)} | <= +5 % |")
     L += ["", "## Stage balance at equal layout", ""]
-    if "error" in stage or not stage:
-        L.append(f"Per-stage timing could not run: {stage.get('error', 'no plan')}")
+    if "middle" not in stage:
+        L.append(f"Per-stage timing could not run: {stage.get('error', '?')}")
     else:
-        L += ["Forward + backward of one microbatch "
+        L += [("Forward + backward of one microbatch "
               f"({args.batch // args.microbatches} rows) per stage, measured stage after stage in one process "
-              "(1 thread, median of --steps repetitions). Imbalance = slowest stage / mean.", "",
+              "(1 thread, median of --steps repetitions). Imbalance = slowest stage / mean; the planner's split "
+              "is the one it chooses for 2 stages x 1 replica at these microbatches."), "",
               "| split | stage 1 starts at | stage 0 (ms) | stage 1 (ms) | imbalance |", "|---|---|---|---|---|"]
-        for name, s in stage.items():
-            t = s["times"]
-            label = "middle (peers; also the planner's)" if name == "middle" and "planner" not in stage else name
-            L.append(f"| {label} | {s['boundary']} | {ms(t[0])} | {ms(t[1])} | {max(t) / (sum(t) / len(t)):.3f} |")
-    L += ["", "## Per-step times (s)", "", "| configuration | timed steps |", "|---|---|"]
-    for label, _, _, r in b.rows:
+        for name, st in stage.items():
+            t = st["times"]
+            label = "middle (the peers'; the planner chose the same)" if name == "middle" and "planner" not in stage \
+                else name
+            L.append(f"| {label} | {st['boundary']} | {ms(t[0])} | {ms(t[1])} | {max(t) / (sum(t) / len(t)):.3f} |")
+    L += ["", "## Per-step times (s), all launches", "", "| configuration | timed steps |", "|---|---|"]
+    for label, (_, _, r) in b.rows.items():
         if "times" in r:
             L.append(f"| {label} | {', '.join(f'{t:.2f}' for t in r['times'])} |")
     return L

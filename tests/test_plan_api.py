@@ -61,8 +61,10 @@ def test_measured_profile_is_cached(gpt, tmp_path, monkeypatch):
     monkeypatch.setenv("RANNC_CACHE_DIR", str(tmp_path))
     inputs = graph.flatten_inputs((ids,), {"labels": ids})
     prof = rannc_py.profile(graph, 4, inputs=inputs, repeats=1)
-    assert prof.source == "measured" and all(t > 0 for t in prof.fwd_per_sample)
-    assert sum(prof.bwd_per_sample) > 0
+    assert prof.source == "measured" and all(prof.forward_time(k, 4) > 0 for k in range(len(prof.blocks)))
+    # Timed at 4 and 2 rows; the fitted line never goes negative (see test_two_point_fit).
+    assert all(f >= 0 for f in prof.fwd_fixed + prof.bwd_fixed)
+    assert sum(prof.backward_time(k, 4) for k in range(len(prof.blocks))) > 0
 
     def boom(*a, **k):
         raise AssertionError("measured again instead of reading the cache")
@@ -89,3 +91,12 @@ def test_errors(gpt):
     other = Profile(**{**other.__dict__, "graph_fingerprint": "x"})
     with pytest.raises(PlanError, match="different graph"):
         rannc_py.plan(graph, batch_size=8, cluster="a64fx:nodes=2", profile=other)
+
+
+def test_two_point_fit():
+    from rannc_py.profiling.measure import _fit
+
+    assert _fit([8, 4], [1.0 + 8 * 0.5, 1.0 + 4 * 0.5]) == pytest.approx((1.0, 0.5))
+    assert _fit([8], [4.0]) == (0.0, 0.5)  # one batch size only: through the origin
+    assert _fit([8, 4], [2.0, 3.0]) == (2.0, 0.0)  # noisy negative slope: constant
+    assert _fit([8, 4], [4.0, 0.5]) == (0.0, 0.5)  # negative intercept: through the origin

@@ -15,7 +15,13 @@ from rannc_py.planner.api import build_space, plan_chain
 from rannc_py.planner.chain import Block, Chain
 from rannc_py.planner.cluster import Cluster, Device, Link
 from rannc_py.planner.cost import CostModel
-from rannc_py.planner.search import enumerate_layouts, in_flight, microbatch_candidates, search_config, simulate_layout
+from rannc_py.planner.search import (
+    enumerate_layouts,
+    in_flight,
+    microbatch_candidates,
+    search_config,
+    simulate_layout,
+)
 
 GiB = 2**30
 

@@ -22,9 +22,17 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
-import torch  # noqa: E402
+import torch
 
-from benchmarks.peers.common import build_gpt, emit, global_batch, gpt_layers, launch_rank, lm_loss, median_step  # noqa: E402
+from benchmarks.peers.common import (
+    build_gpt,
+    emit,
+    global_batch,
+    gpt_layers,
+    launch_rank,
+    lm_loss,
+    median_step,
+)
 
 
 def main() -> None:
@@ -62,19 +70,19 @@ def main() -> None:
         "wall_clock_breakdown": False,
     }
     engine, _, _, _ = deepspeed.initialize(model=net, optimizer=opt, config=config)
-    loss = [0.0]
+    losses: list[float] = []
 
     def step(i: int) -> None:
         ids, labels = global_batch(args.batch, i)
         mb = args.batch // args.microbatches
         it = iter([(ids[k * mb:(k + 1) * mb], labels[k * mb:(k + 1) * mb]) for k in range(args.microbatches)])
-        loss[0] = float(engine.train_batch(data_iter=it))
+        losses.append(float(engine.train_batch(data_iter=it)))  # mean over microbatches
 
     med, times = median_step(step, args.warmup, args.steps)
     meds = [None] * world
     torch.distributed.all_gather_object(meds, med)
     if rank == 0:
-        emit({"step": max(meds), "times": times, "loss": loss[0],
+        emit({"step": max(meds), "times": times, "losses": losses,
               "parts": [int(x) for x in net.parts]})
 
 

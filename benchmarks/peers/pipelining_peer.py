@@ -18,11 +18,19 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe  # noqa: E402
+import torch
+import torch.distributed as dist
+from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 
-from benchmarks.peers.common import build_gpt, emit, global_batch, hand_stages, launch_rank, lm_loss, median_step  # noqa: E402
+from benchmarks.peers.common import (
+    build_gpt,
+    emit,
+    global_batch,
+    hand_stages,
+    launch_rank,
+    lm_loss,
+    median_step,
+)
 
 SCHEDULES = {"1f1b": Schedule1F1B, "gpipe": ScheduleGPipe}
 
@@ -53,6 +61,7 @@ def main() -> None:
     sched = SCHEDULES[args.schedule](stage, args.microbatches, loss_fn=lm_loss)  # grads scaled by 1/m
     opt = torch.optim.AdamW(module.parameters(), lr=1e-4)
     losses: list[torch.Tensor] = []
+    step_losses: list[float] = []
 
     def step(i: int) -> None:
         ids, labels = global_batch(args.batch, i)
@@ -63,15 +72,17 @@ def main() -> None:
             sched.step(target=labels, losses=losses)
         opt.step()
         opt.zero_grad()
+        if rank == 1:
+            step_losses.append(float(torch.stack(losses).detach().mean()))
 
     med, times = median_step(step, args.warmup, args.steps)
     # a step ends when both ranks have stepped: report the slower rank's median
     all_meds: list[float | None] = [None] * world
     dist.all_gather_object(all_meds, med)
-    loss = [float(torch.stack(losses).detach().mean())] if rank == 1 else [None]
-    dist.broadcast_object_list(loss, src=1)
+    got = [step_losses]
+    dist.broadcast_object_list(got, src=1)
     if rank == 0:
-        emit({"step": max(m for m in all_meds if m is not None), "times": times, "loss": loss[0]})
+        emit({"step": max(m for m in all_meds if m is not None), "times": times, "losses": got[0]})
     dist.destroy_process_group()
 
 

@@ -10,8 +10,8 @@ Kinds:
               replica per stage, the microbatches and the schedule pinned: it
               places the boundary), ``middle`` (the pinned layout with the
               boundary forced before block ``--layers // 2``, the peers' split).
-  stagetime   per-stage forward+backward time of one microbatch for the split
-              of a saved plan and for the middle split, in this process.
+  stagetime   per-stage forward+backward time of one microbatch for the
+              pinned plan's split (2 ranks) and for the middle split, in this process.
 """
 
 from __future__ import annotations
@@ -25,9 +25,9 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-import torch  # noqa: E402
+import torch
 
-from benchmarks.peers.common import build_gpt, emit, global_batch, median_step  # noqa: E402
+from benchmarks.peers.common import build_gpt, emit, global_batch, median_step
 
 
 def middle_assignment(graph: Any, block: int) -> list[int]:
@@ -54,6 +54,22 @@ def forced_plan(pinned: Any, graph: Any, assignment: list[int]) -> Any:
     return replace(pinned, stages=tuple(stages), step_time=0.0, samples_per_second=0.0)
 
 
+def pinned_plan(graph: Any, args: argparse.Namespace, ranks: int) -> Any:
+    """The planner's plan with 2 stages x 1 replica, ``--microbatches`` and ``--schedule`` pinned.
+
+    The same search the runtime runs by default (analytic profile of the
+    calibrated local device); with ``--plan middle`` the boundary is then
+    moved to the middle block.
+    """
+    import rannc_py
+
+    plan = rannc_py.plan(graph, batch_size=args.batch, cluster=f"local:ranks={ranks}", num_stages=2,
+                         replicas=[1] * 2, microbatches=args.microbatches, schedules=(args.schedule,))
+    if args.plan == "middle":
+        plan = forced_plan(plan, graph, middle_assignment(graph, args.layers // 2))
+    return plan
+
+
 def rannc_plan(args: argparse.Namespace, model: torch.nn.Module, local: dict[str, torch.Tensor], comm: Any) -> Any:
     """The ``plan=`` argument for ``--plan`` (None for auto); planned on rank 0 and broadcast."""
     import rannc_py
@@ -61,16 +77,7 @@ def rannc_plan(args: argparse.Namespace, model: torch.nn.Module, local: dict[str
 
     if args.plan == "auto":
         return None
-    text = None
-    if comm.Get_rank() == 0:
-        graph = rannc_py.trace(model, (), local)
-        # the same search the runtime runs (analytic profile of the calibrated local device), pinned
-        plan = rannc_py.plan(graph, batch_size=args.batch, cluster=f"local:ranks={comm.Get_size()}",
-                             num_stages=2, replicas=[1] * 2, microbatches=args.microbatches,
-                             schedules=(args.schedule,))
-        if args.plan == "middle":
-            plan = forced_plan(plan, graph, middle_assignment(graph, args.layers // 2))
-        text = plan.to_json()
+    text = pinned_plan(rannc_py.trace(model, (), local), args, comm.Get_size()).to_json() if comm.Get_rank() == 0 else None
     return Plan.from_json(comm.bcast(text, root=0))
 
 
@@ -184,7 +191,6 @@ def graph_params(staged: Any) -> list[torch.nn.Parameter]:
 def run_stagetime(args: argparse.Namespace) -> None:
     """Per-stage time of one microbatch for the saved plan's split and the middle split."""
     import rannc_py
-    from rannc_py.planner.plan import Plan
 
     model = build_gpt(args.layers, args.hidden)
     rows = args.batch // args.microbatches
@@ -194,10 +200,10 @@ def run_stagetime(args: argparse.Namespace) -> None:
     flat = graph.flatten_inputs((), inputs)
     out = {}
     splits = {"middle": middle_assignment(graph, args.layers // 2)}
-    if args.plan_file:
-        planned = Plan.load(args.plan_file).assignment()
-        if planned != splits["middle"]:
-            splits["planner"] = planned
+    args.plan = "pinned"
+    planned = pinned_plan(graph, args, 2).assignment()
+    if planned != splits["middle"]:
+        splits["planner"] = planned
     for name, assignment in splits.items():
         out[name] = {"times": stage_times(graph, assignment, flat, args.steps),
                      "boundary": describe_boundary(graph, assignment), "first_op": assignment.index(1)}
@@ -214,7 +220,6 @@ def main() -> None:
     ap.add_argument("--microbatches", type=int, default=4)
     ap.add_argument("--schedule", default="1f1b")
     ap.add_argument("--plan", choices=("auto", "pinned", "middle"), default="auto")
-    ap.add_argument("--plan-file", default=None)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)

@@ -40,6 +40,7 @@ def training_parser(description: str, sizes: list[str]) -> argparse.ArgumentPars
     t.add_argument("--lr", type=float, default=3e-3, help="AdamW peak learning rate")
     t.add_argument("--warmup", type=int, default=10,
                    help="steps of linear learning-rate warm-up to --lr")
+    t.add_argument("--clip", type=float, default=1.0, help="clip the gradients' global norm to this (0: off)")
     t.add_argument("--seed", type=int, default=0, help="seed for initialisation, data and shuffling")
     t.add_argument("--docs", type=int, default=2000, help="documents in the generated corpus")
     t.add_argument("--save", default=None, help="write a checkpoint to this folder at the end")

@@ -70,7 +70,8 @@ def plot_timeline(plan: Any, timeline: Timeline, path: str | Path, title: str = 
         if plan.microbatches <= 16 and e.action.kind in (ActionKind.FORWARD, ActionKind.BACKWARD):
             ax.text((e.start + e.end) / 2 / size, e.stage, str(e.action.microbatch), ha="center", va="center",
                     fontsize=7)
-    labels = [f"stage {st.index}\nranks {','.join(map(str, st.ranks))}" for st in plan.stages]
+    labels = [f"stage {st.index}" + (" (recompute)" if st.recompute else "") + f"\nranks {','.join(map(str, st.ranks))}"
+              for st in plan.stages]
     ax.set_yticks(range(stages), labels, fontsize=8)
     ax.set_ylim(stages - 0.5, -0.5)
     ax.set_xlabel(f"time in one training step ({unit})")
@@ -79,7 +80,8 @@ def plot_timeline(plan: Any, timeline: Timeline, path: str | Path, title: str = 
                  "allreduce, numbers are microbatches)", fontsize=9)
     mem = list(plan.peak_memory_per_rank)
     munit, msize = _scale(mem, _BYTE_UNITS)
-    colours = [f"C{plan.stage_of_rank(r)}" for r in range(plan.world_size)]
+    # Muted colours per stage, so memory bars are not read as forward/backward.
+    colours = [plt.cm.Set2(plan.stage_of_rank(r) % 8) for r in range(plan.world_size)]
     mx.bar(range(plan.world_size), [b / msize for b in mem], color=colours, width=0.7)
     mx.set_xticks(range(plan.world_size), [f"rank {r}\n(stage {plan.stage_of_rank(r)})"
                                            for r in range(plan.world_size)], fontsize=8)

@@ -9,7 +9,6 @@ with ``--save``, a checkpoint that ``--resume`` continues exactly.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import resource
 import statistics
@@ -95,7 +94,6 @@ def train(args: argparse.Namespace, model: torch.nn.Module, dataset: Dataset, na
     batch = next(batches)
     graph = None
     if not args.eager:
-        original = model
         model, graph = wrap(model, opt, batch, args, comm)
     step_times: list[float] = []
     bar = tqdm(range(start, args.steps), disable=rank != 0, desc=name, initial=start, total=args.steps)
@@ -107,6 +105,11 @@ def train(args: argparse.Namespace, model: torch.nn.Module, dataset: Dataset, na
         t0 = time.perf_counter()
         loss = model(**batch).loss
         loss.backward()
+        if args.clip > 0:  # rannc_py's norm spans every stage, counting replicas and tied weights once
+            if args.eager:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
+            else:
+                model.clip_grad_norm_(args.clip)
         if opt_state is not None:
             # rannc_py rebinds the optimizer to this rank's parameters during
             # the first call, so its saved state can only be loaded now.
@@ -145,12 +148,7 @@ def train(args: argparse.Namespace, model: torch.nn.Module, dataset: Dataset, na
                        microbatches=plan.microbatches, predicted_step_time=plan.step_time,
                        predicted_peak_memory_per_rank=list(plan.peak_memory_per_rank))
         if plan.step_time > 0:  # a hand-written layout carries no predictions to draw
-            if graph is None:  # the same trace the runtime made; the plan's fingerprint checks it
-                import rannc_py
-
-                # rannc_py moved the other stages' weights to "meta"; a meta copy traces the same graph.
-                graph = rannc_py.trace(copy.deepcopy(original).to("meta"), (), batch)
-            timeline = planned_timeline(plan, graph)
+            timeline = planned_timeline(plan, graph)  # the plan's fingerprint checks it is the same trace
             summary["simulated_step_time"] = timeline.step_time  # equals the prediction: the same simulation
             summary["timeline"] = str(plot_timeline(plan, timeline, out / "timeline.png", f"{name} plan"))
     (out / "losses.json").write_text(json.dumps(losses))

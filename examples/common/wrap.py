@@ -4,8 +4,9 @@ The usual path is the one-call API: ``RaNNCModule(model, optimizer,
 memory_limit=...)`` traces, plans and partitions on the first call. Two flags
 need a plan made here instead: ``--cluster`` (plan for a cluster preset, e.g.
 Fugaku nodes, and run that plan on this job's ranks) and ``--stages`` (pin the
-pipeline depth). Then rank 0 traces the model on its first batch, asks
-``rannc_py.plan`` and shares the plan; ``RaNNCModule`` gets it via ``plan=``.
+pipeline depth). Then rank 0 asks ``rannc_py.plan`` and shares the plan;
+``RaNNCModule`` gets it via ``plan=``. Rank 0 traces the model on its first
+batch in any case, for the picture of the plan at the end.
 """
 
 from __future__ import annotations
@@ -30,23 +31,20 @@ def cluster_spec(args: argparse.Namespace, world_size: int) -> str:
     return spec
 
 
-def make_plan(model: torch.nn.Module, batch: dict[str, torch.Tensor], args: argparse.Namespace,
-              comm: Any) -> tuple[Any, Any]:
+def make_plan(graph: Any, args: argparse.Namespace, comm: Any) -> Any:
     """Plan on rank 0 for ``--cluster``/``--stages`` and share the plan with every rank.
 
-    Takes the model, this rank's first batch, the flags and the MPI
-    communicator. Returns ``(plan, graph)``: the :class:`rannc_py.Plan` on every
-    rank and the traced graph on rank 0 (None elsewhere). Raises
+    Takes rank 0's traced graph (None elsewhere), the flags and the MPI
+    communicator. Returns the :class:`rannc_py.Plan` on every rank. Raises
     ``SystemExit`` with the planner's message when no plan fits.
     """
     import rannc_py
     from rannc_py.errors import RaNNCError
 
-    graph, text, error = None, None, None
+    text, error = None, None
     if comm.Get_rank() == 0:
         try:
-            # Traced on one rank's batch, as RaNNCModule traces; the plan is for the global batch.
-            graph = rannc_py.trace(model, (), batch)
+            # The graph is one rank's batch, as RaNNCModule traces; the plan is for the global batch.
             plan = rannc_py.plan(graph, batch_size=graph.batch_size * comm.Get_size(),
                                  cluster=cluster_spec(args, comm.Get_size()), num_stages=args.stages,
                                  microbatches=args.microbatches)
@@ -56,25 +54,28 @@ def make_plan(model: torch.nn.Module, batch: dict[str, torch.Tensor], args: argp
     text, error = comm.bcast((text, error), root=0)
     if error is not None:
         raise SystemExit(error)
-    return rannc_py.Plan.from_json(text), graph
+    return rannc_py.Plan.from_json(text)
 
 
 def wrap(model: torch.nn.Module, opt: torch.optim.Optimizer, first_batch: dict[str, torch.Tensor],
          args: argparse.Namespace, comm: Any) -> tuple[torch.nn.Module, Any]:
     """Wrap ``model`` in ``RaNNCModule`` (see the module docstring).
 
-    Returns ``(wrapped model, graph or None)``: the graph is rank 0's trace
-    when a plan was made here, else None (it is traced again for the picture).
+    Takes the model, its optimizer, this rank's first batch, the flags and
+    the MPI communicator. Returns ``(wrapped model, graph)``: ``graph`` is
+    rank 0's trace of the model on its first batch (the trace RaNNCModule
+    makes too; the plan's picture needs it), None on other ranks.
     """
     import rannc_py
 
+    # Traced before wrapping: afterwards this rank holds only its stage's weights.
+    graph = rannc_py.trace(model, (), first_batch) if comm.Get_rank() == 0 else None
     kwargs: dict[str, Any] = {}
-    graph = None
     plan_file = Path(args.plan) if args.plan is not None else None
     if plan_file is not None and plan_file.exists():
         kwargs["plan"] = str(plan_file)
     elif args.cluster is not None or args.stages is not None:
-        kwargs["plan"], graph = make_plan(model, first_batch, args, comm)
+        kwargs["plan"] = make_plan(graph, args, comm)
     else:
         kwargs["memory_limit"] = args.memory_limit
         kwargs["microbatches"] = args.microbatches

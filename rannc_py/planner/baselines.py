@@ -19,7 +19,15 @@ import numpy as np
 
 from rannc_py.planner.chain import Chain
 from rannc_py.planner.cost import CostModel
-from rannc_py.planner.search import Layout, SearchSpace, divisors, in_flight, microbatch_candidates, pick_best, ranked
+from rannc_py.planner.search import (
+    Layout,
+    SearchSpace,
+    divisors,
+    in_flight,
+    microbatch_candidates,
+    pick_best,
+    ranked,
+)
 
 RULES = ("uniform", "params", "time")
 # Layouts of one rule, best by the estimate T, that its pick simulates.
@@ -72,7 +80,7 @@ def baseline_layouts(cost: CostModel, space: SearchSpace) -> dict[str, list[Layo
     if space.pinned_replicas is not None:
         return out
     chain, D = cost.chain, cost.cluster.num_devices
-    bounds_by = {rule: {} for rule in RULES}
+    bounds_by: dict[str, dict[int, tuple[int, ...] | None]] = {rule: {} for rule in RULES}
     for p in divisors(D):
         if p > min(space.max_stages, chain.n) or (space.num_stages is not None and p != space.num_stages):
             continue
@@ -84,13 +92,14 @@ def baseline_layouts(cost: CostModel, space: SearchSpace) -> dict[str, list[Layo
                 flights = tuple(sorted({in_flight(sched, q, m) for q in range(p)}))
                 tabs = cost.stage_tables(R, m, (1,), flights, space.recompute, p)
                 for rule in RULES:
-                    lay = _layout(tabs, bounds_by[rule][p], R, m, sched, rule)
+                    bounds = bounds_by[rule][p]
+                    lay = None if bounds is None else _layout(tabs, bounds, R, m, sched, rule)
                     if lay is not None:
                         out[rule].append(lay)
     return out
 
 
-def _layout(tabs, bounds, R: int, m: int, sched: str, rule: str) -> Layout | None:
+def _layout(tabs: dict, bounds: tuple[int, ...], R: int, m: int, sched: str, rule: str) -> Layout | None:
     p = len(bounds) - 1
     cs, ars, mems, recs = [], [], [], []
     for s in range(p):

@@ -34,12 +34,19 @@ class Device:
         peak_flops: dtype name ("float32", "bfloat16", "float16") -> peak FLOP/s.
         memory: bytes usable by one rank.
         memory_bandwidth: bytes/s from that memory.
+        compute_efficiency: fraction of ``peak_flops`` that the model's kernels
+            are assumed to reach (the analytic profile divides by it; MFU is
+            still reported against the peak). Default 1.0: the figures are
+            already achieved rates (the measured ``local`` preset).
+        bandwidth_efficiency: the same for ``memory_bandwidth`` (default 1.0).
     """
 
     name: str
     peak_flops: tuple[tuple[str, float], ...]
     memory: int
     memory_bandwidth: float
+    compute_efficiency: float = 1.0
+    bandwidth_efficiency: float = 1.0
 
     def flops(self, dtype: torch.dtype | str = torch.float32) -> float:
         """Peak FLOP/s for ``dtype``. Raises ConfigError when the preset has no figure for it."""
@@ -125,7 +132,12 @@ GiB = 2**30
 # TFLOP/s fp64, 6.76 fp32, 13.5 fp16; 32 GiB HBM2 at 1024 GB/s.
 # Tofu interconnect D (Ajima et al., IEEE Cluster 2018): 6.8 GB/s per link per
 # direction, 10 ports, 6 TNIs (so 6 transfers at once), ~0.49 us put latency.
-_A64FX = Device("a64fx", (("float32", 6.76e12), ("float16", 13.5e12), ("bfloat16", 13.5e12)), 32 * GiB, 1024e9)
+# Efficiencies are ASSUMPTIONS, not measurements: 0.7 of peak for fp32 GEMM-dominated
+# training kernels on SVE (vendor BLAS reaches more on large GEMMs, framework
+# kernels less), 0.8 of the HBM2 peak (STREAM triad on A64FX is reported at
+# roughly 80 % of 1024 GB/s).
+_A64FX = Device("a64fx", (("float32", 6.76e12), ("float16", 13.5e12), ("bfloat16", 13.5e12)), 32 * GiB, 1024e9,
+                compute_efficiency=0.7, bandwidth_efficiency=0.8)
 _TOFU_D = Link(6.8e9, 0.49e-6)
 
 # NVIDIA A100 SXM datasheet: 19.5 TFLOP/s fp32 (156 TF32), 312 bf16/fp16 dense;
@@ -134,15 +146,18 @@ _TOFU_D = Link(6.8e9, 0.49e-6)
 # InfiniBand HCA per GPU = 25 GB/s. Latencies: NVIDIA NCCL-tests typical
 # small-message figures (~2 us NVLink, ~5 us IB across nodes).
 _A100_FLOPS = (("float32", 19.5e12), ("tfloat32", 156e12), ("bfloat16", 312e12), ("float16", 312e12))
-_A100_40 = Device("a100-40g", _A100_FLOPS, 40 * 10**9, 1555e9)
-_A100_80 = Device("a100-80g", _A100_FLOPS, 80 * 10**9, 2039e9)
+# Efficiencies (ASSUMPTIONS, as for H100 below): 0.8 of peak for large cuBLAS
+# GEMMs, 0.85 of HBM peak (BabelStream-style copy/triad figures).
+_A100_40 = Device("a100-40g", _A100_FLOPS, 40 * 10**9, 1555e9, compute_efficiency=0.8, bandwidth_efficiency=0.85)
+_A100_80 = Device("a100-80g", _A100_FLOPS, 80 * 10**9, 2039e9, compute_efficiency=0.8, bandwidth_efficiency=0.85)
 _NVLINK3 = Link(300e9, 2e-6)
 _IB_HDR = Link(25e9, 5e-6)
 
 # NVIDIA H100 SXM datasheet: 67 TFLOP/s fp32, 989 bf16/fp16 dense; 80 GB HBM3
 # at 3.35 TB/s; NVLink 4: 900 GB/s total = 450 per direction. DGX H100: one
 # 400 Gb/s NDR InfiniBand port per GPU = 50 GB/s.
-_H100 = Device("h100", (("float32", 67e12), ("bfloat16", 989e12), ("float16", 989e12)), 80 * 10**9, 3350e9)
+_H100 = Device("h100", (("float32", 67e12), ("bfloat16", 989e12), ("float16", 989e12)), 80 * 10**9, 3350e9,
+               compute_efficiency=0.8, bandwidth_efficiency=0.85)
 _NVLINK4 = Link(450e9, 2e-6)
 _IB_NDR = Link(50e9, 5e-6)
 

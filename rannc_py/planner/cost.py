@@ -33,10 +33,17 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from rannc_py.comm.cost import (
+    ALGORITHMS,
+    allreduce_time,
+    best_allreduce,
+    grid_shape,
+    p2p_time,
+)
 from rannc_py.errors import ConfigError
 from rannc_py.planner.chain import Chain
-from rannc_py.comm.cost import ALGORITHMS, allreduce_time, best_allreduce, grid_shape, p2p_time
 from rannc_py.planner.cluster import Cluster
+
 
 def _allreduce_lines(cluster: Cluster, ranks: int) -> list[tuple[float, float]]:
     """(intercept, seconds per byte) of each allreduce algorithm on ``ranks`` of ``cluster``."""

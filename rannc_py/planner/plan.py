@@ -241,11 +241,11 @@ class Plan:
         """A readable table of the stages and the predictions."""
         mb_rows = self.batch_size // self.microbatches
         lines = [
-            f"Plan: {self.num_stages} stages, {self.world_size} ranks, schedule {self.schedule}, "
-            f"batch {self.batch_size} = {self.microbatches} microbatches x {mb_rows}",
+            (f"Plan: {self.num_stages} stages, {self.world_size} ranks, schedule {self.schedule}, "
+             f"batch {self.batch_size} = {self.microbatches} microbatches x {mb_rows}"),
             f"cluster: {self.cluster}",
-            f"{'stage':>5} {'ops':>11} {'params':>7} {'ranks':>13} {'recomp':>6} "
-            f"{'compute/step':>12} {'peak mem':>10}",
+            (f"{'stage':>5} {'ops':>11} {'params':>7} {'ranks':>13} {'recomp':>6} "
+             f"{'compute/step':>12} {'peak mem':>10}"),
         ]
         for st in self.stages:
             ops = f"{st.ops[0]}-{st.ops[-1]}" if st.ops else "-"

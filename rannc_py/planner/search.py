@@ -17,7 +17,12 @@ stage: ``best[q][i][k]`` is the smallest bottleneck of blocks ``[i, n)`` cut
 into q + 1 stages on k devices per pipeline. Building backwards means a stage
 knows how many stages follow it, which fixes its 1F1B memory (min(q + 1, m)
 microbatches in flight) when the DP needs it, and one DP gives the optimum for
-every p. Three weights give the candidates: ``w = 1/m`` (the allreduce spread
+every p (the ``DEPTHS_PER_PASS`` best depths become candidates). The DP's
+``a_s`` includes the tied-weight sync (assuming the partner stage has as many
+replicas; the simulation charges the real counts). The inner step is a
+(min, max) product over the reachable part of the table only (a stage with q
+stages after it ends by block n - q and leaves them at least q devices).
+Four weights give the candidates: ``w = 1/m`` (the allreduce spread
 over the microbatches), ``w = 1/(m + p* - 1)`` for the best depth p* of the
 first pass (there ``T_w`` bounds the bubble model from below), ``w = 1`` and
 ``w = 1000`` (allreduce-dominated steps, e.g. few microbatches on many
@@ -53,6 +58,8 @@ from rannc_py.schedule.fast import step_time
 REPLICA_SET = (1, 2, 3, 4, 6, 8)
 # Layouts (best by the estimate T) whose schedules are simulated for the final pick.
 TOP_K = 16
+# Pipeline depths per DP pass turned into candidate layouts (best by that pass's objective).
+DEPTHS_PER_PASS = 6
 
 
 @dataclass(frozen=True)
@@ -257,15 +264,14 @@ def search_config(cost: CostModel, space: SearchSpace, d: int, m: int, schedule:
 def _collect(tabs, obj_by_q, rvals, P, allowed, space, d, m, schedule, w, memory=False) -> list[Layout]:
     Q = len(obj_by_q)
     best = bottleneck_dp(obj_by_q, rvals, P, allowed)
+    depths = [p for p in range(1, Q + 1) if np.isfinite(best[p - 1, 0, P])
+              and (space.num_stages is None or p == space.num_stages)
+              and (space.pinned_replicas is None or p == Q)]
+    # Only the depths whose DP objective is among the pass's best become candidates.
+    depths.sort(key=lambda p: (best[p - 1, 0, P] * (1 if memory else m + p - 1), p))
     out = []
-    for p in range(1, Q + 1):
-        if space.num_stages is not None and p != space.num_stages:
-            continue
-        if space.pinned_replicas is not None and p != Q:
-            continue
+    for p in depths[:DEPTHS_PER_PASS]:
         val = best[p - 1, 0, P]
-        if not np.isfinite(val):
-            continue
         bounds, reps = reconstruct(best, obj_by_q, rvals, p, P, allowed)
         rec, mem, cs, ars = [], [], [], []
         for s in range(p):

@@ -1,7 +1,9 @@
 """Roofline estimate of block times for a device we may not have.
 
 Per op at b rows: forward = params bytes / bandwidth (weights read once) +
-b * max(FLOPs per sample / peak FLOP/s, bytes moved per sample / bandwidth);
+b * max(FLOPs per sample / FLOP/s, bytes moved per sample / bandwidth), with
+the device's peak FLOP/s and bandwidth scaled by its ``compute_efficiency``
+and ``bandwidth_efficiency`` (the fraction real kernels reach; see the presets);
 backward is twice the forward (two matrix products per forward one, and
 gradients written as well as weights read).
 """
@@ -50,8 +52,8 @@ def act_bytes_per_sample(graph: Graph, block: tuple[int, ...]) -> float:
 
 def analytic_profile(graph: Graph, blocks: list[tuple[int, ...]], batch_size: int, device: Device) -> Profile:
     """Roofline :class:`Profile` of ``blocks`` on ``device`` (see the module docstring)."""
-    peak = device.flops(graph_dtype(graph))
-    bw = device.memory_bandwidth
+    peak = device.flops(graph_dtype(graph)) * device.compute_efficiency
+    bw = device.memory_bandwidth * device.bandwidth_efficiency
     B = graph.batch_size
     ff, fp, bf, bp, act, pb = [], [], [], [], [], []
     for blk in blocks:

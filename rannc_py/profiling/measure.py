@@ -2,8 +2,14 @@
 
 The graph is cut at the block boundaries (``Graph.split``) and the stages run
 in order on example inputs; each block's forward and backward is timed after
-one warm-up run, ``repeats`` times, keeping the median. Times are charged per
-sample (the model is linear in rows, ``fixed = 0``).
+one warm-up run, ``repeats`` times, keeping the median. This is done at two
+batch sizes, b and b // 2, and the line ``t(rows) = fixed + per_sample * rows``
+is fitted through the two medians (fixed: per-call overheads and weight reads
+that do not grow with rows). A fit with a negative part is clamped (noise on a
+tiny block): a negative fixed term becomes 0 with the line through the origin
+and the b point, a negative slope becomes a constant time. When the graph runs
+at one batch size only (``dynamic_batch`` false) or b is 1, the single point
+gives ``fixed = 0``.
 """
 
 from __future__ import annotations
@@ -56,14 +62,42 @@ def measure_profile(graph: Graph, blocks: list[tuple[int, ...]], batch_size: int
     if batch_size != graph.batch_size and not graph.dynamic_batch:
         raise ConfigError(f"graph was traced with a fixed batch of {graph.batch_size}; "
                           f"cannot measure at batch_size={batch_size}")
-    values: dict[str, torch.Tensor] = _resize(inputs, graph.batch_size, batch_size)
     assignment = [0] * len(graph.ops)
     for b, blk in enumerate(blocks):
         for i in blk:
             assignment[i] = b
     staged = graph.split(assignment)
+    sizes = [batch_size] + ([batch_size // 2] if graph.dynamic_batch and batch_size >= 2 else [])
+    timed = [_time_blocks(staged, _resize(inputs, graph.batch_size, rows), repeats, rows) for rows in sizes]
+    fits = [_fit(sizes, [t[0][k] for t in timed]) for k in range(len(blocks))]
+    fits_b = [_fit(sizes, [t[1][k] for t in timed]) for k in range(len(blocks))]
+    return Profile(
+        graph.fingerprint(), batch_size, device, "measured", tuple(blocks),
+        tuple(f for f, _ in fits), tuple(p for _, p in fits), tuple(f for f, _ in fits_b), tuple(p for _, p in fits_b),
+        tuple(act_bytes_per_sample(graph, b) for b in blocks),
+        tuple(block_param_bytes(graph, b) for b in blocks),
+    )
+
+
+def _fit(rows: list[int], times: list[float]) -> tuple[float, float]:
+    """(fixed, per_sample) through the measured points (see the module docstring)."""
+    b, t = rows[0], times[0]
+    if len(rows) == 1:
+        return 0.0, t / b
+    slope = (t - times[1]) / (b - rows[1])
+    fixed = t - slope * b
+    if slope < 0:
+        return t, 0.0
+    if fixed < 0:
+        return 0.0, t / b
+    return fixed, slope
+
+
+def _time_blocks(staged, values: dict[str, torch.Tensor], repeats: int, rows: int) -> tuple[list[float], list[float]]:
+    """Median forward and backward seconds of every stage of ``staged`` at ``rows`` rows."""
+    values = dict(values)
     fwd, bwd = [], []
-    for stage in tqdm(staged.stages, desc="profiling blocks", leave=False):
+    for stage in tqdm(staged.stages, desc=f"profiling blocks at {rows} rows", leave=False):
         args = []
         for name in stage.input_names:
             t = values[name]
@@ -91,10 +125,4 @@ def measure_profile(graph: Graph, blocks: list[tuple[int, ...]], batch_size: int
         else:
             bwd.append(0.0)
         values.update(zip(stage.output_names, (o.detach() for o in outs)))
-    zeros = tuple(0.0 for _ in blocks)
-    return Profile(
-        graph.fingerprint(), batch_size, device, "measured", tuple(blocks), zeros,
-        tuple(t / batch_size for t in fwd), zeros, tuple(t / batch_size for t in bwd),
-        tuple(act_bytes_per_sample(graph, b) for b in blocks),
-        tuple(block_param_bytes(graph, b) for b in blocks),
-    )
+    return fwd, bwd

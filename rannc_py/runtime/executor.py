@@ -230,7 +230,7 @@ class Executor:
         routes = [r for r in self._routes(self.stage) if r.src == me]
         outs = self._outs[mb]
         tensors = [outs[n].detach().contiguous() for n in self.prog.send_names]
-        metas = [describe(t, self.prog.batch_dims.get(n)) for n, t in zip(self.prog.send_names, tensors)]
+        metas = [describe(t, n, self.prog.batch_dims.get(n), self._n) for n, t in zip(self.prog.send_names, tensors)]
         sig = self._step.signature
         if sig not in self._out_meta_sent:
             for r in routes:
@@ -244,7 +244,7 @@ class Executor:
                     self._sends.append(transport.isend(t, self._peer(nxt, d), _tag(_ACT, mb, k), self.comm))
             else:
                 for r in routes:
-                    piece = t.narrow(meta.batch_dim, r.src_offset, r.rows).contiguous()
+                    piece = meta.rows(t, r.src_offset, r.rows).contiguous()
                     self._sends.append(transport.isend(piece, self._peer(nxt, r.dst), _tag(_ACT, mb, k), self.comm))
         if not self._step.training:
             self._outs.pop(mb)
@@ -261,7 +261,7 @@ class Executor:
             t = outs[name]
             if not t.is_floating_point():
                 continue
-            meta = describe(t, self.prog.batch_dims.get(name))
+            meta = describe(t, name, self.prog.batch_dims.get(name), self._n)
             pieces = []
             if meta.batch_dim is None:
                 for d in un_dsts:
@@ -336,5 +336,5 @@ class Executor:
                 self._sends.append(transport.isend(g, self._peer(prev, src_un), _tag(_GRAD, mb, k), self.comm))
             else:
                 for r in routes:
-                    piece = g.narrow(meta.batch_dim, r.dst_offset, r.rows).contiguous()
+                    piece = meta.rows(g, r.dst_offset, r.rows).contiguous()
                     self._sends.append(transport.isend(piece, self._peer(prev, r.src), _tag(_GRAD, mb, k), self.comm))

@@ -76,18 +76,24 @@ def gather_inputs(
 
 def _describe_outputs(
     result: StageResult, batch_dims: dict[str, int | None]
-) -> list[tuple[str, str, tuple[int, ...], torch.dtype, int | None]]:
-    """(name, kind, shape per chunk, dtype, batch dim) of each output; kind is scalar/batched/other."""
+) -> list[tuple[str, str, tuple[int, ...], torch.dtype, int | None, int]]:
+    """(name, kind, shape per chunk, dtype, batch dim, entries per row) of each output.
+
+    kind is scalar/batched/other; a batched output's batch dimension holds
+    ``entries per row`` entries for each row (more than 1 when flattened with
+    another dimension).
+    """
     out = []
     for name, t in result.outputs[0].items():
         dim = batch_dims.get(name)
+        per_row = 1
         if t.dim() == 0 and t.is_floating_point():
             kind = "scalar"
-        elif dim is not None:
-            kind = "batched"
+        elif dim is not None and t.shape[dim] % result.rows == 0:
+            kind, per_row = "batched", t.shape[dim] // result.rows
         else:
             kind = "other"
-        out.append((name, kind, tuple(t.shape), t.dtype, dim))
+        out.append((name, kind, tuple(t.shape), t.dtype, dim, per_row))
     return out
 
 
@@ -124,13 +130,13 @@ def return_outputs(
             acc[k] = sum(float(o[name]) for o in result.outputs) * result.weight
     if world > 1:
         comm.Allreduce(MPI.IN_PLACE, acc, op=MPI.SUM)
-    for k, (name, _, _, dtype, _) in enumerate(scalars):
+    for k, (name, _, _, dtype, _, _) in enumerate(scalars):
         values[name] = torch.tensor(acc[k], dtype=dtype)
     values["__loss_name__"] = scalars[0][0] if scalars else None
     local_rows = step.batch // world
     routes = output_routes(step.batch, m, len(last), world)
     works: list[transport.Work] = []
-    for k, (name, kind, shape, dtype, dim) in enumerate(desc):
+    for k, (name, kind, shape, dtype, dim, per_row) in enumerate(desc):
         if kind == "other":
             values[name] = comm.bcast(result.outputs[0][name] if replica == 0 else None, root=last[0])
         elif kind == "batched" and not with_batched:
@@ -138,14 +144,17 @@ def return_outputs(
         elif kind == "batched":
             # Received with the batch dimension first, so every piece is a contiguous block.
             first = (shape[dim], *shape[:dim], *shape[dim + 1 :])
-            buf = torch.empty((local_rows, *first[1:]), dtype=dtype)
+            buf = torch.empty((local_rows * per_row, *first[1:]), dtype=dtype)
             for i, seg in routes:
                 tag = (_OUT_KIND * 128 + i % 128) * 64 + k % 64
-                if seg.src == replica:
-                    piece = result.outputs[i][name].movedim(dim, 0)[seg.src_offset : seg.src_offset + seg.rows]
+                mine = seg.src == replica
+                piece = result.outputs[i][name].movedim(dim, 0).narrow(0, seg.src_offset * per_row, seg.rows * per_row) if mine else None
+                view = buf.narrow(0, seg.dst_offset * per_row, seg.rows * per_row) if seg.dst == rank else None
+                if piece is not None and view is not None:  # this rank's own rows: no message
+                    view.copy_(piece)
+                elif piece is not None:
                     works.append(transport.isend(piece.contiguous(), seg.dst, tag, comm))
-                if seg.dst == rank:
-                    view = buf[seg.dst_offset : seg.dst_offset + seg.rows]
+                elif view is not None:
                     works.append(transport.irecv(view, last[seg.src], tag, comm))
             values[name] = buf.movedim(0, dim)
     transport.wait_all(works)

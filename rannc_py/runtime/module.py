@@ -102,6 +102,8 @@ class RaNNCModule(nn.Module):
         ConfigError: an argument cannot be used (checked here or on the first call).
     """
 
+    _model: nn.Module  # held outside the module tree (see __init__)
+
     def __init__(
         self,
         model: nn.Module,
@@ -126,11 +128,8 @@ class RaNNCModule(nn.Module):
         object.__setattr__(self, "_model", model)
         self._optimizer = optimizer
         self._plan_arg = plan
-        self._planner_options = {
-            "microbatches": microbatches, "schedules": tuple(schedules), "recompute": recompute,
-            "memory_margin": memory_margin,
-        }
-        self._cluster, self._memory_limit = cluster, memory_limit
+        self._microbatches, self._schedule_names, self._recompute = microbatches, tuple(schedules), recompute
+        self._memory_margin, self._cluster, self._memory_limit = memory_margin, cluster, memory_limit
         self._save_plan = save_plan
         self._param_init = param_init
         self._return_outputs = return_outputs
@@ -189,7 +188,10 @@ class RaNNCModule(nn.Module):
             from rannc_py.runtime.autoplan import job_cluster, search_plan
 
             cluster = job_cluster(self._cluster, comm.Get_size(), self._memory_limit)
-            text = search_plan(graph, batch, cluster, **self._planner_options).to_json()
+            text = search_plan(
+                graph, batch, cluster, microbatches=self._microbatches, schedules=self._schedule_names,
+                recompute=self._recompute, memory_margin=self._memory_margin,
+            ).to_json()
         return Plan.from_json(comm.bcast(text, root=0))
 
     def _bind_optimizer(self) -> None:

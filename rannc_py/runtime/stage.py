@@ -12,31 +12,54 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from rannc_py.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class TensorMeta:
     """Shape and dtype of one tensor crossing a stage boundary.
 
     ``shape`` is the sender's chunk; ``batch_dim`` is the dimension holding
-    rows of the batch (None when the tensor is the same for every row).
+    rows of the batch (None when the tensor is the same for every row), and
+    ``per_row`` how many entries of that dimension one row holds (e.g. the
+    sequence length once batch and sequence are flattened together).
     """
 
     shape: tuple[int, ...]
     dtype: torch.dtype
     batch_dim: int | None
+    per_row: int = 1
 
     def with_rows(self, rows: int) -> tuple[int, ...]:
         """The shape of this tensor for a chunk of ``rows`` rows."""
         if self.batch_dim is None:
             return self.shape
         s = list(self.shape)
-        s[self.batch_dim] = rows
+        s[self.batch_dim] = rows * self.per_row
         return tuple(s)
 
+    def rows(self, t: Tensor, offset: int, rows: int) -> Tensor:
+        """Rows ``[offset, offset + rows)`` of ``t``, a tensor this metadata describes."""
+        assert self.batch_dim is not None
+        return t.narrow(self.batch_dim, offset * self.per_row, rows * self.per_row)
 
-def describe(t: Tensor, batch_dim: int | None) -> TensorMeta:
-    """Metadata of ``t``, whose rows lie along ``batch_dim`` (from the traced graph)."""
-    return TensorMeta(tuple(t.shape), t.dtype, batch_dim)
+
+def describe(t: Tensor, name: str, batch_dim: int | None, rows: int) -> TensorMeta:
+    """Metadata of ``t`` (output ``name``, a chunk of ``rows`` rows) whose rows lie along ``batch_dim``.
+
+    Raises:
+        ConfigError: the batch dimension's size is not a multiple of ``rows``.
+    """
+    if batch_dim is None:
+        return TensorMeta(tuple(t.shape), t.dtype, None)
+    size = t.shape[batch_dim]
+    if rows <= 0 or size % rows:
+        raise ConfigError(
+            f"stage output {name!r} of shape {tuple(t.shape)} has {size} entries along its batch dimension "
+            f"{batch_dim}, not a multiple of the chunk's {rows} rows; it cannot be split by rows between "
+            "stage replicas; use a plan without replicas at this stage boundary"
+        )
+    return TensorMeta(tuple(t.shape), t.dtype, batch_dim, size // rows)
 
 
 @dataclass

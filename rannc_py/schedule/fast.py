@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 from rannc_py.errors import PlanError
 from rannc_py.schedule.actions import ActionKind
-from rannc_py.schedule.generators import by_name
+from rannc_py.schedule.generators import stage_orders
 from rannc_py.schedule.simulate import StageCosts
 
 K = ActionKind
@@ -33,14 +33,13 @@ def compile_schedule(name: str, p: int, m: int) -> Program:
     Message ids are ``(receiving stage * 2 + direction) * m + microbatch``; link ids
     ``sending stage * 2 + direction`` (0: activations down, 1: gradients up).
     """
-    sched = by_name(name, p, m)
     fwd, bwd, ar, recv_act, recv_grad, send_act = (K.FORWARD, K.BACKWARD, K.ALLREDUCE, K.RECV_ACT, K.RECV_GRAD,
                                                      K.SEND_ACT)
     stages = []
-    for s, acts in enumerate(sched.actions):
+    for s, acts in enumerate(stage_orders(name, p, m)):
         prog = []
-        for a in acts:
-            kind, mb = a.kind, a.microbatch
+        for kind, mb_or_none in acts:
+            mb = mb_or_none or 0  # only ALLREDUCE has none, and it sends nothing
             if kind is fwd:
                 prog.append((_COMPUTE, 0, 0))
             elif kind is bwd:

@@ -28,24 +28,93 @@ def _check(num_stages: int, num_microbatches: int) -> None:
             raise ConfigError(f"{name} must be a positive integer, got {v!r}")
 
 
-def _fwd(s: int, p: int, i: int) -> list[Action]:
-    out = []
+Step = tuple[ActionKind, "int | None"]
+
+
+def _fwd(s: int, p: int, i: int) -> list[Step]:
+    out: list[Step] = []
     if s > 0:
-        out.append(Action(K.RECV_ACT, s, i))
-    out.append(Action(K.FORWARD, s, i))
+        out.append((K.RECV_ACT, i))
+    out.append((K.FORWARD, i))
     if s < p - 1:
-        out.append(Action(K.SEND_ACT, s, i))
+        out.append((K.SEND_ACT, i))
     return out
 
 
-def _bwd(s: int, p: int, i: int) -> list[Action]:
-    out = []
+def _bwd(s: int, p: int, i: int) -> list[Step]:
+    out: list[Step] = []
     if s < p - 1:
-        out.append(Action(K.RECV_GRAD, s, i))
-    out.append(Action(K.BACKWARD, s, i))
+        out.append((K.RECV_GRAD, i))
+    out.append((K.BACKWARD, i))
     if s > 0:
-        out.append(Action(K.SEND_GRAD, s, i))
+        out.append((K.SEND_GRAD, i))
     return out
+
+
+def _gpipe_order(p: int, m: int) -> list[list[Step]]:
+    stages = []
+    for s in range(p):
+        acts: list[Step] = []
+        for i in range(m):
+            acts += _fwd(s, p, i)
+        for i in range(m):
+            acts += _bwd(s, p, i)
+        acts.append((K.ALLREDUCE, None))
+        stages.append(acts)
+    return stages
+
+
+def _one_f_one_b_order(p: int, m: int) -> list[list[Step]]:
+    stages = []
+    for s in range(p):
+        warm = min(p - s - 1, m)
+        acts: list[Step] = []
+        for i in range(warm):
+            acts += _fwd(s, p, i)
+        for k in range(m - warm):
+            acts += _fwd(s, p, warm + k)
+            acts += _bwd(s, p, k)
+        for k in range(m - warm, m):
+            acts += _bwd(s, p, k)
+        acts.append((K.ALLREDUCE, None))
+        stages.append(acts)
+    return stages
+
+
+def _forward_only_order(p: int, m: int) -> list[list[Step]]:
+    stages = []
+    for s in range(p):
+        acts: list[Step] = []
+        for i in range(m):
+            acts += _fwd(s, p, i)
+        stages.append(acts)
+    return stages
+
+
+_ORDERS: dict[str, Callable[[int, int], list[list[Step]]]] = {
+    "gpipe": _gpipe_order,
+    "1f1b": _one_f_one_b_order,
+    "forward_only": _forward_only_order,
+}
+
+
+def stage_orders(name: str, num_stages: int, num_microbatches: int) -> list[list[Step]]:
+    """The (kind, microbatch) sequence of every stage of schedule ``name``, without building
+    :class:`Action` objects (what :func:`by_name` wraps; used by the fast step-time code).
+
+    Raises:
+        ConfigError: unknown name, or p / m not positive integers.
+    """
+    order = _ORDERS.get(name)
+    if order is None:
+        raise ConfigError(f"unknown schedule {name!r}; choose one of {sorted(_ORDERS)}")
+    _check(num_stages, num_microbatches)
+    return order(num_stages, num_microbatches)
+
+
+def _build(name: str, p: int, m: int) -> Schedule:
+    stages = stage_orders(name, p, m)
+    return Schedule(name, p, m, tuple(tuple(Action(k, s, i) for k, i in acts) for s, acts in enumerate(stages)))
 
 
 def gpipe(num_stages: int, num_microbatches: int) -> Schedule:
@@ -59,18 +128,7 @@ def gpipe(num_stages: int, num_microbatches: int) -> Schedule:
     Raises:
         ConfigError: p or m is not a positive integer.
     """
-    _check(num_stages, num_microbatches)
-    p, m = num_stages, num_microbatches
-    stages = []
-    for s in range(p):
-        acts: list[Action] = []
-        for i in range(m):
-            acts += _fwd(s, p, i)
-        for i in range(m):
-            acts += _bwd(s, p, i)
-        acts.append(Action(K.ALLREDUCE, s, None))
-        stages.append(tuple(acts))
-    return Schedule("gpipe", p, m, tuple(stages))
+    return _build("gpipe", num_stages, num_microbatches)
 
 
 def one_f_one_b(num_stages: int, num_microbatches: int) -> Schedule:
@@ -88,22 +146,7 @@ def one_f_one_b(num_stages: int, num_microbatches: int) -> Schedule:
     Raises:
         ConfigError: p or m is not a positive integer.
     """
-    _check(num_stages, num_microbatches)
-    p, m = num_stages, num_microbatches
-    stages = []
-    for s in range(p):
-        warm = min(p - s - 1, m)
-        acts: list[Action] = []
-        for i in range(warm):
-            acts += _fwd(s, p, i)
-        for k in range(m - warm):
-            acts += _fwd(s, p, warm + k)
-            acts += _bwd(s, p, k)
-        for k in range(m - warm, m):
-            acts += _bwd(s, p, k)
-        acts.append(Action(K.ALLREDUCE, s, None))
-        stages.append(tuple(acts))
-    return Schedule("1f1b", p, m, tuple(stages))
+    return _build("1f1b", num_stages, num_microbatches)
 
 
 def forward_only(num_stages: int, num_microbatches: int) -> Schedule:
@@ -112,15 +155,7 @@ def forward_only(num_stages: int, num_microbatches: int) -> Schedule:
     Raises:
         ConfigError: p or m is not a positive integer.
     """
-    _check(num_stages, num_microbatches)
-    p, m = num_stages, num_microbatches
-    stages = []
-    for s in range(p):
-        acts: list[Action] = []
-        for i in range(m):
-            acts += _fwd(s, p, i)
-        stages.append(tuple(acts))
-    return Schedule("forward_only", p, m, tuple(stages))
+    return _build("forward_only", num_stages, num_microbatches)
 
 
 SCHEDULES: dict[str, Callable[[int, int], Schedule]] = {

@@ -155,7 +155,7 @@ def simulate(schedule: Schedule, costs: Sequence[StageCosts] | None = None) -> T
         )
     left = {k: v for k, v in mailbox.items() if v}
     if left:
-        (dst, kind, mb), _ = sorted(left.items(), key=lambda kv: (kv[0][0], kv[0][1].value, kv[0][2] or 0))[0]
+        (dst, kind, mb), _ = min(left.items(), key=lambda kv: (kv[0][0], kv[0][1].value, kv[0][2] or 0))
         raise PlanError(
             f"schedule {schedule.name!r}: a message for stage {dst} ({kind.value}{mb}) is sent but "
             f"never received; add the matching {kind.value}{mb} to stage {dst}'s list"

@@ -16,7 +16,7 @@ import sys
 
 import torch
 from mpi4py import MPI
-from runtime_models import build_model, local_slice, make_batch, rows_slice
+from runtime_models import build_model, make_batch, rows_slice
 
 import rannc_py
 
