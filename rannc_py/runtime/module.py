@@ -17,11 +17,17 @@ needs no hook. Only the loss carries a gradient; other outputs (logits, ...)
 are returned detached, for this rank's local rows (``return_outputs=False``
 skips moving them).
 
-The first call traces the model (in training mode, so dropout is in the graph
-and follows ``train()``/``eval()`` afterwards), plans on rank 0 and
-broadcasts the plan (or uses ``plan=``), builds this rank's stage, keeps only
-its parameters (materialising them from ``meta`` when needed) and rebinds the
-optimizer to them.
+The data-parallel (and tied-weight) gradient sums are bucketed allreduces on
+their own communicators; each bucket starts during the step's last backward
+as soon as its gradients are final, and forward waits for all of them before
+it returns.
+
+The first call traces the model (in training mode, so dropout and batch norm
+are in the graph and follow ``train()``/``eval()`` afterwards), plans on rank
+0 and broadcasts the plan (or uses ``plan=``), builds this rank's stage,
+keeps only its parameters (materialising them from ``meta`` when needed),
+copies their values from rank 0 (as DDP does; from each tensor's first holder
+when rank 0's model is on ``meta``) and rebinds the optimizer to them.
 """
 
 from __future__ import annotations
