@@ -55,11 +55,12 @@ def main() -> None:
     if not summary:  # ranks other than 0
         return
     replicas = summary["stages"]
+    state = limit / LIMIT_FRACTION / 2**20
     lines = [
         "",
         "== rannc_py demo summary ==",
         f"memory limit per rank: {limit / 2**20:.1f} MiB; the whole model's training state "
-        f"(weights, grads, AdamW moments) is {limit / LIMIT_FRACTION / 2**20:.1f} MiB",
+        f"(weights, grads, AdamW moments) is {state:.1f} MiB",
         *summary_lines(summary),
     ]
     print("\n".join(lines), flush=True)

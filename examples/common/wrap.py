@@ -1,12 +1,11 @@
 """Wrap a model with ``rannc_py.RaNNCModule`` as the training flags say.
 
 The usual path is the one-call API: ``RaNNCModule(model, optimizer,
-memory_limit=...)`` traces, plans and partitions on the first call. Two flags
-need a plan made here instead: ``--cluster`` (plan for a cluster preset, e.g.
-Fugaku nodes, and run that plan on this job's ranks) and ``--stages`` (pin the
-pipeline depth). Then rank 0 asks ``rannc_py.plan`` and shares the plan;
-``RaNNCModule`` gets it via ``plan=``. Rank 0 traces the model on its first
-batch in any case, for the picture of the plan at the end.
+cluster=..., memory_limit=...)`` traces, plans and partitions on the first
+call. ``--stages`` (pin the pipeline depth) needs a plan made here instead:
+rank 0 asks ``rannc_py.plan`` with ``num_stages`` and shares the plan, and
+``RaNNCModule`` gets it via ``plan=``. Rank 0 also traces the model on its
+first batch in any case, for the picture of the plan at the end.
 """
 
 from __future__ import annotations
@@ -32,7 +31,7 @@ def cluster_spec(args: argparse.Namespace, world_size: int) -> str:
 
 
 def make_plan(graph: Any, args: argparse.Namespace, comm: Any) -> Any:
-    """Plan on rank 0 for ``--cluster``/``--stages`` and share the plan with every rank.
+    """Plan on rank 0 for ``--stages`` (on ``--cluster`` if given) and share the plan with every rank.
 
     Takes rank 0's traced graph (None elsewhere), the flags and the MPI
     communicator. Returns the :class:`rannc_py.Plan` on every rank. Raises
@@ -74,11 +73,10 @@ def wrap(model: torch.nn.Module, opt: torch.optim.Optimizer, first_batch: dict[s
     plan_file = Path(args.plan) if args.plan is not None else None
     if plan_file is not None and plan_file.exists():
         kwargs["plan"] = str(plan_file)
-    elif args.cluster is not None or args.stages is not None:
+    elif args.stages is not None:
         kwargs["plan"] = make_plan(graph, args, comm)
     else:
-        kwargs["memory_limit"] = args.memory_limit
-        kwargs["microbatches"] = args.microbatches
+        kwargs.update(cluster=args.cluster, memory_limit=args.memory_limit, microbatches=args.microbatches)
     if plan_file is not None and not plan_file.exists():
         kwargs["save_plan"] = str(plan_file)
     return rannc_py.RaNNCModule(model, opt, **kwargs), graph
