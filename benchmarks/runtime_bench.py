@@ -102,6 +102,7 @@ class Bench:
             kept = self.rows[label][2]
             kept["rounds"].append(r["step"])
             kept["times"] += r["times"]
+            kept["cpu"] = [max(a, b) for a, b in zip(kept["cpu"], r["cpu"])] if "cpu" in kept else r.get("cpu")
             kept["step"] = statistics.median(kept["rounds"])
         kept = self.rows[label][2]
         if "step" in kept:
@@ -212,13 +213,14 @@ def report(args: argparse.Namespace, b: Bench, equal: dict[str, dict[str, str]],
     for label, (ranks, layout, r) in b.rows.items():
         if "step" not in r:
             err = r.get("error", "").replace("\n", " ").replace("|", "/")[-400:]
-            L.append(f"| {label} | {ranks} | could not run | | | | | {err} |")
+            L.append(f"| {label} | {ranks} | could not run | | | | | | {err} |")
             continue
         pred = r.get("predicted")
         acc = f"{pred / r['step']:.2f}" if pred else "-"
         loss = (r.get("losses") or [None])[0]
+        cpu = ", ".join(f"{c:.2f}" for c in r.get("cpu") or [])
         L.append(f"| {label} | {ranks} | {ms(r['step'])} | {r['samples']:.2f} | {ms(pred)} | {acc} | "
-                 f"{'-' if loss is None else f'{loss:.5f}'} | {layout} |")
+                 f"{'-' if loss is None else f'{loss:.5f}'} | {cpu} | {layout} |")
     L += ["", ("Every configuration trains the same weights on the same batches: the loss of step 1 (before "
           "any update) must agree. Predicted = the plan's step time (the runtime's planner: analytic profile "
           "of the calibrated local device); the hand-split peers have no prediction.")]

@@ -59,8 +59,8 @@ def main() -> None:
     lines = [
         "",
         "== rannc_py demo summary ==",
-        f"memory limit per rank: {limit / 2**20:.1f} MiB; the whole model's training state "
-        f"(weights, grads, AdamW moments) is {state:.1f} MiB",
+        (f"memory limit per rank: {limit / 2**20:.1f} MiB; the whole model's training state "
+         f"(weights, grads, AdamW moments) is {state:.1f} MiB"),
         *summary_lines(summary),
     ]
     print("\n".join(lines), flush=True)

@@ -6,7 +6,12 @@ import pytest
 import torch
 
 from examples.common.corpus import corpus_text, make_documents
-from examples.common.datasets import BertPretrainingDataset, CausalLMDataset, bert_dataset, gpt_dataset
+from examples.common.datasets import (
+    BertPretrainingDataset,
+    CausalLMDataset,
+    bert_dataset,
+    gpt_dataset,
+)
 from examples.common.loader import ShardedLoader
 from examples.common.tokenizer import ByteTokenizer
 

@@ -85,14 +85,23 @@ def hand_stages(gpt: GPT, boundary: int) -> tuple[nn.Sequential, nn.Sequential]:
     return nn.Sequential(*layers[: 1 + boundary]), nn.Sequential(*layers[1 + boundary:])
 
 
-def median_step(step: Callable[[int], None], warmup: int, steps: int) -> tuple[float, list[float]]:
-    """Run ``step(i)`` for ``warmup + steps`` steps; return the median of the timed ones and all of them."""
+def median_step(step: Callable[[int], None], warmup: int, steps: int) -> tuple[float, list[float], float]:
+    """Run ``step(i)`` for ``warmup + steps`` steps.
+
+    Returns the median of the timed steps, their times, and the process's CPU
+    time over them divided by their wall time (1.0 = one core busy throughout,
+    e.g. a rank that spins while it waits for a message).
+    """
     times = []
-    for i in range(warmup + steps):
+    for i in range(warmup):
+        step(i)
+    cpu0, wall0 = time.process_time(), time.perf_counter()
+    for i in range(warmup, warmup + steps):
         t0 = time.perf_counter()
         step(i)
         times.append(time.perf_counter() - t0)
-    return statistics.median(times[warmup:]), times[warmup:]
+    busy = (time.process_time() - cpu0) / (time.perf_counter() - wall0)
+    return statistics.median(times), times, busy
 
 
 def emit(result: dict[str, Any]) -> None:

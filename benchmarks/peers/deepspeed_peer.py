@@ -78,11 +78,13 @@ def main() -> None:
         it = iter([(ids[k * mb:(k + 1) * mb], labels[k * mb:(k + 1) * mb]) for k in range(args.microbatches)])
         losses.append(float(engine.train_batch(data_iter=it)))  # mean over microbatches
 
-    med, times = median_step(step, args.warmup, args.steps)
+    med, times, busy = median_step(step, args.warmup, args.steps)
     meds = [None] * world
     torch.distributed.all_gather_object(meds, med)
+    cpu = [None] * world
+    torch.distributed.all_gather_object(cpu, busy)
     if rank == 0:
-        emit({"step": max(meds), "times": times, "losses": losses,
+        emit({"step": max(meds), "times": times, "losses": losses, "cpu": cpu,
               "parts": [int(x) for x in net.parts]})
 
 

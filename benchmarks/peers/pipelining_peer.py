@@ -75,14 +75,16 @@ def main() -> None:
         if rank == 1:
             step_losses.append(float(torch.stack(losses).detach().mean()))
 
-    med, times = median_step(step, args.warmup, args.steps)
+    med, times, busy = median_step(step, args.warmup, args.steps)
     # a step ends when both ranks have stepped: report the slower rank's median
     all_meds: list[float | None] = [None] * world
     dist.all_gather_object(all_meds, med)
+    cpu: list[float | None] = [None] * world
+    dist.all_gather_object(cpu, busy)
     got = [step_losses]
     dist.broadcast_object_list(got, src=1)
     if rank == 0:
-        emit({"step": max(m for m in all_meds if m is not None), "times": times, "losses": got[0]})
+        emit({"step": max(m for m in all_meds if m is not None), "times": times, "losses": got[0], "cpu": cpu})
     dist.destroy_process_group()
 
 

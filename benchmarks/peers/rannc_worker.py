@@ -112,12 +112,13 @@ def run_rannc(args: argparse.Namespace) -> None:
     t0 = time.perf_counter()
     step(0)  # the first call traces, plans and places parameters: timed apart
     setup = time.perf_counter() - t0
-    med, times = median_step(lambda i: step(i + 1), args.warmup - 1, args.steps)
+    med, times, busy = median_step(lambda i: step(i + 1), args.warmup - 1, args.steps)
     meds = comm.gather(med, root=0)
+    cpu = comm.gather(busy, root=0)
     if rank == 0:
         p = wrapped.plan
         layout = "; ".join(f"stage {st.index}: ops {st.ops[0]}-{st.ops[-1]} x{st.replicas}" for st in p.stages)
-        emit({"step": max(meds), "times": times, "losses": losses, "first_call": setup,
+        emit({"step": max(meds), "times": times, "losses": losses, "first_call": setup, "cpu": cpu,
               "predicted": p.step_time or None, "layout": f"{layout}; m={p.microbatches} {p.schedule}",
               "plan": p.to_json(), "boundary": _boundary(p)})
 
@@ -141,8 +142,8 @@ def run_eager(args: argparse.Namespace) -> None:
         opt.zero_grad()
         losses.append(float(loss.detach()))
 
-    med, times = median_step(step, args.warmup, args.steps)
-    emit({"step": med, "times": times, "losses": losses})
+    med, times, busy = median_step(step, args.warmup, args.steps)
+    emit({"step": med, "times": times, "losses": losses, "cpu": [busy]})
 
 
 def stage_times(graph: Any, assignment: list[int], inputs: dict[str, torch.Tensor], reps: int) -> list[float]:

@@ -1,7 +1,9 @@
 """BERT pretraining (masked-LM + next-sentence) with rannc_py, on the generated corpus.
 
     python examples/bert/train.py --size tiny --steps 100
-    mpiexec -n 4 python examples/bert/train.py --size small --memory-limit 24MiB
+    mpiexec -n 4 python examples/bert/train.py --size small --seq-len 64 --memory-limit 15MiB
+    mpiexec -n 4 python examples/bert/train.py --cluster a64fx:nodes=4 --plan plan.json --save ckpt
+    mpiexec -n 4 python examples/bert/train.py --cluster a64fx:nodes=4 --plan plan.json --resume ckpt --steps 200
 
 The same script runs on one process and under ``mpiexec``. ``--model hf``
 trains Hugging Face's ``BertForPreTraining`` built from a config instead of

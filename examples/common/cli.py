@@ -38,7 +38,7 @@ def training_parser(description: str, sizes: list[str]) -> argparse.ArgumentPars
     t.add_argument("--steps", type=int, default=100, help="optimizer steps to run (in total, when resuming)")
     t.add_argument("--batch-size", type=int, default=16, help="global batch size (split across ranks)")
     t.add_argument("--lr", type=float, default=3e-3, help="AdamW peak learning rate")
-    t.add_argument("--warmup", type=int, default=10,
+    t.add_argument("--warmup", type=int, default=20,
                    help="steps of linear learning-rate warm-up to --lr")
     t.add_argument("--clip", type=float, default=1.0, help="clip the gradients' global norm to this (0: off)")
     t.add_argument("--seed", type=int, default=0, help="seed for initialisation, data and shuffling")

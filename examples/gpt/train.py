@@ -1,7 +1,9 @@
 """Causal-LM training of a GPT with rannc_py, on the generated corpus.
 
     python examples/gpt/train.py --size tiny --steps 100
-    mpiexec -n 4 python examples/gpt/train.py --size small --memory-limit 24MiB
+    mpiexec -n 4 python examples/gpt/train.py --size small --seq-len 64 --memory-limit 15MiB
+    mpiexec -n 4 python examples/gpt/train.py --cluster a64fx:nodes=4 --plan plan.json --save ckpt
+    mpiexec -n 4 python examples/gpt/train.py --cluster a64fx:nodes=4 --plan plan.json --resume ckpt --steps 200
 
 The same script runs on one process and under ``mpiexec``; rannc_py decides
 how to split the model over the ranks. ``--model hf`` trains Hugging Face's

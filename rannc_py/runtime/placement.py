@@ -2,8 +2,8 @@
 
 Every rank materialises (from ``meta``) only what its stage reads, makes its
 copies agree with the other holders (as DDP does at construction), and
-builds its stage's program. Parameters that no stage reads stay with rank 0,
-so the state dict still carries them.
+builds its stage's program. Parameters and buffers that no stage reads stay
+with rank 0 as the model holds them, so the state dict still carries them.
 """
 
 from __future__ import annotations
@@ -83,7 +83,8 @@ def place(
         holders[f] = {0}
     held = sorted(f for f, h in holders.items() if rank in h)
     seed = comm.bcast(torch.initial_seed() % 2**31 if rank == 0 else None, root=0)
-    P.materialize(model, held, seed, param_init)
+    # Tensors no stage reads are left as they are (on meta they have nothing to initialise them).
+    P.materialize(model, [f for f in held if f not in unused], seed, param_init)
     full0 = comm.bcast(all(not t.is_meta for t in (*model.parameters(), *model.buffers())) if rank == 0 else None)
     P.copy_from_source(model, {f: tuple(sorted(h)) for f, h in holders.items()}, comm, from_rank0=full0)
 
