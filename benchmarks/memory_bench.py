@@ -21,8 +21,9 @@ Two parts:
    trained, and if it fails the next smaller one is tried.
 
 RSS accounting: every rank records its resident set after importing torch,
-mpi4py and rannc_py and initialising MPI (the *baseline*, which holds no model
-state), then trains; its peak RSS (``getrusage`` maxrss, gathered to rank 0)
+mpi4py and the rannc_py modules the runtime uses (tracer, planner, runtime:
+they pull in ``torch.export``) and initialising MPI (the *baseline*, which
+holds no model state), then trains; its peak RSS (``getrusage`` maxrss, gathered to rank 0)
 minus that baseline is compared with the limit, since the limit applies to
 the model state the planner counts, not to the Python/torch runtime. Raw
 peak RSS is reported too. Writes ``benchmarks/results/memory.md``.
@@ -74,6 +75,9 @@ def worker(args: argparse.Namespace) -> None:
     from mpi4py import MPI
 
     import rannc_py
+    import rannc_py.graph.trace
+    import rannc_py.planner.api
+    import rannc_py.runtime.module  # noqa: F401  (code the runtime loads belongs to the baseline)
     from examples.gpt.model import GPT
 
     torch.set_num_threads(1)
@@ -212,8 +216,9 @@ def write(args: argparse.Namespace, limit: int, state: dict[int, int], big: int,
          f"{args.steps} training steps; 1 torch thread per rank. Training state = 16 bytes per parameter "
          "(param + grad + 2 Adam moments). Command: `" + " ".join(["python benchmarks/memory_bench.py", *flags]) + "`.",
          "",
-         ("RSS accounting: *baseline* = a rank's peak RSS after importing torch, mpi4py and rannc_py and "
-         "initialising MPI, before the model exists (the Python/torch runtime, which the limit does not cover); "
+         ("RSS accounting: *baseline* = a rank's peak RSS after importing torch, mpi4py and the rannc_py "
+         "modules the runtime uses (tracer, planner, runtime, which load torch.export) and initialising MPI, "
+         "before the model exists (the Python/torch runtime, which the limit does not cover); "
          "*peak* = its peak RSS (getrusage maxrss) at the end of training; the check is peak - baseline < limit. "
          "*predicted* is the plan's peak memory for that rank."), ""]
     r = runs[big, 4]

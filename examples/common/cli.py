@@ -45,7 +45,7 @@ def training_parser(description: str, sizes: list[str]) -> argparse.ArgumentPars
     t.add_argument("--docs", type=int, default=2000, help="documents in the generated corpus")
     t.add_argument("--save", default=None, help="write a checkpoint to this folder at the end")
     t.add_argument("--resume", default=None, help="resume from a checkpoint folder written by --save")
-    t.add_argument("--out", default=None, help="folder for the pictures and the loss log (default runs/<script>)")
+    t.add_argument("--out", default=None, help="folder for the pictures, loss log and summary (default out/<script>)")
     t.add_argument("--eager", action="store_true",
                    help="train with plain PyTorch on one process (the reference rannc_py must match)")
     r = p.add_argument_group("rannc_py")

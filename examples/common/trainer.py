@@ -75,7 +75,7 @@ def train(args: argparse.Namespace, model: torch.nn.Module, dataset: Dataset, na
     comm, rank, size = world()
     if args.eager and size > 1:
         raise SystemExit(f"--eager trains on one process; it was started on {size} ranks")
-    out = Path(args.out or f"runs/{name}")
+    out = Path(args.out or f"out/{name}")
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr)
