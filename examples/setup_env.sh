@@ -33,7 +33,12 @@ if ! "$VENV/bin/python" -c "import rannc_py" 2>/dev/null || [ ! -f "$VENV/.rannc
   touch "$VENV/.rannc_editable"
 fi
 echo "[setup] building rannc_py._core"
-(cd "$ROOT" && "$VENV/bin/python" setup.py -q build_ext --inplace > /dev/null)
+# The lock keeps two commands started at once (demo and tests) from building over each other.
+if command -v flock >/dev/null 2>&1; then
+  (cd "$ROOT" && flock "$VENV/.build.lock" "$VENV/bin/python" setup.py -q build_ext --inplace > /dev/null)
+else
+  (cd "$ROOT" && "$VENV/bin/python" setup.py -q build_ext --inplace > /dev/null)
+fi
 
 export PATH="$VENV/bin:$PATH"
 export RANNC_VENV="$VENV"
