@@ -77,7 +77,7 @@ def worker(args: argparse.Namespace) -> None:
     import rannc_py
     import rannc_py.graph.trace
     import rannc_py.planner.api
-    import rannc_py.runtime.module  # noqa: F401  (code the runtime loads belongs to the baseline)
+    import rannc_py.runtime.module  # code the runtime loads belongs to the baseline
     from examples.gpt.model import GPT
 
     torch.set_num_threads(1)

@@ -207,8 +207,8 @@ def report(args: argparse.Namespace, b: Bench, equal: dict[str, dict[str, str]],
         "in the last table), and 2 threads on a loaded 2-core machine are slower than 1."), "",
         "## Throughput", "",
         ("| configuration | ranks | step (ms) | samples/s | predicted step (ms) | predicted / measured | "
-        "loss of step 1 | layout |"),
-        "|---|---|---|---|---|---|---|---|",
+        "loss of step 1 | CPU busy per rank | layout |"),
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for label, (ranks, layout, r) in b.rows.items():
         if "step" not in r:
@@ -223,7 +223,9 @@ def report(args: argparse.Namespace, b: Bench, equal: dict[str, dict[str, str]],
                  f"{'-' if loss is None else f'{loss:.5f}'} | {cpu} | {layout} |")
     L += ["", ("Every configuration trains the same weights on the same batches: the loss of step 1 (before "
           "any update) must agree. Predicted = the plan's step time (the runtime's planner: analytic profile "
-          "of the calibrated local device); the hand-split peers have no prediction.")]
+          "of the calibrated local device); the hand-split peers have no prediction. CPU busy = a rank's CPU "
+          "time over the timed steps / their wall time (the highest of its launches; above 1 = more than one "
+          "thread busy; below 1 = the process waited or was descheduled by other load).")]
     L += ["", "## Ratios", "", "| comparison | rannc_py speed-up | target |", "|---|---|---|"]
     for sched, e in equal.items():
         ours, mid_run = b.get(e["ours"]), b.get(e.get("ours_middle", e["ours"]))

@@ -41,6 +41,8 @@ def _example_module(family: str) -> Any:
         raise ConfigError(f"model family {family!r} needs {path}, which is missing; "
                           "use --model package.module:factory")
     spec = importlib.util.spec_from_file_location(f"rannc_example_{family}", path)
+    if spec is None or spec.loader is None:
+        raise ConfigError(f"cannot load {path} as a Python module; check that it is a .py file")
     mod = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = mod  # dataclasses look their module up by name
     spec.loader.exec_module(mod)

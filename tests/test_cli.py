@@ -22,7 +22,7 @@ def test_plan_command_writes_json_and_png(tmp_path, capsys):
 
 
 def test_bert_family_builds():
-    model, args, kwargs = build_model("bert:tiny,n_layer=1", 16)
+    _, args, kwargs = build_model("bert:tiny,n_layer=1", 16)
     assert len(args) == 2 and "labels" in kwargs
 
 

@@ -6,7 +6,8 @@ import pytest
 
 import rannc_py
 from rannc_py.errors import ConfigError
-from rannc_py.planner.cluster import cubic_shape, parse_cluster, parse_size
+from rannc_py.planner import calibrate
+from rannc_py.planner.cluster import Link, cubic_shape, parse_cluster, parse_size
 
 
 def test_presets():
@@ -28,6 +29,46 @@ def test_local_preset_is_measured_and_cached(tmp_path, monkeypatch):
     assert c.device.flops() > 0 and c.inter_node.bandwidth > 0 and c.inter_node.latency > 0
     assert len(list(tmp_path.glob("local-calibration-*.json"))) == 1
     assert parse_cluster("local:ranks=3,memory=1GiB") == c  # second call reads the cache
+
+
+def _no_probe(*args, **kwargs):
+    raise AssertionError("the nested mpiexec link probe ran")
+
+
+def test_local_single_rank_measures_no_link(tmp_path, monkeypatch):
+    monkeypatch.setenv("RANNC_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(calibrate, "measure_mpi", _no_probe)
+    c = parse_cluster("local:ranks=1")
+    assert c.num_devices == 1 and c.device.flops() > 0
+    assert calibrate.cached_link() is None  # nothing measured, nothing cached
+
+
+def test_local_link_from_the_job_is_cached_and_reused(tmp_path, monkeypatch):
+    monkeypatch.setenv("RANNC_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(calibrate, "measure_mpi", _no_probe)
+    link = Link(3e9, 4e-6)
+    c = parse_cluster("local:ranks=4", link=link)
+    assert c.inter_node == link and c.intra_node == link
+    assert calibrate.cached_link() == link
+    assert parse_cluster("local:ranks=2").inter_node == link  # offline path: the cached figures
+    with pytest.raises(ConfigError, match="'local' preset only"):
+        parse_cluster("a64fx:nodes=2", link=link)
+
+
+def test_job_link_skips_what_needs_no_measurement(tmp_path, monkeypatch):
+    from rannc_py.runtime.autoplan import job_link
+
+    class OneRank:
+        def Get_size(self):
+            return 1
+
+    class FourRanks:
+        def Get_size(self):
+            return 4
+
+    monkeypatch.setenv("RANNC_CACHE_DIR", str(tmp_path))
+    assert job_link(None, OneRank()) is None  # one rank: no link at all
+    assert job_link("a64fx:nodes=4", FourRanks()) is None  # a preset carries its own figures
 
 
 @pytest.mark.parametrize(

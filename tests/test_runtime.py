@@ -154,6 +154,13 @@ def test_meta_model_memory_within_plan() -> None:
     assert "memory: ok" in out, out
 
 
+def test_planned_layouts(tmp_path) -> None:
+    """In-job calibration of the local cluster; the planner's torus allreduce used at run time."""
+    out = run_mpi(4, REPO / "tests/mpi_scripts/runtime_planned.py", "calibrate", "torus", timeout=300,
+                  env={"RANNC_CACHE_DIR": str(tmp_path)}).stdout
+    assert "calibrate: ok" in out and "torus: ok" in out, out
+
+
 def test_cluster_option_resolves_presets() -> None:
     from rannc_py.runtime.autoplan import job_cluster
 

@@ -64,7 +64,17 @@ def chain_from_graph(graph: Graph, prof: Profile) -> Chain:
             tuple(ops), prof.fwd_fixed[b], prof.fwd_per_sample[b], prof.bwd_fixed[b], prof.bwd_per_sample[b],
             prof.act_bytes_per_sample[b], cuts[ops[-1]], tuple(sorted(params.items())), flops))
         names.append(tuple(fqns))
-    return Chain(tuple(blocks), 0.0, tuple(names))
+    return Chain(tuple(blocks), 0.0, tuple(names), model_output_bytes(graph))
+
+
+def model_output_bytes(graph: Graph) -> float:
+    """Bytes per sample of the model's batch-carrying outputs (logits; a scalar loss counts 0)."""
+    low = getattr(graph, "_lowered", None)  # the traced outputs' producers; the Graph has no public accessor
+    if low is None:
+        return 0.0
+    producers = {low.op_of[node] for node in low.user_outputs if node in low.op_of}
+    return sum(t.nbytes for i in producers for t in graph.ops[i].outputs if t.batch_dim is not None
+               ) / graph.batch_size
 
 
 def _positive(name: str, v: Any) -> int:
@@ -266,8 +276,10 @@ def layout_to_plan(cost: CostModel, lay: Layout, step_time: float, fingerprint: 
         first += lay.replicas[s]
         mem = int(lay.memory[s])
         mem_per_rank += [mem] * len(ranks)
+        # The runtime sums the stage's own (untied) gradients over its replicas with this algorithm.
+        algorithm = cost.allreduce_choice(float(cost.t.param_bytes[i, j]), lay.replicas[s])[0]
         stages.append(StagePlan(s, ops, tuple(fqns), ranks, lay.recompute[s],
-                                lay.m * (sc[s].forward + sc[s].backward), mem))
+                                lay.m * (sc[s].forward + sc[s].backward), mem, algorithm))
     flops = 3 * float(cost.t.flops[0, chain.n]) * cost.batch_size
     peak = cost.cluster.device.flops(dtype) * cost.cluster.num_devices
     return Plan(cost.batch_size, lay.m, lay.schedule, tuple(stages), cost.cluster.num_devices, fingerprint,

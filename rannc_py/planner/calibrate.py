@@ -1,11 +1,14 @@
 """The ``local`` preset: this machine's devices and links, measured once and cached.
 
 Measures a matmul's FLOP/s and a large copy's memory bandwidth in this
-process, and MPI point-to-point latency and bandwidth between two local ranks
-(a short ``mpiexec -n 2`` run of :mod:`rannc_py.planner._mpi_probe`). Results
-are cached as JSON in the cache directory (``$RANNC_CACHE_DIR``, default
-``~/.cache/rannc_py``), keyed by host name and torch thread count, so only the
-first call pays the few seconds.
+process, and the MPI point-to-point latency and bandwidth between two ranks.
+Inside an MPI job the link is measured by the job's own ranks
+(:func:`measure_link`, collective; the runtime does this before planning);
+outside one (the CLI, ``rannc_py.plan``) by a short ``mpiexec -n 2`` run of
+:mod:`rannc_py.planner._mpi_probe` (:func:`measure_mpi`). A one-rank cluster
+never communicates and measures no link. Results are cached as JSON in the
+cache directory (``$RANNC_CACHE_DIR``, default ``~/.cache/rannc_py``), keyed by
+host name and torch thread count, so only the first call pays the few seconds.
 """
 
 from __future__ import annotations
@@ -18,12 +21,21 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 
 from rannc_py.errors import ConfigError
 from rannc_py.planner.cluster import Cluster, Device, Link
+
+# Message sizes of the ping-pong: the smallest gives the latency, the slope
+# between the smallest and the largest the bandwidth.
+LINK_SIZES = (8, 2**16, 2**20, 2**23)
+# Round trips per size (median kept); large messages need fewer to be stable.
+LINK_REPEATS = (50, 20, 10, 5)
 
 
 def cache_dir() -> Path:
@@ -33,7 +45,26 @@ def cache_dir() -> Path:
     return d
 
 
-def _median_time(fn, repeats: int = 5) -> float:
+def _cache_path() -> Path:
+    return cache_dir() / f"local-calibration-{platform.node()}-t{torch.get_num_threads()}.json"
+
+
+def _read_cache() -> dict[str, float]:
+    try:
+        data = json.loads(_cache_path().read_text())
+    except (OSError, ValueError):
+        return {}
+    return {k: float(v) for k, v in data.items()} if isinstance(data, dict) else {}
+
+
+def _write_cache(data: dict[str, float]) -> None:
+    path = _cache_path()
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data))
+    os.replace(tmp, path)  # atomic: concurrent jobs on one host never read half a file
+
+
+def _median_time(fn: Callable[[], Any], repeats: int = 5) -> float:
     fn()  # warm-up
     times = []
     for _ in range(repeats):
@@ -54,8 +85,49 @@ def measure_compute() -> tuple[float, float]:
     return flops, bw
 
 
+def _pingpong(comm: Any, buf: np.ndarray, repeats: int) -> float:
+    """Median one-way seconds of ``buf`` between ranks 0 and 1; other ranks only meet the barriers."""
+    rank = comm.Get_rank()
+    times = []
+    for _ in range(repeats):
+        comm.Barrier()
+        t0 = time.perf_counter()
+        if rank == 0:
+            comm.Send(buf, dest=1)
+            comm.Recv(buf, source=1)
+        elif rank == 1:
+            comm.Recv(buf, source=0)
+            comm.Send(buf, dest=0)
+        times.append((time.perf_counter() - t0) / 2)
+    return statistics.median(times)
+
+
+def measure_link(comm: Any) -> Link:
+    """Measure the link between ranks 0 and 1 of the mpi4py communicator ``comm`` (collective).
+
+    Ranks 0 and 1 ping-pong messages of ``LINK_SIZES`` bytes (median of
+    ``LINK_REPEATS`` round trips each); every other rank only joins the
+    barriers. Latency is the smallest message's one-way time; bandwidth the
+    slope between the smallest and the largest.
+
+    Returns:
+        The same :class:`Link` on every rank (broadcast from rank 0).
+    Raises:
+        ConfigError: ``comm`` has fewer than two ranks.
+    """
+    if comm.Get_size() < 2:
+        raise ConfigError(f"measuring a link needs two ranks; the communicator has {comm.Get_size()}")
+    times = [_pingpong(comm, np.zeros(n, dtype=np.uint8), r) for n, r in zip(LINK_SIZES, LINK_REPEATS)]
+    latency = times[0]
+    bandwidth = (LINK_SIZES[-1] - LINK_SIZES[0]) / max(times[-1] - times[0], 1e-9)
+    latency, bandwidth = comm.bcast((latency, bandwidth) if comm.Get_rank() == 0 else None, root=0)
+    return Link(bandwidth, latency)
+
+
 def measure_mpi(timeout: float = 120) -> tuple[float, float]:
-    """(latency seconds, bandwidth bytes/s) between two local MPI ranks.
+    """(latency seconds, bandwidth bytes/s) between two local MPI ranks, from a nested ``mpiexec -n 2``.
+
+    For use outside an MPI job; inside one use :func:`measure_link`.
 
     Raises:
         ConfigError: mpiexec is missing or the probe fails.
@@ -75,29 +147,48 @@ def measure_mpi(timeout: float = 120) -> tuple[float, float]:
     return float(data["latency"]), float(data["bandwidth"])
 
 
-def local_cluster(ranks: int, *, memory: int | None = None, name: str = "local") -> Cluster:
+def cached_link() -> Link | None:
+    """The cached link figures of this host, or None when none were measured yet."""
+    data = _read_cache()
+    if "latency" not in data or "bandwidth" not in data:
+        return None
+    return Link(data["bandwidth"], data["latency"])
+
+
+def local_cluster(ranks: int, *, memory: int | None = None, name: str = "local", link: Link | None = None
+                  ) -> Cluster:
     """A :class:`Cluster` of ``ranks`` processes on this machine, from cached or fresh measurements.
 
     Args:
         ranks: number of MPI ranks to plan for.
         memory: bytes per rank; default: physical memory divided by ``ranks``.
         name: label stored in the cluster.
+        link: link figures measured by the caller (the job's own ranks, see
+            :func:`measure_link`); they are cached. Default None: the cached
+            figures, else a nested ``mpiexec`` probe (:func:`measure_mpi`);
+            with one rank no link is measured and the link stands for a local
+            copy (memory bandwidth, no latency), which one rank never uses.
     Raises:
         ConfigError: the MPI probe fails.
     """
-    key = f"{platform.node()}-t{torch.get_num_threads()}"
-    path = cache_dir() / f"local-calibration-{key}.json"
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        flops, bw = measure_compute()
-        lat, net_bw = measure_mpi()
-        data = {"flops": flops, "memory_bandwidth": bw, "latency": lat, "bandwidth": net_bw}
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(data))
-        os.replace(tmp, path)
+    data = _read_cache()
+    changed = False
+    if "flops" not in data or "memory_bandwidth" not in data:
+        data["flops"], data["memory_bandwidth"] = measure_compute()
+        changed = True
+    if link is not None:
+        data["latency"], data["bandwidth"] = link.latency, link.bandwidth
+        changed = True
+    elif ranks > 1 and ("latency" not in data or "bandwidth" not in data):
+        data["latency"], data["bandwidth"] = measure_mpi()
+        changed = True
+    if changed:
+        _write_cache(data)
     if memory is None:
         memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // ranks
     dev = Device("local", (("float32", data["flops"]),), memory, data["memory_bandwidth"])
-    link = Link(data["bandwidth"], data["latency"])
-    return Cluster(name, dev, ranks, ranks, link, link, "switched")
+    if "latency" in data and "bandwidth" in data:
+        net = Link(data["bandwidth"], data["latency"])
+    else:
+        net = Link(data["memory_bandwidth"], 0.0)
+    return Cluster(name, dev, ranks, ranks, net, net, "switched")

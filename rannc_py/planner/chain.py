@@ -50,11 +50,15 @@ class Chain:
             inputs under recompute).
         param_names: per block, the FQNs of ``params`` under their own names
             (tied aliases included) for the Plan's ``param_fqns``.
+        output_bytes: bytes per sample of the model's batch-carrying outputs
+            (e.g. a language model's logits), which the runtime keeps to
+            return them. Default 0.
     """
 
     blocks: tuple[Block, ...]
     input_bytes: float
     param_names: tuple[tuple[str, ...], ...] = ()
+    output_bytes: float = 0.0
 
     @property
     def n(self) -> int:
@@ -72,10 +76,12 @@ class ChainTables:
     Attributes (all (n+1) x (n+1) float arrays, meaningful for j > i):
         fwd_fixed, fwd_ps, bwd_fixed, bwd_ps, act, flops: sums.
         param_bytes: bytes of the distinct parameters of the range.
+        max_param: bytes of the range's largest parameter.
         tied_bytes: bytes of those parameters that blocks outside the range
             also read (tied weights: their gradients need a sum across stages).
     Attributes (length n+1): ``cut[k]`` bytes per sample crossing the
         boundary before block k (``cut[0]`` the model input, ``cut[n]`` 0).
+    Attribute ``out``: the chain's ``output_bytes``.
     """
 
     def __init__(self, chain: Chain) -> None:
@@ -94,17 +100,22 @@ class ChainTables:
         self.act = rng([b.act_bytes for b in bl])
         self.flops = rng([b.flops for b in bl])
         self.cut = np.array([chain.input_bytes] + [b.out_bytes for b in bl[:-1]] + [0.0])
+        self.out = float(chain.output_bytes)
         pb = np.zeros((n + 1, n + 1))
+        pmax = np.zeros((n + 1, n + 1))
         for i in range(n):
             seen: set[str] = set()
-            total = 0
+            total = largest = 0
             for j in range(i, n):
                 for name, nbytes in bl[j].params:
                     if name not in seen:
                         seen.add(name)
                         total += nbytes
+                        largest = max(largest, nbytes)
                 pb[i, j + 1] = total
+                pmax[i, j + 1] = largest
         self.param_bytes = pb
+        self.max_param = pmax
         self.tied_bytes = np.zeros((n + 1, n + 1))
         holders: dict[str, list[int]] = {}
         sizes: dict[str, int] = {}

@@ -215,11 +215,16 @@ def cubic_shape(n: int) -> tuple[int, int, int]:
     return best
 
 
-def parse_cluster(spec: str) -> Cluster:
+def parse_cluster(spec: str, *, link: Link | None = None) -> Cluster:
     """Parse ``"<preset>[:key=value,...]"`` into a :class:`Cluster` (see the module docstring).
 
+    ``link``: link figures already measured for the ``local`` preset (by the
+    job's own ranks, :func:`rannc_py.planner.calibrate.measure_link`); default
+    None: cached or probed (see :func:`rannc_py.planner.calibrate.local_cluster`).
+
     Raises:
-        ConfigError: unknown preset, unknown or malformed key, bad value.
+        ConfigError: unknown preset, unknown or malformed key, bad value, or
+            ``link`` given for a preset other than ``local``.
     """
     if not isinstance(spec, str) or not spec.strip():
         raise ConfigError(f"cluster must be a Cluster or a preset string like 'a64fx:nodes=256', got {spec!r}")
@@ -236,13 +241,15 @@ def parse_cluster(spec: str) -> Cluster:
         if key not in _KEYS[name]:
             raise ConfigError(f"preset {name!r} has no option {key!r}; options: {sorted(_KEYS[name])}")
         opts[key] = value.strip()
+    if link is not None and name != "local":
+        raise ConfigError(f"measured link figures apply to the 'local' preset only, not to {spec!r}")
     memory = parse_size(opts["memory"]) if "memory" in opts else None
 
     if name == "local":
         from rannc_py.planner.calibrate import local_cluster
 
         ranks = _positive_int("ranks", opts.get("ranks", "2"))
-        return local_cluster(ranks, memory=memory, name=spec.strip())
+        return local_cluster(ranks, memory=memory, name=spec.strip(), link=link)
     if name == "a64fx":
         nodes = _positive_int("nodes", opts.get("nodes", "1"))
         if "shape" in opts:

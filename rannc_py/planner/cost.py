@@ -22,8 +22,15 @@ Memory per rank: parameters + gradients + optimizer state (SGD 0, SGD with
 momentum 1, Adam/AdamW 2 extra copies of the parameters) + activations of the
 microbatches in flight (GPipe: m; 1F1B: min(p - s, m)); with recompute only
 the stage inputs of those plus one microbatch's full activations + one
-microbatch's send and receive buffers. A plan fits when every rank's memory is
-at most ``device memory * (1 - margin)``.
+microbatch's send and receive buffers + one temporary the size of the stage's
+largest parameter (backward computes each later microbatch's weight gradient
+before adding it to ``.grad``; the optimizer steps parameter by parameter
+with temporaries of that size) + the model's batch-carrying outputs
+(logits) the runtime returns: the last stage keeps its rows of every
+microbatch's outputs until the step ends (m·b rows), and every rank holds its
+own local rows of them (B / D rows) while the caller keeps the previous step's
+outputs. A plan fits when every rank's memory is at most
+``device memory * (1 - margin)``.
 """
 
 from __future__ import annotations
@@ -119,13 +126,18 @@ class CostModel:
 
     def allreduce(self, nbytes: float, ranks: int) -> float:
         """Seconds to allreduce ``nbytes`` over ``ranks`` consecutive ranks."""
+        return self.allreduce_choice(nbytes, ranks)[1]
+
+    def allreduce_choice(self, nbytes: float, ranks: int) -> tuple[str, float]:
+        """The fastest allreduce algorithm for ``nbytes`` over ``ranks`` consecutive ranks,
+        and its seconds (``("mpi", 0.0)`` when there is nothing to sum)."""
         if ranks <= 1 or nbytes <= 0:
-            return 0.0
+            return "mpi", 0.0
         c = self.cluster
         link = c.link(ranks)
         shape = grid_shape(ranks) if c.topology == "torus" else None
         return best_allreduce(nbytes, ranks, alpha=link.latency, beta=link.bandwidth,
-                              torus_shape=shape, concurrent_links=c.concurrent_links)[1]
+                              torus_shape=shape, concurrent_links=c.concurrent_links)
 
     def p2p(self, nbytes: float, pipeline_devices: int) -> float:
         """Seconds for one message of ``nbytes`` between stages of a pipeline of that many devices."""
@@ -176,6 +188,8 @@ class CostModel:
         cut_in = np.broadcast_to(t.cut[:, None], (n + 1, n + 1))
         cut_out = np.broadcast_to(t.cut[None, :], (n + 1, n + 1))
         not_first = (np.arange(n + 1) > 0)[:, None]
+        is_last = (np.arange(n + 1) == n)[None, :]
+        returned = t.out * self.batch_size / self.cluster.num_devices  # this rank's rows of the outputs
         for ri, r in enumerate(rvals):
             b = self.rows(m, r * d)
             fwd = t.fwd_fixed + t.fwd_ps * b
@@ -185,7 +199,8 @@ class CostModel:
             ar_all[:, :, ri] = self._allreduce_table(r * d)
             c_plain = np.maximum(fwd + bwd, comm_t)
             c_rec = np.maximum(2 * fwd + bwd, comm_t)
-            base = state + 2 * (cut_in + cut_out) * b  # model state + send/recv buffers
+            # model state + send/recv buffers + outputs kept to be returned (see the module docstring)
+            base = state + 2 * (cut_in + cut_out) * b + t.max_param + returned + is_last * (m * b * t.out)
             for f, tab in out.items():
                 mem_plain = base + f * t.act * b
                 mem_rec = base + (f * cut_in + t.act) * b

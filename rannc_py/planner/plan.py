@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from rannc_py.comm.cost import ALGORITHMS
 from rannc_py.errors import PlanError
 from rannc_py.schedule import SCHEDULES, Schedule, by_name
 
@@ -48,6 +49,10 @@ class StagePlan:
         recompute: drop activations after forward and re-run it in backward.
         predicted_compute_time: seconds of forward + backward per step on one replica.
         predicted_peak_memory: bytes per rank (model state + activations + buffers).
+        allreduce: the algorithm that sums the stage's gradients across its
+            replicas (one of :data:`rannc_py.comm.cost.ALGORITHMS`), the one
+            the cost model found fastest for them. Default "mpi" (plans
+            written before the field existed read as "mpi").
     """
 
     index: int
@@ -57,6 +62,7 @@ class StagePlan:
     recompute: bool
     predicted_compute_time: float
     predicted_peak_memory: int
+    allreduce: str = "mpi"
 
     @property
     def replicas(self) -> int:
@@ -115,6 +121,9 @@ class Plan:
                 raise PlanError(f"stage at position {i} has index {st.index}; stages must be numbered 0..")
             if not st.ranks:
                 raise PlanError(f"stage {i} has no ranks")
+            if st.allreduce not in ALGORITHMS:
+                raise PlanError(f"stage {i} names unknown allreduce algorithm {st.allreduce!r}; "
+                                f"known: {list(ALGORITHMS)}")
             for r in st.ranks:
                 if not 0 <= r < self.world_size or r in seen:
                     raise PlanError(
@@ -187,6 +196,7 @@ class Plan:
                     recompute=bool(s["recompute"]),
                     predicted_compute_time=float(s["predicted_compute_time"]),
                     predicted_peak_memory=int(s["predicted_peak_memory"]),
+                    allreduce=str(s.get("allreduce", "mpi")),
                 )
                 for s in d["stages"]
             )
@@ -245,7 +255,7 @@ class Plan:
              f"batch {self.batch_size} = {self.microbatches} microbatches x {mb_rows}"),
             f"cluster: {self.cluster}",
             (f"{'stage':>5} {'ops':>11} {'params':>7} {'ranks':>13} {'recomp':>6} "
-             f"{'compute/step':>12} {'peak mem':>10}"),
+             f"{'compute/step':>12} {'peak mem':>10} {'allreduce':>9}"),
         ]
         for st in self.stages:
             ops = f"{st.ops[0]}-{st.ops[-1]}" if st.ops else "-"
@@ -253,7 +263,7 @@ class Plan:
             lines.append(
                 f"{st.index:>5} {ops:>11} {len(st.param_fqns):>7} {ranks:>13} "
                 f"{'yes' if st.recompute else 'no':>6} {_fmt_time(st.predicted_compute_time):>12} "
-                f"{_fmt_bytes(st.predicted_peak_memory):>10}"
+                f"{_fmt_bytes(st.predicted_peak_memory):>10} {st.allreduce if st.replicas > 1 else '-':>9}"
             )
         lines.append(
             f"predicted: step {_fmt_time(self.step_time)}, {self.samples_per_second:.4g} samples/s, "

@@ -1,4 +1,8 @@
-"""Ask the planner for a layout of the traced model on this job's ranks (run on rank 0)."""
+"""Ask the planner for a layout of the traced model on this job's ranks.
+
+:func:`job_link` is collective (every rank); :func:`job_cluster` and
+:func:`search_plan` run on rank 0, which broadcasts the plan.
+"""
 
 from __future__ import annotations
 
@@ -7,23 +11,46 @@ from collections.abc import Sequence
 from typing import Any
 
 from rannc_py.errors import ConfigError
-from rannc_py.planner.cluster import Cluster, as_cluster, parse_size
+from rannc_py.planner.cluster import Cluster, Link, as_cluster, parse_cluster, parse_size
 from rannc_py.planner.plan import Plan
 
 
-def job_cluster(cluster: Cluster | str | None, world_size: int, memory_limit: int | str | None) -> Cluster:
+def _is_local(cluster: Cluster | str | None) -> bool:
+    return cluster is None or (isinstance(cluster, str) and cluster.strip().partition(":")[0].strip().lower() == "local")
+
+
+def job_link(cluster: Cluster | str | None, comm: Any) -> Link | None:
+    """Measure the link with the job's own ranks when the planner will need it (collective over ``comm``).
+
+    Needed when the cluster is the ``local`` preset (``cluster`` None or a
+    ``"local..."`` string), the job has more than one rank, and this host
+    has no cached link figures (rank 0 decides and tells the others).
+    Returns the measured :class:`Link` (the same on every rank), or None
+    when nothing was measured.
+    """
+    if comm.Get_size() < 2 or not _is_local(cluster):
+        return None
+    from rannc_py.planner.calibrate import cached_link, measure_link
+
+    need = comm.bcast(cached_link() is None if comm.Get_rank() == 0 else None, root=0)
+    return measure_link(comm) if need else None
+
+
+def job_cluster(cluster: Cluster | str | None, world_size: int, memory_limit: int | str | None,
+                link: Link | None = None) -> Cluster:
     """The cluster the planner plans for: ``cluster`` (a Cluster or preset string),
     or by default ``"local:ranks=<world_size>"`` (this machine, calibrated).
 
     ``memory_limit`` (bytes or a size string such as ``"8GiB"``) replaces the
-    per-rank memory of the device.
+    per-rank memory of the device. ``link``: figures from :func:`job_link`
+    for the ``local`` preset (cached by it); default None: cached or probed.
 
     Raises:
         ConfigError: an unknown preset, or a cluster of another size than the job.
     """
     if cluster is None:
         cluster = f"local:ranks={world_size}"
-    found = as_cluster(cluster)
+    found = parse_cluster(cluster, link=link) if isinstance(cluster, str) else as_cluster(cluster)
     if found.num_devices != world_size:
         raise ConfigError(
             f"cluster {found.name!r} has {found.num_devices} devices but the job runs {world_size} ranks; "

@@ -88,6 +88,9 @@ class Executor:
         stage_ranks: ``stage_ranks[s]`` are the ranks of ``comm`` holding stage s.
         comm: the runtime's communicator (a duplicate of the world).
         recompute: drop activations after forward, re-run forward in backward.
+        keep_outputs: the last stage keeps every microbatch's outputs for the
+            caller; False keeps only the scalar ones (the loss) after the
+            first microbatch, whose outputs still describe them. Default True.
     """
 
     def __init__(
@@ -97,8 +100,10 @@ class Executor:
         stage_ranks: list[list[int]],
         comm: MPI.Comm,
         recompute: bool,
+        keep_outputs: bool = True,
     ) -> None:
         self.prog = program
+        self.keep_outputs = keep_outputs
         self.stage = stage
         self.ranks = stage_ranks
         self.comm = comm
@@ -221,7 +226,9 @@ class Executor:
                     f"{ {n: tuple(t.shape) for n, t in outs.items()} }); a trained model must "
                     "return its loss, e.g. pass labels to a Hugging Face model"
                 )
-        self.result.outputs.append({n: t.detach() for n, t in outs.items()})
+        keep = self.keep_outputs or not self.result.outputs
+        # Not returned to the caller (e.g. logits at vocabulary size): not worth holding all step.
+        self.result.outputs.append({n: t.detach() for n, t in outs.items() if keep or t.dim() == 0})
         if not self._step.training:
             self._outs.pop(mb)
 
@@ -300,11 +307,12 @@ class Executor:
         if tensors:
             torch.autograd.backward(tensors, grads)
         if self.stage > 0:
-            self._in_grads[mb] = [
-                values[n].grad if values[n].grad is not None else torch.zeros_like(values[n])
-                for n in self.prog.recv_names
-                if values[n].is_floating_point()
-            ]
+            grads_in: list[Tensor] = []
+            for n in self.prog.recv_names:
+                if values[n].is_floating_point():
+                    grad = values[n].grad
+                    grads_in.append(grad if grad is not None else torch.zeros_like(values[n]))
+            self._in_grads[mb] = grads_in
 
     def _recompute(self, mb: int, values: dict[str, Tensor]) -> dict[str, Tensor]:
         """Re-run microbatch ``mb``'s forward as it first ran: same RNG draws, same running statistics."""

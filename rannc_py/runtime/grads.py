@@ -11,7 +11,8 @@ different communicators cannot wait on each other in a cycle.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 from mpi4py import MPI
@@ -34,6 +35,11 @@ class GradSync:
     Whatever did not start during backward (parameters without a gradient in
     the last microbatch) starts at the schedule's ALLREDUCE action.
 
+    A started bucket's gradients are copied into one flat tensor and dropped;
+    after the sum, each ``.grad`` is a view of its bucket's flat tensor
+    (PyTorch DDP's ``gradient_as_bucket_view``), so the synchronised
+    gradients take their own size once, not twice.
+
     Args:
         params: this rank's parameters by (canonical) FQN.
         holders: every parameter FQN of the model -> the ranks holding it
@@ -43,6 +49,9 @@ class GradSync:
         comm: the runtime's communicator; the constructor is collective on it.
         bucket_bytes: gradients are flattened into buckets of about this size
             so a few large messages replace many small ones.
+        algorithms: holder set -> the allreduce algorithm to sum its
+            gradients with (:data:`rannc_py.comm.cost.ALGORITHMS`); sets not
+            listed use ``"mpi"``. Default None: ``"mpi"`` for every set.
     """
 
     def __init__(
@@ -52,13 +61,16 @@ class GradSync:
         order: Sequence[str],
         comm: MPI.Comm,
         bucket_bytes: int,
+        algorithms: Mapping[tuple[int, ...], str] | None = None,
     ) -> None:
         me = comm.Get_rank()
-        # Per communicator: its buckets in launch order, and how many have started.
+        algorithms = algorithms or {}
+        # Per communicator: its buckets in launch order, and its allreduce algorithm.
         self._groups: list[tuple[MPI.Comm, list[list[nn.Parameter]]]] = []
+        self._algorithm: list[str] = []
         self._bucket_of: dict[int, tuple[int, int]] = {}  # id(param) -> (group, bucket)
         self._works: list[tuple[transport.Work, Tensor, list[nn.Parameter]]] = []
-        self._hooks = []
+        self._hooks: list[Any] = []
         self.started_in_backward = 0  # buckets started before ALLREDUCE in the last step
         for group in sorted({h for h in holders.values() if len(h) > 1}):
             sub = comm.Split(0 if me in group else MPI.UNDEFINED, me)
@@ -75,6 +87,7 @@ class GradSync:
                 size += p.numel() * 4
             g = len(self._groups)
             self._groups.append((sub, buckets))
+            self._algorithm.append(algorithms.get(group, "mpi"))
             for b, ps in enumerate(buckets):
                 for p in ps:
                     self._bucket_of[id(p)] = (g, b)
@@ -95,37 +108,42 @@ class GradSync:
             return
         g, b = self._bucket_of[id(p)]
         self._ready[g][b] += 1
-        sub, buckets = self._groups[g]
+        buckets = self._groups[g][1]
         while self._next[g] < len(buckets) and self._ready[g][self._next[g]] == len(buckets[self._next[g]]):
-            self._start(sub, buckets[self._next[g]])
+            self._start(g, buckets[self._next[g]])
             self._next[g] += 1
             self.started_in_backward += 1
 
-    def _start(self, sub: MPI.Comm, ps: list[nn.Parameter]) -> None:
-        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in ps])
-        self._works.append((transport.iallreduce_sum(flat, sub), flat, ps))
+    def _start(self, g: int, ps: list[nn.Parameter]) -> None:
+        flat = torch.empty(sum(p.numel() for p in ps), dtype=torch.float32)
+        offset = 0
+        for p in ps:
+            piece = flat[offset : offset + p.numel()]
+            if p.grad is None:
+                piece.zero_()
+            else:
+                piece.copy_(p.grad.reshape(-1))
+                p.grad = None  # final: the bucket holds it now, finish() points .grad back at it
+            offset += p.numel()
+        self._works.append((transport.iallreduce_sum(flat, self._groups[g][0], self._algorithm[g]), flat, ps))
 
     def start(self) -> None:
         """Start summing every bucket not yet started (missing gradients count as zero)."""
         if not self._armed:
             self._next = [0] * len(self._groups)
-        for g, (sub, buckets) in enumerate(self._groups):
+        for g, (_, buckets) in enumerate(self._groups):
             for ps in buckets[self._next[g] :]:
-                self._start(sub, ps)
+                self._start(g, ps)
             self._next[g] = len(buckets)
         self._armed = False
 
     def finish(self) -> None:
-        """Wait for the sums and write them back into ``.grad``."""
+        """Wait for the sums; each ``.grad`` becomes a view of its bucket's summed flat tensor."""
         for work, flat, ps in self._works:
             work.wait()
             offset = 0
             for p in ps:
-                g = flat[offset : offset + p.numel()].view_as(p)
-                if p.grad is None:
-                    p.grad = g.clone()
-                else:
-                    p.grad.copy_(g)
+                p.grad = flat[offset : offset + p.numel()].view_as(p)
                 offset += p.numel()
         self._works.clear()
 

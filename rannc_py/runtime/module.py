@@ -95,7 +95,8 @@ class RaNNCModule(nn.Module):
         cluster: what the planner plans for: a :class:`rannc_py.Cluster` or a
             preset string (e.g. ``"a64fx:nodes=4"``) with as many devices as
             the job has ranks. Default None: ``"local:ranks=<ranks>"``, this
-            machine, calibrated by measuring it (cached).
+            machine, calibrated by measuring it (cached; the link between
+            ranks is measured by the job's ranks 0 and 1).
         save_plan: write the plan used to this JSON path (rank 0). Default None.
         param_init: ``callable(module)`` that initialises a module materialised
             from ``meta``. Default None (``module.reset_parameters()``).
@@ -173,11 +174,13 @@ class RaNNCModule(nn.Module):
         self._local, self._params, self._owned = placement.local, placement.params, placement.owned
         self._bind_optimizer()  # before release(): the optimizer is matched to the model's parameters
         P.release(model, keep=set(self._local))
-        self._sync = GradSync(self._params, placement.holders, placement.grad_order, comm, self._bucket_bytes)
+        algorithms = {st.ranks: st.allreduce for st in self._plan.stages}  # a stage's replicas: planned algorithm
+        self._sync = GradSync(self._params, placement.holders, placement.grad_order, comm, self._bucket_bytes,
+                              algorithms)
         self._held = HeldGrads(list(self._params.values()))
         prog = placement.program
         self._exec = Executor(prog, placement.stage, stage_ranks(self._plan), comm,
-                              self._plan.stages[placement.stage].recompute)
+                              self._plan.stages[placement.stage].recompute, self._return_outputs)
         self._stage_index, self._graph, self._gm = placement.stage, graph, prog.module
         self._input_dims, self._output_dims = placement.input_dims, placement.output_dims
         self._anchor = torch.zeros((), requires_grad=True)
@@ -189,11 +192,12 @@ class RaNNCModule(nn.Module):
         comm = self._comm
         if self._plan_arg is not None:
             return load_plan(self._plan_arg, graph, batch, comm.Get_size())
+        from rannc_py.runtime.autoplan import job_cluster, job_link, search_plan
+
+        link = job_link(self._cluster, comm)  # collective: the job's ranks measure the local link
         text = None
         if comm.Get_rank() == 0:
-            from rannc_py.runtime.autoplan import job_cluster, search_plan
-
-            cluster = job_cluster(self._cluster, comm.Get_size(), self._memory_limit)
+            cluster = job_cluster(self._cluster, comm.Get_size(), self._memory_limit, link)
             text = search_plan(
                 graph, batch, cluster, microbatches=self._microbatches, schedules=self._schedule_names,
                 recompute=self._recompute, memory_margin=self._memory_margin,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import zlib
 from collections import defaultdict
 from collections.abc import Callable, Iterable
+from typing import cast
 
 import torch
 from mpi4py import MPI
@@ -73,8 +74,7 @@ def materialize(
     owners = sorted({names[f].rpartition(".")[0] for f in fqns if get_tensor(model, names[f]).is_meta})
     for path in owners:
         mod = model.get_submodule(path)
-        init = param_init or getattr(mod, "reset_parameters", None)
-        if init is None:
+        if param_init is None and not callable(getattr(mod, "reset_parameters", None)):
             raise ConfigError(
                 f"module {path!r} ({type(mod).__name__}) is on the meta device and has no "
                 "reset_parameters(); pass param_init=callable(module) to initialise it"
@@ -85,11 +85,14 @@ def materialize(
             if param_init is not None:
                 param_init(mod)
             else:
-                mod.reset_parameters()
+                # checked callable above; nn.Module's typed __getattr__ would say Tensor
+                cast(Callable[[], None], mod.reset_parameters)()
         for leaf, t in [*mod._parameters.items(), *mod._buffers.items()]:
-            canon = names.get(f"{path}.{leaf}" if path else leaf)
-            for alias in aliases.get(canon or "", []):
-                if alias != canon:
+            own = names.get(f"{path}.{leaf}" if path else leaf)
+            if t is None or own is None:  # an optional tensor left unset (e.g. bias=None)
+                continue
+            for alias in aliases.get(own, []):
+                if alias != own:
                     set_tensor(model, alias, t)
 
 
@@ -115,6 +118,9 @@ def copy_from_source(
             sends += [comm.Isend(_raw(t), dest=d, tag=0) for d in dsts]
         elif rank in dsts:
             t = get_tensor(model, f)
+            if t.device.type == "cpu" and t.is_contiguous():
+                comm.Recv(_raw(t), source=src, tag=0)  # in place: no second copy of the tensor
+                continue
             buf = torch.empty_like(t, device="cpu")
             comm.Recv(_raw(buf), source=src, tag=0)
             with torch.no_grad():
@@ -185,7 +191,7 @@ def gather_state_dict(
     """
     mine = {f: t.detach().clone() for f, t in local.items() if f in owned}
     parts = comm.gather(mine, root=0)
-    if comm.Get_rank() != 0:
+    if comm.Get_rank() != 0 or parts is None:
         return {}
     full: dict[str, Tensor] = {}
     for part in parts:

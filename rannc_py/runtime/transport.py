@@ -32,9 +32,10 @@ def irecv(t: torch.Tensor, source: int, tag: int, comm: MPI.Comm) -> Work:
     return comm_p2p.irecv(t, source, tag, comm)
 
 
-def iallreduce_sum(t: torch.Tensor, comm: MPI.Comm) -> Work:
-    """Start summing float32 ``t`` in place across ``comm``."""
-    return comm_collectives.allreduce(t, comm)
+def iallreduce_sum(t: torch.Tensor, comm: MPI.Comm, algorithm: str = "mpi") -> Work:
+    """Start summing float32 ``t`` in place across ``comm`` with ``algorithm``
+    (one of :data:`rannc_py.comm.cost.ALGORITHMS`; default ``"mpi"``)."""
+    return comm_collectives.allreduce(t, comm, algorithm)
 
 
 def wait_all(works: list[Work]) -> None:
