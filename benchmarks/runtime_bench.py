@@ -1,6 +1,7 @@
 """Training throughput of rannc_py against torch.distributed.pipelining, DeepSpeed and eager PyTorch.
 
-Run from the repository root (it launches ``mpiexec`` itself):
+Run from the repository root (it launches ``mpiexec`` itself, and installs
+DeepSpeed 0.19.8 into the environment first if it is missing):
 
     python benchmarks/runtime_bench.py [--steps 3] [--warmup 2] [--rounds 2] [--gpipe]
 
@@ -44,6 +45,17 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 PEERS = REPO / "benchmarks" / "peers"
 MPIEXEC = str(Path(sys.executable).parent / "mpiexec")
+# The DeepSpeed peer; pinned, and installed next to the pinned torch only when missing.
+DEEPSPEED = "deepspeed==0.19.8"
+
+
+def ensure_deepspeed() -> None:
+    """Install DeepSpeed into the running environment if it is missing (it needs a C++ compiler)."""
+    try:
+        import deepspeed  # noqa: F401
+    except ImportError:
+        print(f"-- installing {DEEPSPEED} for the DeepSpeed peer", flush=True)
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", DEEPSPEED], check=True)
 
 
 def launch(script: str, ranks: int, flags: list[str], threads: int = 1, env: dict[str, str] | None = None,
@@ -125,6 +137,7 @@ def main() -> None:
     ap.add_argument("--hidden", type=int, default=512, help="GPT width; default 512")
     ap.add_argument("--gpipe", action="store_true", help="also compare at equal layout with GPipe")
     args = ap.parse_args()
+    ensure_deepspeed()
     if args.warmup < 1:
         ap.error("--warmup must be at least 1 (rannc_py's first call traces and plans)")
     load0 = os.getloadavg()
