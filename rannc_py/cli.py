@@ -134,26 +134,6 @@ def main(argv: list[str] | None = None) -> int:
         result.save(ns.json)
     if ns.png:
         from rannc_py.planner.viz import draw_plan
-        from rannc_py.schedule import simulate
 
-        draw_plan(result, simulate(result.make_schedule(), _stage_costs_of(result, graph, ns)), ns.png)
+        draw_plan(result, ns.png, title=ns.model)
     return 0
-
-
-def _stage_costs_of(result: Any, graph: Any, ns: argparse.Namespace) -> list[Any]:
-    """Re-derive the plan's per-stage simulator costs for drawing."""
-    from rannc_py.planner.api import chain_from_graph
-    from rannc_py.planner.cluster import as_cluster
-    from rannc_py.planner.cost import CostModel
-    from rannc_py.planner.search import Layout, stage_costs
-    from rannc_py.profiling import profile
-
-    cl = as_cluster(ns.cluster)
-    prof = profile(graph, graph.batch_size, cl)
-    chain = chain_from_graph(graph, prof)
-    cost = CostModel(chain, cl, ns.batch, ns.optimizer, ns.memory_margin)
-    first_op = {blk.ops[0]: k for k, blk in enumerate(chain.blocks)}
-    bounds = tuple(first_op[s.ops[0]] for s in result.stages) + (chain.n,)
-    lay = Layout(1, result.microbatches, result.schedule, bounds, tuple(s.replicas for s in result.stages),
-                 tuple(s.recompute for s in result.stages), 0.0, tuple(0.0 for _ in result.stages))
-    return stage_costs(cost, lay)

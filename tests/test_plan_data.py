@@ -1,13 +1,20 @@
-"""Plan: JSON round-trip, atomic save/load, assignment, rank lookup, summary, checks."""
+"""Plan: JSON round-trip, atomic save/load, assignment, rank lookup, summary, checks, recorded timeline."""
 
 from __future__ import annotations
 
 import dataclasses
 
 import pytest
+import torch
 
 from rannc_py.errors import PlanError
+from rannc_py.graph.trace import trace
+from rannc_py.planner.api import build_space, layout_to_plan, model_output_bytes, plan, search_chain
+from rannc_py.planner.chain import Block, Chain
+from rannc_py.planner.cluster import as_cluster
+from rannc_py.planner.cost import CostModel
 from rannc_py.planner.plan import Plan, StagePlan, split_sizes
+from rannc_py.schedule import StageCosts
 
 
 def sample_plan(**over) -> Plan:
@@ -89,3 +96,115 @@ def test_malformed_json():
         Plan.from_json("{")
     with pytest.raises(PlanError, match="malformed plan"):
         Plan.from_json('{"batch_size": 1}')
+
+
+# --- the planner's timeline, recorded in the plan -------------------------------------------------
+
+def synthetic_chain(n: int, tied: bool) -> Chain:
+    """n blocks with growing costs; with ``tied``, the first and last block read one shared weight."""
+    blocks = []
+    for k in range(n):
+        params = ((f"w{k}", 4_000_000 * (k + 1)),)
+        if tied and k in (0, n - 1):
+            params += (("emb", 8_000_000),)
+        blocks.append(Block((k,), 1e-5, 1e-4 * (1 + k % 3), 2e-5, 2e-4 * (1 + k % 3), 2e6, 5e5, params, 1e8))
+    return Chain(tuple(blocks), 1e3, tuple(tuple(name for name, _ in b.params) for b in blocks), 4e4)
+
+
+def searched_plan(chain: Chain, cluster: str, batch: int, **pins) -> tuple[Plan, int]:
+    """The planner's plan of a chain (as rannc_py.plan makes it) and its whole-pipeline copy count."""
+    cl = as_cluster(cluster)
+    cost = CostModel(chain, cl, batch)
+    space = build_space(chain, cl, batch, schedules=("1f1b", "gpipe"), max_stages=None,
+                        num_stages=pins.get("num_stages"), replicas=None,
+                        microbatches=pins.get("microbatches"), recompute=pins.get("recompute"))
+    lay, step = search_chain(cost, space)
+    return layout_to_plan(cost, lay, step, "fp", torch.float32, 0.0), lay.d
+
+
+# (chain blocks, tied weight, cluster, batch, pins, least whole-pipeline copies expected)
+TIMELINE_CASES = [
+    (6, True, "h100:nodes=2", 256, {"num_stages": 2}, 2),
+    (8, False, "a100-80g:gpus=24", 192, {"num_stages": 3}, 2),
+    (6, True, "a100-40g:gpus=8", 64, {"num_stages": 4, "recompute": True}, 1),
+    (5, False, "a64fx:nodes=12", 48, {"num_stages": 3, "microbatches": 4}, 1),
+    (4, True, "local:ranks=2,memory=1GiB", 8, {}, 1),
+]
+
+
+@pytest.mark.parametrize("n,tied,cluster,batch,pins,copies", TIMELINE_CASES)
+def test_timeline_replays_the_planned_step(n, tied, cluster, batch, pins, copies, tmp_path):
+    p, d = searched_plan(synthetic_chain(n, tied), cluster, batch, **pins)
+    assert d >= copies
+    if "num_stages" in pins:
+        assert p.num_stages == pins["num_stages"]
+    tl = p.timeline()
+    assert tl.step_time == pytest.approx(p.step_time, rel=1e-9)
+    assert len(tl.busy) == p.num_stages
+    # The recorded costs are what the plan's other predictions were computed from.
+    for st in p.stages:
+        assert st.costs is not None
+        per_step = p.microbatches * (st.costs.forward + st.costs.backward)
+        assert st.predicted_compute_time == pytest.approx(per_step)
+    if pins.get("recompute"):  # backward includes the re-run forward
+        assert all(st.costs.backward > st.costs.forward for st in p.stages)
+    path = tmp_path / "plan.json"
+    p.save(path)
+    back = Plan.load(path)
+    assert back == p
+    assert back.timeline().step_time == tl.step_time
+
+
+def test_timeline_of_a_traced_model():
+    from examples.gpt.model import GPT, gpt_config
+
+    ids = torch.zeros(2, 16, dtype=torch.long)
+    graph = trace(GPT(gpt_config("tiny", n_layer=2)), (ids,), {"labels": ids})
+    p = plan(graph, batch_size=16, cluster="a64fx:nodes=4", num_stages=2)
+    assert p.timeline().step_time == pytest.approx(p.step_time, rel=1e-9)
+    assert Plan.from_json(p.to_json()).timeline().step_time == p.timeline().step_time
+
+
+def test_plans_without_costs_load_but_have_no_timeline():
+    import json
+
+    p, _ = searched_plan(synthetic_chain(4, False), "a64fx:nodes=2", 8)
+    d = json.loads(p.to_json())
+    assert all("costs" in s for s in d["stages"])
+    for s in d["stages"]:
+        del s["costs"]  # a plan saved before the field existed
+    old = Plan.from_dict(d)
+    assert all(st.costs is None for st in old.stages) and old.step_time == p.step_time
+    with pytest.raises(PlanError, match="Re-plan with rannc_py.plan"):
+        old.timeline()
+    with pytest.raises(PlanError, match=r"stage\(s\) \[0, 1\]"):
+        sample_plan().timeline()  # a hand-written layout
+
+
+def test_costs_are_checked():
+    p, _ = searched_plan(synthetic_chain(4, False), "a64fx:nodes=2", 8)
+    bad = dataclasses.replace(p.stages[0], costs=StageCosts(1.0, -1.0))
+    with pytest.raises(PlanError, match="every cost must be a finite number"):
+        dataclasses.replace(p, stages=(bad, *p.stages[1:]))
+    d = p.to_dict()
+    d["stages"][0]["costs"] = {"forward": 1.0}
+    with pytest.raises(PlanError, match="malformed plan"):
+        Plan.from_dict(d)
+
+
+def test_output_metas_and_output_bytes():
+    class Net(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = torch.nn.Linear(4, 4)
+
+        def forward(self, x):
+            a, b = self.lin(x).split(2, dim=1)
+            return {"a": a, "b": b, "x": x, "loss": a.sum()}
+
+    graph = trace(Net(), (torch.randn(3, 4),))
+    metas = graph.output_metas()
+    assert graph.output_names == ["a", "b", "x", "loss"]
+    assert [(m.shape, m.batch_dim) for m in metas] == [((3, 2), 0), ((3, 2), 0), ((3, 4), 0), ((), None)]
+    # fp32 elements per sample of a, b and x; the loss does not scale with the batch
+    assert model_output_bytes(graph) == (6 + 6 + 12) * 4 / 3

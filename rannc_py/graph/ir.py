@@ -143,6 +143,26 @@ class Graph:
         """Bytes of all parameters the graph reads (tied ones counted once)."""
         return sum(p.nbytes for p in self.params.values())
 
+    def output_metas(self) -> list[TensorMeta]:
+        """Metadata of the model's tensor outputs, flattened, in ``output_names`` order.
+
+        Takes nothing; returns one :class:`TensorMeta` per output at the traced
+        batch size (``batch_dim`` None for an output that does not scale with
+        the batch, e.g. a scalar loss). Raises nothing.
+        """
+        from rannc_py.graph.lowered import _meta
+
+        low = self._lowered
+        # The batch symbol as the tracer chose it: dim 0 of the first user input whose dim 0 is symbolic.
+        batch_sym = None
+        for node, kind in low.kind.items():
+            size = next(iter(getattr(node.meta.get("val"), "shape", ())), None)
+            if kind == "input" and isinstance(size, torch.SymInt) and size.node.expr.is_Symbol:
+                batch_sym = size.node.expr
+                break
+        return [_meta(node.meta["val"], batch_sym, self.batch_size, self.dynamic_batch)
+                for node in low.user_outputs]
+
     def op_by_name(self, name: str) -> Op:
         """Return the op named ``name``; raises ConfigError if there is none."""
         index = self._lowered.op_index_by_name.get(name)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
@@ -26,7 +27,7 @@ from rannc_py.planner.search import (
     stage_costs,
 )
 from rannc_py.profiling import Profile
-from rannc_py.schedule import SCHEDULES
+from rannc_py.schedule import SCHEDULES, StageCosts
 
 if TYPE_CHECKING:
     from rannc_py.graph.ir import Graph
@@ -69,12 +70,7 @@ def chain_from_graph(graph: Graph, prof: Profile) -> Chain:
 
 def model_output_bytes(graph: Graph) -> float:
     """Bytes per sample of the model's batch-carrying outputs (logits; a scalar loss counts 0)."""
-    low = getattr(graph, "_lowered", None)  # the traced outputs' producers; the Graph has no public accessor
-    if low is None:
-        return 0.0
-    producers = {low.op_of[node] for node in low.user_outputs if node in low.op_of}
-    return sum(t.nbytes for i in producers for t in graph.ops[i].outputs if t.batch_dim is not None
-               ) / graph.batch_size
+    return sum(t.nbytes for t in graph.output_metas() if t.batch_dim is not None) / graph.batch_size
 
 
 def _positive(name: str, v: Any) -> int:
@@ -262,9 +258,14 @@ def _describe(lay: Layout) -> str:
 
 def layout_to_plan(cost: CostModel, lay: Layout, step_time: float, fingerprint: str, dtype: torch.dtype,
                    search_time: float) -> Plan:
-    """Materialise a chain layout as a :class:`Plan` (contiguous rank ranges, stage by stage)."""
+    """Materialise a chain layout as a :class:`Plan` (contiguous rank ranges, stage by stage).
+
+    Each stage records the simulator costs ``step_time`` was computed from, so
+    :meth:`Plan.timeline` replays the same simulation.
+    """
     chain = cost.chain
-    sc = stage_costs(cost, lay)
+    # Plain floats (some come out as numpy scalars) so the plan's JSON and equality are exact.
+    sc = [StageCosts(*(float(v) for v in dataclasses.astuple(c))) for c in stage_costs(cost, lay)]
     stages, mem_per_rank, first = [], [], 0
     for s in range(lay.num_stages):
         i, j = lay.bounds[s], lay.bounds[s + 1]
@@ -279,7 +280,7 @@ def layout_to_plan(cost: CostModel, lay: Layout, step_time: float, fingerprint: 
         # The runtime sums the stage's own (untied) gradients over its replicas with this algorithm.
         algorithm = cost.allreduce_choice(float(cost.t.param_bytes[i, j]), lay.replicas[s])[0]
         stages.append(StagePlan(s, ops, tuple(fqns), ranks, lay.recompute[s],
-                                lay.m * (sc[s].forward + sc[s].backward), mem, algorithm))
+                                lay.m * (sc[s].forward + sc[s].backward), mem, algorithm, sc[s]))
     flops = 3 * float(cost.t.flops[0, chain.n]) * cost.batch_size
     peak = cost.cluster.device.flops(dtype) * cost.cluster.num_devices
     return Plan(cost.batch_size, lay.m, lay.schedule, tuple(stages), cost.cluster.num_devices, fingerprint,

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import tempfile
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ from typing import Any
 
 from rannc_py.comm.cost import ALGORITHMS
 from rannc_py.errors import PlanError
-from rannc_py.schedule import SCHEDULES, Schedule, by_name
+from rannc_py.schedule import SCHEDULES, Schedule, StageCosts, Timeline, by_name, simulate
 
 
 def split_sizes(n: int, parts: int) -> list[int]:
@@ -53,6 +54,13 @@ class StagePlan:
             replicas (one of :data:`rannc_py.comm.cost.ALGORITHMS`), the one
             the cost model found fastest for them. Default "mpi" (plans
             written before the field existed read as "mpi").
+        costs: the per-microbatch seconds the planner simulated for this
+            stage (forward; backward including a recompute stage's re-run
+            forward; sending activations on, gradients back, each including
+            any re-split between replica counts; the once-per-step gradient
+            allreduce including the tied-weight sum), what :meth:`Plan.timeline`
+            replays. None for a plan the planner did not make (a hand-written
+            layout) or saved before the field existed.
     """
 
     index: int
@@ -63,6 +71,7 @@ class StagePlan:
     predicted_compute_time: float
     predicted_peak_memory: int
     allreduce: str = "mpi"
+    costs: StageCosts | None = None
 
     @property
     def replicas(self) -> int:
@@ -121,6 +130,10 @@ class Plan:
                 raise PlanError(f"stage at position {i} has index {st.index}; stages must be numbered 0..")
             if not st.ranks:
                 raise PlanError(f"stage {i} has no ranks")
+            if st.costs is not None and not all(
+                    math.isfinite(v) and v >= 0 for v in dataclasses.astuple(st.costs)):
+                raise PlanError(f"stage {i} has costs {st.costs}; every cost must be a finite number of "
+                                "seconds >= 0")
             if st.allreduce not in ALGORITHMS:
                 raise PlanError(f"stage {i} names unknown allreduce algorithm {st.allreduce!r}; "
                                 f"known: {list(ALGORITHMS)}")
@@ -159,7 +172,8 @@ class Plan:
         for st in self.stages:
             for op in st.ops:
                 if not 0 <= op < n or out[op] != -1:
-                    raise PlanError(f"op {op} of stage {st.index} is out of range 0..{n - 1} or in two stages")
+                    raise PlanError(f"op {op} of stage {st.index} is out of range 0..{n - 1} "
+                                    "or in two stages")
                 out[op] = st.index
         return out
 
@@ -179,6 +193,27 @@ class Plan:
         """The training schedule's action lists for this plan's stages and microbatches."""
         return by_name(self.schedule, self.num_stages, self.microbatches)
 
+    def timeline(self) -> Timeline:
+        """The planner's simulation of one step of this plan.
+
+        Replays :meth:`make_schedule`'s action lists with the stage costs the
+        planner recorded, so for a plan the planner made, ``timeline().step_time``
+        equals ``step_time``. Every replica of a stage runs the same row.
+
+        Returns:
+            The :class:`rannc_py.schedule.Timeline` of one step.
+        Raises:
+            PlanError: the plan records no stage costs (written by hand, or
+                saved by an older version); make it again with ``rannc_py.plan``.
+        """
+        missing = [st.index for st in self.stages if st.costs is None]
+        if missing:
+            raise PlanError(
+                f"the plan records no simulated costs for stage(s) {missing}, so it has no timeline; it was "
+                "written by hand or saved by an older version of rannc_py. Re-plan with rannc_py.plan(...)"
+            )
+        return simulate(self.make_schedule(), [st.costs for st in self.stages if st.costs is not None])
+
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict."""
         return dataclasses.asdict(self)
@@ -197,6 +232,8 @@ class Plan:
                     predicted_compute_time=float(s["predicted_compute_time"]),
                     predicted_peak_memory=int(s["predicted_peak_memory"]),
                     allreduce=str(s.get("allreduce", "mpi")),
+                    costs=None if s.get("costs") is None else StageCosts(**{
+                        f.name: float(s["costs"][f.name]) for f in dataclasses.fields(StageCosts)}),
                 )
                 for s in d["stages"]
             )

@@ -1,48 +1,189 @@
-"""Draw a plan: per-rank Gantt chart of the simulated schedule and per-rank memory bars."""
+"""Draw a plan: a Gantt chart of its simulated step and each rank's predicted peak memory.
+
+One picture for the command line's ``--png`` and the example scripts. The
+Gantt chart has one row per stage (every replica of a stage runs the same
+row), forward in blue, backward in orange, the gradient allreduce in green and
+messages to the neighbouring stages as thin grey bars; the memory panel uses
+other colours so it is not read as forward or backward.
+"""
 
 from __future__ import annotations
 
+import math
 import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
-from rannc_py.planner.plan import Plan
+from rannc_py.planner.plan import Plan, StagePlan
 from rannc_py.schedule import ActionKind, Timeline
 
-_COLORS = {ActionKind.FORWARD: "tab:blue", ActionKind.BACKWARD: "tab:orange", ActionKind.ALLREDUCE: "tab:green"}
+K = ActionKind
+# (kind, colour, legend label); sends share a colour and a label.
+_COMPUTE = ((K.FORWARD, "tab:blue", "forward"), (K.BACKWARD, "tab:orange", "backward"),
+            (K.ALLREDUCE, "tab:green", "gradient allreduce"))
+_SEND_COLOUR = "0.55"
+# Memory bars: colour by recompute; neither blue nor orange, which mean forward/backward above.
+_MEM_COLOURS = {False: "tab:purple", True: "tab:olive"}
+_TIME_UNITS = (("s", 1.0), ("ms", 1e-3), ("us", 1e-6), ("ns", 1e-9))
+_BYTE_UNITS = (("TiB", 2.0**40), ("GiB", 2.0**30), ("MiB", 2.0**20), ("KiB", 2.0**10), ("B", 1.0))
+# Up to this many ranks the memory panel has one bar per rank, beyond it one per stage replica group.
+RANK_BARS = 16
+# At most this many stage labels on the Gantt chart's axis (every k-th stage beyond it).
+STAGE_LABELS = 32
+# Microbatch numbers are written on the bars when there are at most this many microbatches and stages.
+NUMBERED = 16
 
 
-def draw_plan(plan: Plan, timeline: Timeline, path: str | os.PathLike[str]) -> None:
-    """Write a PNG with the step's timeline (one row per stage; every replica of a
-    stage runs the same row) and each rank's predicted peak memory.
+def unit(values: Sequence[float], units: tuple[tuple[str, float], ...]) -> tuple[str, float]:
+    """The largest of ``units`` (name, size; largest first) in which the biggest value is at least 1.
+
+    Returns ``(name, size)``; the smallest unit when every value is below it.
+    """
+    top = max((abs(v) for v in values), default=0.0)
+    for name, size in units:
+        if top >= size:
+            return name, size
+    return units[-1]
+
+
+def rank_range(st: StagePlan) -> str:
+    """``"rank 3"`` or ``"ranks 0-7"``: the ranks holding a stage's replicas (contiguous in planner plans)."""
+    if st.replicas == 1:
+        return f"rank {st.ranks[0]}"
+    if list(st.ranks) == list(range(st.ranks[0], st.ranks[-1] + 1)):
+        return f"ranks {st.ranks[0]}-{st.ranks[-1]}"
+    return f"{st.replicas} ranks from {st.ranks[0]}"
+
+
+def draw_plan(plan: Plan, path: str | os.PathLike[str], *, timeline: Timeline | None = None,
+              title: str | None = None) -> Path:
+    """Write a PNG of one simulated step of ``plan`` and its predicted peak memory per rank.
 
     Args:
         plan: the plan.
-        timeline: :func:`rannc_py.schedule.simulate` of the plan's schedule.
-        path: output PNG path.
+        path: where to write the PNG.
+        timeline: the step to draw; default :meth:`Plan.timeline`, the planner's own simulation.
+        title: a heading put before the plan's description (default none).
+    Returns:
+        ``path`` as a :class:`Path`.
+    Raises:
+        PlanError: ``timeline`` is None and the plan records no stage costs (see :meth:`Plan.timeline`).
+    """
+    import matplotlib.pyplot as plt
+
+    fig = plan_figure(plan, timeline=timeline, title=title)
+    path = Path(path)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def plan_figure(plan: Plan, *, timeline: Timeline | None = None, title: str | None = None) -> Any:
+    """The figure :func:`draw_plan` writes: a matplotlib ``Figure`` whose two axes are
+    the Gantt chart and the memory panel. Same arguments and raises as :func:`draw_plan`;
+    the caller closes it (``matplotlib.pyplot.close(fig)``).
     """
     import matplotlib
 
-    matplotlib.use("Agg")
+    matplotlib.use("Agg")  # files only; no display on cluster nodes
     import matplotlib.pyplot as plt
 
-    fig, (ax, mx) = plt.subplots(2, 1, figsize=(11, 2.0 + 0.5 * plan.num_stages + 2.5))
-    for ev in timeline.events:
-        color = _COLORS.get(ev.action.kind)
-        if color is None or ev.end <= ev.start:
-            continue
-        ax.barh(ev.stage, ev.end - ev.start, left=ev.start, color=color, edgecolor="black", linewidth=0.3)
-        if ev.action.microbatch is not None and plan.microbatches <= 16:
-            ax.text((ev.start + ev.end) / 2, ev.stage, str(ev.action.microbatch), ha="center", va="center",
-                    fontsize=6)
-    ax.set_yticks(range(plan.num_stages))
-    ax.set_yticklabels([f"stage {s.index} (ranks {s.ranks[0]}-{s.ranks[-1]})" for s in plan.stages], fontsize=7)
-    ax.invert_yaxis()
-    ax.set_xlabel("seconds")
-    ax.set_title(f"{plan.schedule}, {plan.microbatches} microbatches: predicted step {plan.step_time:.4g} s "
-                 "(blue forward, orange backward, green allreduce)", fontsize=9)
-    mem = [b / 2**30 for b in plan.peak_memory_per_rank]
-    mx.bar(range(plan.world_size), mem, color="tab:purple", width=1.0)
-    mx.set_xlabel("rank")
-    mx.set_ylabel("peak memory (GiB)")
+    tl = plan.timeline() if timeline is None else timeline
+    p = plan.num_stages
+    gantt_h = min(max(0.32 * p + 1.2, 2.4), 11.0)
+    fig, (ax, mx) = plt.subplots(2, 1, figsize=(12, gantt_h + 3.4),
+                                 gridspec_kw={"height_ratios": [gantt_h, 2.4]})
+    _gantt(ax, plan, tl, title)
+    _memory(mx, plan)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    return fig
+
+
+def _gantt(ax: Any, plan: Plan, tl: Timeline, title: str | None) -> None:
+    from matplotlib.patches import Patch
+
+    p, m = plan.num_stages, plan.microbatches
+    tname, tsize = unit([tl.step_time], _TIME_UNITS)
+    bars: dict[tuple[int, ActionKind], list[tuple[float, float]]] = {}
+    for e in tl.events:
+        if e.end > e.start and e.action.kind not in (K.RECV_ACT, K.RECV_GRAD):
+            key = K.SEND_ACT if e.action.kind is K.SEND_GRAD else e.action.kind
+            bars.setdefault((e.stage, key), []).append((e.start / tsize, (e.end - e.start) / tsize))
+    many = len(tl.events) > 4000  # black edges would hide thin bars
+    edge: dict[str, Any] = {"edgecolor": "none"} if many else {"edgecolor": "black", "linewidth": 0.3}
+    for s in range(p):
+        # Compute fills the upper part of the row, messages a thin strip under it.
+        for kind, colour, _ in _COMPUTE:
+            if (s, kind) in bars:
+                ax.broken_barh(bars[s, kind], (s - 0.4, 0.6), facecolors=colour, **edge)
+        if (s, K.SEND_ACT) in bars:
+            ax.broken_barh(bars[s, K.SEND_ACT], (s + 0.24, 0.14), facecolors=_SEND_COLOUR, edgecolor="none")
+    if m <= NUMBERED and p <= NUMBERED:
+        for e in tl.events:
+            # Only on bars wide enough for the digits (about 0.8% of the axis per character).
+            digits = len(str(e.action.microbatch))
+            wide = tl.step_time > 0 and (e.end - e.start) / tl.step_time > 0.008 * digits
+            if e.action.kind in (K.FORWARD, K.BACKWARD) and wide:
+                ax.text((e.start + e.end) / 2 / tsize, e.stage - 0.1, str(e.action.microbatch), ha="center",
+                        va="center", fontsize=6)
+    every = math.ceil(p / STAGE_LABELS)
+    labels = [f"stage {st.index} ({rank_range(st)})" + (", recompute" if st.recompute else "")
+              for st in plan.stages[::every]]
+    ax.set_yticks(list(range(0, p, every)), labels, fontsize=8 if p <= 16 else 6)
+    ax.set_ylim(p - 0.5, -0.5)
+    if tl.step_time > 0:
+        ax.set_xlim(0, tl.step_time / tsize * 1.01)
+    ax.set_xlabel(f"time in one training step ({tname})")
+    ax.grid(axis="x", alpha=0.3)
+    busy = sum(tl.busy) / (p * tl.step_time) if tl.step_time > 0 else 0.0
+    rows = plan.batch_size // plan.microbatches
+    head = f"{title}: " if title else ""
+    ax.set_title(f"{head}{p} stage{'s' * (p > 1)} on {plan.world_size} ranks, {plan.schedule}, "
+                 f"{m} microbatches of {rows} row{'s' * (rows > 1)}; predicted step "
+                 f"{tl.step_time / tsize:.4g} {tname}, stages busy {100 * busy:.0f}%", fontsize=9, loc="left")
+    drawn = {kind for _, kind in bars}
+    handles = [Patch(facecolor=c, edgecolor="black", linewidth=0.3, label=lab)
+               for kind, c, lab in _COMPUTE if kind in drawn]
+    if K.SEND_ACT in drawn:
+        handles.append(Patch(facecolor=_SEND_COLOUR, label="send to the next/previous stage"))
+    if m <= NUMBERED and p <= NUMBERED:
+        handles.append(Patch(facecolor="white", edgecolor="none", label="numbers: microbatch"))
+    ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.005, 1.0), fontsize=8, frameon=False)
+
+
+def _memory(mx: Any, plan: Plan) -> None:
+    from matplotlib.patches import Patch
+    from matplotlib.ticker import MaxNLocator
+
+    mem = list(plan.peak_memory_per_rank)
+    mname, msize = unit(mem, _BYTE_UNITS)
+    if plan.world_size <= RANK_BARS:
+        ranks = range(plan.world_size)
+        colours = [_MEM_COLOURS[plan.stages[plan.stage_of_rank(r) or 0].recompute] for r in ranks]
+        mx.bar(list(ranks), [mem[r] / msize for r in ranks], width=0.8, color=colours)
+        mx.set_xticks(list(ranks), [f"{r}\nstage {plan.stage_of_rank(r)}" for r in ranks], fontsize=8)
+        mx.set_xlabel("rank")
+    else:
+        # One bar per stage spanning its ranks: the ranks of a stage's replicas share one prediction.
+        for st in plan.stages:
+            left, right = min(st.ranks), max(st.ranks)
+            top = max(mem[r] for r in st.ranks) / msize
+            mx.bar(left - 0.5, top, width=right - left + 1, align="edge", color=_MEM_COLOURS[st.recompute],
+                   edgecolor="white", linewidth=0.5)
+            if plan.num_stages <= 8:
+                label = f"stage {st.index}\n{rank_range(st)}"
+            else:
+                label = f"{st.index}" if plan.num_stages <= STAGE_LABELS else ""
+            mx.text((left + right) / 2, top, label, ha="center", va="bottom", fontsize=7)
+        mx.set_xlim(-0.5, plan.world_size - 0.5)
+        mx.xaxis.set_major_locator(MaxNLocator(integer=True))
+        mx.set_xlabel("rank (one bar per stage, over the ranks of its replicas" +
+                      ("; numbers: stage)" if 8 < plan.num_stages <= STAGE_LABELS else ")"))
+    mx.set_ylabel(f"predicted peak\nmemory ({mname})", fontsize=8)
+    mx.set_ylim(0, max(mem) / msize * 1.15 if max(mem) > 0 else 1)
+    mx.grid(axis="y", alpha=0.3)
+    handles = [Patch(facecolor=_MEM_COLOURS[rec], label=("stage recomputes activations" if rec
+                                                         else "stage keeps activations"))
+               for rec in sorted({st.recompute for st in plan.stages})]
+    mx.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.005, 1.0), fontsize=8, frameon=False)
