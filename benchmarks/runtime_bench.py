@@ -235,8 +235,8 @@ def report(args: argparse.Namespace, b: Bench, equal: dict[str, dict[str, str]],
         L.append(f"| {label} | {ranks} | {ms(r['step'])} | {r['samples']:.2f} | {ms(pred)} | {acc} | "
                  f"{'-' if loss is None else f'{loss:.5f}'} | {cpu} | {layout} |")
     L += ["", ("Every configuration trains the same weights on the same batches: the loss of step 1 (before "
-          "any update) must agree. Predicted = the plan's step time (the runtime's planner: analytic profile "
-          "of the calibrated local device); the hand-split peers have no prediction. CPU busy = a rank's CPU "
+          "any update) must agree. Predicted = the plan's step time (the runtime's planner: the model's "
+          "profile measured on this machine); the hand-split peers have no prediction. CPU busy = a rank's CPU "
           "time over the timed steps / their wall time (the highest of its launches; above 1 = more than one "
           "thread busy; below 1 = the process waited or was descheduled by other load).")]
     L += ["", "## Ratios", "", "| comparison | rannc_py speed-up | target |", "|---|---|---|"]

@@ -54,17 +54,20 @@ def forced_plan(pinned: Any, graph: Any, assignment: list[int]) -> Any:
     return replace(pinned, stages=tuple(stages), step_time=0.0, samples_per_second=0.0)
 
 
-def pinned_plan(graph: Any, args: argparse.Namespace, ranks: int) -> Any:
+def pinned_plan(graph: Any, args: argparse.Namespace, ranks: int, inputs: dict[str, torch.Tensor]) -> Any:
     """The planner's plan with 2 stages x 1 replica, ``--microbatches`` and ``--schedule`` pinned.
 
-    The same search the runtime runs by default (analytic profile of the
-    calibrated local device); with ``--plan middle`` the boundary is then
-    moved to the middle block.
+    The same search the runtime runs by default (the model's measured
+    profile on the local device, see :func:`rannc_py.runtime.autoplan.job_profile`);
+    with ``--plan middle`` the boundary is then moved to the middle block.
     """
     import rannc_py
+    from rannc_py.runtime.autoplan import job_profile
 
-    plan = rannc_py.plan(graph, batch_size=args.batch, cluster=f"local:ranks={ranks}", num_stages=2,
-                         replicas=[1] * 2, microbatches=args.microbatches, schedules=(args.schedule,))
+    cluster = f"local:ranks={ranks}"
+    plan = rannc_py.plan(graph, batch_size=args.batch, cluster=cluster, num_stages=2,
+                         replicas=[1] * 2, microbatches=args.microbatches, schedules=(args.schedule,),
+                         profile=job_profile(graph, graph.flatten_inputs((), inputs), cluster, ranks, False))
     if args.plan == "middle":
         plan = forced_plan(plan, graph, middle_assignment(graph, args.layers // 2))
     return plan
@@ -74,11 +77,13 @@ def rannc_plan(args: argparse.Namespace, model: torch.nn.Module, local: dict[str
     """The ``plan=`` argument for ``--plan`` (None for auto); planned on rank 0 and broadcast."""
     import rannc_py
     from rannc_py.planner.plan import Plan
+    from rannc_py.runtime.autoplan import quiet_bcast
 
     if args.plan == "auto":
         return None
-    text = pinned_plan(rannc_py.trace(model, (), local), args, comm.Get_size()).to_json() if comm.Get_rank() == 0 else None
-    return Plan.from_json(comm.bcast(text, root=0))
+    text = pinned_plan(rannc_py.trace(model, (), local), args, comm.Get_size(), local).to_json() \
+        if comm.Get_rank() == 0 else None
+    return Plan.from_json(quiet_bcast(text, comm))  # the other ranks sleep while rank 0 profiles
 
 
 def run_rannc(args: argparse.Namespace) -> None:
@@ -202,7 +207,7 @@ def run_stagetime(args: argparse.Namespace) -> None:
     out = {}
     splits = {"middle": middle_assignment(graph, args.layers // 2)}
     args.plan = "pinned"
-    planned = pinned_plan(graph, args, 2).assignment()
+    planned = pinned_plan(graph, args, 2, inputs).assignment()
     if planned != splits["middle"]:
         splits["planner"] = planned
     for name, assignment in splits.items():

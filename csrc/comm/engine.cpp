@@ -1,7 +1,16 @@
-// The progress thread: polls every operation in flight, with a short back-off
-// when nothing moves so idle ranks do not steal cores from computation.
+// The progress thread: polls every operation in flight, backing off when
+// nothing moves so that waiting ranks do not steal cores from computation.
+//
+// MPI offers no completion notification, so someone has to poll. The back-off
+// grows with the time nothing has moved (a sleep of 1/16 of it, at most 1 ms):
+// an operation that completes after waiting w is noticed at most w/16 late,
+// while a rank waiting for a long computation elsewhere wakes only about
+// every millisecond instead of tens of thousands of times a second (which
+// matters when ranks share cores). A thread that starts waiting on an
+// operation pokes the engine, which polls tightly again.
 #include "comm/engine.h"
 
+#include <algorithm>
 #include <chrono>
 #include <exception>
 #include <thread>
@@ -10,6 +19,8 @@
 namespace rannc::comm {
 
 void Op::wait() {
+  if (completed()) return;
+  Engine::get().poke();
   // Poll briefly first: most small operations finish within microseconds,
   // and sleeping on the condition variable costs a scheduler wake-up.
   auto until = std::chrono::steady_clock::now() + std::chrono::microseconds(200);
@@ -58,6 +69,14 @@ void Engine::submit(std::shared_ptr<Op> op) {
   cv_.notify_one();
 }
 
+void Engine::poke() {
+  {
+    std::lock_guard<std::mutex> lk(mu_);
+    poked_ = true;
+  }
+  cv_.notify_one();
+}
+
 void Engine::shutdown() {
   {
     std::lock_guard<std::mutex> lk(mu_);
@@ -103,12 +122,20 @@ void Engine::retire(const std::shared_ptr<Op>& op) {
 }
 
 void Engine::run() {
-  unsigned idle = 0;
+  using clock = std::chrono::steady_clock;
+  // Tight polling for a short while after anything moved (message latency),
+  // then yields, then sleeps proportional to the idle time (see the top).
+  constexpr auto kSpin = std::chrono::microseconds(20);
+  constexpr auto kYield = std::chrono::microseconds(200);
+  constexpr auto kMaxSleep = std::chrono::microseconds(1000);
+  auto idle_since = clock::now();
   for (;;) {
     {
       std::unique_lock<std::mutex> lk(mu_);
       if (active_.empty()) cv_.wait(lk, [this] { return stop_ || !incoming_.empty(); });
       if (stop_) return;
+      if (!incoming_.empty() || poked_) idle_since = clock::now();
+      poked_ = false;
       for (auto& op : incoming_) admit(op);
       incoming_.clear();
     }
@@ -135,15 +162,21 @@ void Engine::run() {
         ++i;
       }
     }
-    // Spin briefly (latency), then yield, then sleep (fairness on busy cores).
+    auto now = clock::now();
     if (moved) {
-      idle = 0;
-    } else if (++idle < 64) {
-    } else if (idle < 1024) {
-      std::this_thread::yield();
-    } else {
-      std::this_thread::sleep_for(std::chrono::microseconds(idle < 4096 ? 5 : 50));
+      idle_since = now;
+      continue;
     }
+    auto idle = now - idle_since;
+    if (idle < kSpin) continue;
+    if (idle < kYield) {
+      std::this_thread::yield();
+      continue;
+    }
+    auto nap = std::min<clock::duration>(idle / 16, kMaxSleep);
+    // Interruptible: a new operation or a waiter (poke) ends the nap at once.
+    std::unique_lock<std::mutex> lk(mu_);
+    cv_.wait_for(lk, nap, [this] { return stop_ || poked_ || !incoming_.empty(); });
   }
 }
 

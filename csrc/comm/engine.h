@@ -76,6 +76,9 @@ class Engine {
   // Stop and join the progress thread; operations still in flight are left
   // unfinished. Safe to call more than once; a later submit restarts it.
   void shutdown();
+  // A thread is about to block on an operation in flight: poll promptly
+  // again (the idle back-off restarts from zero).
+  void poke();
 
  private:
   Engine() = default;
@@ -87,6 +90,7 @@ class Engine {
   std::condition_variable cv_;
   std::vector<std::shared_ptr<Op>> incoming_;
   bool stop_ = false;
+  bool poked_ = false;
   std::thread thread_;
 
   // Touched only by the progress thread.

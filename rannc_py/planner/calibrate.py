@@ -9,6 +9,12 @@ outside one (the CLI, ``rannc_py.plan``) by a short ``mpiexec -n 2`` run of
 never communicates and measures no link. Results are cached as JSON in the
 cache directory (``$RANNC_CACHE_DIR``, default ``~/.cache/rannc_py``), keyed by
 host name and torch thread count, so only the first call pays the few seconds.
+
+Oversubscription: the figures are measured by one process at its torch
+thread count. When the job runs more ranks x threads than this process may
+use cores (``os.sched_getaffinity``), the ranks share them, so each rank's
+device gets ``cores / (ranks x threads)`` of the measured compute and memory
+bandwidth (:func:`core_share`).
 """
 
 from __future__ import annotations
@@ -46,7 +52,8 @@ def cache_dir() -> Path:
 
 
 def _cache_path() -> Path:
-    return cache_dir() / f"local-calibration-{platform.node()}-t{torch.get_num_threads()}.json"
+    # "cpu": compute figures timed on CPU time at one thread (older files: wall clock).
+    return cache_dir() / f"local-calibration-cpu-{platform.node()}-t{torch.get_num_threads()}.json"
 
 
 def _read_cache() -> dict[str, float]:
@@ -64,13 +71,32 @@ def _write_cache(data: dict[str, float]) -> None:
     os.replace(tmp, path)  # atomic: concurrent jobs on one host never read half a file
 
 
+def usable_cores() -> int:
+    """Cores this process may run on (its CPU affinity; ``os.cpu_count()`` where that is unknown)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not on Linux
+        return os.cpu_count() or 1
+
+
+def core_share(ranks: int, threads: int | None = None) -> float:
+    """Fraction of one rank's measured speed it keeps when ``ranks`` ranks of ``threads``
+    torch threads (default: this process's count) share this machine's cores: at most 1.
+    """
+    threads = torch.get_num_threads() if threads is None else threads
+    return min(1.0, usable_cores() / max(1, ranks * threads))
+
+
 def _median_time(fn: Callable[[], Any], repeats: int = 5) -> float:
+    # One thread: CPU time, so other work descheduling this process does not
+    # pass for a slow device (and get cached); more threads: the wall clock.
+    clock = time.process_time if torch.get_num_threads() == 1 else time.perf_counter
     fn()  # warm-up
     times = []
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0 = clock()
         fn()
-        times.append(time.perf_counter() - t0)
+        times.append(clock() - t0)
     return statistics.median(times)
 
 
@@ -160,7 +186,9 @@ def local_cluster(ranks: int, *, memory: int | None = None, name: str = "local",
     """A :class:`Cluster` of ``ranks`` processes on this machine, from cached or fresh measurements.
 
     Args:
-        ranks: number of MPI ranks to plan for.
+        ranks: number of MPI ranks to plan for; when they (times the torch
+            threads) outnumber the usable cores, the device's compute and
+            memory bandwidth are scaled by :func:`core_share`.
         memory: bytes per rank; default: physical memory divided by ``ranks``.
         name: label stored in the cluster.
         link: link figures measured by the caller (the job's own ranks, see
@@ -186,7 +214,8 @@ def local_cluster(ranks: int, *, memory: int | None = None, name: str = "local",
         _write_cache(data)
     if memory is None:
         memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // ranks
-    dev = Device("local", (("float32", data["flops"]),), memory, data["memory_bandwidth"])
+    share = core_share(ranks)  # ranks sharing too few cores each run that much slower
+    dev = Device("local", (("float32", data["flops"] * share),), memory, data["memory_bandwidth"] * share)
     if "latency" in data and "bandwidth" in data:
         net = Link(data["bandwidth"], data["latency"])
     else:

@@ -123,8 +123,9 @@ def profile(
         raise ConfigError("measuring a profile needs example inputs: pass inputs=graph.flatten_inputs(args, "
                           "kwargs), or device='<preset>' for an analytic profile")
     dev = f"{platform.node()}-cpu-t{torch.get_num_threads()}"
-    # "fit2": two-point fixed + per-sample fit (older cache entries have fixed = 0).
-    key = hashlib.sha256(f"fit2|{graph.fingerprint()}|{batch_size}|{dev}|{blocks}|{repeats}".encode()).hexdigest()[:24]
+    # "fit3": two-point fixed + per-sample fit, timed on CPU time at one thread
+    # (older entries: fixed = 0, or wall-clock times that other load may have inflated).
+    key = hashlib.sha256(f"fit3|{graph.fingerprint()}|{batch_size}|{dev}|{blocks}|{repeats}".encode()).hexdigest()[:24]
     path = cache_dir() / f"profile-{key}.json"
     if path.exists():
         return Profile.from_json(path.read_text())

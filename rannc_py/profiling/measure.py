@@ -10,6 +10,11 @@ tiny block): a negative fixed term becomes 0 with the line through the origin
 and the b point, a negative slope becomes a constant time. When the graph runs
 at one batch size only (``dynamic_batch`` false) or b is 1, the single point
 gives ``fixed = 0``.
+
+With one torch thread the clock is the process's CPU time, not the wall
+clock: on a machine shared with other work, a block descheduled for a while
+would otherwise be recorded (and cached) as that much slower. With more
+threads CPU time would add up the threads, so the wall clock is used.
 """
 
 from __future__ import annotations
@@ -39,13 +44,18 @@ def _resize(inputs: dict[str, torch.Tensor], old: int, new: int) -> dict[str, to
     return out
 
 
+def _clock() -> float:
+    """Seconds on the profile's clock (see the module docstring)."""
+    return time.process_time() if torch.get_num_threads() == 1 else time.perf_counter()
+
+
 def _timed(fn, repeats: int) -> float:
     fn()
     times = []
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0 = _clock()
         fn()
-        times.append(time.perf_counter() - t0)
+        times.append(_clock() - t0)
     return statistics.median(times)
 
 
@@ -114,10 +124,10 @@ def _time_blocks(staged, values: dict[str, torch.Tensor], repeats: int, rows: in
 
         def run_bwd(stage=stage, args=args):
             outs = [o for o in stage.module(*args) if isinstance(o, torch.Tensor) and o.requires_grad]
-            t0 = time.perf_counter()
+            t0 = _clock()
             if outs:
                 torch.autograd.backward(outs, [torch.ones_like(o) for o in outs])
-            return time.perf_counter() - t0
+            return _clock() - t0
 
         if grads_needed:
             run_bwd()

@@ -1,18 +1,35 @@
 """Ask the planner for a layout of the traced model on this job's ranks.
 
-:func:`job_link` is collective (every rank); :func:`job_cluster` and
-:func:`search_plan` run on rank 0, which broadcasts the plan.
+:func:`job_link` is collective (every rank); :func:`job_cluster`,
+:func:`job_profile` and :func:`search_plan` run on rank 0, which broadcasts
+the plan (:func:`quiet_bcast`).
+
+For the ``local`` preset the block times come from measuring the model here
+(``rannc_py.profile``, cached on disk), not from the roofline estimate of
+the calibrated device: the measured times include what the roofline misses
+(per-op dispatch, small-matrix efficiency, fixed per-call costs, which the
+measured profile fits as a per-block fixed term). When the job's ranks share
+fewer cores than they need, the times are stretched by the share of a core
+each rank gets (:func:`rannc_py.planner.calibrate.core_share`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+import time
+from collections.abc import Mapping, Sequence
 from typing import Any
+
+import torch
 
 from rannc_py.errors import ConfigError
 from rannc_py.planner.cluster import Cluster, Link, as_cluster, parse_cluster, parse_size
 from rannc_py.planner.plan import Plan
+from rannc_py.profiling import Profile
+
+# How often ranks waiting for rank 0's plan look for it (seconds): planning
+# takes seconds, and a sleeping rank leaves the cores to rank 0's profiling.
+_POLL_S = 0.01
 
 
 def _is_local(cluster: Cluster | str | None) -> bool:
@@ -62,6 +79,46 @@ def job_cluster(cluster: Cluster | str | None, world_size: int, memory_limit: in
     return found
 
 
+def job_profile(graph: Any, inputs: Mapping[str, torch.Tensor], cluster: Cluster | str | None,
+                world_size: int, on_meta: bool) -> Profile | None:
+    """The block profile to plan with: measured here for the ``local`` preset, else None (analytic).
+
+    Measures ``graph`` at its traced (local) batch on ``inputs``
+    (``graph.flatten_inputs(args, kwargs)``), cached on disk by
+    :func:`rannc_py.profile`, then stretches every time by
+    ``1 / core_share(world_size)``. Returns None for other clusters and when
+    ``on_meta`` (the model's parameters are on the ``meta`` device: nothing to run).
+    """
+    if not _is_local(cluster) or on_meta:
+        return None
+    from rannc_py.planner.calibrate import core_share
+    from rannc_py.profiling import profile
+
+    prof = profile(graph, graph.batch_size, inputs=inputs)
+    stretch = 1.0 / core_share(world_size)
+    if stretch == 1.0:
+        return prof
+    return dataclasses.replace(
+        prof,
+        fwd_fixed=tuple(t * stretch for t in prof.fwd_fixed),
+        fwd_per_sample=tuple(t * stretch for t in prof.fwd_per_sample),
+        bwd_fixed=tuple(t * stretch for t in prof.bwd_fixed),
+        bwd_per_sample=tuple(t * stretch for t in prof.bwd_per_sample),
+    )
+
+
+def quiet_bcast(text: str | None, comm: Any) -> str:
+    """Broadcast rank 0's ``text`` to every rank, the others waiting asleep (collective).
+
+    A blocking MPI broadcast busy-polls on the ranks that wait, which would
+    take the cores rank 0 needs to profile and plan (and skew its timings).
+    """
+    req = comm.Ibarrier()
+    while not req.Test():
+        time.sleep(_POLL_S)
+    return comm.bcast(text, root=0)
+
+
 def search_plan(
     graph: Any,
     batch: int,
@@ -71,8 +128,10 @@ def search_plan(
     schedules: Sequence[str],
     recompute: bool | None,
     memory_margin: float,
+    profile: Profile | None = None,
 ) -> Plan:
-    """The planner's layout of ``graph`` at global batch ``batch`` on ``cluster``."""
+    """The planner's layout of ``graph`` at global batch ``batch`` on ``cluster``,
+    from ``profile`` (default None: the analytic profile of ``cluster``'s device)."""
     from rannc_py.planner.api import plan
 
     return plan(
@@ -83,4 +142,5 @@ def search_plan(
         schedules=tuple(schedules),
         microbatches=microbatches,
         recompute=recompute,
+        profile=profile,
     )

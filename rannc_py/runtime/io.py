@@ -14,9 +14,9 @@ batch dimension.
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
-import numpy as np
 import torch
 from mpi4py import MPI
 from torch import Tensor
@@ -29,8 +29,24 @@ from rannc_py.runtime.routing import output_routes
 _OUT_KIND = 2  # tag space of output messages, apart from activations (0) and gradients (1)
 
 
-def _bytes(t: Tensor) -> Any:
-    return [t.reshape(-1).view(torch.uint8).numpy(), MPI.BYTE]
+def _allgather(t: Tensor, comm: MPI.Comm) -> Tensor:
+    """Every rank's ``t`` stacked in rank order (shape ``(ranks, *t.shape)``).
+
+    Through the communication engine, not a blocking MPI call: a rank that
+    arrives early (e.g. the last pipeline stage, idle while the first one
+    runs its last backward) sleeps on a condition variable instead of
+    busy-polling MPI, which would take a core from the ranks still computing.
+    """
+    t = t.contiguous()
+    out = torch.empty((comm.Get_size(), *t.shape), dtype=t.dtype)
+    transport.allgather(t, out, comm).wait()
+    return out
+
+
+def _digest(sig: list[tuple[str, tuple[int, ...], str]]) -> Tensor:
+    """A fixed-size fingerprint of an input signature, to compare across ranks without pickling."""
+    h = hashlib.sha256(repr(sig).encode()).digest()[:8]
+    return torch.frombuffer(bytearray(h), dtype=torch.int64)
 
 
 def gather_inputs(
@@ -54,8 +70,9 @@ def gather_inputs(
     world = comm.Get_size()
     if world == 1:
         return dict(local), rows
-    sigs = comm.allgather(sig)
-    if any(s != sig for s in sigs):
+    digests = _allgather(_digest(sig), comm)
+    if bool((digests != digests[0]).any()):
+        sigs = comm.allgather(sig)  # every rank saw the mismatch: spell it out
         diff = {r: s for r, s in enumerate(sigs) if s != sigs[0]}
         raise ConfigError(
             f"ranks passed inputs of different structure or shape: rank 0 {sigs[0]}, others {diff}; "
@@ -67,9 +84,7 @@ def gather_inputs(
         if dim is None:
             out[name] = t
             continue
-        t = t.contiguous()
-        full = torch.empty((world, *t.shape), dtype=t.dtype)
-        comm.Allgather(_bytes(t), _bytes(full))
+        full = _allgather(t, comm)
         out[name] = torch.cat(full.unbind(0), dim=dim) if dim else full.view(rows * world, *t.shape[1:])
     return out, rows * world
 
@@ -124,14 +139,15 @@ def return_outputs(
     desc = cache[step.signature]
     values: dict[str, Any] = {}
     scalars = [d for d in desc if d[1] == "scalar"]
-    acc = np.zeros(len(scalars), dtype=np.float64)
+    acc = torch.zeros(len(scalars), dtype=torch.float64)
     if replica is not None:
         for k, (name, *_rest) in enumerate(scalars):
             acc[k] = sum(float(o[name]) for o in result.outputs) * result.weight
-    if world > 1:
-        comm.Allreduce(MPI.IN_PLACE, acc, op=MPI.SUM)
+    if world > 1 and scalars:
+        # Summed in rank order on every rank, so every rank gets the same value.
+        acc = _allgather(acc, comm).sum(0)
     for k, (name, _, _, dtype, _, _) in enumerate(scalars):
-        values[name] = torch.tensor(acc[k], dtype=dtype)
+        values[name] = torch.tensor(float(acc[k]), dtype=dtype)
     values["__loss_name__"] = scalars[0][0] if scalars else None
     local_rows = step.batch // world
     routes = output_routes(step.batch, m, len(last), world)

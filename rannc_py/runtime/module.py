@@ -167,7 +167,7 @@ class RaNNCModule(nn.Module):
         graph = trace(model, args, kwargs)
         model.train(was_training)
         self._names = P.canonical_names(model)
-        self._plan = self._make_plan(graph, graph.batch_size * comm.Get_size())
+        self._plan = self._make_plan(graph, graph.batch_size * comm.Get_size(), graph.flatten_inputs(args, kwargs))
         if self._save_plan is not None and rank == 0:
             self._plan.save(self._save_plan)
         placement = place(model, graph, self._plan, self._names, comm, self._param_init)
@@ -188,11 +188,11 @@ class RaNNCModule(nn.Module):
         self._out_meta: dict[Any, Any] = {}
         self._ready = True
 
-    def _make_plan(self, graph: Any, batch: int) -> Plan:
+    def _make_plan(self, graph: Any, batch: int, inputs: dict[str, Tensor]) -> Plan:
         comm = self._comm
         if self._plan_arg is not None:
             return load_plan(self._plan_arg, graph, batch, comm.Get_size())
-        from rannc_py.runtime.autoplan import job_cluster, job_link, search_plan
+        from rannc_py.runtime.autoplan import job_cluster, job_link, job_profile, quiet_bcast, search_plan
 
         link = job_link(self._cluster, comm)  # collective: the job's ranks measure the local link
         text = None
@@ -201,8 +201,10 @@ class RaNNCModule(nn.Module):
             text = search_plan(
                 graph, batch, cluster, microbatches=self._microbatches, schedules=self._schedule_names,
                 recompute=self._recompute, memory_margin=self._memory_margin,
+                profile=job_profile(graph, inputs, self._cluster, comm.Get_size(),
+                                    any(p.is_meta for p in self._model.parameters())),
             ).to_json()
-        return Plan.from_json(comm.bcast(text, root=0))
+        return Plan.from_json(quiet_bcast(text, comm))
 
     def _bind_optimizer(self) -> None:
         opt = self._optimizer

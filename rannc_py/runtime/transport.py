@@ -38,6 +38,11 @@ def iallreduce_sum(t: torch.Tensor, comm: MPI.Comm, algorithm: str = "mpi") -> W
     return comm_collectives.allreduce(t, comm, algorithm)
 
 
+def allgather(t: torch.Tensor, out: torch.Tensor, comm: MPI.Comm) -> Work:
+    """Start gathering every rank's ``t`` (any dtype) into ``out`` (``ranks x t``'s elements), rank order."""
+    return comm_collectives.allgather(t, out, comm)
+
+
 def wait_all(works: list[Work]) -> None:
     """Wait for every transfer in ``works`` and clear the list."""
     for w in works:
