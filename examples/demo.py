@@ -32,7 +32,7 @@ STATE_BYTES_PER_PARAM = 16
 # Fraction of the whole model's training state one rank may hold: below 1, so
 # at least two stages are needed, and above 1/2, so two stages fit and the
 # other two ranks can hold replicas.
-LIMIT_FRACTION = 0.8
+LIMIT_FRACTION = 0.9
 
 
 def memory_limit() -> int:

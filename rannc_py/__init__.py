@@ -35,14 +35,22 @@ _LAZY = {
 }
 
 __all__ = [
+    "Cluster",
     "CommError",
     "ConfigError",
+    "Graph",
     "NoFeasiblePlanError",
     "PartitionError",
+    "Plan",
     "PlanError",
+    "Profile",
     "RaNNCError",
+    "RaNNCModule",
+    "StagedModule",
     "TraceError",
-    *_LAZY,
+    "plan",
+    "profile",
+    "trace",
 ]
 
 

@@ -26,6 +26,7 @@ from rannc_py.planner.search import (
     spread,
     stage_costs,
 )
+from rannc_py.planner.units import format_bytes
 from rannc_py.profiling import Profile
 from rannc_py.schedule import SCHEDULES, StageCosts
 
@@ -244,9 +245,9 @@ def _infeasible(cost: CostModel, space: SearchSpace) -> NoFeasiblePlanError:
     best = min(lays, key=lambda lay: lay.objective)
     need = best.objective / (1 - cost.margin)
     return NoFeasiblePlanError(
-        f"no layout fits {cost.cluster.device.memory / 2**30:.3f} GiB per device "
+        f"no layout fits {format_bytes(cost.cluster.device.memory)} per device "
         f"(margin {cost.margin:.0%}); the smallest per-device memory that fits is {need:.0f} bytes "
-        f"({need / 2**30:.3f} GiB), needed by: {_describe(best)}. Use more devices or memory, recompute, "
+        f"({format_bytes(need)}), needed by: {_describe(best)}. Use more devices or memory, recompute, "
         "a smaller batch, or a lighter optimizer.", )
 
 

@@ -23,6 +23,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from rannc_py.errors import ConfigError
+from rannc_py.planner.units import format_bytes
 
 
 @dataclass(frozen=True)
@@ -116,7 +117,7 @@ class Cluster:
         """One line: preset, device count, per-device memory and peak, links."""
         d = self.device
         return (
-            f"{self.name}: {self.num_devices} x {d.name} ({d.memory / 2**30:.1f} GiB, "
+            f"{self.name}: {self.num_devices} x {d.name} ({format_bytes(d.memory)}, "
             f"{d.flops('float32') / 1e12:.3g} TFLOP/s fp32), {self.topology}"
             + (f" {'x'.join(map(str, self.torus_shape))}" if self.torus_shape else "")
             + f", inter-node {self.inter_node.bandwidth / 1e9:.3g} GB/s"

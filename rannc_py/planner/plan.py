@@ -23,6 +23,7 @@ from typing import Any
 
 from rannc_py.comm.cost import ALGORITHMS
 from rannc_py.errors import PlanError
+from rannc_py.planner.units import format_bytes, format_seconds
 from rannc_py.schedule import SCHEDULES, Schedule, StageCosts, Timeline, by_name, simulate
 
 
@@ -299,27 +300,12 @@ class Plan:
             ranks = f"{st.ranks[0]}-{st.ranks[-1]} (x{st.replicas})" if st.replicas > 1 else f"{st.ranks[0]}"
             lines.append(
                 f"{st.index:>5} {ops:>11} {len(st.param_fqns):>7} {ranks:>13} "
-                f"{'yes' if st.recompute else 'no':>6} {_fmt_time(st.predicted_compute_time):>12} "
-                f"{_fmt_bytes(st.predicted_peak_memory):>10} {st.allreduce if st.replicas > 1 else '-':>9}"
+                f"{'yes' if st.recompute else 'no':>6} {format_seconds(st.predicted_compute_time):>12} "
+                f"{format_bytes(st.predicted_peak_memory):>10} {st.allreduce if st.replicas > 1 else '-':>9}"
             )
         lines.append(
-            f"predicted: step {_fmt_time(self.step_time)}, {self.samples_per_second:.4g} samples/s, "
-            f"MFU {100 * self.mfu:.1f}%, peak memory {_fmt_bytes(max(self.peak_memory_per_rank))}/rank; "
+            f"predicted: step {format_seconds(self.step_time)}, {self.samples_per_second:.4g} samples/s, "
+            f"MFU {100 * self.mfu:.1f}%, peak memory {format_bytes(max(self.peak_memory_per_rank))}/rank; "
             f"search {self.search_time:.2f} s"
         )
         return "\n".join(lines)
-
-
-def _fmt_time(t: float) -> str:
-    for unit, scale in (("s", 1.0), ("ms", 1e-3), ("us", 1e-6)):
-        if t >= scale:
-            return f"{t / scale:.3g} {unit}"
-    return f"{t * 1e9:.3g} ns"
-
-
-def _fmt_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.4g} {unit}"
-        n /= 1024
-    return f"{n:.4g} TiB"
