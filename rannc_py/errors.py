@@ -23,7 +23,17 @@ class PartitionError(RaNNCError):
 
 
 class NoFeasiblePlanError(RaNNCError):
-    """No layout of the model fits the devices' memory."""
+    """No layout of the model fits the devices' memory.
+
+    Attributes:
+        required_memory: the smallest per-device memory in bytes (before the
+            margin is taken off) at which some layout would fit, or None when
+            no layout exists at any memory (e.g. pins that cannot be met).
+    """
+
+    def __init__(self, message: str, *, required_memory: int | None = None) -> None:
+        super().__init__(message)
+        self.required_memory = required_memory
 
 
 class PlanError(RaNNCError):

@@ -126,6 +126,7 @@ def test_plan_fits_and_minimum_memory_is_exact():
     with pytest.raises(NoFeasiblePlanError) as e:
         plan_chain(chain, tiny, 16)
     need = float(str(e.value).split("fits is ")[1].split(" bytes")[0])
+    assert e.value.required_memory == math.ceil(need)
     ok = plan_chain(chain, make_cluster(4, math.ceil(need) + 1), 16)
     assert max(ok.peak_memory_per_rank) <= (math.ceil(need) + 1) * 0.9
     with pytest.raises(NoFeasiblePlanError, match=f"fits is {need:.0f} bytes"):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
@@ -248,7 +249,7 @@ def _infeasible(cost: CostModel, space: SearchSpace) -> NoFeasiblePlanError:
         f"no layout fits {format_bytes(cost.cluster.device.memory)} per device "
         f"(margin {cost.margin:.0%}); the smallest per-device memory that fits is {need:.0f} bytes "
         f"({format_bytes(need)}), needed by: {_describe(best)}. Use more devices or memory, recompute, "
-        "a smaller batch, or a lighter optimizer.", )
+        "a smaller batch, or a lighter optimizer.", required_memory=math.ceil(need))
 
 
 def _describe(lay: Layout) -> str:
