@@ -110,6 +110,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cluster", required=True, help="preset string, e.g. a64fx:nodes=256")
     p.add_argument("--optimizer", default="adam", help="sgd | sgd_momentum | adam | adamw (default adam)")
     p.add_argument("--memory-margin", type=float, default=0.1, help="free memory fraction (default 0.1)")
+    p.add_argument("--no-return-outputs", dest="return_outputs", action="store_false",
+                   help="plan for training that returns only the loss (RaNNCModule(return_outputs=False)); "
+                        "by default the memory of returning logits to every rank is counted")
     p.add_argument("--json", help="write the plan as JSON here")
     p.add_argument("--png", help="draw the pipeline timeline and per-rank memory here")
     ns = parser.parse_args(argv)
@@ -124,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         graph = trace(model, args, kwargs)
         t_trace = time.perf_counter() - t0
         result = plan(graph, batch_size=ns.batch, cluster=ns.cluster, optimizer=ns.optimizer,
-                      memory_margin=ns.memory_margin)
+                      memory_margin=ns.memory_margin, return_outputs=ns.return_outputs)
     except RaNNCError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

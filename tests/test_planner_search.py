@@ -189,3 +189,20 @@ def test_simulated_memory_counts_match_cost_model():
         p = lay.num_stages
         assert tl.max_in_flight == tuple(in_flight(lay.schedule, p - 1 - s, lay.m) for s in range(p))
         assert np.isfinite(tl.step_time)
+
+
+def test_returned_outputs_are_counted_only_when_returned():
+    base = uniform_chain()
+    # 1 MB of logits per sample: returning them to every rank costs the last stage m microbatches of them.
+    chain = Chain(base.blocks, base.input_bytes, base.param_names, 1e6)
+    kw = {"num_stages": 2, "replicas": [2, 2], "microbatches": 4, "schedules": ("1f1b",), "recompute": False}
+    cl = make_cluster(4, 64 * GiB)
+    kept = plan_chain(chain, cl, 16, **kw)
+    loss_only = plan_chain(chain, cl, 16, return_outputs=False, **kw)
+    plain = plan_chain(base, cl, 16, **kw)
+    rows = 16 // 4 // 2  # per replica per microbatch
+    last = kept.stages[-1].predicted_peak_memory - loss_only.stages[-1].predicted_peak_memory
+    # the other 3 microbatches' outputs on the last stage, plus this rank's rows of the returned outputs
+    assert last == pytest.approx(1e6 * (3 * rows + 16 / 4))
+    assert loss_only.stages[-1].predicted_peak_memory == pytest.approx(
+        plain.stages[-1].predicted_peak_memory + 1e6 * rows)

@@ -140,6 +140,7 @@ def plan(
     recompute: bool | None = None,
     profile: Profile | None = None,
     optimizer: str = "adam",
+    return_outputs: bool = True,
 ) -> Plan:
     """Find the fastest data/pipeline layout of a model on a cluster that fits every device's memory.
 
@@ -163,6 +164,9 @@ def plan(
             None (default) turns it on only for stages that do not fit otherwise.
         profile: a :class:`Profile` to use; default: measured here for the
             "local" preset when ``args``/``kwargs`` are given, analytic otherwise.
+        return_outputs: count the memory of returning the model's non-loss
+            outputs (logits) to every rank, as ``RaNNCModule(return_outputs=True)``
+            does (default True); False for training that uses only the loss.
         optimizer: "sgd", "sgd_momentum", "adam" (default) or "adamw" (its state memory).
     Returns:
         The :class:`Plan`; deterministic for the same inputs.
@@ -204,7 +208,7 @@ def plan(
     return plan_chain(chain, cl, batch_size, graph_fingerprint=graph.fingerprint(), memory_margin=memory_margin,
                       schedules=schedules, max_stages=max_stages, num_stages=num_stages, replicas=replicas,
                       microbatches=microbatches, recompute=recompute, optimizer=optimizer, dtype=dtype,
-                      start_time=t0)
+                      start_time=t0, return_outputs=return_outputs)
 
 
 def plan_chain(chain: Chain, cluster: Cluster, batch_size: int, *, graph_fingerprint: str = "",
@@ -212,11 +216,11 @@ def plan_chain(chain: Chain, cluster: Cluster, batch_size: int, *, graph_fingerp
                max_stages: int | None = None, num_stages: int | None = None,
                replicas: Sequence[int] | None = None, microbatches: int | None = None,
                recompute: bool | None = None, optimizer: str = "adam", dtype: torch.dtype = torch.float32,
-               start_time: float | None = None) -> Plan:
+               start_time: float | None = None, return_outputs: bool = True) -> Plan:
     """The search on an already-built chain (what :func:`plan` does after profiling). Same raises."""
     t0 = time.perf_counter() if start_time is None else start_time
     _positive("batch_size", batch_size)
-    cost = CostModel(chain, cluster, batch_size, optimizer, memory_margin)
+    cost = CostModel(chain, cluster, batch_size, optimizer, memory_margin, return_outputs)
     space = build_space(chain, cluster, batch_size, schedules=schedules, max_stages=max_stages,
                         num_stages=num_stages, replicas=replicas, microbatches=microbatches, recompute=recompute)
     lay, step = search_chain(cost, space)

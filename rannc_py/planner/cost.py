@@ -104,12 +104,17 @@ class CostModel:
         batch_size: global batch B.
         optimizer: "sgd", "sgd_momentum", "adam" or "adamw".
         memory_margin: fraction of device memory kept free (0 <= margin < 1).
+        return_outputs: the runtime returns the model's non-loss outputs
+            (logits) to every rank, so the last stage keeps every microbatch's
+            and each rank its own rows (RaNNCModule's ``return_outputs``).
+            False counts only the one microbatch of outputs the last stage
+            keeps to describe them. Default True, as in RaNNCModule.
     Raises:
         ConfigError: bad optimizer or margin.
     """
 
     def __init__(self, chain: Chain, cluster: Cluster, batch_size: int, optimizer: str = "adam",
-                 memory_margin: float = 0.1) -> None:
+                 memory_margin: float = 0.1, return_outputs: bool = True) -> None:
         if not 0 <= memory_margin < 1:
             raise ConfigError(f"memory_margin must be in [0, 1), got {memory_margin}")
         self.chain = chain
@@ -119,6 +124,7 @@ class CostModel:
         self.state_factor = 2 + optimizer_state_factor(optimizer)
         self.limit = cluster.device.memory * (1 - memory_margin)
         self.margin = memory_margin
+        self.return_outputs = return_outputs
 
     def rows(self, m: int, replicas: int) -> int:
         """Rows per replica per microbatch (the largest chunk)."""
@@ -189,7 +195,9 @@ class CostModel:
         cut_out = np.broadcast_to(t.cut[None, :], (n + 1, n + 1))
         not_first = (np.arange(n + 1) > 0)[:, None]
         is_last = (np.arange(n + 1) == n)[None, :]
-        returned = t.out * self.batch_size / self.cluster.num_devices  # this rank's rows of the outputs
+        # this rank's rows of the returned outputs, and how many microbatches' outputs the last stage keeps
+        returned = t.out * self.batch_size / self.cluster.num_devices if self.return_outputs else 0.0
+        kept = m if self.return_outputs else 1
         for ri, r in enumerate(rvals):
             b = self.rows(m, r * d)
             fwd = t.fwd_fixed + t.fwd_ps * b
@@ -200,7 +208,7 @@ class CostModel:
             c_plain = np.maximum(fwd + bwd, comm_t)
             c_rec = np.maximum(2 * fwd + bwd, comm_t)
             # model state + send/recv buffers + outputs kept to be returned (see the module docstring)
-            base = state + 2 * (cut_in + cut_out) * b + t.max_param + returned + is_last * (m * b * t.out)
+            base = state + 2 * (cut_in + cut_out) * b + t.max_param + returned + is_last * (kept * b * t.out)
             for f, tab in out.items():
                 mem_plain = base + f * t.act * b
                 mem_rec = base + (f * cut_in + t.act) * b

@@ -129,6 +129,7 @@ def search_plan(
     recompute: bool | None,
     memory_margin: float,
     profile: Profile | None = None,
+    return_outputs: bool = True,
 ) -> Plan:
     """The planner's layout of ``graph`` at global batch ``batch`` on ``cluster``,
     from ``profile`` (default None: the analytic profile of ``cluster``'s device)."""
@@ -143,4 +144,5 @@ def search_plan(
         microbatches=microbatches,
         recompute=recompute,
         profile=profile,
+        return_outputs=return_outputs,
     )

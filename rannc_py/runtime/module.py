@@ -201,6 +201,7 @@ class RaNNCModule(nn.Module):
             text = search_plan(
                 graph, batch, cluster, microbatches=self._microbatches, schedules=self._schedule_names,
                 recompute=self._recompute, memory_margin=self._memory_margin,
+                return_outputs=self._return_outputs,
                 profile=job_profile(graph, inputs, self._cluster, comm.Get_size(),
                                     any(p.is_meta for p in self._model.parameters())),
             ).to_json()
