@@ -8,11 +8,12 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${RANNC_VENV:-$ROOT/.venv}"
 PY="${PYTHON:-python3}"
 
+# ruff and mypy are the style checks the tests run (tests/test_lint.py).
 # torch is pinned: `pip install torch==2.13.0` resolves to the CPU build here;
 # an unpinned torch would pull gigabytes of CUDA wheels. transformers is pinned
 # because the tests build its models from configs and its internals move fast.
 RUNTIME_REQS=(torch==2.13.0 numpy networkx "mpi4py>=4" mpich pybind11 tqdm matplotlib)
-TEST_REQS=(pytest pytest-timeout hypothesis transformers==5.23.0)
+TEST_REQS=(pytest pytest-timeout hypothesis transformers==5.23.0 ruff==0.17.6 mypy==2.4.1)
 STAMP_TEXT="${RUNTIME_REQS[*]} ${TEST_REQS[*]}"
 
 if [ ! -x "$VENV/bin/python" ]; then

@@ -41,7 +41,7 @@ def run_mpi(
     cmd = [mpiexec_path(), "-n", str(nprocs), sys.executable, str(script), *args]
     try:
         proc = subprocess.run(
-            cmd, capture_output=True, text=True, timeout=timeout, env=full_env, cwd=str(REPO)
+            cmd, check=False, capture_output=True, text=True, timeout=timeout, env=full_env, cwd=str(REPO)
         )
     except subprocess.TimeoutExpired as e:
         out = (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or "")

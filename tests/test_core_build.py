@@ -2,7 +2,6 @@
 
 import numpy as np
 import pytest
-
 from mpi_launch import REPO, run_mpi
 
 
