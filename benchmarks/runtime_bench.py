@@ -6,8 +6,8 @@ DeepSpeed 0.19.8 into the environment first if it is missing):
     python benchmarks/runtime_bench.py [--steps 3] [--warmup 2] [--rounds 2] [--gpipe]
 
 Model: the project's GPT (``examples/gpt/model.py``), 6 layers x 512 hidden,
-seq 128, vocab 256, no dropout, head untied (see ``benchmarks/peers/common.py``),
-AdamW; global batch 8; 1 torch thread per rank. Each configuration runs in its
+seq 128, vocab 50257 (GPT-2's; ``--vocab``), no dropout, head untied (see
+``benchmarks/peers/common.py``), AdamW; global batch 8; 1 torch thread per rank. Each configuration runs in its
 own process(es), ``--rounds`` times in interleaved rounds (the machine's load
 changes over time); a launch reports the median of ``--steps`` timed steps
 after ``--warmup`` steps (for rannc_py the first, tracing call is one of the
@@ -97,7 +97,7 @@ class Bench:
         self.args = args
         self.rows: dict[str, tuple[int, str, dict[str, Any]]] = {}
         self.common = ["--batch", str(args.batch), "--steps", str(args.steps), "--warmup", str(args.warmup),
-                       "--layers", str(args.layers), "--hidden", str(args.hidden)]
+                       "--layers", str(args.layers), "--hidden", str(args.hidden), "--vocab", str(args.vocab)]
 
     def run(self, label: str, ranks: int, layout: str, script: str, flags: list[str], **kw: Any) -> None:
         """Launch one configuration once, print its line, merge it into its row."""
@@ -135,6 +135,8 @@ def main() -> None:
     ap.add_argument("--microbatches", type=int, default=4, help="microbatches at equal layout; default 4")
     ap.add_argument("--layers", type=int, default=6, help="GPT blocks; default 6")
     ap.add_argument("--hidden", type=int, default=512, help="GPT width; default 512")
+    ap.add_argument("--vocab", type=int, default=50257,
+                    help="vocabulary (LM head width); default 50257, GPT-2's; 256 = bytes, a head of negligible cost")
     ap.add_argument("--gpipe", action="store_true", help="also compare at equal layout with GPipe")
     args = ap.parse_args()
     ensure_deepspeed()
@@ -205,11 +207,11 @@ def report(args: argparse.Namespace, b: Bench, equal: dict[str, dict[str, str]],
     flags = [f"--{k} {v}" for k, v, d in (("steps", args.steps, 3), ("warmup", args.warmup, 2),
                                           ("rounds", args.rounds, 2), ("batch", args.batch, 8),
                                           ("microbatches", args.microbatches, 4), ("layers", args.layers, 6),
-                                          ("hidden", args.hidden, 512)) if v != d]
+                                          ("hidden", args.hidden, 512), ("vocab", args.vocab, 50257)) if v != d]
     cmd = " ".join(["python benchmarks/runtime_bench.py", *flags, *(["--gpipe"] if args.gpipe else [])])
     L = [
         "# Runtime benchmark", "",
-        (f"GPT {args.layers} layers x {args.hidden} hidden, seq 128, vocab 256, head untied, no dropout, AdamW; "
+        (f"GPT {args.layers} layers x {args.hidden} hidden, seq 128, vocab {args.vocab}, head untied, no dropout, AdamW; "
         f"global batch {args.batch}; 1 torch thread per rank unless stated. Each configuration ran "
         f"{args.rounds} times (interleaved rounds over all configurations), each time {args.warmup} warm-up "
         f"steps then {args.steps} timed steps; a launch's step = the slowest rank's median, a configuration's "

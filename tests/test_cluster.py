@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 import rannc_py
 from rannc_py.errors import ConfigError
@@ -94,3 +95,39 @@ def test_bad_specs(spec, match):
 def test_helpers():
     assert parse_size("512MB") == 512 * 10**6 and parse_size("1.5GiB") == 3 * 2**29
     assert cubic_shape(64) == (4, 4, 4) and cubic_shape(7) == (1, 1, 7)
+
+
+@pytest.mark.parametrize(
+    ("make", "states"),
+    [
+        (lambda ps: torch.optim.SGD(ps, lr=0.1), 0),
+        (lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9), 1),
+        (lambda ps: torch.optim.AdamW(ps, lr=1e-3), 2),
+        (lambda ps: torch.optim.Adam(ps, amsgrad=True), 3),
+    ],
+)
+def test_job_optimizer_counts_state_and_times_the_step(make, states):
+    from rannc_py.runtime.autoplan import job_optimizer
+
+    model = torch.nn.Linear(3, 3)
+    for given in (make(model.parameters()), make):  # an optimizer, or a factory
+        found, cost = job_optimizer(given, None, 1)
+        assert found == states
+        assert cost is not None and 0 < cost < 1e-6  # seconds per parameter byte: well under a microsecond
+        # planning for another cluster: its own (fused) step time, the state count still counts
+        assert job_optimizer(given, "a64fx:nodes=2", 2) == (states, None)
+    slow = job_optimizer(make(model.parameters()), None, 8 * calibrate.usable_cores())[1]
+    assert slow is not None and slow > cost  # eight ranks per core: each rank's step takes longer
+
+
+def test_job_optimizer_that_cannot_be_rebuilt_is_planned_as_adam():
+    from rannc_py.runtime.autoplan import job_optimizer
+
+    class NeedsModel(torch.optim.SGD):
+        def __init__(self, params, model):
+            super().__init__(params, lr=0.1)
+
+    opt = NeedsModel(torch.nn.Linear(2, 2).parameters(), model=None)
+    with pytest.warns(UserWarning, match="could not measure the optimizer .*planning with Adam"):
+        assert job_optimizer(opt, None, 1) == ("adam", None)
+    assert job_optimizer(None, None, 1) == ("adam", None)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -100,3 +102,64 @@ def test_two_point_fit():
     assert _fit([8], [4.0]) == (0.0, 0.5)  # one batch size only: through the origin
     assert _fit([8, 4], [2.0, 3.0]) == (2.0, 0.0)  # noisy negative slope: constant
     assert _fit([8, 4], [4.0, 0.5]) == (0.0, 0.5)  # negative intercept: through the origin
+
+
+def test_optimizer_step_is_charged_once_per_step(gpt):
+    _, graph, _ = gpt
+    from rannc_py.planner.cluster import as_cluster
+    from rannc_py.planner.cost import fused_update_cost
+
+    pins = {"batch_size": 8, "cluster": "a64fx:nodes=1", "microbatches": 2, "schedules": ("1f1b",)}
+    free = rannc_py.plan(graph, update_cost=0.0, **pins)
+    slow = rannc_py.plan(graph, update_cost=1e-6, **pins)
+    default = rannc_py.plan(graph, **pins)
+    nbytes = sum(info.nbytes for info in graph.params.values())  # tied weights counted once
+    assert slow.stages[0].costs.update > 0 and free.stages[0].costs.update == 0
+    # one stage: the step is the pipeline, then the optimizer over every parameter byte, once
+    per_byte = slow.stages[0].costs.update / 1e-6
+    assert slow.step_time - free.step_time == pytest.approx(per_byte * 1e-6, rel=1e-9)
+    assert per_byte >= nbytes
+    # default: Adam's fused traffic (7 words per parameter) at the device's bandwidth
+    expected = fused_update_cost("adam", as_cluster("a64fx:nodes=1").device)
+    assert default.stages[0].costs.update == pytest.approx(per_byte * expected, rel=1e-9)
+    # the plan keeps the cost through JSON, and plans written before it had one still load
+    assert rannc_py.Plan.from_json(slow.to_json()) == slow
+    d = json.loads(slow.to_json())
+    for st in d["stages"]:
+        del st["costs"]["update"]
+    assert rannc_py.Plan.from_json(json.dumps(d)).stages[0].costs.update == 0.0
+
+
+def test_optimizer_state_by_count(gpt):
+    _, graph, _ = gpt
+    pins = {"batch_size": 8, "cluster": "a64fx:nodes=1", "microbatches": 2, "schedules": ("1f1b",)}
+    by_name = rannc_py.plan(graph, optimizer="sgd_momentum", **pins)
+    by_count = rannc_py.plan(graph, optimizer=1, **pins)
+    assert by_count.to_dict() | {"search_time": 0} == by_name.to_dict() | {"search_time": 0}
+    amsgrad = rannc_py.plan(graph, optimizer=3, **pins)
+    assert amsgrad.peak_memory_per_rank[0] > rannc_py.plan(graph, optimizer="adam", **pins).peak_memory_per_rank[0]
+    with pytest.raises(ConfigError, match="0 or more state buffers"):
+        rannc_py.plan(graph, optimizer=-1, **pins)
+    with pytest.raises(ConfigError, match="unknown optimizer 'lamb'"):
+        rannc_py.plan(graph, optimizer="lamb", **pins)
+    with pytest.raises(ConfigError, match="update_cost must be"):
+        rannc_py.plan(graph, update_cost=-1.0, **pins)
+
+
+def test_measuring_leaves_the_model_as_it_was(tmp_path, monkeypatch):
+    # Planning happens inside the first training call: timing the blocks must not
+    # leave gradients in .grad, move BatchNorm's running statistics or draw random numbers.
+    monkeypatch.setenv("RANNC_CACHE_DIR", str(tmp_path))
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.BatchNorm1d(8), torch.nn.Dropout(0.5),
+                                torch.nn.Linear(8, 3))
+    x = torch.randn(8, 6)
+    graph = rannc_py.trace(model, (x,))
+    buffers = {k: v.clone() for k, v in model.state_dict().items()}
+    rng = torch.get_rng_state()
+    prof = rannc_py.profile(graph, 8, inputs=graph.flatten_inputs((x,), {}), repeats=2)
+    assert prof.source == "measured" and sum(prof.bwd_per_sample) + sum(prof.bwd_fixed) > 0
+    assert all(p.grad is None for p in model.parameters())
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, buffers[k]), f"{k} changed"
+    assert torch.equal(torch.get_rng_state(), rng)

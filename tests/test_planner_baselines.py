@@ -79,6 +79,8 @@ def test_tied_weight_counted_in_each_stage_and_synced():
     expected = cost.allreduce(2 * w, 2) + cost.allreduce(w, 4)
     assert stage_costs(cost, lay)[0].allreduce == pytest.approx(expected, rel=1e-12)
     assert stage_costs(untied, lay)[0].allreduce == pytest.approx(cost.allreduce(2 * w, 2), rel=1e-12)
-    # The DP's per-stage table charges the sync too (partner assumed to have as many replicas).
+    # Then it steps its 2w bytes of parameters (every replica all of them).
+    assert stage_costs(cost, lay)[0].update == pytest.approx(2 * w * cost.update_cost, rel=1e-12)
+    # The DP's per-stage table charges the sync and the step too (partner assumed to have as many replicas).
     tabs = cost.stage_tables(1, 4, (2,), (1,), False, 4)
-    assert tabs[1].ar[0, 2, 0] == pytest.approx(expected, rel=1e-9)
+    assert tabs[1].ar[0, 2, 0] == pytest.approx(expected + 2 * w * cost.update_cost, rel=1e-9)

@@ -145,6 +145,7 @@ def test_fast_step_time_equals_simulator(name, p, m, seed):
     rnd = random.Random(seed)
     costs = [StageCosts(rnd.random(), 0.0 if name == "forward_only" else 2 * rnd.random(),
                         rnd.choice([0.0, 0.3, 3.0]) * rnd.random(), rnd.choice([0.0, 0.3, 3.0]) * rnd.random(),
-                        0.0 if name == "forward_only" else rnd.choice([0.0, 5.0]) * rnd.random())
+                        0.0 if name == "forward_only" else rnd.choice([0.0, 5.0]) * rnd.random(),
+                        0.0 if name == "forward_only" else rnd.choice([0.0, 1.0]) * rnd.random())
              for _ in range(p)]
     assert step_time(name, m, costs) == simulate(by_name(name, p, m), costs).step_time

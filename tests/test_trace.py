@@ -199,3 +199,31 @@ def test_too_many_stages() -> None:
     with pytest.raises(PartitionError, match=f"1..{n}"):
         graph.split(n + 1)
     assert graph.split(n).num_stages == n
+
+
+class _Shifted(nn.Module):
+    """Slices like a language model's loss (``x[:, :-1]``), plus a whole-dimension slice it returns."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        y = self.lin(x)
+        return y[:, :-1].sum(), y[:, :]
+
+
+@pytest.mark.parametrize("dynamic", [True, False])
+def test_whole_dimension_slices_are_removed(dynamic: bool) -> None:
+    model = _Shifted()
+    x = torch.randn(3, 5, 4)
+    graph = trace(model, (x,), dynamic_batch=dynamic)
+    slices = [op for op in graph.ops if "slice" in op.target]
+    # y[:, :-1] keeps one slice (dim 1); the dim-0 slice before it is gone; the returned y[:, :] stays an op
+    kept = [op for op in slices if op.output_ops]
+    assert len(kept) == 1 and kept[0].outputs[0].shape[1] == 4
+    staged = graph.split(1)
+    ref = model(x)
+    out = staged(x)
+    torch.testing.assert_close(out[0], ref[0], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(out[1], ref[1], rtol=0, atol=0)

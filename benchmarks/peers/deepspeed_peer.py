@@ -25,6 +25,7 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 import torch
 
 from benchmarks.peers.common import (
+    VOCAB,
     build_gpt,
     emit,
     global_batch,
@@ -40,6 +41,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layers", type=int, default=6)
     ap.add_argument("--hidden", type=int, default=512)
+    ap.add_argument("--vocab", type=int, default=VOCAB)
     ap.add_argument("--batch", type=int, default=8, help="global batch rows; default 8")
     ap.add_argument("--microbatches", type=int, default=4)
     ap.add_argument("--steps", type=int, default=5)
@@ -58,7 +60,7 @@ def main() -> None:
 
     logger.setLevel(logging.WARNING)
     deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
-    layers = gpt_layers(build_gpt(args.layers, args.hidden))
+    layers = gpt_layers(build_gpt(args.layers, args.hidden, args.vocab))
     net = PipelineModule(layers=layers, num_stages=world, loss_fn=lm_loss, partition_method="uniform",
                          activation_checkpoint_interval=0)
     opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-4)
@@ -73,7 +75,7 @@ def main() -> None:
     losses: list[float] = []
 
     def step(i: int) -> None:
-        ids, labels = global_batch(args.batch, i)
+        ids, labels = global_batch(args.batch, i, args.vocab)
         mb = args.batch // args.microbatches
         it = iter([(ids[k * mb:(k + 1) * mb], labels[k * mb:(k + 1) * mb]) for k in range(args.microbatches)])
         losses.append(float(engine.train_batch(data_iter=it)))  # mean over microbatches

@@ -23,6 +23,7 @@ import torch.distributed as dist
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 
 from benchmarks.peers.common import (
+    VOCAB,
     build_gpt,
     emit,
     global_batch,
@@ -40,6 +41,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layers", type=int, default=6)
     ap.add_argument("--hidden", type=int, default=512)
+    ap.add_argument("--vocab", type=int, default=VOCAB)
     ap.add_argument("--batch", type=int, default=8, help="global batch rows; default 8")
     ap.add_argument("--boundary", type=int, default=3, help="blocks in stage 0; default 3")
     ap.add_argument("--microbatches", type=int, default=4)
@@ -55,7 +57,7 @@ def main() -> None:
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", str(args.port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    stages = hand_stages(build_gpt(args.layers, args.hidden), args.boundary)
+    stages = hand_stages(build_gpt(args.layers, args.hidden, args.vocab), args.boundary)
     module = stages[rank]
     stage = PipelineStage(module, rank, world, torch.device("cpu"))
     sched = SCHEDULES[args.schedule](stage, args.microbatches, loss_fn=lm_loss)  # grads scaled by 1/m
@@ -64,7 +66,7 @@ def main() -> None:
     step_losses: list[float] = []
 
     def step(i: int) -> None:
-        ids, labels = global_batch(args.batch, i)
+        ids, labels = global_batch(args.batch, i, args.vocab)
         losses.clear()
         if rank == 0:
             sched.step(ids)

@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import torch
 
-from benchmarks.peers.common import build_gpt, emit, global_batch, median_step
+from benchmarks.peers.common import VOCAB, build_gpt, emit, global_batch, median_step
 
 
 def middle_assignment(graph: Any, block: int) -> list[int]:
@@ -58,15 +58,18 @@ def pinned_plan(graph: Any, args: argparse.Namespace, ranks: int, inputs: dict[s
     """The planner's plan with 2 stages x 1 replica, ``--microbatches`` and ``--schedule`` pinned.
 
     The same search the runtime runs by default (the model's measured
-    profile on the local device, see :func:`rannc_py.runtime.autoplan.job_profile`);
+    profile on the local device and the optimizer's measured step, see
+    :func:`rannc_py.runtime.autoplan.job_profile` and ``job_optimizer``);
     with ``--plan middle`` the boundary is then moved to the middle block.
     """
     import rannc_py
-    from rannc_py.runtime.autoplan import job_profile
+    from rannc_py.runtime.autoplan import job_optimizer, job_profile
 
     cluster = f"local:ranks={ranks}"
+    optimizer, update_cost = job_optimizer(lambda ps: torch.optim.AdamW(ps, lr=1e-4), cluster, ranks)
     plan = rannc_py.plan(graph, batch_size=args.batch, cluster=cluster, num_stages=2,
                          replicas=[1] * 2, microbatches=args.microbatches, schedules=(args.schedule,),
+                         optimizer=optimizer, update_cost=update_cost,
                          profile=job_profile(graph, graph.flatten_inputs((), inputs), cluster, ranks, False))
     if args.plan == "middle":
         plan = forced_plan(plan, graph, middle_assignment(graph, args.layers // 2))
@@ -95,12 +98,12 @@ def run_rannc(args: argparse.Namespace) -> None:
 
     comm = MPI.COMM_WORLD
     rank, world = comm.Get_rank(), comm.Get_size()
-    model = build_gpt(args.layers, args.hidden)
+    model = build_gpt(args.layers, args.hidden, args.vocab)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     rows = args.batch // world
 
     def local(i: int) -> dict[str, torch.Tensor]:
-        ids, labels = global_batch(args.batch, i)
+        ids, labels = global_batch(args.batch, i, args.vocab)
         return {"input_ids": ids[rank * rows:(rank + 1) * rows], "labels": labels[rank * rows:(rank + 1) * rows]}
 
     plan = rannc_plan(args, model, local(0), comm)
@@ -135,12 +138,12 @@ def _boundary(plan: Any) -> int | None:
 
 def run_eager(args: argparse.Namespace) -> None:
     """Single-process eager training on the global batch."""
-    model = build_gpt(args.layers, args.hidden)
+    model = build_gpt(args.layers, args.hidden, args.vocab)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     losses: list[float] = []
 
     def step(i: int) -> None:
-        ids, labels = global_batch(args.batch, i)
+        ids, labels = global_batch(args.batch, i, args.vocab)
         loss = model(input_ids=ids, labels=labels).loss
         loss.backward()
         opt.step()
@@ -198,9 +201,9 @@ def run_stagetime(args: argparse.Namespace) -> None:
     """Per-stage time of one microbatch for the saved plan's split and the middle split."""
     import rannc_py
 
-    model = build_gpt(args.layers, args.hidden)
+    model = build_gpt(args.layers, args.hidden, args.vocab)
     rows = args.batch // args.microbatches
-    ids, labels = global_batch(args.batch, 0)
+    ids, labels = global_batch(args.batch, 0, args.vocab)
     inputs = {"input_ids": ids[:rows], "labels": labels[:rows]}
     graph = rannc_py.trace(model, (), inputs)
     flat = graph.flatten_inputs((), inputs)
@@ -222,6 +225,7 @@ def main() -> None:
     ap.add_argument("kind", choices=("eager", "rannc", "stagetime"))
     ap.add_argument("--layers", type=int, default=6)
     ap.add_argument("--hidden", type=int, default=512)
+    ap.add_argument("--vocab", type=int, default=VOCAB)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--microbatches", type=int, default=4)
     ap.add_argument("--schedule", default="1f1b")

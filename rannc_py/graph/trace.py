@@ -11,12 +11,18 @@ input's) is exported as one dynamic ``Dim`` so that stages run at any
 microbatch size. When the model cannot be exported that way (it branches on
 the batch size, or the batch is 1), the trace falls back to static shapes and
 records ``Graph.dynamic_batch = False``.
+
+Slices that keep a whole dimension (``x[:, :-1]`` exports a ``slice`` of dim
+0 from 0 to the end before the one of dim 1) are removed from the exported
+graph: eager indexing skips them, but as ops their backward allocates a
+zero-filled tensor of the input's size and copies the gradient into it.
 """
 
 from __future__ import annotations
 
 import linecache
 import os
+import sys
 import traceback
 import warnings
 from typing import Any
@@ -123,10 +129,28 @@ def _export(model: nn.Module, inputs: InputLayout, flat: list[torch.Tensor], bat
     ep = torch.export.export(wrapper, tuple(flat), dynamic_shapes=dynamic_shapes, strict=False)
     if on_meta:
         _create_on_cpu(ep.graph)
+    _drop_whole_slices(ep.graph)
     if not seen:
         raise TraceError("torch.export did not run the model's forward; cannot record its output structure")
     outputs = OutputLayout(seen[-1])
     return build_graph(ep, model, _PREFIX, inputs, outputs, batch_size, dynamic)
+
+
+def _drop_whole_slices(graph: torch.fx.Graph) -> None:
+    """Replace every ``aten.slice`` that keeps its whole dimension (start 0, step 1, end past the
+    size) by its input, as eager indexing does; one the graph returns is kept."""
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target is not torch.ops.aten.slice.Tensor:
+            continue
+        src, dim, start, end, step = (*node.args, *(None,) * (5 - len(node.args)))[:5]
+        dim = 0 if dim is None else dim
+        if start not in (None, 0) or step not in (None, 1) or node.kwargs:
+            continue
+        size = src.meta["val"].shape[dim] if isinstance(src, torch.fx.Node) and "val" in src.meta else None
+        whole = end is None or (isinstance(end, int) and (end >= sys.maxsize or (isinstance(size, int) and end >= size)))
+        if whole and not any(user.op == "output" for user in node.users):
+            node.replace_all_uses_with(src)
+            graph.erase_node(node)
 
 
 def _create_on_cpu(graph: torch.fx.Graph) -> None:

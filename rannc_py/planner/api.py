@@ -139,8 +139,9 @@ def plan(
     microbatches: int | None = None,
     recompute: bool | None = None,
     profile: Profile | None = None,
-    optimizer: str = "adam",
+    optimizer: str | int = "adam",
     return_outputs: bool = True,
+    update_cost: float | None = None,
 ) -> Plan:
     """Find the fastest data/pipeline layout of a model on a cluster that fits every device's memory.
 
@@ -167,11 +168,17 @@ def plan(
         return_outputs: count the memory of returning the model's non-loss
             outputs (logits) to every rank, as ``RaNNCModule(return_outputs=True)``
             does (default True); False for training that uses only the loss.
-        optimizer: "sgd", "sgd_momentum", "adam" (default) or "adamw" (its state memory).
+        optimizer: "sgd", "sgd_momentum", "adam" (default) or "adamw", or the
+            number of parameter-sized state buffers it keeps (its state memory,
+            and the default ``update_cost``).
+        update_cost: seconds per parameter byte of one optimizer step, once per
+            step on every stage (``RaNNCModule`` measures the user's optimizer
+            on the ``local`` preset); default: a fused step's memory traffic at
+            the device's memory bandwidth (see :mod:`rannc_py.planner.cost`).
     Returns:
         The :class:`Plan`; deterministic for the same inputs.
     Raises:
-        ConfigError: bad batch size, pins, preset or optimizer.
+        ConfigError: bad batch size, pins, preset, optimizer or update cost.
         PlanError: ``profile`` was made for another graph.
         NoFeasiblePlanError: nothing fits; the message gives the smallest
             per-device memory that would and the layout that needs it.
@@ -208,19 +215,20 @@ def plan(
     return plan_chain(chain, cl, batch_size, graph_fingerprint=graph.fingerprint(), memory_margin=memory_margin,
                       schedules=schedules, max_stages=max_stages, num_stages=num_stages, replicas=replicas,
                       microbatches=microbatches, recompute=recompute, optimizer=optimizer, dtype=dtype,
-                      start_time=t0, return_outputs=return_outputs)
+                      start_time=t0, return_outputs=return_outputs, update_cost=update_cost)
 
 
 def plan_chain(chain: Chain, cluster: Cluster, batch_size: int, *, graph_fingerprint: str = "",
                memory_margin: float = 0.1, schedules: Sequence[str] = ("1f1b", "gpipe"),
                max_stages: int | None = None, num_stages: int | None = None,
                replicas: Sequence[int] | None = None, microbatches: int | None = None,
-               recompute: bool | None = None, optimizer: str = "adam", dtype: torch.dtype = torch.float32,
-               start_time: float | None = None, return_outputs: bool = True) -> Plan:
+               recompute: bool | None = None, optimizer: str | int = "adam", dtype: torch.dtype = torch.float32,
+               start_time: float | None = None, return_outputs: bool = True,
+               update_cost: float | None = None) -> Plan:
     """The search on an already-built chain (what :func:`plan` does after profiling). Same raises."""
     t0 = time.perf_counter() if start_time is None else start_time
     _positive("batch_size", batch_size)
-    cost = CostModel(chain, cluster, batch_size, optimizer, memory_margin, return_outputs)
+    cost = CostModel(chain, cluster, batch_size, optimizer, memory_margin, return_outputs, update_cost)
     space = build_space(chain, cluster, batch_size, schedules=schedules, max_stages=max_stages,
                         num_stages=num_stages, replicas=replicas, microbatches=microbatches, recompute=recompute)
     lay, step = search_chain(cost, space)

@@ -87,7 +87,7 @@ def core_share(ranks: int, threads: int | None = None) -> float:
     return min(1.0, usable_cores() / max(1, ranks * threads))
 
 
-def _median_time(fn: Callable[[], Any], repeats: int = 5) -> float:
+def median_time(fn: Callable[[], Any], repeats: int = 5) -> float:
     # One thread: CPU time, so other work descheduling this process does not
     # pass for a slow device (and get cached); more threads: the wall clock.
     clock = time.process_time if torch.get_num_threads() == 1 else time.perf_counter
@@ -104,10 +104,10 @@ def measure_compute() -> tuple[float, float]:
     """(fp32 matmul FLOP/s, memory bandwidth in bytes/s) of this process at its torch thread count."""
     n = 512
     a, b = torch.randn(n, n), torch.randn(n, n)
-    flops = 2 * n**3 / _median_time(lambda: torch.mm(a, b))
+    flops = 2 * n**3 / median_time(lambda: torch.mm(a, b))
     x = torch.empty(16 * 2**20 // 4)
     y = torch.empty_like(x)
-    bw = 2 * x.nbytes / _median_time(lambda: y.copy_(x))  # read + write
+    bw = 2 * x.nbytes / median_time(lambda: y.copy_(x))  # read + write
     return flops, bw
 
 

@@ -18,6 +18,13 @@ Per replica and microbatch:
   stages' replicas. In the per-stage tables the other stage is assumed to
   have as many replicas (2R ranks); the simulated step time
   (:func:`rannc_py.planner.search.stage_costs`) uses the real counts.
+- once per step, after the allreduce: the optimizer's step on the stage's
+  parameters, ``update_cost`` seconds per parameter byte (every replica
+  updates all of them). Default: a fused step's memory traffic, ``3 + 2k``
+  fp32 words per parameter for an optimizer with k state buffers (read the
+  parameter, gradient and states; write the parameter and states), at the
+  device's memory bandwidth. ``RaNNCModule`` measures the user's own
+  optimizer instead (:func:`rannc_py.runtime.autoplan.job_update_cost`).
 Memory per rank: parameters + gradients + optimizer state (SGD 0, SGD with
 momentum 1, Adam/AdamW 2 extra copies of the parameters) + activations of the
 microbatches in flight (GPipe: m; 1F1B: min(p - s, m)); with recompute only
@@ -49,7 +56,7 @@ from rannc_py.comm.cost import (
 )
 from rannc_py.errors import ConfigError
 from rannc_py.planner.chain import Chain
-from rannc_py.planner.cluster import Cluster
+from rannc_py.planner.cluster import Cluster, Device
 
 
 def _allreduce_lines(cluster: Cluster, ranks: int) -> list[tuple[float, float]]:
@@ -70,12 +77,27 @@ def _allreduce_lines(cluster: Cluster, ranks: int) -> list[tuple[float, float]]:
 OPTIMIZER_STATE = {"sgd": 0, "sgd_momentum": 1, "momentum": 1, "adam": 2, "adamw": 2}
 
 
-def optimizer_state_factor(optimizer: str) -> int:
-    """Extra parameter-sized fp32 buffers the optimizer keeps. Raises ConfigError on unknown names."""
-    f = OPTIMIZER_STATE.get(optimizer.lower())
+def optimizer_state_factor(optimizer: str | int) -> int:
+    """Extra parameter-sized fp32 buffers the optimizer keeps: from its name, or the count itself.
+
+    Raises ConfigError on unknown names and negative counts.
+    """
+    if isinstance(optimizer, int) and not isinstance(optimizer, bool):
+        if optimizer < 0:
+            raise ConfigError(f"an optimizer keeps 0 or more state buffers per parameter, got {optimizer}")
+        return optimizer
+    f = OPTIMIZER_STATE.get(str(optimizer).lower())
     if f is None:
-        raise ConfigError(f"unknown optimizer {optimizer!r}; choose one of {sorted(OPTIMIZER_STATE)}")
+        raise ConfigError(f"unknown optimizer {optimizer!r}; choose one of {sorted(OPTIMIZER_STATE)} "
+                          "or give the number of parameter-sized state buffers it keeps")
     return f
+
+
+def fused_update_cost(optimizer: str | int, device: Device) -> float:
+    """Seconds per parameter byte of a fused optimizer step on ``device``: its memory traffic
+    (``3 + 2k`` fp32 words per parameter, k state buffers) at the device's memory bandwidth."""
+    words = 3 + 2 * optimizer_state_factor(optimizer)
+    return words / (device.memory_bandwidth * device.bandwidth_efficiency)
 
 
 @dataclass(frozen=True)
@@ -83,7 +105,7 @@ class StageTables:
     """Per (i, j, replica-index) arrays for one (d, m, schedule, in-flight count).
 
     ``c`` is the stage's per-microbatch time (inf when it does not fit),
-    ``ar`` its gradient allreduce per step, ``mem`` its peak bytes per rank with
+    ``ar`` its gradient allreduce plus optimizer step, once per step, ``mem`` its peak bytes per rank with
     the ``recompute`` choice made, ``mem_min`` the least memory any allowed
     recompute choice needs.
     """
@@ -102,21 +124,27 @@ class CostModel:
         chain: the model's blocks.
         cluster: devices and links.
         batch_size: global batch B.
-        optimizer: "sgd", "sgd_momentum", "adam" or "adamw".
+        optimizer: "sgd", "sgd_momentum", "adam" or "adamw", or the number of
+            parameter-sized state buffers it keeps.
         memory_margin: fraction of device memory kept free (0 <= margin < 1).
         return_outputs: the runtime returns the model's non-loss outputs
             (logits) to every rank, so the last stage keeps every microbatch's
             and each rank its own rows (RaNNCModule's ``return_outputs``).
             False counts only the one microbatch of outputs the last stage
             keeps to describe them. Default True, as in RaNNCModule.
+        update_cost: seconds per parameter byte of one optimizer step; default
+            :func:`fused_update_cost` of ``optimizer`` on the cluster's device.
     Raises:
-        ConfigError: bad optimizer or margin.
+        ConfigError: bad optimizer, margin or update cost.
     """
 
-    def __init__(self, chain: Chain, cluster: Cluster, batch_size: int, optimizer: str = "adam",
-                 memory_margin: float = 0.1, return_outputs: bool = True) -> None:
+    def __init__(self, chain: Chain, cluster: Cluster, batch_size: int, optimizer: str | int = "adam",
+                 memory_margin: float = 0.1, return_outputs: bool = True, update_cost: float | None = None) -> None:
         if not 0 <= memory_margin < 1:
             raise ConfigError(f"memory_margin must be in [0, 1), got {memory_margin}")
+        if update_cost is not None and not (math.isfinite(update_cost) and update_cost >= 0):
+            raise ConfigError(f"update_cost must be a finite number of seconds >= 0, got {update_cost}")
+        self.update_cost = fused_update_cost(optimizer, cluster.device) if update_cost is None else update_cost
         self.chain = chain
         self.t = chain.tables()
         self.cluster = cluster
@@ -204,7 +232,7 @@ class CostModel:
             bwd = t.bwd_fixed + t.bwd_ps * b
             comm_t = self._p2p_array(cut_in * b, pipeline_devices) * not_first + self._p2p_array(
                 cut_out * b, pipeline_devices)
-            ar_all[:, :, ri] = self._allreduce_table(r * d)
+            ar_all[:, :, ri] = self._allreduce_table(r * d) + t.param_bytes * self.update_cost
             c_plain = np.maximum(fwd + bwd, comm_t)
             c_rec = np.maximum(2 * fwd + bwd, comm_t)
             # model state + send/recv buffers + outputs kept to be returned (see the module docstring)

@@ -234,7 +234,7 @@ class Plan:
                     predicted_peak_memory=int(s["predicted_peak_memory"]),
                     allreduce=str(s.get("allreduce", "mpi")),
                     costs=None if s.get("costs") is None else StageCosts(**{
-                        f.name: float(s["costs"][f.name]) for f in dataclasses.fields(StageCosts)}),
+                        f.name: float(s["costs"].get(f.name, f.default)) for f in dataclasses.fields(StageCosts)}),
                 )
                 for s in d["stages"]
             )

@@ -1,7 +1,7 @@
 """The layout search: a bottleneck dynamic program per (pipelines, microbatches, schedule).
 
 Cost of a layout with p stages on m microbatches, stage s taking ``c_s`` per
-microbatch and ``a_s`` for its gradient allreduce (see
+microbatch and ``a_s`` for its gradient allreduce and optimizer step (see
 :mod:`rannc_py.planner.cost`): the ranking estimate is the flow-shop model
 (fill and drain, steady state, final allreduce)
 
@@ -339,7 +339,8 @@ def stage_costs(cost: CostModel, lay: Layout) -> list[StageCosts]:
             if s2 != s:
                 shared = sum(nb for name, nb in names[s].items() if name in names[s2])
                 ar += cost.allreduce(shared, lay.replicas[s] + lay.replicas[s2])
-        out.append(StageCosts(float(fwd), float(bwd), send_act, send_grad, ar))
+        update = float(t.param_bytes[i, j]) * cost.update_cost
+        out.append(StageCosts(float(fwd), float(bwd), send_act, send_grad, ar, update))
     return out
 
 

@@ -11,6 +11,12 @@ and the b point, a negative slope becomes a constant time. When the graph runs
 at one batch size only (``dynamic_batch`` false) or b is 1, the single point
 gives ``fixed = 0``.
 
+Measuring leaves the model as it was: the backward passes compute the
+parameters' gradients without adding them to ``.grad``, buffers that a
+forward updates (BatchNorm's running statistics) are restored afterwards,
+and the random number generator is forked, so a later training step is the
+one it would have been without planning.
+
 With one torch thread the clock is the process's CPU time, not the wall
 clock: on a machine shared with other work, a block descheduled for a while
 would otherwise be recorded (and cached) as that much slower. With more
@@ -19,8 +25,10 @@ threads CPU time would add up the threads, so the wall clock is used.
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 import torch
@@ -78,7 +86,8 @@ def measure_profile(graph: Graph, blocks: list[tuple[int, ...]], batch_size: int
             assignment[i] = b
     staged = graph.split(assignment)
     sizes = [batch_size] + ([batch_size // 2] if graph.dynamic_batch and batch_size >= 2 else [])
-    timed = [_time_blocks(staged, _resize(inputs, graph.batch_size, rows), repeats, rows) for rows in sizes]
+    with _untouched(graph._lowered.model):
+        timed = [_time_blocks(staged, _resize(inputs, graph.batch_size, rows), repeats, rows) for rows in sizes]
     fits = [_fit(sizes, [t[0][k] for t in timed]) for k in range(len(blocks))]
     fits_b = [_fit(sizes, [t[1][k] for t in timed]) for k in range(len(blocks))]
     return Profile(
@@ -87,6 +96,19 @@ def measure_profile(graph: Graph, blocks: list[tuple[int, ...]], batch_size: int
         tuple(act_bytes_per_sample(graph, b) for b in blocks),
         tuple(block_param_bytes(graph, b) for b in blocks),
     )
+
+
+@contextlib.contextmanager
+def _untouched(model: torch.nn.Module) -> Iterator[None]:
+    """Restore ``model``'s buffers and the random number generator's state on exit."""
+    saved = [(b, b.detach().clone()) for b in model.buffers()]
+    with torch.random.fork_rng(devices=[]):
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for buf, value in saved:
+                    buf.copy_(value)
 
 
 def _fit(rows: list[int], times: list[float]) -> tuple[float, float]:
@@ -122,11 +144,15 @@ def _time_blocks(staged, values: dict[str, torch.Tensor], repeats: int, rows: in
         outs = run_fwd()
         grads_needed = [o for o in outs if isinstance(o, torch.Tensor) and o.requires_grad]
 
-        def run_bwd(stage=stage, args=args):
+        # the gradients of the stage's activation inputs and parameters, as a
+        # training backward computes them, returned instead of added to .grad
+        wrt = [a for a in args if a.requires_grad] + [p for p in stage.module.parameters() if p.requires_grad]
+
+        def run_bwd(stage=stage, args=args, wrt=wrt):
             outs = [o for o in stage.module(*args) if isinstance(o, torch.Tensor) and o.requires_grad]
             t0 = _clock()
-            if outs:
-                torch.autograd.backward(outs, [torch.ones_like(o) for o in outs])
+            if outs and wrt:
+                torch.autograd.grad(outs, wrt, [torch.ones_like(o) for o in outs], allow_unused=True)
             return _clock() - t0
 
         if grads_needed:

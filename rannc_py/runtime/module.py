@@ -192,16 +192,24 @@ class RaNNCModule(nn.Module):
         comm = self._comm
         if self._plan_arg is not None:
             return load_plan(self._plan_arg, graph, batch, comm.Get_size())
-        from rannc_py.runtime.autoplan import job_cluster, job_link, job_profile, quiet_bcast, search_plan
+        from rannc_py.runtime.autoplan import (
+            job_cluster,
+            job_link,
+            job_optimizer,
+            job_profile,
+            quiet_bcast,
+            search_plan,
+        )
 
         link = job_link(self._cluster, comm)  # collective: the job's ranks measure the local link
         text = None
         if comm.Get_rank() == 0:
             cluster = job_cluster(self._cluster, comm.Get_size(), self._memory_limit, link)
+            optimizer, update_cost = job_optimizer(self._optimizer, self._cluster, comm.Get_size())
             text = search_plan(
                 graph, batch, cluster, microbatches=self._microbatches, schedules=self._schedule_names,
                 recompute=self._recompute, memory_margin=self._memory_margin,
-                return_outputs=self._return_outputs,
+                return_outputs=self._return_outputs, optimizer=optimizer, update_cost=update_cost,
                 profile=job_profile(graph, inputs, self._cluster, comm.Get_size(),
                                     any(p.is_meta for p in self._model.parameters())),
             ).to_json()

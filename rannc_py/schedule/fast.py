@@ -74,7 +74,7 @@ def step_time(schedule: str, num_microbatches: int, costs: Sequence[StageCosts])
     """
     p = len(costs)
     stages, link_kind, nmsg = compile_schedule(schedule, p, num_microbatches)
-    durs = [(c.forward, c.backward, c.allreduce) for c in costs]
+    durs = [(c.forward, c.backward, c.allreduce + c.update) for c in costs]
     link_cost = [(costs[s].send_act, costs[s].send_grad)[k] for s, k in link_kind]
     link_free = [0.0] * len(link_kind)
     arrival = [-1.0] * nmsg

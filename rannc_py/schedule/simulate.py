@@ -4,9 +4,9 @@ The execution model is the runtime's: each stage runs its action list in
 order; a SEND is nonblocking and eager (the sender goes on at once, the
 message arrives after the link's transfer time, one message at a time per
 directed link); a RECV blocks until its message has arrived. FORWARD,
-BACKWARD and ALLREDUCE occupy the stage for their cost. With every cost zero
-this is the tiny executor :func:`rannc_py.schedule.validate` uses to find
-deadlocks.
+BACKWARD and ALLREDUCE (the gradient sync, then the optimizer step) occupy the
+stage for their cost. With every cost zero this is the tiny executor
+:func:`rannc_py.schedule.validate` uses to find deadlocks.
 """
 
 from __future__ import annotations
@@ -30,6 +30,8 @@ class StageCosts:
         send_act: moving one microbatch's output activations to stage + 1 (including any re-split).
         send_grad: moving one microbatch's input gradients to stage - 1.
         allreduce: the stage's data-parallel gradient sync (once per step).
+        update: the optimizer's step on the stage's parameters (once per step,
+            after the allreduce; the ALLREDUCE action stands for both).
     """
 
     forward: float
@@ -37,6 +39,7 @@ class StageCosts:
     send_act: float = 0.0
     send_grad: float = 0.0
     allreduce: float = 0.0
+    update: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -134,7 +137,7 @@ def simulate(schedule: Schedule, costs: Sequence[StageCosts] | None = None) -> T
                     progress = True
                     continue
                 else:
-                    dur = {K.FORWARD: c.forward, K.BACKWARD: c.backward, K.ALLREDUCE: c.allreduce}[a.kind]
+                    dur = {K.FORWARD: c.forward, K.BACKWARD: c.backward, K.ALLREDUCE: c.allreduce + c.update}[a.kind]
                     end = t + dur
                     busy[s] += dur
                     if a.kind is K.FORWARD:
