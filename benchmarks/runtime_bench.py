@@ -28,7 +28,7 @@ Configurations:
   * per-stage forward+backward time of one microbatch for each split (the
     stage-time imbalance), measured in one process.
 
-Prints tables and writes ``benchmarks/results/runtime.md``.
+Prints tables and writes ``benchmarks/results/runtime.md`` (``--out``).
 """
 
 from __future__ import annotations
@@ -137,6 +137,8 @@ def main() -> None:
     ap.add_argument("--hidden", type=int, default=512, help="GPT width; default 512")
     ap.add_argument("--vocab", type=int, default=50257,
                     help="vocabulary (LM head width); default 50257, GPT-2's; 256 = bytes, a head of negligible cost")
+    ap.add_argument("--out", default="benchmarks/results/runtime.md",
+                    help="results file, relative to the repository; default benchmarks/results/runtime.md")
     ap.add_argument("--gpipe", action="store_true", help="also compare at equal layout with GPipe")
     args = ap.parse_args()
     ensure_deepspeed()
@@ -183,7 +185,7 @@ def main() -> None:
     load1 = os.getloadavg()
     lines = report(args, b, equal, stage, free, (load0, load1))
     print("\n".join(lines))
-    out = REPO / "benchmarks/results/runtime.md"
+    out = REPO / args.out
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines) + "\n")
     print(f"wrote {out.relative_to(REPO)}")
@@ -208,7 +210,8 @@ def report(args: argparse.Namespace, b: Bench, equal: dict[str, dict[str, str]],
                                           ("rounds", args.rounds, 2), ("batch", args.batch, 8),
                                           ("microbatches", args.microbatches, 4), ("layers", args.layers, 6),
                                           ("hidden", args.hidden, 512), ("vocab", args.vocab, 50257)) if v != d]
-    cmd = " ".join(["python benchmarks/runtime_bench.py", *flags, *(["--gpipe"] if args.gpipe else [])])
+    out = [] if args.out == "benchmarks/results/runtime.md" else [f"--out {args.out}"]
+    cmd = " ".join(["python benchmarks/runtime_bench.py", *flags, *out, *(["--gpipe"] if args.gpipe else [])])
     L = [
         "# Runtime benchmark", "",
         (f"GPT {args.layers} layers x {args.hidden} hidden, seq 128, vocab {args.vocab}, head untied, no dropout, AdamW; "

@@ -39,7 +39,7 @@ def test_few_ranks_one_bar_each(tmp_path):
         labels = [t.get_text() for t in ax.get_yticklabels()]
         assert labels[0].startswith("stage 0 (") and len(labels) == p.num_stages
         legend = {t.get_text() for t in ax.get_legend().get_texts()}
-        assert {"forward", "backward", "gradient allreduce"} <= legend
+        assert {"forward", "backward", "gradient allreduce + optimizer step"} <= legend
         assert mx.get_legend() is not None
     finally:
         plt.close(fig)

@@ -59,8 +59,9 @@ class StagePlan:
             stage (forward; backward including a recompute stage's re-run
             forward; sending activations on, gradients back, each including
             any re-split between replica counts; the once-per-step gradient
-            allreduce including the tied-weight sum), what :meth:`Plan.timeline`
-            replays. None for a plan the planner did not make (a hand-written
+            allreduce including the tied-weight sum, and the optimizer step
+            after it, 0 in plans saved before it was counted), what
+            :meth:`Plan.timeline` replays. None for a plan the planner did not make (a hand-written
             layout) or saved before the field existed.
     """
 

@@ -2,9 +2,10 @@
 
 One picture for the command line's ``--png`` and the example scripts. The
 Gantt chart has one row per stage (every replica of a stage runs the same
-row), forward in blue, backward in orange, the gradient allreduce in green and
-messages to the neighbouring stages as thin grey bars; the memory panel uses
-other colours so it is not read as forward or backward.
+row), forward in blue, backward in orange, the gradient allreduce and the
+optimizer step in green, and messages to the neighbouring stages as thin grey
+bars; the memory panel uses other colours so it is not read as forward or
+backward.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from rannc_py.schedule import ActionKind, Timeline
 K = ActionKind
 # (kind, colour, legend label); sends share a colour and a label.
 _COMPUTE = ((K.FORWARD, "tab:blue", "forward"), (K.BACKWARD, "tab:orange", "backward"),
-            (K.ALLREDUCE, "tab:green", "gradient allreduce"))
+            (K.ALLREDUCE, "tab:green", "gradient allreduce + optimizer step"))
 _SEND_COLOUR = "0.55"
 # Memory bars: colour by recompute; neither blue nor orange, which mean forward/backward above.
 _MEM_COLOURS = {False: "tab:purple", True: "tab:olive"}
