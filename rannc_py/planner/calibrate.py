@@ -88,6 +88,7 @@ def core_share(ranks: int, threads: int | None = None) -> float:
 
 
 def median_time(fn: Callable[[], Any], repeats: int = 5) -> float:
+    """Median seconds of ``repeats`` calls of ``fn`` after one warm-up call."""
     # One thread: CPU time, so other work descheduling this process does not
     # pass for a slow device (and get cached); more threads: the wall clock.
     clock = time.process_time if torch.get_num_threads() == 1 else time.perf_counter

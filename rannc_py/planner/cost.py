@@ -24,7 +24,7 @@ Per replica and microbatch:
   fp32 words per parameter for an optimizer with k state buffers (read the
   parameter, gradient and states; write the parameter and states), at the
   device's memory bandwidth. ``RaNNCModule`` measures the user's own
-  optimizer instead (:func:`rannc_py.runtime.autoplan.job_update_cost`).
+  optimizer instead (:func:`rannc_py.runtime.autoplan.job_optimizer`).
 Memory per rank: parameters + gradients + optimizer state (SGD 0, SGD with
 momentum 1, Adam/AdamW 2 extra copies of the parameters) + activations of the
 microbatches in flight (GPipe: m; 1F1B: min(p - s, m)); with recompute only
@@ -105,9 +105,9 @@ class StageTables:
     """Per (i, j, replica-index) arrays for one (d, m, schedule, in-flight count).
 
     ``c`` is the stage's per-microbatch time (inf when it does not fit),
-    ``ar`` its gradient allreduce plus optimizer step, once per step, ``mem`` its peak bytes per rank with
-    the ``recompute`` choice made, ``mem_min`` the least memory any allowed
-    recompute choice needs.
+    ``ar`` its gradient allreduce plus optimizer step, once per step, ``mem``
+    its peak bytes per rank with the ``recompute`` choice made, ``mem_min``
+    the least memory any allowed recompute choice needs.
     """
 
     c: np.ndarray

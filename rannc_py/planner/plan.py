@@ -61,8 +61,8 @@ class StagePlan:
             any re-split between replica counts; the once-per-step gradient
             allreduce including the tied-weight sum, and the optimizer step
             after it, 0 in plans saved before it was counted), what
-            :meth:`Plan.timeline` replays. None for a plan the planner did not make (a hand-written
-            layout) or saved before the field existed.
+            :meth:`Plan.timeline` replays. None for a plan the planner did
+            not make (a hand-written layout) or saved before the field existed.
     """
 
     index: int
