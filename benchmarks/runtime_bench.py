@@ -3,11 +3,13 @@
 Run from the repository root (it launches ``mpiexec`` itself, and installs
 DeepSpeed 0.19.8 into the environment first if it is missing):
 
-    python benchmarks/runtime_bench.py [--steps 3] [--warmup 2] [--rounds 2] [--gpipe]
+    python benchmarks/runtime_bench.py [--steps 3] [--warmup 2] [--rounds 2] [--vocab 50257]
+        [--out benchmarks/results/runtime.md] [--gpipe]
 
 Model: the project's GPT (``examples/gpt/model.py``), 6 layers x 512 hidden,
 seq 128, vocab 50257 (GPT-2's; ``--vocab``), no dropout, head untied (see
-``benchmarks/peers/common.py``), AdamW; global batch 8; 1 torch thread per rank. Each configuration runs in its
+``benchmarks/peers/common.py``), AdamW; global batch 8; 1 torch thread per
+rank. Each configuration runs in its
 own process(es), ``--rounds`` times in interleaved rounds (the machine's load
 changes over time); a launch reports the median of ``--steps`` timed steps
 after ``--warmup`` steps (for rannc_py the first, tracing call is one of the
