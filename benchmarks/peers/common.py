@@ -10,6 +10,7 @@ same arithmetic.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import statistics
@@ -84,6 +85,19 @@ def hand_stages(gpt: GPT, boundary: int) -> tuple[nn.Sequential, nn.Sequential]:
     """Stage 0 = embed + blocks ``[0, boundary)``; stage 1 = the other blocks + head (logits out)."""
     layers = gpt_layers(gpt)
     return nn.Sequential(*layers[: 1 + boundary]), nn.Sequential(*layers[1 + boundary:])
+
+
+def worker_parser(description: str) -> argparse.ArgumentParser:
+    """An argument parser with the flags every worker takes: the GPT's shape, the batch and the timing."""
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--layers", type=int, default=6)
+    ap.add_argument("--hidden", type=int, default=512)
+    ap.add_argument("--vocab", type=int, default=VOCAB)
+    ap.add_argument("--batch", type=int, default=8, help="global batch rows; default 8")
+    ap.add_argument("--microbatches", type=int, default=4)
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=2)
+    return ap
 
 
 def median_step(step: Callable[[int], None], warmup: int, steps: int) -> tuple[float, list[float], float]:

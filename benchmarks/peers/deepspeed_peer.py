@@ -13,7 +13,6 @@ prints one ``RESULT`` line with the median step time.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import sys
@@ -25,7 +24,6 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 import torch
 
 from benchmarks.peers.common import (
-    VOCAB,
     build_gpt,
     emit,
     global_batch,
@@ -33,19 +31,13 @@ from benchmarks.peers.common import (
     launch_rank,
     lm_loss,
     median_step,
+    worker_parser,
 )
 
 
 def main() -> None:
     """Parse the flags, train, and print the result line on rank 0."""
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--layers", type=int, default=6)
-    ap.add_argument("--hidden", type=int, default=512)
-    ap.add_argument("--vocab", type=int, default=VOCAB)
-    ap.add_argument("--batch", type=int, default=8, help="global batch rows; default 8")
-    ap.add_argument("--microbatches", type=int, default=4)
-    ap.add_argument("--steps", type=int, default=5)
-    ap.add_argument("--warmup", type=int, default=2)
+    ap = worker_parser(__doc__.splitlines()[0])
     ap.add_argument("--port", type=int, default=29512)
     args = ap.parse_args()
     torch.set_num_threads(1)

@@ -11,7 +11,6 @@ its parameters. Rank 0 prints one ``RESULT`` line with the median step time.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from pathlib import Path
@@ -23,7 +22,6 @@ import torch.distributed as dist
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 
 from benchmarks.peers.common import (
-    VOCAB,
     build_gpt,
     emit,
     global_batch,
@@ -31,6 +29,7 @@ from benchmarks.peers.common import (
     launch_rank,
     lm_loss,
     median_step,
+    worker_parser,
 )
 
 SCHEDULES = {"1f1b": Schedule1F1B, "gpipe": ScheduleGPipe}
@@ -38,16 +37,9 @@ SCHEDULES = {"1f1b": Schedule1F1B, "gpipe": ScheduleGPipe}
 
 def main() -> None:
     """Parse the flags, train, and print the result line on rank 0."""
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--layers", type=int, default=6)
-    ap.add_argument("--hidden", type=int, default=512)
-    ap.add_argument("--vocab", type=int, default=VOCAB)
-    ap.add_argument("--batch", type=int, default=8, help="global batch rows; default 8")
+    ap = worker_parser(__doc__.splitlines()[0])
     ap.add_argument("--boundary", type=int, default=3, help="blocks in stage 0; default 3")
-    ap.add_argument("--microbatches", type=int, default=4)
     ap.add_argument("--schedule", choices=sorted(SCHEDULES), default="1f1b")
-    ap.add_argument("--steps", type=int, default=5)
-    ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--port", type=int, default=29511)
     args = ap.parse_args()
     torch.set_num_threads(1)

@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import torch
 
-from benchmarks.peers.common import VOCAB, build_gpt, emit, global_batch, median_step
+from benchmarks.peers.common import build_gpt, emit, global_batch, median_step, worker_parser
 
 
 def middle_assignment(graph: Any, block: int) -> list[int]:
@@ -221,18 +221,11 @@ def run_stagetime(args: argparse.Namespace) -> None:
 
 def main() -> None:
     """Parse the flags and run one kind."""
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = worker_parser(__doc__.splitlines()[0])
     ap.add_argument("kind", choices=("eager", "rannc", "stagetime"))
-    ap.add_argument("--layers", type=int, default=6)
-    ap.add_argument("--hidden", type=int, default=512)
-    ap.add_argument("--vocab", type=int, default=VOCAB)
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--microbatches", type=int, default=4)
     ap.add_argument("--schedule", default="1f1b")
     ap.add_argument("--plan", choices=("auto", "pinned", "middle"), default="auto")
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--steps", type=int, default=5)
-    ap.add_argument("--warmup", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     {"eager": run_eager, "rannc": run_rannc, "stagetime": run_stagetime}[args.kind](args)

@@ -87,11 +87,14 @@ def core_share(ranks: int, threads: int | None = None) -> float:
     return min(1.0, usable_cores() / max(1, ranks * threads))
 
 
+def clock() -> float:
+    """Seconds on the measuring clock: this process's CPU time with one torch thread (other
+    work descheduling it then does not pass for a slow device, and get cached), else the wall clock."""
+    return time.process_time() if torch.get_num_threads() == 1 else time.perf_counter()
+
+
 def median_time(fn: Callable[[], Any], repeats: int = 5) -> float:
-    """Median seconds of ``repeats`` calls of ``fn`` after one warm-up call."""
-    # One thread: CPU time, so other work descheduling this process does not
-    # pass for a slow device (and get cached); more threads: the wall clock.
-    clock = time.process_time if torch.get_num_threads() == 1 else time.perf_counter
+    """Median seconds (:func:`clock`) of ``repeats`` calls of ``fn`` after one warm-up call."""
     fn()  # warm-up
     times = []
     for _ in range(repeats):

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import statistics
-import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
@@ -35,6 +34,7 @@ import torch
 from tqdm import tqdm
 
 from rannc_py.errors import ConfigError
+from rannc_py.planner.calibrate import clock, median_time
 from rannc_py.profiling import Profile
 from rannc_py.profiling.analytic import act_bytes_per_sample, block_param_bytes
 
@@ -50,21 +50,6 @@ def _resize(inputs: dict[str, torch.Tensor], old: int, new: int) -> dict[str, to
             t = t.repeat(reps, *([1] * (t.dim() - 1)))[:new]
         out[k] = t
     return out
-
-
-def _clock() -> float:
-    """Seconds on the profile's clock (see the module docstring)."""
-    return time.process_time() if torch.get_num_threads() == 1 else time.perf_counter()
-
-
-def _timed(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = _clock()
-        fn()
-        times.append(_clock() - t0)
-    return statistics.median(times)
 
 
 def measure_profile(graph: Graph, blocks: list[tuple[int, ...]], batch_size: int,
@@ -140,7 +125,7 @@ def _time_blocks(staged, values: dict[str, torch.Tensor], repeats: int, rows: in
         def run_fwd(stage=stage, args=args):
             return stage.module(*args)
 
-        fwd.append(_timed(run_fwd, repeats))
+        fwd.append(median_time(run_fwd, repeats))
         outs = run_fwd()
         grads_needed = [o for o in outs if isinstance(o, torch.Tensor) and o.requires_grad]
 
@@ -150,10 +135,10 @@ def _time_blocks(staged, values: dict[str, torch.Tensor], repeats: int, rows: in
 
         def run_bwd(stage=stage, args=args, wrt=wrt):
             outs = [o for o in stage.module(*args) if isinstance(o, torch.Tensor) and o.requires_grad]
-            t0 = _clock()
+            t0 = clock()
             if outs and wrt:
                 torch.autograd.grad(outs, wrt, [torch.ones_like(o) for o in outs], allow_unused=True)
-            return _clock() - t0
+            return clock() - t0
 
         if grads_needed:
             run_bwd()
