@@ -6,9 +6,16 @@ the first on ``PATH``. Compile and link flags are read from ``mpicxx -show``
 (MPICH, Intel MPI) or ``mpicxx -showme`` (Open MPI), so a cluster's system MPI
 works the same way as the wheel.
 
-Build without isolation so the pinned torch is never re-resolved::
+Everything else about the package (its metadata, version, dependencies and
+tool settings) is in ``pyproject.toml``. ``pip install .`` builds it in an
+isolated environment with the build requirements listed there (``mpich``
+provides ``mpicxx``); with a cluster's MPI, install against it::
 
-    pip install --no-build-isolation -e .
+    MPICXX=$(which mpicxx) pip install --no-build-isolation .
+
+The extension finds ``libmpi`` through the wrapper's library folders, and
+through ``$ORIGIN/../../..`` (the environment's ``lib/``, where the ``mpich``
+wheel puts it) when it was built in an isolated environment that is gone.
 """
 
 from __future__ import annotations
@@ -21,7 +28,7 @@ import subprocess
 import sys
 
 from pybind11.setup_helpers import Pybind11Extension, build_ext
-from setuptools import find_packages, setup
+from setuptools import setup
 
 
 def find_mpicxx() -> str:
@@ -91,18 +98,13 @@ core = Pybind11Extension(
     libraries=libs,
     runtime_library_dirs=libdirs,
     extra_compile_args=["-O3", "-pthread", "-fvisibility=hidden"],
-    extra_link_args=["-pthread", *link],
+    # $ORIGIN/../../..: <env>/lib from <env>/lib/pythonX.Y/site-packages/rannc_py/, where the mpich wheel
+    # installs libmpi, for a build whose wrapper lived in a temporary isolated environment.
+    extra_link_args=["-pthread", "-Wl,-rpath,$ORIGIN/../../..", *link],
     cxx_std=17,
 )
 
 setup(
-    name="rannc_py",
-    version="0.1.0",
-    description="Automatic hybrid pipeline/data-parallel partitioning and training for unmodified PyTorch models",
-    license="MIT",
-    packages=find_packages(include=["rannc_py", "rannc_py.*"]),
-    python_requires=">=3.10",
-    install_requires=["torch", "numpy", "networkx", "mpi4py", "tqdm"],
     ext_modules=[core],
     cmdclass={"build_ext": ParallelBuildExt},
     zip_safe=False,

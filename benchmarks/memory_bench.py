@@ -171,7 +171,7 @@ def main() -> None:
     if args.worker:
         worker(args)
         return
-    from rannc_py.planner.cluster import parse_size
+    from rannc_py.hardware.cluster import parse_size
 
     limit = parse_size(args.limit)
     state = {n: num_params(n, args.hidden) * STATE_BYTES_PER_PARAM for n in LAYERS}

@@ -30,6 +30,7 @@ sys.path.insert(0, str(REPO))
 from rannc_py.cli import build_model
 from rannc_py.errors import NoFeasiblePlanError
 from rannc_py.graph.trace import trace
+from rannc_py.hardware.cluster import parse_cluster
 from rannc_py.planner.api import (
     build_space,
     chain_from_graph,
@@ -37,7 +38,6 @@ from rannc_py.planner.api import (
     search_chain,
 )
 from rannc_py.planner.baselines import baseline_picks
-from rannc_py.planner.cluster import parse_cluster
 from rannc_py.planner.cost import CostModel
 from rannc_py.profiling import profile
 from rannc_py.profiling.analytic import graph_dtype
@@ -141,7 +141,7 @@ def _write(path: str, rows) -> None:
         "- MFU = model FLOPs (3 x the graph's forward FLOPs per sample x batch; recompute not counted)",
         "  / (step time x devices x peak FLOP/s of the model's dtype, fp32 here).",
         "",
-        "Cost model assumptions (see `rannc_py/planner/cluster.py`, `cost.py`, `profiling/analytic.py`):",
+        "Cost model assumptions (see `rannc_py/hardware/cluster.py`, `cost.py`, `profiling/analytic.py`):",
         "",
         "- Block times are a roofline from the graph's FLOPs and bytes, with kernels assumed to reach",
         "  70 % of peak FLOP/s and 80 % of memory bandwidth on A64FX, 80 % and 85 % on A100 (these",

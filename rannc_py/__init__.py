@@ -28,7 +28,7 @@ _LAZY = {
     "StagedModule": "rannc_py.graph.staged",
     "profile": "rannc_py.profiling",
     "Profile": "rannc_py.profiling",
-    "Cluster": "rannc_py.planner.cluster",
+    "Cluster": "rannc_py.hardware.cluster",
     "plan": "rannc_py.planner.api",
     "Plan": "rannc_py.planner.plan",
     "RaNNCModule": "rannc_py.runtime.module",

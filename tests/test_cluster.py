@@ -7,8 +7,8 @@ import torch
 
 import rannc_py
 from rannc_py.errors import ConfigError
-from rannc_py.planner import calibrate
-from rannc_py.planner.cluster import Link, cubic_shape, parse_cluster, parse_size
+from rannc_py.hardware import calibrate
+from rannc_py.hardware.cluster import Link, cubic_shape, parse_cluster, parse_size
 
 
 def test_presets():

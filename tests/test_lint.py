@@ -1,4 +1,5 @@
-"""The code stays ruff-clean and the package mypy-clean (STYLE.md), checked like any other test."""
+"""The code stays ruff-clean, the package mypy-clean and its imports one-way (STYLE.md), checked like any
+other test. Every tool reads its settings from pyproject.toml."""
 
 import subprocess
 import sys
@@ -19,8 +20,12 @@ def _run(tool: str, *args: str) -> None:
 
 
 def test_ruff() -> None:
-    _run("ruff", "check", "--line-length", "110", "rannc_py", "tests", "benchmarks", "examples")
+    _run("ruff", "check", "rannc_py", "tests", "benchmarks", "examples")
 
 
 def test_mypy() -> None:
-    _run("mypy", "--ignore-missing-imports", "--follow-imports=silent", "--python-version", "3.11", "rannc_py")
+    _run("mypy", "rannc_py")
+
+
+def test_import_layers() -> None:
+    _run("lint-imports", "--no-cache")

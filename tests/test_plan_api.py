@@ -9,8 +9,8 @@ import torch
 
 import rannc_py
 from rannc_py.errors import ConfigError, NoFeasiblePlanError, PlanError
-from rannc_py.planner.coarsen import coarsen, layer_key
 from rannc_py.profiling import Profile
+from rannc_py.profiling.coarsen import coarsen, layer_key
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +106,7 @@ def test_two_point_fit():
 
 def test_optimizer_step_is_charged_once_per_step(gpt):
     _, graph, _ = gpt
-    from rannc_py.planner.cluster import as_cluster
+    from rannc_py.hardware.cluster import as_cluster
     from rannc_py.planner.cost import fused_update_cost
 
     pins = {"batch_size": 8, "cluster": "a64fx:nodes=1", "microbatches": 2, "schedules": ("1f1b",)}

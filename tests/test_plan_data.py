@@ -9,9 +9,15 @@ import torch
 
 from rannc_py.errors import PlanError
 from rannc_py.graph.trace import trace
-from rannc_py.planner.api import build_space, layout_to_plan, model_output_bytes, plan, search_chain
+from rannc_py.hardware.cluster import as_cluster
+from rannc_py.planner.api import (
+    build_space,
+    layout_to_plan,
+    model_output_bytes,
+    plan,
+    search_chain,
+)
 from rannc_py.planner.chain import Block, Chain
-from rannc_py.planner.cluster import as_cluster
 from rannc_py.planner.cost import CostModel
 from rannc_py.planner.plan import Plan, StagePlan, split_sizes
 from rannc_py.schedule import StageCosts

@@ -11,9 +11,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from rannc_py.errors import ConfigError, NoFeasiblePlanError
+from rannc_py.hardware.cluster import Cluster, Device, Link
 from rannc_py.planner.api import build_space, plan_chain
 from rannc_py.planner.chain import Block, Chain
-from rannc_py.planner.cluster import Cluster, Device, Link
 from rannc_py.planner.cost import CostModel
 from rannc_py.planner.search import (
     enumerate_layouts,

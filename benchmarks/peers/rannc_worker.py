@@ -27,7 +27,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import torch
 
-from benchmarks.peers.common import build_gpt, emit, global_batch, median_step, worker_parser
+from benchmarks.peers.common import (
+    build_gpt,
+    emit,
+    global_batch,
+    median_step,
+    worker_parser,
+)
 
 
 def middle_assignment(graph: Any, block: int) -> list[int]:

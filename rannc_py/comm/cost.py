@@ -32,6 +32,9 @@ from collections.abc import Sequence
 from functools import lru_cache
 from typing import Any
 
+from rannc_py._util import grid_shape
+from rannc_py.errors import ConfigError
+
 ALGORITHMS: tuple[str, ...] = ("mpi", "ring", "halving_doubling", "torus")
 """Allreduce algorithms of :func:`rannc_py.comm.allreduce`."""
 
@@ -46,43 +49,11 @@ def p2p_time(nbytes: float, alpha: float, beta: float) -> float:
     return alpha + nbytes / beta
 
 
-def grid_shape(ranks: int, ndims: int = 3) -> tuple[int, ...]:
-    """The most nearly cubic ``ndims``-dimensional grid with ``ranks`` cells.
-
-    Sides are in descending order, and sides of 1 are dropped (so 8 gives
-    ``(2, 2, 2)``, 6 gives ``(3, 2)``, 7 gives ``(7,)``, 1 gives ``(1,)``).
-    Raises ValueError if ``ranks`` < 1 or ``ndims`` < 1.
-    """
-    if ranks < 1 or ndims < 1:
-        raise ValueError(f"grid_shape needs ranks >= 1 and ndims >= 1, got {ranks} and {ndims}")
-    best: tuple[int, ...] = (ranks,)
-    best_key = (ranks, 1)
-
-    def search(left: int, dims_left: int, lo: int, acc: tuple[int, ...]) -> None:
-        nonlocal best, best_key
-        if dims_left == 1:
-            shape = tuple(sorted((*acc, left), reverse=True))
-            key = (shape[0], -len([d for d in shape if d > 1]))
-            if key < best_key:
-                best, best_key = shape, key
-            return
-        d = lo
-        while d * d <= left:
-            if left % d == 0:
-                search(left // d, dims_left - 1, d, (*acc, d))
-            d += 1
-        search(left, 1, lo, acc)
-
-    search(ranks, ndims, 2, ())
-    shape = tuple(d for d in best if d > 1)
-    return shape or (1,)
-
-
 def _check(nbytes: float, ranks: int, alpha: float, beta: float) -> None:
     if ranks < 1:
-        raise ValueError(f"ranks must be >= 1, got {ranks}")
+        raise ConfigError(f"ranks must be >= 1, got {ranks}")
     if nbytes < 0 or alpha < 0 or beta <= 0:
-        raise ValueError(f"need nbytes >= 0, alpha >= 0, beta > 0; got {nbytes}, {alpha}, {beta}")
+        raise ConfigError(f"need nbytes >= 0, alpha >= 0, beta > 0; got {nbytes}, {alpha}, {beta}")
 
 
 def _ring(nbytes: float, p: int, alpha: float, beta: float, gamma: float) -> float:
@@ -159,13 +130,13 @@ def allreduce_time(
     halving-doubling); ``concurrent_links``: links driven at once by the torus
     algorithm; ``gamma``: seconds per byte summed.
     Returns: seconds (0 for one rank).
-    Raises: ValueError for an unknown algorithm, bad numbers, or a torus shape
+    Raises: ConfigError for an unknown algorithm, bad numbers, or a torus shape
     whose product is not ``ranks``.
     """
     _check(nbytes, ranks, alpha, beta)
     shape = tuple(torus_shape) if torus_shape is not None else None
     if shape is not None and math.prod(shape) != ranks:
-        raise ValueError(f"torus_shape {shape} has {math.prod(shape)} cells, expected ranks = {ranks}")
+        raise ConfigError(f"torus_shape {shape} has {math.prod(shape)} cells, expected ranks = {ranks}")
     if ranks == 1:
         return 0.0
     if algorithm == "ring":
@@ -176,7 +147,7 @@ def allreduce_time(
         return _torus(nbytes, shape or grid_shape(ranks), alpha, beta, gamma, concurrent_links)
     if algorithm == "mpi":
         return min(_ring(nbytes, ranks, alpha, beta, gamma), _halving_doubling(nbytes, ranks, alpha, beta, gamma, shape))
-    raise ValueError(f"unknown allreduce algorithm {algorithm!r}; choose one of {list(ALGORITHMS)}")
+    raise ConfigError(f"unknown allreduce algorithm {algorithm!r}; choose one of {list(ALGORITHMS)}")
 
 
 def reduce_scatter_time(
@@ -186,7 +157,7 @@ def reduce_scatter_time(
 
     Ring: ``(p−1)·α + (p−1)/p · n/β``; ``"mpi"``: the faster of that and
     recursive halving (half of the halving-doubling allreduce).
-    Raises: ValueError for an unknown algorithm or bad numbers.
+    Raises: ConfigError for an unknown algorithm or bad numbers.
     """
     _check(nbytes, ranks, alpha, beta)
     if ranks == 1:
@@ -196,7 +167,7 @@ def reduce_scatter_time(
         return ring
     if algorithm == "mpi":
         return min(ring, _halving_doubling(nbytes, ranks, alpha, beta, 2 * gamma, None) / 2)
-    raise ValueError(f"unknown reduce_scatter algorithm {algorithm!r}; choose one of {list(GATHER_ALGORITHMS)}")
+    raise ConfigError(f"unknown reduce_scatter algorithm {algorithm!r}; choose one of {list(GATHER_ALGORITHMS)}")
 
 
 def allgather_time(nbytes: float, ranks: int, *, alpha: float, beta: float, algorithm: str = "ring") -> float:
@@ -204,7 +175,7 @@ def allgather_time(nbytes: float, ranks: int, *, alpha: float, beta: float, algo
 
     Ring: ``(p−1)·α + (p−1)/p · n/β``; ``"mpi"``: the faster of that and
     recursive doubling.
-    Raises: ValueError for an unknown algorithm or bad numbers.
+    Raises: ConfigError for an unknown algorithm or bad numbers.
     """
     _check(nbytes, ranks, alpha, beta)
     if ranks == 1:
@@ -214,7 +185,7 @@ def allgather_time(nbytes: float, ranks: int, *, alpha: float, beta: float, algo
         return ring
     if algorithm == "mpi":
         return min(ring, _halving_doubling(nbytes, ranks, alpha, beta, 0.0, None) / 2)
-    raise ValueError(f"unknown allgather algorithm {algorithm!r}; choose one of {list(GATHER_ALGORITHMS)}")
+    raise ConfigError(f"unknown allgather algorithm {algorithm!r}; choose one of {list(GATHER_ALGORITHMS)}")
 
 
 def best_allreduce(
@@ -237,16 +208,16 @@ def best_allreduce(
     ``"torus"`` is considered only when ``torus_shape`` is given (a network
     that is a torus). Ties go to the earlier name in ``algorithms``.
     Returns: ``(algorithm, seconds)``.
-    Raises: ValueError if neither a link nor alpha and beta are given, or no
+    Raises: ConfigError if neither a link nor alpha and beta are given, or no
     algorithm is left to choose from.
     """
     if link is not None:
         alpha, beta = float(link.latency), float(link.bandwidth)
     if alpha is None or beta is None:
-        raise ValueError("best_allreduce needs a link, or both alpha and beta")
+        raise ConfigError("best_allreduce needs a link, or both alpha and beta")
     candidates = [a for a in algorithms if a != "torus" or torus_shape is not None]
     if not candidates:
-        raise ValueError(f"no allreduce algorithm to choose from in {list(algorithms)}")
+        raise ConfigError(f"no allreduce algorithm to choose from in {list(algorithms)}")
     timed = [
         (
             allreduce_time(

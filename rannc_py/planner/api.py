@@ -10,11 +10,11 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from rannc_py._util import format_bytes
 from rannc_py.errors import ConfigError, NoFeasiblePlanError, PlanError
+from rannc_py.hardware.cluster import Cluster, as_cluster
 from rannc_py.planner.baselines import seed_layouts
 from rannc_py.planner.chain import Block, Chain
-from rannc_py.planner.cluster import Cluster, as_cluster
-from rannc_py.planner.coarsen import cut_bytes
 from rannc_py.planner.cost import CostModel, optimizer_state_factor
 from rannc_py.planner.plan import Plan, StagePlan
 from rannc_py.planner.search import (
@@ -27,8 +27,8 @@ from rannc_py.planner.search import (
     spread,
     stage_costs,
 )
-from rannc_py.planner.units import format_bytes
 from rannc_py.profiling import Profile
+from rannc_py.profiling.coarsen import cut_bytes
 from rannc_py.schedule import SCHEDULES, StageCosts
 
 if TYPE_CHECKING:

@@ -55,8 +55,8 @@ from rannc_py.comm.cost import (
     p2p_time,
 )
 from rannc_py.errors import ConfigError
+from rannc_py.hardware.cluster import Cluster, Device
 from rannc_py.planner.chain import Chain
-from rannc_py.planner.cluster import Cluster, Device
 
 
 def _allreduce_lines(cluster: Cluster, ranks: int) -> list[tuple[float, float]]:

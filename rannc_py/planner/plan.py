@@ -16,15 +16,21 @@ import dataclasses
 import json
 import math
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from rannc_py._util import atomic_write, format_bytes, format_seconds
 from rannc_py.comm.cost import ALGORITHMS
 from rannc_py.errors import PlanError
-from rannc_py.planner.units import format_bytes, format_seconds
-from rannc_py.schedule import SCHEDULES, Schedule, StageCosts, Timeline, by_name, simulate
+from rannc_py.schedule import (
+    SCHEDULES,
+    Schedule,
+    StageCosts,
+    Timeline,
+    by_name,
+    simulate,
+)
 
 
 def split_sizes(n: int, parts: int) -> list[int]:
@@ -271,15 +277,7 @@ class Plan:
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write the plan as JSON to ``path`` atomically (temp file in the same folder, then rename)."""
-        path = Path(path)
-        fd, tmp = tempfile.mkstemp(dir=path.parent or Path("."), prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w") as f:
-                f.write(self.to_json())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write(path, self.to_json())
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Plan:

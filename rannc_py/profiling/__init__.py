@@ -5,14 +5,13 @@ With ``device=None`` it times every block's forward and backward here
 (warm-up, repeats, median; results cached on disk by graph fingerprint,
 batch size, device and blocks). With a device preset or :class:`Cluster` it
 estimates times by roofline from the graph's FLOPs and bytes. Both give the
-same type; blocks come from :func:`rannc_py.planner.coarsen.coarsen`.
+same type; blocks come from :func:`rannc_py.profiling.coarsen.coarsen`.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import platform
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
@@ -24,7 +23,7 @@ from rannc_py.errors import ConfigError
 
 if TYPE_CHECKING:
     from rannc_py.graph.ir import Graph
-    from rannc_py.planner.cluster import Cluster, Device
+    from rannc_py.hardware.cluster import Cluster, Device
 
 
 @dataclass(frozen=True)
@@ -99,7 +98,7 @@ def profile(
             string (e.g. "a64fx") for the analytic roofline estimate.
         inputs: measured only: example inputs, ``graph.flatten_inputs(args, kwargs)``;
             resized along dim 0 to ``batch_size`` when the graph has a dynamic batch.
-        max_blocks: coarsening bound (see :func:`rannc_py.planner.coarsen.coarsen`).
+        max_blocks: coarsening bound (see :func:`rannc_py.profiling.coarsen.coarsen`).
         repeats: measured only: timed runs per block after one warm-up (median kept).
     Returns:
         The :class:`Profile`.
@@ -107,7 +106,7 @@ def profile(
         ConfigError: batch_size < 1, measuring without inputs or with
             parameters on the meta device, unknown preset.
     """
-    from rannc_py.planner.coarsen import coarsen
+    from rannc_py.profiling.coarsen import coarsen
 
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
@@ -116,7 +115,7 @@ def profile(
         from rannc_py.profiling.analytic import analytic_profile
 
         return analytic_profile(graph, blocks, batch_size, _as_device(device))
-    from rannc_py.planner.calibrate import cache_dir
+    from rannc_py._util import atomic_write, cache_dir
     from rannc_py.profiling.measure import measure_profile
 
     if inputs is None:
@@ -130,14 +129,12 @@ def profile(
     if path.exists():
         return Profile.from_json(path.read_text())
     prof = measure_profile(graph, blocks, batch_size, dict(inputs), dev, repeats)
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(prof.to_json())
-    os.replace(tmp, path)
+    atomic_write(path, prof.to_json())
     return prof
 
 
 def _as_device(device: Cluster | Device | str) -> Device:
-    from rannc_py.planner.cluster import Cluster, Device, parse_cluster
+    from rannc_py.hardware.cluster import Cluster, Device, parse_cluster
 
     if isinstance(device, Device):
         return device

@@ -18,7 +18,7 @@ from rannc_py.profiling import Profile
 
 if TYPE_CHECKING:
     from rannc_py.graph.ir import Graph
-    from rannc_py.planner.cluster import Device
+    from rannc_py.hardware.cluster import Device
 
 
 def graph_dtype(graph: Graph) -> torch.dtype:

@@ -33,8 +33,8 @@ from typing import TYPE_CHECKING
 import torch
 from tqdm import tqdm
 
+from rannc_py._util import clock, median_time
 from rannc_py.errors import ConfigError
-from rannc_py.planner.calibrate import clock, median_time
 from rannc_py.profiling import Profile
 from rannc_py.profiling.analytic import act_bytes_per_sample, block_param_bytes
 

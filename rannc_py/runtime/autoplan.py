@@ -10,7 +10,7 @@ the calibrated device: the measured times include what the roofline misses
 (per-op dispatch, small-matrix efficiency, fixed per-call costs, which the
 measured profile fits as a per-block fixed term). When the job's ranks share
 fewer cores than they need, the times are stretched by the share of a core
-each rank gets (:func:`rannc_py.planner.calibrate.core_share`).
+each rank gets (:func:`rannc_py.hardware.calibrate.core_share`).
 
 The user's optimizer is measured too (:func:`job_optimizer`): how many
 parameter-sized state buffers it keeps (its memory) and, on ``local``, how
@@ -30,7 +30,13 @@ from typing import Any
 import torch
 
 from rannc_py.errors import ConfigError
-from rannc_py.planner.cluster import Cluster, Link, as_cluster, parse_cluster, parse_size
+from rannc_py.hardware.cluster import (
+    Cluster,
+    Link,
+    as_cluster,
+    parse_cluster,
+    parse_size,
+)
 from rannc_py.planner.plan import Plan
 from rannc_py.profiling import Profile
 
@@ -54,7 +60,7 @@ def job_link(cluster: Cluster | str | None, comm: Any) -> Link | None:
     """
     if comm.Get_size() < 2 or not _is_local(cluster):
         return None
-    from rannc_py.planner.calibrate import cached_link, measure_link
+    from rannc_py.hardware.calibrate import cached_link, measure_link
 
     need = comm.bcast(cached_link() is None if comm.Get_rank() == 0 else None, root=0)
     return measure_link(comm) if need else None
@@ -98,7 +104,7 @@ def job_profile(graph: Any, inputs: Mapping[str, torch.Tensor], cluster: Cluster
     """
     if not _is_local(cluster) or on_meta:
         return None
-    from rannc_py.planner.calibrate import core_share
+    from rannc_py.hardware.calibrate import core_share
     from rannc_py.profiling import profile
 
     prof = profile(graph, graph.batch_size, inputs=inputs)
@@ -133,7 +139,8 @@ def job_optimizer(optimizer: Any, cluster: Cluster | str | None, world_size: int
     """
     if optimizer is None:
         return "adam", None
-    from rannc_py.planner.calibrate import core_share, median_time
+    from rannc_py._util import median_time
+    from rannc_py.hardware.calibrate import core_share
 
     local = _is_local(cluster)
     probe = torch.nn.Parameter(torch.zeros(_PROBE_NUMEL if local else 1024))

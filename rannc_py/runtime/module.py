@@ -41,7 +41,7 @@ from mpi4py import MPI
 from torch import Tensor, nn
 
 from rannc_py.errors import ConfigError
-from rannc_py.planner.cluster import Cluster
+from rannc_py.hardware.cluster import Cluster
 from rannc_py.planner.plan import Plan
 from rannc_py.runtime import params as P
 from rannc_py.runtime.executor import Executor, Step

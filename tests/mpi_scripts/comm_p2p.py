@@ -2,7 +2,12 @@
 
 import torch
 
-from rannc_py.comm import allreduce, irecv, isend, wait_all  # sets the MPI thread level first
+from rannc_py.comm import (  # sets the MPI thread level first
+    allreduce,
+    irecv,
+    isend,
+    wait_all,
+)
 from rannc_py.errors import CommError, ConfigError
 
 # isort: split

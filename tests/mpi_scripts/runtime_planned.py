@@ -20,7 +20,7 @@ from runtime_equiv import eager_loss_scaled
 from runtime_models import build_model, local_slice, make_batch
 
 import rannc_py
-from rannc_py.planner import calibrate
+from rannc_py.hardware import calibrate
 from rannc_py.runtime import transport
 
 comm = MPI.COMM_WORLD

@@ -6,7 +6,7 @@ import json
 
 from mpi4py import MPI
 
-from rannc_py.planner.calibrate import measure_link
+from rannc_py.hardware.calibrate import measure_link
 
 
 def main() -> None:

@@ -5,7 +5,7 @@ process, and the MPI point-to-point latency and bandwidth between two ranks.
 Inside an MPI job the link is measured by the job's own ranks
 (:func:`measure_link`, collective; the runtime does this before planning);
 outside one (the CLI, ``rannc_py.plan``) by a short ``mpiexec -n 2`` run of
-:mod:`rannc_py.planner._mpi_probe` (:func:`measure_mpi`). A one-rank cluster
+:mod:`rannc_py.hardware._mpi_probe` (:func:`measure_mpi`). A one-rank cluster
 never communicates and measures no link. Results are cached as JSON in the
 cache directory (``$RANNC_CACHE_DIR``, default ``~/.cache/rannc_py``), keyed by
 host name and torch thread count, so only the first call pays the few seconds.
@@ -27,28 +27,21 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from rannc_py._util import atomic_write, cache_dir, median_time
 from rannc_py.errors import ConfigError
-from rannc_py.planner.cluster import Cluster, Device, Link
+from rannc_py.hardware.cluster import Cluster, Device, Link
 
 # Message sizes of the ping-pong: the smallest gives the latency, the slope
 # between the smallest and the largest the bandwidth.
 LINK_SIZES = (8, 2**16, 2**20, 2**23)
 # Round trips per size (median kept); large messages need fewer to be stable.
 LINK_REPEATS = (50, 20, 10, 5)
-
-
-def cache_dir() -> Path:
-    """The on-disk cache folder: ``$RANNC_CACHE_DIR`` or ``~/.cache/rannc_py`` (created)."""
-    d = Path(os.environ.get("RANNC_CACHE_DIR") or Path.home() / ".cache" / "rannc_py")
-    d.mkdir(parents=True, exist_ok=True)
-    return d
 
 
 def _cache_path() -> Path:
@@ -65,10 +58,7 @@ def _read_cache() -> dict[str, float]:
 
 
 def _write_cache(data: dict[str, float]) -> None:
-    path = _cache_path()
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data))
-    os.replace(tmp, path)  # atomic: concurrent jobs on one host never read half a file
+    atomic_write(_cache_path(), json.dumps(data))  # concurrent jobs on one host never read half a file
 
 
 def usable_cores() -> int:
@@ -85,23 +75,6 @@ def core_share(ranks: int, threads: int | None = None) -> float:
     """
     threads = torch.get_num_threads() if threads is None else threads
     return min(1.0, usable_cores() / max(1, ranks * threads))
-
-
-def clock() -> float:
-    """Seconds on the measuring clock: this process's CPU time with one torch thread (other
-    work descheduling it then does not pass for a slow device, and get cached), else the wall clock."""
-    return time.process_time() if torch.get_num_threads() == 1 else time.perf_counter()
-
-
-def median_time(fn: Callable[[], Any], repeats: int = 5) -> float:
-    """Median seconds (:func:`clock`) of ``repeats`` calls of ``fn`` after one warm-up call."""
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        t0 = clock()
-        fn()
-        times.append(clock() - t0)
-    return statistics.median(times)
 
 
 def measure_compute() -> tuple[float, float]:
@@ -168,7 +141,7 @@ def measure_mpi(timeout: float = 120) -> tuple[float, float]:
         raise ConfigError("the 'local' preset measures MPI links but mpiexec was not found; "
                           "install MPI (pip install mpich mpi4py)")
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [exe, "-n", "2", sys.executable, "-m", "rannc_py.planner._mpi_probe"]
+    cmd = [exe, "-n", "2", sys.executable, "-m", "rannc_py.hardware._mpi_probe"]
     try:
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, check=True)
     except (subprocess.SubprocessError, OSError) as e:

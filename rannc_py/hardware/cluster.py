@@ -4,7 +4,7 @@ A :class:`Cluster` carries every number the cost model needs (peak FLOP/s,
 memory, memory bandwidth, link bandwidth and latency, topology); nothing in
 the cost model is a constant of its own. Presets: ``a64fx``, ``a100-40g``,
 ``a100-80g``, ``h100`` and ``local`` (this machine, measured; see
-:mod:`rannc_py.planner.calibrate`).
+:mod:`rannc_py.hardware.calibrate`).
 
 Preset strings: ``"<preset>[:key=value,...]"``. Keys: ``nodes`` (every preset
 but local), ``gpus`` (GPU presets: total GPUs, a multiple of the node size),
@@ -22,8 +22,8 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from rannc_py._util import format_bytes, grid_shape
 from rannc_py.errors import ConfigError
-from rannc_py.planner.units import format_bytes
 
 
 @dataclass(frozen=True)
@@ -203,25 +203,17 @@ def _positive_int(key: str, text: str) -> int:
 
 
 def cubic_shape(n: int) -> tuple[int, int, int]:
-    """The most cubic 3-D factorisation a x b x c = n with a <= b <= c."""
-    best = (1, 1, n)
-    for a in range(1, round(n ** (1 / 3)) + 2):
-        if n % a:
-            continue
-        for b in range(a, math.isqrt(n // a) + 1):
-            if (n // a) % b == 0:
-                c = n // a // b
-                if c >= b and max(a, b, c) < max(best):
-                    best = (a, b, c)
-    return best
+    """The most cubic 3-D factorisation a x b x c = n with a <= b <= c (:func:`rannc_py._util.grid_shape`)."""
+    sides = sorted(grid_shape(n, 3))
+    return (1,) * (3 - len(sides)) + tuple(sides)  # type: ignore[return-value]
 
 
 def parse_cluster(spec: str, *, link: Link | None = None) -> Cluster:
     """Parse ``"<preset>[:key=value,...]"`` into a :class:`Cluster` (see the module docstring).
 
     ``link``: link figures already measured for the ``local`` preset (by the
-    job's own ranks, :func:`rannc_py.planner.calibrate.measure_link`); default
-    None: cached or probed (see :func:`rannc_py.planner.calibrate.local_cluster`).
+    job's own ranks, :func:`rannc_py.hardware.calibrate.measure_link`); default
+    None: cached or probed (see :func:`rannc_py.hardware.calibrate.local_cluster`).
 
     Raises:
         ConfigError: unknown preset, unknown or malformed key, bad value, or
@@ -247,7 +239,7 @@ def parse_cluster(spec: str, *, link: Link | None = None) -> Cluster:
     memory = parse_size(opts["memory"]) if "memory" in opts else None
 
     if name == "local":
-        from rannc_py.planner.calibrate import local_cluster
+        from rannc_py.hardware.calibrate import local_cluster
 
         ranks = _positive_int("ranks", opts.get("ranks", "2"))
         return local_cluster(ranks, memory=memory, name=spec.strip(), link=link)
