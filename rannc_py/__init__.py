@@ -26,11 +26,12 @@ _LAZY = {
     "trace": "rannc_py.graph.trace",
     "Graph": "rannc_py.graph.ir",
     "StagedModule": "rannc_py.graph.staged",
-    "profile": "rannc_py.profiling",
-    "Profile": "rannc_py.profiling",
+    "profile": "rannc_py.profiling.api",
+    "Profile": "rannc_py.profiling.record",
     "Cluster": "rannc_py.hardware.cluster",
-    "plan": "rannc_py.planner.api",
+    "plan": "rannc_py.frontend",
     "Plan": "rannc_py.planner.plan",
+    "PlanOptions": "rannc_py.planner.options",
     "RaNNCModule": "rannc_py.runtime.module",
 }
 
@@ -43,6 +44,7 @@ __all__ = [
     "PartitionError",
     "Plan",
     "PlanError",
+    "PlanOptions",
     "Profile",
     "RaNNCError",
     "RaNNCModule",

@@ -117,17 +117,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--png", help="draw the pipeline timeline and per-rank memory here")
     ns = parser.parse_args(argv)
     from rannc_py.graph.trace import trace
-    from rannc_py.planner.api import plan
+    from rannc_py.planner.api import plan_graph
+    from rannc_py.planner.options import PlanOptions
 
     try:
         if ns.seq < 1:
             raise ConfigError(f"--seq must be a positive integer, got {ns.seq}")
+        options = PlanOptions(cluster=ns.cluster, optimizer=ns.optimizer, memory_margin=ns.memory_margin,
+                              return_outputs=ns.return_outputs)
         model, args, kwargs = build_model(ns.model, ns.seq)
         t0 = time.perf_counter()
         graph = trace(model, args, kwargs)
         t_trace = time.perf_counter() - t0
-        result = plan(graph, batch_size=ns.batch, cluster=ns.cluster, optimizer=ns.optimizer,
-                      memory_margin=ns.memory_margin, return_outputs=ns.return_outputs)
+        result = plan_graph(graph, ns.batch, options)
     except RaNNCError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -8,25 +8,23 @@ import pytest
 import torch
 
 from rannc_py.errors import PlanError
+from rannc_py.frontend import plan
 from rannc_py.graph.trace import trace
 from rannc_py.hardware.cluster import as_cluster
-from rannc_py.planner.api import (
-    build_space,
-    layout_to_plan,
-    model_output_bytes,
-    plan,
-    search_chain,
-)
+from rannc_py.planner.api import build_space, layout_to_plan, model_output_bytes, search_chain
 from rannc_py.planner.chain import Block, Chain
 from rannc_py.planner.cost import CostModel
+from rannc_py.planner.options import PlanOptions
 from rannc_py.planner.plan import Plan, StagePlan, split_sizes
 from rannc_py.schedule import StageCosts
 
 
 def sample_plan(**over) -> Plan:
     stages = (
-        StagePlan(0, (0, 1, 2), ("emb.weight", "h.0.w"), (0, 1), False, 0.1234567890123, 1000, "torus"),
-        StagePlan(1, (3, 4), ("h.1.w", "emb.weight"), (2,), True, 1 / 3, 2**31 + 7),
+        StagePlan(index=0, ops=(0, 1, 2), param_fqns=("emb.weight", "h.0.w"), ranks=(0, 1), recompute=False,
+                  predicted_compute_time=0.1234567890123, predicted_peak_memory=1000, allreduce="torus"),
+        StagePlan(index=1, ops=(3, 4), param_fqns=("h.1.w", "emb.weight"), ranks=(2,), recompute=True,
+                  predicted_compute_time=1 / 3, predicted_peak_memory=2**31 + 7),
     )
     kw = {"batch_size": 8, "microbatches": 2, "schedule": "1f1b", "stages": stages, "world_size": 3,
           "graph_fingerprint": "abc", "cluster": "local:ranks=3", "step_time": 0.1 + 0.2,
@@ -113,17 +111,17 @@ def synthetic_chain(n: int, tied: bool) -> Chain:
         params = ((f"w{k}", 4_000_000 * (k + 1)),)
         if tied and k in (0, n - 1):
             params += (("emb", 8_000_000),)
-        blocks.append(Block((k,), 1e-5, 1e-4 * (1 + k % 3), 2e-5, 2e-4 * (1 + k % 3), 2e6, 5e5, params, 1e8))
-    return Chain(tuple(blocks), 1e3, tuple(tuple(name for name, _ in b.params) for b in blocks), 4e4)
+        blocks.append(Block(ops=(k,), fwd_fixed=1e-5, fwd_per_sample=1e-4 * (1 + k % 3), bwd_fixed=2e-5,
+                            bwd_per_sample=2e-4 * (1 + k % 3), act_bytes=2e6, out_bytes=5e5, params=params, flops=1e8))
+    return Chain(blocks=tuple(blocks), input_bytes=1e3,
+                 param_names=tuple(tuple(name for name, _ in b.params) for b in blocks), output_bytes=4e4)
 
 
 def searched_plan(chain: Chain, cluster: str, batch: int, **pins) -> tuple[Plan, int]:
     """The planner's plan of a chain (as rannc_py.plan makes it) and its whole-pipeline copy count."""
     cl = as_cluster(cluster)
     cost = CostModel(chain, cl, batch)
-    space = build_space(chain, cl, batch, schedules=("1f1b", "gpipe"), max_stages=None,
-                        num_stages=pins.get("num_stages"), replicas=None,
-                        microbatches=pins.get("microbatches"), recompute=pins.get("recompute"))
+    space = build_space(chain, cl, batch, PlanOptions(**pins))
     lay, step = search_chain(cost, space)
     return layout_to_plan(cost, lay, step, "fp", torch.float32, 0.0), lay.d
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -11,8 +13,9 @@ from test_planner_search import make_chain, make_cluster
 from rannc_py.errors import NoFeasiblePlanError
 from rannc_py.planner.api import build_space, plan_chain
 from rannc_py.planner.baselines import RULES, balanced_bounds, baseline_picks
-from rannc_py.planner.chain import Block, Chain
+from rannc_py.planner.chain import Chain
 from rannc_py.planner.cost import CostModel
+from rannc_py.planner.options import PlanOptions
 from rannc_py.planner.search import Layout, stage_costs
 
 GiB = 2**30
@@ -25,9 +28,8 @@ block_spec = st.tuples(
 def tie_ends(chain: Chain) -> Chain:
     """The same chain with the last block also reading block 0's weight (an LM head tied to the embedding)."""
     first, last = chain.blocks[0], chain.blocks[-1]
-    tied = Block(last.ops, last.fwd_fixed, last.fwd_per_sample, last.bwd_fixed, last.bwd_per_sample,
-                 last.act_bytes, last.out_bytes, tuple(sorted(last.params + first.params)), last.flops)
-    return Chain(chain.blocks[:-1] + (tied,), chain.input_bytes, chain.param_names)
+    tied = dataclasses.replace(last, params=tuple(sorted(last.params + first.params)))
+    return Chain(blocks=chain.blocks[:-1] + (tied,), input_bytes=chain.input_bytes, param_names=chain.param_names)
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -44,8 +46,7 @@ def test_search_never_slower_than_split_rules(specs, devices, batch, memory_gib,
         chain = tie_ends(chain)
     cluster = make_cluster(devices, int(memory_gib * GiB))
     cost = CostModel(chain, cluster, batch)
-    space = build_space(chain, cluster, batch, schedules=("1f1b", "gpipe"), max_stages=None, num_stages=None,
-                        replicas=None, microbatches=None, recompute=None)
+    space = build_space(chain, cluster, batch, PlanOptions())
     picks = baseline_picks(cost, space)
     try:
         plan = plan_chain(chain, cluster, batch)
@@ -74,7 +75,8 @@ def test_tied_weight_counted_in_each_stage_and_synced():
     assert t.tied_bytes[1, 3] == 0
     cost = CostModel(chain, make_cluster(4), 16)
     untied = CostModel(base, make_cluster(4), 16)
-    lay = Layout(1, 4, "1f1b", (0, 2, 4), (2, 2), (False, False), 0.0, (0.0, 0.0))
+    lay = Layout(d=1, m=4, schedule="1f1b", bounds=(0, 2, 4), replicas=(2, 2), recompute=(False, False), objective=0.0,
+                 memory=(0.0, 0.0))
     # Stage 0 syncs its own gradients over its 2 replicas plus the tied weight over all 4 ranks.
     expected = cost.allreduce(2 * w, 2) + cost.allreduce(w, 4)
     assert stage_costs(cost, lay)[0].allreduce == pytest.approx(expected, rel=1e-12)

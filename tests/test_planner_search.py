@@ -15,6 +15,7 @@ from rannc_py.hardware.cluster import Cluster, Device, Link
 from rannc_py.planner.api import build_space, plan_chain
 from rannc_py.planner.chain import Block, Chain
 from rannc_py.planner.cost import CostModel
+from rannc_py.planner.options import PlanOptions
 from rannc_py.planner.search import (
     enumerate_layouts,
     in_flight,
@@ -27,16 +28,19 @@ GiB = 2**30
 
 
 def make_cluster(devices: int, memory: int = 16 * GiB, per_node: int = 2) -> Cluster:
-    dev = Device("test", (("float32", 1e12),), memory, 1e11)
-    return Cluster("test", dev, devices, min(per_node, devices), Link(1e10, 1e-6), Link(1e9, 5e-6), "switched")
+    dev = Device(name="test", peak_flops=(("float32", 1e12),), memory=memory, memory_bandwidth=1e11)
+    return Cluster(name="test", device=dev, num_devices=devices, devices_per_node=min(per_node, devices),
+                   intra_node=Link(1e10, 1e-6), inter_node=Link(1e9, 5e-6), topology="switched")
 
 
 def make_chain(specs: list[tuple[float, float, float, float, int]]) -> Chain:
     """specs: (fwd per sample, bwd per sample, act bytes, out bytes, param bytes) per block."""
     blocks = tuple(
-        Block((k,), 1e-5, f, 2e-5, b, act, out, ((f"w{k}", pb),), 1e6) for k, (f, b, act, out, pb) in enumerate(specs)
+        Block(ops=(k,), fwd_fixed=1e-5, fwd_per_sample=f, bwd_fixed=2e-5, bwd_per_sample=b, act_bytes=act,
+              out_bytes=out, params=((f"w{k}", pb),), flops=1e6)
+        for k, (f, b, act, out, pb) in enumerate(specs)
     )
-    return Chain(blocks, 1e3, tuple((f"w{k}",) for k in range(len(specs))))
+    return Chain(blocks=blocks, input_bytes=1e3, param_names=tuple((f"w{k}",) for k in range(len(specs))))
 
 
 def brute_force(cost: CostModel, space, weight) -> float:
@@ -88,8 +92,7 @@ def test_dp_matches_brute_force(specs, devices, batch, memory_gib, recompute, ex
     # The DP pass with allreduce weight w = 1 / (m + extra) is exact for its T_w.
     chain = make_chain(specs)
     cost = CostModel(chain, make_cluster(devices, int(memory_gib * GiB)), batch, "adam", 0.1)
-    space = build_space(chain, cost.cluster, batch, schedules=("1f1b", "gpipe"), max_stages=None,
-                        num_stages=None, replicas=None, microbatches=None, recompute=recompute)
+    space = build_space(chain, cost.cluster, batch, PlanOptions(recompute=recompute))
     def weight(m):
         return 1.0 / (m + extra)
 
@@ -182,8 +185,7 @@ def test_simulated_memory_counts_match_cost_model():
     # The in-flight counts the cost model assumes are the ones the schedule really has.
     chain = uniform_chain()
     cost = CostModel(chain, make_cluster(4), 16)
-    space = build_space(chain, cost.cluster, 16, schedules=("1f1b", "gpipe"), max_stages=None, num_stages=None,
-                        replicas=None, microbatches=None, recompute=None)
+    space = build_space(chain, cost.cluster, 16, PlanOptions())
     for lay in enumerate_layouts(cost, space)[:20]:
         tl = simulate_layout(cost, lay)
         p = lay.num_stages
@@ -194,7 +196,7 @@ def test_simulated_memory_counts_match_cost_model():
 def test_returned_outputs_are_counted_only_when_returned():
     base = uniform_chain()
     # 1 MB of logits per sample: returning them to every rank costs the last stage m microbatches of them.
-    chain = Chain(base.blocks, base.input_bytes, base.param_names, 1e6)
+    chain = Chain(blocks=base.blocks, input_bytes=base.input_bytes, param_names=base.param_names, output_bytes=1e6)
     kw = {"num_stages": 2, "replicas": [2, 2], "microbatches": 4, "schedules": ("1f1b",), "recompute": False}
     cl = make_cluster(4, 64 * GiB)
     kept = plan_chain(chain, cl, 16, **kw)

@@ -164,10 +164,10 @@ def test_planned_layouts(tmp_path) -> None:
 def test_cluster_option_resolves_presets() -> None:
     from rannc_py.runtime.autoplan import job_cluster
 
-    c = job_cluster("a64fx:nodes=2", 2, "1GiB")
+    c = job_cluster(rannc_py.PlanOptions(cluster="a64fx:nodes=2", memory_limit="1GiB"), 2)
     assert c.num_devices == 2 and c.device.memory == 2**30
     with pytest.raises(rannc_py.ConfigError, match="3 ranks"):
-        job_cluster("a64fx:nodes=2", 3, None)
+        job_cluster(rannc_py.PlanOptions(cluster="a64fx:nodes=2"), 3)
 
 
 def test_failure_on_one_rank_ends_all() -> None:

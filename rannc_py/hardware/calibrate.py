@@ -192,9 +192,11 @@ def local_cluster(ranks: int, *, memory: int | None = None, name: str = "local",
     if memory is None:
         memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // ranks
     share = core_share(ranks)  # ranks sharing too few cores each run that much slower
-    dev = Device("local", (("float32", data["flops"] * share),), memory, data["memory_bandwidth"] * share)
+    dev = Device(name="local", peak_flops=(("float32", data["flops"] * share),), memory=memory,
+                 memory_bandwidth=data["memory_bandwidth"] * share)
     if "latency" in data and "bandwidth" in data:
         net = Link(data["bandwidth"], data["latency"])
     else:
         net = Link(data["memory_bandwidth"], 0.0)
-    return Cluster(name, dev, ranks, ranks, net, net, "switched")
+    return Cluster(name=name, device=dev, num_devices=ranks, devices_per_node=ranks, intra_node=net,
+                   inter_node=net, topology="switched")

@@ -26,7 +26,7 @@ from rannc_py._util import format_bytes, grid_shape
 from rannc_py.errors import ConfigError
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Device:
     """One compute device (a rank's share of the machine).
 
@@ -68,7 +68,7 @@ class Link:
     latency: float
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Cluster:
     """A set of identical devices and the network between them.
 
@@ -137,8 +137,8 @@ GiB = 2**30
 # training kernels on SVE (vendor BLAS reaches more on large GEMMs, framework
 # kernels less), 0.8 of the HBM2 peak (STREAM triad on A64FX is reported at
 # roughly 80 % of 1024 GB/s).
-_A64FX = Device("a64fx", (("float32", 6.76e12), ("float16", 13.5e12), ("bfloat16", 13.5e12)), 32 * GiB, 1024e9,
-                compute_efficiency=0.7, bandwidth_efficiency=0.8)
+_A64FX = Device(name="a64fx", peak_flops=(("float32", 6.76e12), ("float16", 13.5e12), ("bfloat16", 13.5e12)),
+                memory=32 * GiB, memory_bandwidth=1024e9, compute_efficiency=0.7, bandwidth_efficiency=0.8)
 _TOFU_D = Link(6.8e9, 0.49e-6)
 
 # NVIDIA A100 SXM datasheet: 19.5 TFLOP/s fp32 (156 TF32), 312 bf16/fp16 dense;
@@ -149,16 +149,18 @@ _TOFU_D = Link(6.8e9, 0.49e-6)
 _A100_FLOPS = (("float32", 19.5e12), ("tfloat32", 156e12), ("bfloat16", 312e12), ("float16", 312e12))
 # Efficiencies (ASSUMPTIONS, as for H100 below): 0.8 of peak for large cuBLAS
 # GEMMs, 0.85 of HBM peak (BabelStream-style copy/triad figures).
-_A100_40 = Device("a100-40g", _A100_FLOPS, 40 * 10**9, 1555e9, compute_efficiency=0.8, bandwidth_efficiency=0.85)
-_A100_80 = Device("a100-80g", _A100_FLOPS, 80 * 10**9, 2039e9, compute_efficiency=0.8, bandwidth_efficiency=0.85)
+_A100_40 = Device(name="a100-40g", peak_flops=_A100_FLOPS, memory=40 * 10**9, memory_bandwidth=1555e9,
+                  compute_efficiency=0.8, bandwidth_efficiency=0.85)
+_A100_80 = Device(name="a100-80g", peak_flops=_A100_FLOPS, memory=80 * 10**9, memory_bandwidth=2039e9,
+                  compute_efficiency=0.8, bandwidth_efficiency=0.85)
 _NVLINK3 = Link(300e9, 2e-6)
 _IB_HDR = Link(25e9, 5e-6)
 
 # NVIDIA H100 SXM datasheet: 67 TFLOP/s fp32, 989 bf16/fp16 dense; 80 GB HBM3
 # at 3.35 TB/s; NVLink 4: 900 GB/s total = 450 per direction. DGX H100: one
 # 400 Gb/s NDR InfiniBand port per GPU = 50 GB/s.
-_H100 = Device("h100", (("float32", 67e12), ("bfloat16", 989e12), ("float16", 989e12)), 80 * 10**9, 3350e9,
-               compute_efficiency=0.8, bandwidth_efficiency=0.85)
+_H100 = Device(name="h100", peak_flops=(("float32", 67e12), ("bfloat16", 989e12), ("float16", 989e12)),
+               memory=80 * 10**9, memory_bandwidth=3350e9, compute_efficiency=0.8, bandwidth_efficiency=0.85)
 _NVLINK4 = Link(450e9, 2e-6)
 _IB_NDR = Link(50e9, 5e-6)
 
@@ -256,7 +258,8 @@ def parse_cluster(spec: str, *, link: Link | None = None) -> Cluster:
             shape = cubic_shape(nodes)
         dev = _A64FX if memory is None else replace(_A64FX, memory=memory)
         # One rank per node; the intra-node link is never used (devices_per_node=1).
-        return Cluster(spec.strip(), dev, nodes, 1, _TOFU_D, _TOFU_D, "torus", shape, concurrent_links=6)
+        return Cluster(name=spec.strip(), device=dev, num_devices=nodes, devices_per_node=1, intra_node=_TOFU_D,
+                       inter_node=_TOFU_D, topology="torus", torus_shape=shape, concurrent_links=6)
     dev, intra, inter = _GPU_PRESETS[name]
     if "gpus" in opts and "nodes" in opts:
         raise ConfigError(f"give either gpus= or nodes= for {name!r}, not both ({spec!r})")
@@ -269,7 +272,8 @@ def parse_cluster(spec: str, *, link: Link | None = None) -> Cluster:
         raise ConfigError(f"{name} gpus={gpus} must be a multiple of {per_node} GPUs per node")
     if memory is not None:
         dev = replace(dev, memory=memory)
-    return Cluster(spec.strip(), dev, gpus, per_node, intra, inter, "switched")
+    return Cluster(name=spec.strip(), device=dev, num_devices=gpus, devices_per_node=per_node, intra_node=intra,
+                   inter_node=inter, topology="switched")
 
 
 def as_cluster(cluster: Cluster | str) -> Cluster:

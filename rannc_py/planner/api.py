@@ -1,21 +1,29 @@
-"""``rannc_py.plan``: trace (if needed), profile, coarsen, search, and return a :class:`Plan`."""
+"""The planner's entry: a pure-data graph and its block costs in, a :class:`Plan` out.
+
+:func:`plan_graph` profiles analytically unless given a profile, builds the
+chain of blocks, checks the options' pins (:func:`build_space`) and runs the
+search (:func:`search_chain`); :func:`plan_chain` is the same from a chain.
+Nothing here traces or runs a model: ``rannc_py.plan`` (in
+:mod:`rannc_py.frontend`) does that first when it is given a module.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import math
 import time
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from rannc_py._util import format_bytes
 from rannc_py.errors import ConfigError, NoFeasiblePlanError, PlanError
-from rannc_py.hardware.cluster import Cluster, as_cluster
+from rannc_py.graph.ir import Graph
+from rannc_py.hardware.cluster import Cluster, Link, as_cluster, parse_cluster
 from rannc_py.planner.baselines import seed_layouts
 from rannc_py.planner.chain import Block, Chain
-from rannc_py.planner.cost import CostModel, optimizer_state_factor
+from rannc_py.planner.cost import CostModel
+from rannc_py.planner.options import PlanOptions, positive_int
 from rannc_py.planner.plan import Plan, StagePlan
 from rannc_py.planner.search import (
     REPLICA_SET,
@@ -27,12 +35,10 @@ from rannc_py.planner.search import (
     spread,
     stage_costs,
 )
-from rannc_py.profiling import Profile
-from rannc_py.profiling.coarsen import cut_bytes
-from rannc_py.schedule import SCHEDULES, StageCosts
-
-if TYPE_CHECKING:
-    from rannc_py.graph.ir import Graph
+from rannc_py.profiling.analytic import analytic_profile, block_params, graph_dtype
+from rannc_py.profiling.coarsen import coarsen, cut_bytes
+from rannc_py.profiling.record import Profile
+from rannc_py.schedule import StageCosts
 
 # Devices per pipeline the search considers (the rest is whole-pipeline replication);
 # also bounds the DP's device dimension, which keeps a search of thousands of devices in seconds.
@@ -48,26 +54,23 @@ def chain_from_graph(graph: Graph, prof: Profile) -> Chain:
     directly and they are small next to activations), so ``input_bytes`` is 0.
     """
     cuts = cut_bytes(graph)
-    canon = {a: g[0] for g in graph.tied_params for a in g}
     blocks, names = [], []
     for b, ops in enumerate(prof.blocks):
-        params: dict[str, int] = {}
         fqns: list[str] = []
         for i in ops:
             op = graph.ops[i]
-            for f in op.params:
-                params[canon.get(f, f)] = graph.params[f].nbytes
-            for f in op.buffers:
-                params[f] = graph.buffers[f].nbytes
             for f in (*op.params, *op.buffers):
                 if f not in fqns:
                     fqns.append(f)
         flops = sum(graph.ops[i].flops for i in ops) / graph.batch_size
         blocks.append(Block(
-            tuple(ops), prof.fwd_fixed[b], prof.fwd_per_sample[b], prof.bwd_fixed[b], prof.bwd_per_sample[b],
-            prof.act_bytes_per_sample[b], cuts[ops[-1]], tuple(sorted(params.items())), flops))
+            ops=tuple(ops), fwd_fixed=prof.fwd_fixed[b], fwd_per_sample=prof.fwd_per_sample[b],
+            bwd_fixed=prof.bwd_fixed[b], bwd_per_sample=prof.bwd_per_sample[b],
+            act_bytes=prof.act_bytes_per_sample[b], out_bytes=cuts[ops[-1]],
+            params=tuple(sorted(block_params(graph, ops).items())), flops=flops))
         names.append(tuple(fqns))
-    return Chain(tuple(blocks), 0.0, tuple(names), model_output_bytes(graph))
+    return Chain(blocks=tuple(blocks), input_bytes=0.0, param_names=tuple(names),
+                 output_bytes=model_output_bytes(graph))
 
 
 def model_output_bytes(graph: Graph) -> float:
@@ -75,31 +78,21 @@ def model_output_bytes(graph: Graph) -> float:
     return sum(t.nbytes for t in graph.output_metas() if t.batch_dim is not None) / graph.batch_size
 
 
-def _positive(name: str, v: Any) -> int:
-    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-        raise ConfigError(f"{name} must be a positive integer, got {v!r}")
-    return v
-
-
-def build_space(chain: Chain, cluster: Cluster, batch_size: int, *, schedules: Sequence[str],
-                max_stages: int | None, num_stages: int | None, replicas: Sequence[int] | None,
-                microbatches: int | None, recompute: bool | None) -> SearchSpace:
-    """Check the pins and build the enumerated :class:`SearchSpace`. Raises ConfigError on bad pins."""
+def build_space(chain: Chain, cluster: Cluster, batch_size: int, options: PlanOptions) -> SearchSpace:
+    """Check ``options``' pins against the chain, cluster and batch, and build the enumerated
+    :class:`SearchSpace`. Raises ConfigError on pins that cannot be met."""
     D = cluster.num_devices
     B = batch_size
-    scheds = tuple(schedules)
-    if not scheds or any(s not in SCHEDULES or s == "forward_only" for s in scheds):
-        raise ConfigError(f"schedules must be a non-empty subset of ('1f1b', 'gpipe'), got {schedules!r}")
-    if microbatches is not None:
-        m = _positive("microbatches", microbatches)
+    positive_int("batch_size", B)
+    m = options.microbatches
+    if m is not None:
         if B % m:
             raise ConfigError(f"batch_size={B} is not divisible by microbatches={m}; pick a divisor of {B}")
         ms = [m]
     else:
         ms = divisors(B)  # thinned per pipeline count by search.microbatch_candidates
-    pinned = None
-    if replicas is not None:
-        pinned = tuple(_positive("replicas[i]", r) for r in replicas)
+    pinned, num_stages = options.replicas, options.num_stages
+    if pinned is not None:
         if sum(pinned) != D:
             raise ConfigError(f"replicas {list(pinned)} use {sum(pinned)} devices but the cluster has {D}")
         if num_stages is not None and num_stages != len(pinned):
@@ -111,126 +104,91 @@ def build_space(chain: Chain, cluster: Cluster, batch_size: int, *, schedules: S
     else:
         counts = [D // P for P in divisors(D) if P <= MAX_PIPELINE_DEVICES]
         pipelines = tuple(spread(sorted(counts), MAX_PIPELINE_COUNTS))
-    if num_stages is not None:
-        _positive("num_stages", num_stages)
-        if num_stages > chain.n:
-            raise ConfigError(f"num_stages={num_stages} exceeds the {chain.n} blocks the model has")
-    stage_cap = chain.n if max_stages is None else _positive("max_stages", max_stages)
+    if num_stages is not None and num_stages > chain.n:
+        raise ConfigError(f"num_stages={num_stages} exceeds the {chain.n} blocks the model has")
+    stage_cap = chain.n if options.max_stages is None else options.max_stages
     if num_stages is not None:
         stage_cap = max(stage_cap, num_stages)
     if B < min(pipelines):
         raise ConfigError(f"batch_size={B} is smaller than the {min(pipelines)} pipelines the cluster needs; "
                           f"use a batch of at least {min(pipelines)}")
-    return SearchSpace(pipelines, tuple(ms), scheds, recompute, stage_cap, REPLICA_SET, pinned, num_stages)
+    return SearchSpace(pipelines=pipelines, microbatches=tuple(ms), schedules=options.schedules,
+                       recompute=options.recompute, max_stages=stage_cap, rvals=REPLICA_SET,
+                       pinned_replicas=pinned, num_stages=num_stages)
 
 
-def plan(
-    model_or_graph: torch.nn.Module | Graph,
-    args: tuple[Any, ...] = (),
-    kwargs: dict[str, Any] | None = None,
-    *,
-    batch_size: int,
-    cluster: Cluster | str,
-    memory_margin: float = 0.1,
-    schedules: Sequence[str] = ("1f1b", "gpipe"),
-    max_stages: int | None = None,
-    num_stages: int | None = None,
-    replicas: Sequence[int] | None = None,
-    microbatches: int | None = None,
-    recompute: bool | None = None,
-    profile: Profile | None = None,
-    optimizer: str | int = "adam",
-    return_outputs: bool = True,
-    update_cost: float | None = None,
-) -> Plan:
-    """Find the fastest data/pipeline layout of a model on a cluster that fits every device's memory.
+def plan_cluster(options: PlanOptions, *, link: Link | None = None) -> Cluster:
+    """The cluster ``options`` plan for, with ``options.memory_limit`` as its per-device memory.
+
+    ``link``: figures measured by a job's own ranks for the ``local`` preset
+    (see :func:`rannc_py.hardware.calibrate.measure_link`). Raises ConfigError
+    when ``options.cluster`` is None or not a known preset.
+    """
+    if options.cluster is None:
+        raise ConfigError("planning needs a cluster: pass cluster='a64fx:nodes=4', 'local:ranks=2', ... "
+                          "or a rannc_py.Cluster")
+    if isinstance(options.cluster, str):
+        found = parse_cluster(options.cluster, link=link)
+    else:
+        found = as_cluster(options.cluster)
+    if options.memory_limit is not None:
+        found = dataclasses.replace(found, device=dataclasses.replace(found.device, memory=int(options.memory_limit)))
+    return found
+
+
+def plan_graph(graph: Graph, batch_size: int, options: PlanOptions, *, profile: Profile | None = None,
+               cluster: Cluster | None = None) -> Plan:
+    """Find the fastest data/pipeline layout of ``graph`` that fits every device's memory.
 
     Every device of the cluster is used: stages are replicated (whole
     pipelines and single stages) to fill them; per-stage replicas need not be
-    powers of two.
+    powers of two. The graph is read as pure data: nothing here runs a model.
 
     Args:
-        model_or_graph: an ``nn.Module`` (traced with ``args``/``kwargs``) or a Graph.
-        args, kwargs: example inputs for tracing (and for measuring on "local").
+        graph: the traced model's :class:`~rannc_py.graph.ir.Graph`.
         batch_size: global batch per step.
-        cluster: a :class:`Cluster` or preset string ("a64fx:nodes=256", "local:ranks=4").
-        memory_margin: fraction of device memory left free (default 0.1).
-        schedules: schedules to consider (default both "1f1b" and "gpipe").
-        max_stages: upper bound on pipeline depth (default: number of blocks).
-        num_stages: pin the pipeline depth.
-        replicas: pin the replica count of every stage (sums to the device count;
-            implies the depth). Stage boundaries are still placed optimally.
-        microbatches: pin the microbatch count (must divide batch_size).
-        recompute: True/False forces activation recompute on every stage;
-            None (default) turns it on only for stages that do not fit otherwise.
-        profile: a :class:`Profile` to use; default: measured here for the
-            "local" preset when ``args``/``kwargs`` are given, analytic otherwise.
-        return_outputs: count the memory of returning the model's non-loss
-            outputs (logits) to every rank, as ``RaNNCModule(return_outputs=True)``
-            does (default True); False for training that uses only the loss.
-        optimizer: "sgd", "sgd_momentum", "adam" (default) or "adamw", or the
-            number of parameter-sized state buffers it keeps (its state memory,
-            and the default ``update_cost``).
-        update_cost: seconds per parameter byte of one optimizer step, once per
-            step on every stage (``RaNNCModule`` measures the user's optimizer
-            on the ``local`` preset); default: a fused step's memory traffic at
-            the device's memory bandwidth (see :mod:`rannc_py.planner.cost`).
+        options: the planning options (:class:`PlanOptions`).
+        profile: the block costs to plan with; default None: the analytic
+            (roofline) profile of the cluster's device.
+        cluster: the cluster already resolved from ``options`` (see
+            :func:`plan_cluster`); default None: resolved here.
     Returns:
         The :class:`Plan`; deterministic for the same inputs.
     Raises:
-        ConfigError: bad batch size, pins, preset, optimizer or update cost.
+        ConfigError: bad batch size, pins or preset.
         PlanError: ``profile`` was made for another graph.
         NoFeasiblePlanError: nothing fits; the message gives the smallest
             per-device memory that would and the layout that needs it.
     """
     t0 = time.perf_counter()
-    _positive("batch_size", batch_size)
-    cl = as_cluster(cluster)
-    optimizer_state_factor(optimizer)
-    from rannc_py.graph.ir import Graph as GraphType
-
-    if isinstance(model_or_graph, GraphType):
-        graph = model_or_graph
-    else:
-        from rannc_py.graph.trace import trace
-
-        graph = trace(model_or_graph, tuple(args), kwargs)
+    positive_int("batch_size", batch_size)
+    cl = plan_cluster(options) if cluster is None else cluster
     if profile is None:
-        from rannc_py.profiling import profile as make_profile
-
-        if cl.device.name == "local" and (args or kwargs):
-            inputs = graph.flatten_inputs(tuple(args), kwargs)
-            profile = make_profile(graph, graph.batch_size, inputs=inputs)
-        else:
-            profile = make_profile(graph, graph.batch_size, cl)
+        profile = analytic_profile(graph, coarsen(graph), graph.batch_size, cl.device)
     elif profile.graph_fingerprint != graph.fingerprint():
         raise PlanError("the profile was made for a different graph (fingerprints differ); "
                         "profile this graph with rannc_py.profile(graph, ...)")
     chain = chain_from_graph(graph, profile)
-    dtype = torch.float32
-    if graph.params:
-        from rannc_py.profiling.analytic import graph_dtype
-
-        dtype = graph_dtype(graph)
-    return plan_chain(chain, cl, batch_size, graph_fingerprint=graph.fingerprint(), memory_margin=memory_margin,
-                      schedules=schedules, max_stages=max_stages, num_stages=num_stages, replicas=replicas,
-                      microbatches=microbatches, recompute=recompute, optimizer=optimizer, dtype=dtype,
-                      start_time=t0, return_outputs=return_outputs, update_cost=update_cost)
+    dtype = graph_dtype(graph) if graph.params else torch.float32
+    return plan_chain(chain, cl, batch_size, options, graph_fingerprint=graph.fingerprint(), dtype=dtype,
+                      start_time=t0)
 
 
-def plan_chain(chain: Chain, cluster: Cluster, batch_size: int, *, graph_fingerprint: str = "",
-               memory_margin: float = 0.1, schedules: Sequence[str] = ("1f1b", "gpipe"),
-               max_stages: int | None = None, num_stages: int | None = None,
-               replicas: Sequence[int] | None = None, microbatches: int | None = None,
-               recompute: bool | None = None, optimizer: str | int = "adam", dtype: torch.dtype = torch.float32,
-               start_time: float | None = None, return_outputs: bool = True,
-               update_cost: float | None = None) -> Plan:
-    """The search on an already-built chain (what :func:`plan` does after profiling). Same raises."""
+def plan_chain(chain: Chain, cluster: Cluster, batch_size: int, options: PlanOptions | None = None, *,
+               graph_fingerprint: str = "", dtype: torch.dtype = torch.float32, start_time: float | None = None,
+               **overrides: Any) -> Plan:
+    """The search on an already-built chain (what :func:`plan_graph` does after profiling).
+
+    ``options`` (default: all defaults) with ``overrides`` (planning options
+    by name) replaced; ``options.cluster`` and ``memory_limit`` are not read:
+    ``cluster`` is given. Same raises as :func:`plan_graph`.
+    """
     t0 = time.perf_counter() if start_time is None else start_time
-    _positive("batch_size", batch_size)
-    cost = CostModel(chain, cluster, batch_size, optimizer, memory_margin, return_outputs, update_cost)
-    space = build_space(chain, cluster, batch_size, schedules=schedules, max_stages=max_stages,
-                        num_stages=num_stages, replicas=replicas, microbatches=microbatches, recompute=recompute)
+    opts = PlanOptions.from_kwargs(overrides, base=options)
+    positive_int("batch_size", batch_size)
+    cost = CostModel(chain, cluster, batch_size, opts.optimizer, opts.memory_margin, opts.return_outputs,
+                     opts.update_cost)
+    space = build_space(chain, cluster, batch_size, opts)
     lay, step = search_chain(cost, space)
     return layout_to_plan(cost, lay, step, graph_fingerprint, dtype, time.perf_counter() - t0)
 
@@ -293,10 +251,13 @@ def layout_to_plan(cost: CostModel, lay: Layout, step_time: float, fingerprint: 
         mem_per_rank += [mem] * len(ranks)
         # The runtime sums the stage's own (untied) gradients over its replicas with this algorithm.
         algorithm = cost.allreduce_choice(float(cost.t.param_bytes[i, j]), lay.replicas[s])[0]
-        stages.append(StagePlan(s, ops, tuple(fqns), ranks, lay.recompute[s],
-                                lay.m * (sc[s].forward + sc[s].backward), mem, algorithm, sc[s]))
+        stages.append(StagePlan(index=s, ops=ops, param_fqns=tuple(fqns), ranks=ranks, recompute=lay.recompute[s],
+                                predicted_compute_time=lay.m * (sc[s].forward + sc[s].backward),
+                                predicted_peak_memory=mem, allreduce=algorithm, costs=sc[s]))
     flops = 3 * float(cost.t.flops[0, chain.n]) * cost.batch_size
     peak = cost.cluster.device.flops(dtype) * cost.cluster.num_devices
-    return Plan(cost.batch_size, lay.m, lay.schedule, tuple(stages), cost.cluster.num_devices, fingerprint,
-                cost.cluster.describe(), step_time, tuple(mem_per_rank), cost.batch_size / step_time,
-                flops / (step_time * peak), search_time)
+    return Plan(batch_size=cost.batch_size, microbatches=lay.m, schedule=lay.schedule, stages=tuple(stages),
+                world_size=cost.cluster.num_devices, graph_fingerprint=fingerprint, cluster=cost.cluster.describe(),
+                step_time=step_time, peak_memory_per_rank=tuple(mem_per_rank),
+                samples_per_second=cost.batch_size / step_time, mfu=flops / (step_time * peak),
+                search_time=search_time)

@@ -113,7 +113,8 @@ def _layout(tabs: dict, bounds: tuple[int, ...], R: int, m: int, sched: str, rul
         return None
     # Ranked by the same estimate T as the search's own candidates.
     est = sum(cs) + (m - 1) * max(cs) + max(ars)
-    return Layout(R, m, sched, tuple(bounds), (R,) * p, tuple(recs), est, tuple(mems), origin=rule)
+    return Layout(d=R, m=m, schedule=sched, bounds=tuple(bounds), replicas=(R,) * p, recompute=tuple(recs),
+                  objective=est, memory=tuple(mems), origin=rule)
 
 
 def seed_layouts(cost: CostModel, space: SearchSpace) -> list[Layout]:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Block:
     """A run of consecutive ops that always stays in one stage.
 
@@ -40,7 +40,7 @@ class Block:
     flops: float
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Chain:
     """Blocks in pipeline order plus the model's input bytes per sample.
 

@@ -44,7 +44,7 @@ def split_sizes(n: int, parts: int) -> list[int]:
     return [q + 1 if i < r else q for i in range(parts)]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class StagePlan:
     """One pipeline stage.
 
@@ -87,7 +87,7 @@ class StagePlan:
         return len(self.ranks)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Plan:
     """A hybrid data/pipeline-parallel layout of one model on one cluster.
 

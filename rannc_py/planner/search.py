@@ -62,7 +62,7 @@ TOP_K = 16
 DEPTHS_PER_PASS = 6
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Layout:
     """A candidate plan in chain terms.
 
@@ -197,7 +197,7 @@ def reconstruct(best: np.ndarray, obj_by_q: Sequence[np.ndarray], rvals: Sequenc
     return bounds, reps
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class SearchSpace:
     """The enumerated outer choices (shared by the search and the brute-force check)."""
 
@@ -291,8 +291,8 @@ def _collect(tabs, obj_by_q, rvals, P, allowed, space, d, m, schedule, w, memory
         else:
             est = sum(cs) + (m - 1) * max(cs) + max(ars)
             dp_val = (m + p - 1) * float(val)
-        out.append(Layout(d, m, schedule, tuple(bounds), tuple(r * d for r in reps), tuple(rec), est,
-                          tuple(mem), dp_val, w))
+        out.append(Layout(d=d, m=m, schedule=schedule, bounds=tuple(bounds), replicas=tuple(r * d for r in reps),
+                          recompute=tuple(rec), objective=est, memory=tuple(mem), dp_objective=dp_val, weight=w))
     return out
 
 

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from rannc_py.profiling import Profile
+from rannc_py.profiling.record import Profile
 
 if TYPE_CHECKING:
     from rannc_py.graph.ir import Graph
@@ -30,8 +30,11 @@ def graph_dtype(graph: Graph) -> torch.dtype:
     return max(by, key=lambda k: (by[k], str(k))) if by else torch.float32
 
 
-def block_param_bytes(graph: Graph, block: tuple[int, ...]) -> int:
-    """Bytes of the distinct parameters and buffers the block's ops read (tied groups once)."""
+def block_params(graph: Graph, block: tuple[int, ...]) -> dict[str, int]:
+    """The distinct parameters and buffers the block's ops read: canonical name -> bytes.
+
+    A tied group appears once, under its first name (``Graph.tied_params``).
+    """
     canon = {a: g[0] for g in graph.tied_params for a in g}
     seen: dict[str, int] = {}
     for i in block:
@@ -40,7 +43,12 @@ def block_param_bytes(graph: Graph, block: tuple[int, ...]) -> int:
             seen[canon.get(f, f)] = graph.params[f].nbytes
         for f in op.buffers:
             seen[f] = graph.buffers[f].nbytes
-    return sum(seen.values())
+    return seen
+
+
+def block_param_bytes(graph: Graph, block: tuple[int, ...]) -> int:
+    """Bytes of the distinct parameters and buffers the block's ops read (tied groups once)."""
+    return sum(block_params(graph, block).values())
 
 
 def act_bytes_per_sample(graph: Graph, block: tuple[int, ...]) -> float:
@@ -70,5 +78,7 @@ def analytic_profile(graph: Graph, blocks: list[tuple[int, ...]], batch_size: in
         bp.append(2 * per)
         act.append(act_bytes_per_sample(graph, blk))
         pb.append(nparam)
-    return Profile(graph.fingerprint(), batch_size, device.name, "analytic", tuple(blocks), tuple(ff),
-                   tuple(fp), tuple(bf), tuple(bp), tuple(act), tuple(pb))
+    return Profile(graph_fingerprint=graph.fingerprint(), batch_size=batch_size, device=device.name,
+                   source="analytic", blocks=tuple(blocks), fwd_fixed=tuple(ff), fwd_per_sample=tuple(fp),
+                   bwd_fixed=tuple(bf), bwd_per_sample=tuple(bp), act_bytes_per_sample=tuple(act),
+                   param_bytes=tuple(pb))

@@ -35,8 +35,8 @@ from tqdm import tqdm
 
 from rannc_py._util import clock, median_time
 from rannc_py.errors import ConfigError
-from rannc_py.profiling import Profile
 from rannc_py.profiling.analytic import act_bytes_per_sample, block_param_bytes
+from rannc_py.profiling.record import Profile
 
 if TYPE_CHECKING:
     from rannc_py.graph.ir import Graph
@@ -76,10 +76,12 @@ def measure_profile(graph: Graph, blocks: list[tuple[int, ...]], batch_size: int
     fits = [_fit(sizes, [t[0][k] for t in timed]) for k in range(len(blocks))]
     fits_b = [_fit(sizes, [t[1][k] for t in timed]) for k in range(len(blocks))]
     return Profile(
-        graph.fingerprint(), batch_size, device, "measured", tuple(blocks),
-        tuple(f for f, _ in fits), tuple(p for _, p in fits), tuple(f for f, _ in fits_b), tuple(p for _, p in fits_b),
-        tuple(act_bytes_per_sample(graph, b) for b in blocks),
-        tuple(block_param_bytes(graph, b) for b in blocks),
+        graph_fingerprint=graph.fingerprint(), batch_size=batch_size, device=device, source="measured",
+        blocks=tuple(blocks),
+        fwd_fixed=tuple(f for f, _ in fits), fwd_per_sample=tuple(p for _, p in fits),
+        bwd_fixed=tuple(f for f, _ in fits_b), bwd_per_sample=tuple(p for _, p in fits_b),
+        act_bytes_per_sample=tuple(act_bytes_per_sample(graph, b) for b in blocks),
+        param_bytes=tuple(block_param_bytes(graph, b) for b in blocks),
     )
 
 

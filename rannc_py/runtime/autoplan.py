@@ -1,8 +1,9 @@
 """Ask the planner for a layout of the traced model on this job's ranks.
 
 :func:`job_link` is collective (every rank); :func:`job_cluster`,
-:func:`job_profile` and :func:`search_plan` run on rank 0, which broadcasts
-the plan (:func:`quiet_bcast`).
+:func:`job_profile` and :func:`job_optimizer` run on rank 0, which plans
+(:func:`rannc_py.planner.api.plan_graph`) and broadcasts the plan
+(:func:`quiet_bcast`).
 
 For the ``local`` preset the block times come from measuring the model here
 (``rannc_py.profile``, cached on disk), not from the roofline estimate of
@@ -24,21 +25,16 @@ import dataclasses
 import inspect
 import time
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 
 from rannc_py.errors import ConfigError
-from rannc_py.hardware.cluster import (
-    Cluster,
-    Link,
-    as_cluster,
-    parse_cluster,
-    parse_size,
-)
-from rannc_py.planner.plan import Plan
-from rannc_py.profiling import Profile
+from rannc_py.hardware.cluster import Cluster, Link
+from rannc_py.planner.api import plan_cluster
+from rannc_py.planner.options import PlanOptions
+from rannc_py.profiling.record import Profile
 
 # How often ranks waiting for rank 0's plan look for it (seconds): planning
 # takes seconds, and a sleeping rank leaves the cores to rank 0's profiling.
@@ -66,29 +62,25 @@ def job_link(cluster: Cluster | str | None, comm: Any) -> Link | None:
     return measure_link(comm) if need else None
 
 
-def job_cluster(cluster: Cluster | str | None, world_size: int, memory_limit: int | str | None,
-                link: Link | None = None) -> Cluster:
-    """The cluster the planner plans for: ``cluster`` (a Cluster or preset string),
-    or by default ``"local:ranks=<world_size>"`` (this machine, calibrated).
+def job_cluster(options: PlanOptions, world_size: int, link: Link | None = None) -> Cluster:
+    """The cluster the planner plans for: ``options.cluster`` (a Cluster or preset string),
+    or by default ``"local:ranks=<world_size>"`` (this machine, calibrated), with
+    ``options.memory_limit`` as its per-rank memory when set.
 
-    ``memory_limit`` (bytes or a size string such as ``"8GiB"``) replaces the
-    per-rank memory of the device. ``link``: figures from :func:`job_link`
-    for the ``local`` preset (cached by it); default None: cached or probed.
+    ``link``: figures from :func:`job_link` for the ``local`` preset (cached
+    by it); default None: cached or probed.
 
     Raises:
         ConfigError: an unknown preset, or a cluster of another size than the job.
     """
-    if cluster is None:
-        cluster = f"local:ranks={world_size}"
-    found = parse_cluster(cluster, link=link) if isinstance(cluster, str) else as_cluster(cluster)
+    if options.cluster is None:
+        options = dataclasses.replace(options, cluster=f"local:ranks={world_size}")
+    found = plan_cluster(options, link=link)
     if found.num_devices != world_size:
         raise ConfigError(
             f"cluster {found.name!r} has {found.num_devices} devices but the job runs {world_size} ranks; "
             "describe the job's ranks (e.g. a preset with the matching ranks/nodes/gpus)"
         )
-    if memory_limit is not None:
-        limit = memory_limit if isinstance(memory_limit, int) else parse_size(memory_limit)
-        found = dataclasses.replace(found, device=dataclasses.replace(found.device, memory=limit))
     return found
 
 
@@ -105,7 +97,7 @@ def job_profile(graph: Any, inputs: Mapping[str, torch.Tensor], cluster: Cluster
     if not _is_local(cluster) or on_meta:
         return None
     from rannc_py.hardware.calibrate import core_share
-    from rannc_py.profiling import profile
+    from rannc_py.profiling.api import profile
 
     prof = profile(graph, graph.batch_size, inputs=inputs)
     stretch = 1.0 / core_share(world_size)
@@ -186,37 +178,3 @@ def quiet_bcast(text: str | None, comm: Any) -> str:
     while not req.Test():
         time.sleep(_POLL_S)
     return comm.bcast(text, root=0)
-
-
-def search_plan(
-    graph: Any,
-    batch: int,
-    cluster: Cluster,
-    *,
-    microbatches: int | None,
-    schedules: Sequence[str],
-    recompute: bool | None,
-    memory_margin: float,
-    profile: Profile | None = None,
-    return_outputs: bool = True,
-    optimizer: str | int = "adam",
-    update_cost: float | None = None,
-) -> Plan:
-    """The planner's layout of ``graph`` at global batch ``batch`` on ``cluster``,
-    from ``profile`` (default None: the analytic profile of ``cluster``'s device),
-    for ``optimizer`` and ``update_cost`` (see :func:`job_optimizer`)."""
-    from rannc_py.planner.api import plan
-
-    return plan(
-        graph,
-        batch_size=batch,
-        cluster=cluster,
-        memory_margin=memory_margin,
-        schedules=tuple(schedules),
-        microbatches=microbatches,
-        recompute=recompute,
-        profile=profile,
-        return_outputs=return_outputs,
-        optimizer=optimizer,
-        update_cost=update_cost,
-    )

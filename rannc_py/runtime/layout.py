@@ -58,7 +58,8 @@ def explicit_plan(graph: Graph, layout: Mapping[str, Any], batch_size: int, worl
         fqns = sorted({f for i in ops for f in (*graph.ops[i].params, *graph.ops[i].buffers)})
         ranks = tuple(range(first, first + replicas[s]))
         first += replicas[s]
-        stage_plans.append(StagePlan(s, ops, tuple(fqns), ranks, flags[s], 0.0, 0))
+        stage_plans.append(StagePlan(index=s, ops=ops, param_fqns=tuple(fqns), ranks=ranks, recompute=flags[s],
+                                     predicted_compute_time=0.0, predicted_peak_memory=0))
     try:
         return Plan(
             batch_size=batch_size,

@@ -32,6 +32,7 @@ when rank 0's model is on ``meta``) and rebinds the optimizer to them.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
@@ -41,7 +42,7 @@ from mpi4py import MPI
 from torch import Tensor, nn
 
 from rannc_py.errors import ConfigError
-from rannc_py.hardware.cluster import Cluster
+from rannc_py.planner.options import PlanOptions
 from rannc_py.planner.plan import Plan
 from rannc_py.runtime import params as P
 from rannc_py.runtime.executor import Executor, Step
@@ -83,30 +84,25 @@ class RaNNCModule(nn.Module):
         plan: a :class:`rannc_py.Plan`, a path to a saved plan, or a layout
             dict ``dict(stages=2, replicas=[2, 1], microbatches=4,
             schedule="1f1b", recompute=False)``. Default None: the planner
-            searches on rank 0 on the first call.
-        microbatches: fix the planner's microbatch count. Default None (searched).
-        schedules: schedules the planner may pick. Default ("1f1b", "gpipe").
-        recompute: force activation recompute on (True) or off (False) for
-            the planner. Default None (searched).
-        memory_limit: bytes (or a string like "8GiB") each rank may use.
-            Default None: the cluster's per-device memory (for ``"local"``,
-            the machine's memory divided by the ranks).
-        memory_margin: fraction of ``memory_limit`` kept free. Default 0.1.
-        cluster: what the planner plans for: a :class:`rannc_py.Cluster` or a
-            preset string (e.g. ``"a64fx:nodes=4"``) with as many devices as
-            the job has ranks. Default None: ``"local:ranks=<ranks>"``, this
-            machine, calibrated by measuring it (cached; the link between
-            ranks is measured by the job's ranks 0 and 1).
+            searches on rank 0 on the first call, with ``options``.
         save_plan: write the plan used to this JSON path (rank 0). Default None.
         param_init: ``callable(module)`` that initialises a module materialised
             from ``meta``. Default None (``module.reset_parameters()``).
-        return_outputs: return outputs other than scalars (e.g. logits) on
-            every rank, for its local rows; False returns None for them and
-            saves moving them. Default True.
         bucket_bytes: size of a gradient allreduce bucket. Default 25 MiB.
+        **options: the planning options of :class:`rannc_py.PlanOptions`, each
+            with the default documented there: ``cluster`` (default
+            ``"local:ranks=<ranks>"``, this machine, measured once and
+            cached), ``memory_limit``, ``memory_margin``, ``microbatches``,
+            ``schedules``, ``recompute``, ``max_stages``, ``num_stages``,
+            ``replicas``, and ``return_outputs`` (also read by the runtime:
+            True returns outputs other than scalars, e.g. logits, on every
+            rank for its local rows; False returns None for them and saves
+            moving them), and ``update_cost`` (measured from the user's
+            optimizer when not given; its state buffers are always counted
+            from it).
 
     Raises:
-        ConfigError: an argument cannot be used (checked here or on the first call).
+        ConfigError: an argument or option cannot be used (checked here).
     """
 
     _model: nn.Module  # held outside the module tree (see __init__)
@@ -117,29 +113,21 @@ class RaNNCModule(nn.Module):
         optimizer: OptimizerArg = None,
         *,
         plan: Plan | str | os.PathLike[str] | Mapping[str, Any] | None = None,
-        microbatches: int | None = None,
-        schedules: tuple[str, ...] = ("1f1b", "gpipe"),
-        recompute: bool | None = None,
-        memory_limit: int | str | None = None,
-        memory_margin: float = 0.1,
-        cluster: Cluster | str | None = None,
         save_plan: str | os.PathLike[str] | None = None,
         param_init: Callable[[nn.Module], None] | None = None,
-        return_outputs: bool = True,
         bucket_bytes: int = 25 * 2**20,
+        **options: Any,
     ) -> None:
         super().__init__()
         if not isinstance(model, nn.Module):
             raise ConfigError(f"RaNNCModule wraps an nn.Module, got {type(model).__name__}")
+        self._options = PlanOptions.from_kwargs(options)
         # Kept outside the module tree: after setup it holds only meta placeholders.
         object.__setattr__(self, "_model", model)
         self._optimizer = optimizer
         self._plan_arg = plan
-        self._microbatches, self._schedule_names, self._recompute = microbatches, tuple(schedules), recompute
-        self._memory_margin, self._cluster, self._memory_limit = memory_margin, cluster, memory_limit
         self._save_plan = save_plan
         self._param_init = param_init
-        self._return_outputs = return_outputs
         self._bucket_bytes = bucket_bytes
         self._comm = MPI.COMM_WORLD.Dup()
         self._ready = False
@@ -180,7 +168,7 @@ class RaNNCModule(nn.Module):
         self._held = HeldGrads(list(self._params.values()))
         prog = placement.program
         self._exec = Executor(prog, placement.stage, stage_ranks(self._plan), comm,
-                              self._plan.stages[placement.stage].recompute, self._return_outputs)
+                              self._plan.stages[placement.stage].recompute, self._options.return_outputs)
         self._stage_index, self._graph, self._gm = placement.stage, graph, prog.module
         self._input_dims, self._output_dims = placement.input_dims, placement.output_dims
         self._anchor = torch.zeros((), requires_grad=True)
@@ -189,30 +177,23 @@ class RaNNCModule(nn.Module):
         self._ready = True
 
     def _make_plan(self, graph: Any, batch: int, inputs: dict[str, Tensor]) -> Plan:
-        comm = self._comm
+        comm, opts = self._comm, self._options
         if self._plan_arg is not None:
             return load_plan(self._plan_arg, graph, batch, comm.Get_size())
-        from rannc_py.runtime.autoplan import (
-            job_cluster,
-            job_link,
-            job_optimizer,
-            job_profile,
-            quiet_bcast,
-            search_plan,
-        )
+        from rannc_py.planner.api import plan_graph
+        from rannc_py.runtime.autoplan import job_cluster, job_link, job_optimizer, job_profile, quiet_bcast
 
-        link = job_link(self._cluster, comm)  # collective: the job's ranks measure the local link
+        link = job_link(opts.cluster, comm)  # collective: the job's ranks measure the local link
         text = None
         if comm.Get_rank() == 0:
-            cluster = job_cluster(self._cluster, comm.Get_size(), self._memory_limit, link)
-            optimizer, update_cost = job_optimizer(self._optimizer, self._cluster, comm.Get_size())
-            text = search_plan(
-                graph, batch, cluster, microbatches=self._microbatches, schedules=self._schedule_names,
-                recompute=self._recompute, memory_margin=self._memory_margin,
-                return_outputs=self._return_outputs, optimizer=optimizer, update_cost=update_cost,
-                profile=job_profile(graph, inputs, self._cluster, comm.Get_size(),
-                                    any(p.is_meta for p in self._model.parameters())),
-            ).to_json()
+            cluster = job_cluster(opts, comm.Get_size(), link)
+            states, update_cost = job_optimizer(self._optimizer, opts.cluster, comm.Get_size())
+            if opts.update_cost is not None:  # the user's figure wins over the measured one
+                update_cost = opts.update_cost
+            opts = dataclasses.replace(opts, optimizer=states, update_cost=update_cost)
+            profile = job_profile(graph, inputs, opts.cluster, comm.Get_size(),
+                                  any(p.is_meta for p in self._model.parameters()))
+            text = plan_graph(graph, batch, opts, profile=profile, cluster=cluster).to_json()
         return Plan.from_json(quiet_bcast(text, comm))
 
     def _bind_optimizer(self) -> None:
@@ -270,7 +251,7 @@ class RaNNCModule(nn.Module):
             self._sync.finish()
             apply = self._held.end()
         values = return_outputs(
-            result, step, self._graph.output_names, self._output_dims, stage_ranks(plan), comm, self._out_meta, self._return_outputs
+            result, step, self._graph.output_names, self._output_dims, stage_ranks(plan), comm, self._out_meta, self._options.return_outputs
         )
         loss_name = values.pop("__loss_name__", None)
         if apply is not None and loss_name is not None:

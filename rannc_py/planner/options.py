@@ -1,0 +1,145 @@
+"""Every planning option, with its default, in one record: :class:`PlanOptions`.
+
+``RaNNCModule(model, opt, **options)``, ``rannc_py.plan(graph, **options)``
+and ``python -m rannc_py plan`` each build one :class:`PlanOptions` from
+what the user gave and pass that record down; nothing below them retypes the
+options. Values are checked when the record is made, so a bad option fails
+at once (in ``RaNNCModule``'s constructor, not at the first forward call).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from rannc_py.errors import ConfigError
+from rannc_py.hardware.cluster import Cluster, parse_size
+from rannc_py.planner.cost import optimizer_state_factor
+
+TRAINING_SCHEDULES: tuple[str, ...] = ("1f1b", "gpipe")
+"""The schedules a training plan may use (``forward_only`` runs no backward, so it never trains)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class PlanOptions:
+    """What the planner may choose and what it must respect.
+
+    Attributes:
+        cluster: what to plan for: a :class:`~rannc_py.hardware.cluster.Cluster`
+            or a preset string (``"a64fx:nodes=256"``, ``"local:ranks=4"``).
+            Default None: ``RaNNCModule`` plans for ``"local:ranks=<ranks>"``
+            (this machine, measured once and cached); ``rannc_py.plan`` needs one.
+        memory_limit: bytes (or a size string such as ``"8GiB"``) each device
+            may use; replaces the cluster's per-device memory. Default None:
+            the cluster's (for ``local``, the machine's memory divided by the ranks).
+        memory_margin: fraction of the memory kept free, in [0, 1). Default 0.1.
+        microbatches: pin the number of microbatches per step. Default None (searched).
+        schedules: the schedules the planner may pick, a non-empty subset of
+            ``("1f1b", "gpipe")``. Default both.
+        recompute: True/False forces activation recompute on every stage;
+            None (default) turns it on only for stages that do not fit otherwise.
+        max_stages: upper bound on the pipeline depth. Default None (the number of blocks).
+        num_stages: pin the pipeline depth. Default None (searched).
+        replicas: pin the replica count of every stage (their sum is the
+            device count; implies the depth); stage boundaries are still
+            placed by the search. Default None (searched).
+        optimizer: the optimizer's state: ``"sgd"``, ``"sgd_momentum"``,
+            ``"adam"`` or ``"adamw"``, or the number of parameter-sized state
+            buffers it keeps. Default ``"adam"``; ``RaNNCModule`` counts the
+            user's optimizer's buffers instead.
+        update_cost: seconds per parameter byte of one optimizer step, paid
+            once per step on every stage. Default None: a fused step's memory
+            traffic at the device's bandwidth (``RaNNCModule`` measures the
+            user's optimizer on ``local``).
+        return_outputs: count the memory of returning the model's non-loss
+            outputs (logits) to every rank, as ``RaNNCModule(return_outputs=True)``
+            does; False for training that uses only the loss (the runtime
+            then frees those outputs as it goes). Default True.
+
+    Raises:
+        ConfigError: (on construction) a value of the wrong type or out of range.
+    """
+
+    cluster: Cluster | str | None = None
+    memory_limit: int | str | None = None
+    memory_margin: float = 0.1
+    microbatches: int | None = None
+    schedules: tuple[str, ...] = TRAINING_SCHEDULES
+    recompute: bool | None = None
+    max_stages: int | None = None
+    num_stages: int | None = None
+    replicas: tuple[int, ...] | None = field(default=None)
+    optimizer: str | int = "adam"
+    update_cost: float | None = None
+    return_outputs: bool = True
+
+    def __post_init__(self) -> None:
+        if self.cluster is not None and not isinstance(self.cluster, (Cluster, str)):
+            raise ConfigError(f"cluster must be a Cluster or a preset string like 'a64fx:nodes=4', "
+                              f"got {type(self.cluster).__name__}")
+        if self.memory_limit is not None:
+            limit = self.memory_limit if isinstance(self.memory_limit, int) else None
+            if isinstance(self.memory_limit, str):
+                limit = parse_size(self.memory_limit)
+            if isinstance(self.memory_limit, bool) or limit is None or limit < 1:
+                raise ConfigError(f"memory_limit must be a positive byte count or a size like '8GiB', "
+                                  f"got {self.memory_limit!r}")
+            object.__setattr__(self, "memory_limit", limit)
+        margin = self.memory_margin
+        if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not 0 <= margin < 1:
+            raise ConfigError(f"memory_margin must be a fraction in [0, 1), got {margin!r}")
+        for name in ("microbatches", "max_stages", "num_stages"):
+            _positive_or_none(name, getattr(self, name))
+        if isinstance(self.schedules, str) or not isinstance(self.schedules, Sequence):
+            raise ConfigError(f"schedules must be a sequence of schedule names, got {self.schedules!r}")
+        scheds = tuple(self.schedules)
+        if not scheds or any(s not in TRAINING_SCHEDULES for s in scheds):
+            raise ConfigError(f"schedules must be a non-empty subset of {TRAINING_SCHEDULES}, got {self.schedules!r}")
+        object.__setattr__(self, "schedules", scheds)
+        if self.recompute not in (None, True, False):
+            raise ConfigError(f"recompute must be True, False or None (searched), got {self.recompute!r}")
+        if self.replicas is not None:
+            if isinstance(self.replicas, (str, bytes)) or not isinstance(self.replicas, Sequence):
+                raise ConfigError(f"replicas must list one replica count per stage, got {self.replicas!r}")
+            reps = tuple(self.replicas)
+            for r in reps:
+                _positive_or_none("replicas[i]", r)
+            if not reps:
+                raise ConfigError("replicas must list at least one stage's replica count, got []")
+            object.__setattr__(self, "replicas", reps)
+        optimizer_state_factor(self.optimizer)
+        cost = self.update_cost
+        if cost is not None and (isinstance(cost, bool) or not isinstance(cost, (int, float))
+                                 or not (math.isfinite(cost) and cost >= 0)):
+            raise ConfigError(f"update_cost must be a finite number of seconds >= 0, got {cost!r}")
+        if not isinstance(self.return_outputs, bool):
+            raise ConfigError(f"return_outputs must be True or False, got {self.return_outputs!r}")
+
+    @classmethod
+    def from_kwargs(cls, options: Mapping[str, Any], *, base: PlanOptions | None = None) -> PlanOptions:
+        """``base`` (default: all defaults) with ``options`` replaced, by name.
+
+        Raises:
+            ConfigError: a name that is not a planning option (the message
+                lists the known ones), or a bad value.
+        """
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise ConfigError(f"unknown option(s) {unknown}; the planning options are {sorted(known)}")
+        return dataclasses.replace(base or cls(), **options)
+
+
+def positive_int(name: str, v: Any) -> int:
+    """``v`` when it is a positive int (not a bool); raises ConfigError naming ``name`` otherwise."""
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        raise ConfigError(f"{name} must be a positive integer, got {v!r}")
+    return v
+
+
+def _positive_or_none(name: str, v: Any) -> None:
+    if v is not None:
+        positive_int(name, v)
