@@ -100,6 +100,9 @@ def build_model(spec: str, seq: int) -> tuple[torch.nn.Module, tuple[Any, ...], 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m rannc_py``. Returns the exit status."""
+    from rannc_py.planner.options import PlanOptions
+
+    defaults = PlanOptions()
     parser = argparse.ArgumentParser(prog="python -m rannc_py")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("plan", help="plan a model for a cluster and print the plan")
@@ -108,8 +111,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seq", type=int, default=1024, help="sequence length (default 1024)")
     p.add_argument("--batch", type=int, required=True, help="global batch size")
     p.add_argument("--cluster", required=True, help="preset string, e.g. a64fx:nodes=256")
-    p.add_argument("--optimizer", default="adam", help="sgd | sgd_momentum | adam | adamw (default adam)")
-    p.add_argument("--memory-margin", type=float, default=0.1, help="free memory fraction (default 0.1)")
+    p.add_argument("--optimizer", default=defaults.optimizer,
+                   help=f"sgd | sgd_momentum | adam | adamw (default {defaults.optimizer})")
+    p.add_argument("--memory-margin", type=float, default=defaults.memory_margin,
+                   help=f"free memory fraction (default {defaults.memory_margin})")
     p.add_argument("--no-return-outputs", dest="return_outputs", action="store_false",
                    help="plan for training that returns only the loss (RaNNCModule(return_outputs=False)); "
                         "by default the memory of returning logits to every rank is counted")
@@ -118,7 +123,6 @@ def main(argv: list[str] | None = None) -> int:
     ns = parser.parse_args(argv)
     from rannc_py.graph.trace import trace
     from rannc_py.planner.api import plan_graph
-    from rannc_py.planner.options import PlanOptions
 
     try:
         if ns.seq < 1:
