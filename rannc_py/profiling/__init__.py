@@ -103,8 +103,9 @@ def profile(
     Returns:
         The :class:`Profile`.
     Raises:
-        ConfigError: batch_size < 1, measuring without inputs or with
-            parameters on the meta device, unknown preset.
+        ConfigError: batch_size < 1, measuring without inputs, a graph
+            without its program or with parameters on the meta device,
+            unknown preset.
     """
     from rannc_py.profiling.coarsen import coarsen
 
@@ -116,11 +117,16 @@ def profile(
 
         return analytic_profile(graph, blocks, batch_size, _as_device(device))
     from rannc_py._util import atomic_write, cache_dir
+    from rannc_py.graph.traced import TracedGraph
     from rannc_py.profiling.measure import measure_profile
 
     if inputs is None:
         raise ConfigError("measuring a profile needs example inputs: pass inputs=graph.flatten_inputs(args, "
                           "kwargs), or device='<preset>' for an analytic profile")
+    if not isinstance(graph, TracedGraph):
+        raise ConfigError(f"measuring a profile runs the model, but got a {type(graph).__name__} without its program "
+                          "(e.g. read from JSON); pass the graph rannc_py.trace() returned, or device='<preset>' "
+                          "for an analytic profile")
     dev = f"{platform.node()}-cpu-t{torch.get_num_threads()}"
     # "fit3": two-point fixed + per-sample fit, timed on CPU time at one thread
     # (older entries: fixed = 0, or wall-clock times that other load may have inflated).
