@@ -135,7 +135,7 @@ def test_plan_from_a_json_graph_equals_plan_from_the_trace() -> None:
 
 
 def test_measuring_a_plain_graph_is_a_config_error() -> None:
-    model, args, kwargs, graph = traced("mlp")
+    _, args, kwargs, graph = traced("mlp")
     with pytest.raises(ConfigError, match="without its program"):
         rannc_py.profile(graph.data(), 4, inputs=graph.flatten_inputs(args, kwargs))
 
