@@ -25,6 +25,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "trace": "rannc_py.graph.trace",
     "Graph": "rannc_py.graph.ir",
+    "TracedGraph": "rannc_py.graph.traced",
     "StagedModule": "rannc_py.graph.staged",
     "profile": "rannc_py.profiling.api",
     "Profile": "rannc_py.profiling.record",
@@ -50,6 +51,7 @@ __all__ = [
     "RaNNCModule",
     "StagedModule",
     "TraceError",
+    "TracedGraph",
     "plan",
     "profile",
     "trace",

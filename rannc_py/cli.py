@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         graph = trace(model, args, kwargs)
         t_trace = time.perf_counter() - t0
-        result = plan_graph(graph, ns.batch, options)
+        result = plan_graph(graph.data(), ns.batch, options)  # offline planning reads pure data only
     except RaNNCError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -13,8 +13,10 @@ from typing import Any
 
 import torch
 
+from rannc_py.errors import ConfigError
 from rannc_py.graph.ir import Graph
 from rannc_py.graph.trace import trace
+from rannc_py.graph.traced import TracedGraph
 from rannc_py.hardware.cluster import Cluster
 from rannc_py.planner.api import plan_cluster, plan_graph
 from rannc_py.planner.options import PlanOptions
@@ -67,6 +69,10 @@ def plan(
     else:
         graph = trace(model_or_graph, tuple(args), kwargs)
     if profile is None and cl.device.name == "local" and (args or kwargs):
-        inputs = graph.flatten_inputs(tuple(args), kwargs)  # type: ignore[attr-defined]
-        profile = make_profile(graph, graph.batch_size, inputs=inputs)
-    return plan_graph(graph, batch_size, opts, profile=profile, cluster=cl)
+        if not isinstance(graph, TracedGraph):
+            raise ConfigError("measuring the model for the 'local' preset needs the graph rannc_py.trace() "
+                              f"returned, not a {type(graph).__name__} without its program; pass that graph, "
+                              "or no example inputs to plan from the analytic profile")
+        profile = make_profile(graph, graph.batch_size, inputs=graph.flatten_inputs(tuple(args), kwargs))
+    data = graph.data() if isinstance(graph, TracedGraph) else graph  # the planner sees only pure data
+    return plan_graph(data, batch_size, opts, profile=profile, cluster=cl)

@@ -1,7 +1,18 @@
-"""Tracing a model into the Graph IR, and cutting the graph into stages.
+"""Tracing a model into the Graph IR, and cutting the traced program into stages.
 
-``rannc_py.graph.trace.trace`` captures a model; ``rannc_py.graph.ir`` holds
-the IR (:class:`Graph`, :class:`Op`, :class:`TensorMeta`, :class:`ParamInfo`);
-``rannc_py.graph.staged`` builds the per-stage modules (:class:`Stage`,
-:class:`StagedModule`). The public names are exported by ``rannc_py``.
+The modules, bottom to top (each imports only those below it):
+
+``ir``          the pure-data IR: :class:`Graph`, :class:`Op`,
+                :class:`TensorMeta`, :class:`ParamInfo`, ``canonical_names``
+``partition``   op-to-stage assignments (valid, FLOP-balanced) over a Graph
+``layout``      how a call's arguments and the model's output flatten
+``flops``       FLOP estimates per ATen op
+``symbolic``    recomputing symbolic sizes inside a stage
+``lowered``     the exported program classified (:class:`Program`) and the
+                Graph built from it (``lower``); ``tied_groups`` of a model
+``staged``      stage modules cut from a Program (:class:`Stage`, :class:`StagedModule`)
+``traced``      :class:`TracedGraph`: a Graph plus its Program
+``trace``       ``trace(model, args, kwargs)`` -> TracedGraph
+
+The public names are exported by ``rannc_py``.
 """

@@ -8,12 +8,9 @@ stage to an earlier one, so the stages can run one after another.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING
 
 from rannc_py.errors import PartitionError
-
-if TYPE_CHECKING:
-    from rannc_py.graph.ir import Graph
+from rannc_py.graph.ir import Graph
 
 
 def balanced_assignment(graph: Graph, num_stages: int) -> list[int]:
@@ -59,7 +56,7 @@ def resolve_assignment(graph: Graph, stages: int | Sequence[int] | Mapping[str, 
     if isinstance(stages, int) and not isinstance(stages, bool):
         return balanced_assignment(graph, stages)
     if isinstance(stages, Mapping):
-        unknown = [name for name in stages if name not in graph._lowered.op_index_by_name]
+        unknown = [name for name in stages if name not in graph.op_index]
         if unknown:
             raise PartitionError(f"assignment names {len(unknown)} op(s) not in the graph, e.g. {unknown[:3]}")
         missing = [op.name for op in graph.ops if op.name not in stages]

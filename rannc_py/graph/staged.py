@@ -1,4 +1,4 @@
-"""Cut a traced Graph into pipeline stages: one ``fx.GraphModule`` per stage.
+"""Cut a traced program into pipeline stages: one ``fx.GraphModule`` per stage.
 
 Boundary rule (what the runtime relies on):
 
@@ -37,7 +37,7 @@ from torch import fx, nn
 from rannc_py.errors import ConfigError, PartitionError
 from rannc_py.graph import symbolic
 from rannc_py.graph.ir import Graph
-from rannc_py.graph.lowered import Lowered, _meta
+from rannc_py.graph.lowered import Program
 
 aten = torch.ops.aten
 
@@ -104,19 +104,23 @@ class Stage:
 
 
 class StagedModule(nn.Module):
-    """A Graph cut into stages that run one after another in this process.
+    """A traced graph cut into stages that run one after another in this process.
 
-    Calling it with the model's ``args``/``kwargs`` returns what the model
-    returns; ``backward()`` on the loss fills the original model's parameter
-    gradients (tied parameters get the sum over the stages that use them).
-    The stages share the original model's Parameter and buffer objects.
+    Made by :meth:`rannc_py.graph.traced.TracedGraph.split`: ``graph`` is the
+    graph it was cut from, ``program`` its traced program, ``assignment`` a
+    validated stage per op. Calling it with the model's ``args``/``kwargs``
+    returns what the model returns; ``backward()`` on the loss fills the
+    original model's parameter gradients (tied parameters get the sum over
+    the stages that use them). The stages share the original model's
+    Parameter and buffer objects.
     """
 
-    def __init__(self, graph: Graph, assignment: list[int]) -> None:
+    def __init__(self, graph: Graph, program: Program, assignment: list[int]) -> None:
         super().__init__()
         self.graph = graph
+        self.program = program
         self.assignment = list(assignment)
-        self.stages: list[Stage] = build_stages(graph, self.assignment)
+        self.stages: list[Stage] = build_stages(program, self.assignment)
         self.stage_modules = nn.ModuleList([s.module for s in self.stages])
 
     @property
@@ -126,17 +130,17 @@ class StagedModule(nn.Module):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """Run every stage in order on the flattened inputs; return the model's output object."""
-        values: dict[str, torch.Tensor] = dict(self.graph.flatten_inputs(args, kwargs))
+        values: dict[str, torch.Tensor] = dict(self.program.flatten_inputs(args, kwargs))
         outs: tuple[torch.Tensor, ...] = ()
         for stage in self.stages:
             outs = stage.module(*[values[n] for n in stage.input_names])
             if stage.index < len(self.stages) - 1:
                 values.update(zip(stage.output_names, outs))
-        return self.graph.unflatten_outputs(list(outs))
+        return self.program.unflatten_outputs(list(outs))
 
 
-def _value_nodes_in_order(low: Lowered) -> list[fx.Node]:
-    return [n for n in low.gm.graph.nodes if low.kind.get(n) in ("op", "alias")]
+def _value_nodes_in_order(prog: Program) -> list[fx.Node]:
+    return [n for n in prog.gm.graph.nodes if prog.kind.get(n) in ("op", "alias")]
 
 
 def _arg_nodes(node: fx.Node) -> list[fx.Node]:
@@ -146,9 +150,8 @@ def _arg_nodes(node: fx.Node) -> list[fx.Node]:
 class _StagePlanner:
     """Works out, for every stage, which values it receives, recomputes and sends."""
 
-    def __init__(self, graph: Graph, assignment: list[int]) -> None:
-        self.graph = graph
-        self.low = graph._lowered
+    def __init__(self, prog: Program, assignment: list[int]) -> None:
+        self.prog = prog
         self.assignment = assignment
         self.num_stages = max(assignment) + 1
         self.last_use: dict[fx.Node, int] = {}
@@ -156,11 +159,11 @@ class _StagePlanner:
         self.sym_mode: dict[fx.Node, str] = {}  # "const" | "expr" | "copy"
 
     def stage_of(self, node: fx.Node) -> int:
-        return self.assignment[self.low.op_of[node]]
+        return self.assignment[self.prog.op_of[node]]
 
     def need(self, x: fx.Node, s: int) -> None:
         """Record that stage ``s`` reads node ``x``."""
-        kind = self.low.kind.get(x)
+        kind = self.prog.kind.get(x)
         if kind in ("op", "alias"):
             t = self.stage_of(x)
             if t > s:  # pragma: no cover - resolve_assignment rejects backward edges first
@@ -168,7 +171,7 @@ class _StagePlanner:
             if t < s:
                 self.last_use[x] = max(self.last_use.get(x, s), s)
         elif kind == "input":
-            self.user_inputs[s].add(self.low.source[x])
+            self.user_inputs[s].add(self.prog.source[x])
         elif kind == "sym":
             self.need_sym(x, s)
 
@@ -177,11 +180,11 @@ class _StagePlanner:
         if symbolic.constant_value(val) is not None:
             self.sym_mode[x] = "const"
             return
-        syms = symbolic.symbols_of(val, self.low.symbols)
+        syms = symbolic.symbols_of(val, self.prog.symbols)
         if syms is not None:
             self.sym_mode[x] = "expr"
             for sym in syms:
-                self.user_inputs[s].add(self.low.symbols[sym][0])
+                self.user_inputs[s].add(self.prog.symbols[sym][0])
             return
         # Not expressible from the inputs' sizes (e.g. a data-dependent value): recompute it
         # from its own arguments, relaying any tensor it reads.
@@ -190,21 +193,21 @@ class _StagePlanner:
             self.need(y, s)
 
     def plan(self) -> None:
-        low = self.low
-        for node in low.op_nodes:
+        prog = self.prog
+        for node in prog.op_nodes:
             s = self.stage_of(node)
             for x in _arg_nodes(node):
                 self.need(x, s)
         last = self.num_stages - 1
-        for x in low.user_outputs:
+        for x in prog.user_outputs:
             self.need(x, last)
-        for value, fqn in low.mutations:
-            if low.kind.get(value) not in ("op", "alias"):
+        for value, fqn in prog.mutations:
+            if prog.kind.get(value) not in ("op", "alias"):
                 self.need(value, last)
                 continue
             t = self.stage_of(value)
-            for node in low.op_nodes:
-                reads = any(low.kind.get(y) == "buffer" and low.source[y] == fqn for y in _arg_nodes(node))
+            for node in prog.op_nodes:
+                reads = any(prog.kind.get(y) == "buffer" and prog.source[y] == fqn for y in _arg_nodes(node))
                 if reads and self.stage_of(node) > t:
                     raise PartitionError(
                         f"buffer {fqn!r} is updated at stage {t} but read by {node.name} at stage "
@@ -213,34 +216,34 @@ class _StagePlanner:
 
     def boundary(self, b: int) -> list[fx.Node]:
         """Values that cross from stage ``b`` to ``b + 1``, in graph order."""
-        return [x for x in _value_nodes_in_order(self.low) if x in self.last_use and self.stage_of(x) <= b < self.last_use[x]]
+        return [x for x in _value_nodes_in_order(self.prog) if x in self.last_use and self.stage_of(x) <= b < self.last_use[x]]
 
 
 def _safe(name: str) -> str:
     return re.sub(r"\W", "_", name)
 
 
-def build_stages(graph: Graph, assignment: list[int]) -> list[Stage]:
-    """Build the stages of a validated assignment (see :func:`Graph.split`).
+def build_stages(prog: Program, assignment: list[int]) -> list[Stage]:
+    """Build the stages of ``prog`` for a validated assignment (see :meth:`TracedGraph.split`).
 
     Raises PartitionError when a value cannot be placed (a buffer updated
     before a later stage reads it, or a size that cannot be recomputed).
     """
-    planner = _StagePlanner(graph, assignment)
+    planner = _StagePlanner(prog, assignment)
     planner.plan()
     boundaries = [planner.boundary(b) for b in range(planner.num_stages - 1)]
     return [_build_stage(planner, s, boundaries) for s in range(planner.num_stages)]
 
 
 def _build_stage(planner: _StagePlanner, s: int, boundaries: list[list[fx.Node]]) -> Stage:
-    low, graph = planner.low, planner.graph
+    prog = planner.prog
     last = s == planner.num_stages - 1
     g = fx.Graph()
     env: dict[fx.Node, Any] = {}
     attrs: dict[str, Any] = {}
     params: list[str] = []
     buffers: list[str] = []
-    user_inputs = [n for n in graph.input_names if n in planner.user_inputs[s]]
+    user_inputs = [n for n in prog.inputs.names if n in planner.user_inputs[s]]
     received = boundaries[s - 1] if s > 0 else []
     input_node: dict[str, fx.Node] = {}
     for name in user_inputs:
@@ -248,40 +251,40 @@ def _build_stage(planner: _StagePlanner, s: int, boundaries: list[list[fx.Node]]
     for x in received:
         env[x] = g.placeholder(x.name)
         env[x].meta = dict(x.meta)
-    for node, kind in low.kind.items():
-        if kind == "input" and low.source[node] in input_node:
-            env[node] = input_node[low.source[node]]
+    for node, kind in prog.kind.items():
+        if kind == "input" and prog.source[node] in input_node:
+            env[node] = input_node[prog.source[node]]
             env[node].meta = dict(node.meta)
     sym_size: dict[Any, fx.Node] = {}
 
     def get_attr(x: fx.Node) -> fx.Node:
-        kind = low.kind[x]
-        target = low.source[x] if kind in ("param", "buffer", "const") else str(x.target)
+        kind = prog.kind[x]
+        target = prog.source[x] if kind in ("param", "buffer", "const") else str(x.target)
         if target not in attrs:
             if kind == "param":
-                attrs[target] = low.model.get_parameter(target)
+                attrs[target] = prog.model.get_parameter(target)
                 params.append(target)
             elif kind == "buffer":
-                attrs[target] = low.model.get_buffer(target)
+                attrs[target] = prog.model.get_buffer(target)
                 buffers.append(target)
             elif kind == "const":
-                attrs[target] = low.constants[target]
+                attrs[target] = prog.constants[target]
             else:
-                attrs[target] = getattr(low.gm, target)
+                attrs[target] = getattr(prog.gm, target)
         node = g.get_attr(target)
         node.meta = dict(x.meta)
         return node
 
     def symbol_node(sym: Any) -> fx.Node:
         if sym not in sym_size:
-            name, dim = low.symbols[sym]
+            name, dim = prog.symbols[sym]
             sym_size[sym] = g.call_function(aten.sym_size.int, (input_node[name], dim))
         return sym_size[sym]
 
     def resolve(x: fx.Node) -> Any:
         if x in env:
             return env[x]
-        kind = low.kind.get(x)
+        kind = prog.kind.get(x)
         if kind in ("param", "buffer", "const", "attr"):
             env[x] = get_attr(x)
         elif kind == "sym":
@@ -297,26 +300,26 @@ def _build_stage(planner: _StagePlanner, s: int, boundaries: list[list[fx.Node]]
         return env[x]
 
     op_indices = [i for i, st in enumerate(planner.assignment) if st == s]
-    for node in low.gm.graph.nodes:
-        if low.kind.get(node) in ("op", "alias") and planner.stage_of(node) == s:
+    for node in prog.gm.graph.nodes:
+        if prog.kind.get(node) in ("op", "alias") and planner.stage_of(node) == s:
             env[node] = g.node_copy(node, resolve)
-    for value, fqn in low.mutations:
-        in_stage = planner.stage_of(value) == s if low.kind.get(value) in ("op", "alias") else last
+    for value, fqn in prog.mutations:
+        in_stage = planner.stage_of(value) == s if prog.kind.get(value) in ("op", "alias") else last
         if in_stage:
             # Eager modules update running stats in place outside autograd; so does the stage.
-            buf = next(n for n in low.kind if low.kind[n] == "buffer" and low.source[n] == fqn)
+            buf = next(n for n in prog.kind if prog.kind[n] == "buffer" and prog.source[n] == fqn)
             target = get_attr(buf)
             new = g.call_function(aten.detach.default, (resolve(value),))
             g.call_function(aten.copy_.default, (target, new))
     if last:
-        outputs = low.user_outputs
-        output_names = list(graph.output_names)
+        outputs = prog.user_outputs
+        output_names = list(prog.outputs.names)
     else:
         outputs = boundaries[s]
         output_names = [x.name for x in outputs]
     g.output(tuple(resolve(x) for x in outputs))
-    batch_dims = _batch_dims(low, graph, {**{n: input_node[n] for n in user_inputs}, **{x.name: x for x in received}})
-    batch_dims.update(_batch_dims(low, graph, dict(zip(output_names, outputs))))
+    batch_dims = _batch_dims(prog, {**{n: input_node[n] for n in user_inputs}, **{x.name: x for x in received}})
+    batch_dims.update(_batch_dims(prog, dict(zip(output_names, outputs))))
     g.lint()
     module = fx.GraphModule(attrs, g, class_name=f"Stage{s}")
     return Stage(
@@ -334,13 +337,11 @@ def _build_stage(planner: _StagePlanner, s: int, boundaries: list[list[fx.Node]]
     )
 
 
-def _batch_dims(low: Lowered, graph: Graph, nodes: dict[str, fx.Node]) -> dict[str, int | None]:
+def _batch_dims(prog: Program, nodes: dict[str, fx.Node]) -> dict[str, int | None]:
     """Name -> batch dimension of the tensor each node holds (None for non-tensors and batch-free ones)."""
-    # The batch symbol is the first dim-0 size symbol of the inputs, as in the Graph's TensorMeta.
-    batch_sym = next((sym for sym, (_, dim) in low.symbols.items() if dim == 0), None)
-    dynamic = graph.dynamic_batch and batch_sym is not None
     out: dict[str, int | None] = {}
     for name, node in nodes.items():
         val = node.meta.get("val")
-        out[name] = _meta(val, batch_sym, graph.batch_size, dynamic).batch_dim if isinstance(val, torch.Tensor) else None
+        # The rule of the graph's TensorMeta.batch_dim, so stages and planner agree.
+        out[name] = prog.tensor_meta(val).batch_dim if isinstance(val, torch.Tensor) else None
     return out

@@ -1,10 +1,10 @@
-"""Capture an unmodified ``nn.Module`` into a :class:`~rannc_py.graph.ir.Graph`.
+"""Capture an unmodified ``nn.Module`` into a :class:`~rannc_py.graph.traced.TracedGraph`.
 
 The model is wrapped in a module that takes and returns flat tuples of
 tensors, then exported with ``torch.export.export(..., strict=False)``. The
 wrapper keeps the user's call structure out of the exported program: inputs
 become a flat tuple (Python scalars are baked in as constants) and outputs a
-flat tuple, rebuilt into the model's own output type by the Graph.
+flat tuple, rebuilt into the model's own output type by the TracedGraph.
 
 The batch dimension (dim 0 of every tensor input whose dim 0 equals the first
 input's) is exported as one dynamic ``Dim`` so that stages run at any
@@ -31,9 +31,9 @@ import torch
 from torch import nn
 
 from rannc_py.errors import TraceError
-from rannc_py.graph.ir import Graph
 from rannc_py.graph.layout import InputLayout, OutputLayout
-from rannc_py.graph.lowered import build_graph
+from rannc_py.graph.lowered import lower
+from rannc_py.graph.traced import TracedGraph
 
 # Attribute under which the wrapper holds the user's model; stripped from every name.
 _PREFIX = "model"
@@ -64,8 +64,8 @@ def trace(
     kwargs: dict[str, Any] | None = None,
     *,
     dynamic_batch: bool = True,
-) -> Graph:
-    """Trace ``model(*args, **kwargs)`` into a :class:`Graph`.
+) -> TracedGraph:
+    """Trace ``model(*args, **kwargs)`` into a :class:`TracedGraph`.
 
     Takes an unmodified module (parameters may live on the ``meta`` device:
     nothing is allocated or computed), example positional and keyword
@@ -81,7 +81,8 @@ def trace(
     tuples/lists/dicts of these; outputs a tensor, tuple, dict, dataclass
     registered with ``torch.export`` or a Hugging Face ``ModelOutput``.
 
-    Returns the Graph. Raises TraceError, naming the module and source line
+    Returns the TracedGraph (a :class:`~rannc_py.graph.ir.Graph` plus the
+    program that runs it). Raises TraceError, naming the module and source line
     where capture broke, with the reason and a hint.
     """
     if not isinstance(model, nn.Module):
@@ -123,7 +124,7 @@ def trace(
 
 
 def _export(model: nn.Module, inputs: InputLayout, flat: list[torch.Tensor], batch_size: int,
-            dynamic_shapes: Any, dynamic: bool, on_meta: bool) -> Graph:
+            dynamic_shapes: Any, dynamic: bool, on_meta: bool) -> TracedGraph:
     seen: list[Any] = []
     wrapper = _FlatCall(model, inputs, seen)
     ep = torch.export.export(wrapper, tuple(flat), dynamic_shapes=dynamic_shapes, strict=False)
@@ -133,7 +134,8 @@ def _export(model: nn.Module, inputs: InputLayout, flat: list[torch.Tensor], bat
     if not seen:
         raise TraceError("torch.export did not run the model's forward; cannot record its output structure")
     outputs = OutputLayout(seen[-1])
-    return build_graph(ep, model, _PREFIX, inputs, outputs, batch_size, dynamic)
+    graph, program = lower(ep, model, _PREFIX, inputs, outputs, batch_size, dynamic)
+    return TracedGraph.from_parts(graph, program)
 
 
 def _drop_whole_slices(graph: torch.fx.Graph) -> None:

@@ -14,10 +14,10 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from rannc_py.graph.ir import Graph, canonical_names
 from rannc_py.profiling.record import Profile
 
 if TYPE_CHECKING:
-    from rannc_py.graph.ir import Graph
     from rannc_py.hardware.cluster import Device
 
 
@@ -35,7 +35,7 @@ def block_params(graph: Graph, block: tuple[int, ...]) -> dict[str, int]:
 
     A tied group appears once, under its first name (``Graph.tied_params``).
     """
-    canon = {a: g[0] for g in graph.tied_params for a in g}
+    canon = canonical_names(graph.tied_params)
     seen: dict[str, int] = {}
     for i in block:
         op = graph.ops[i]

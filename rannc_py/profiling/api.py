@@ -16,6 +16,7 @@ import torch
 from rannc_py._util import atomic_write, cache_dir
 from rannc_py.errors import ConfigError
 from rannc_py.graph.ir import Graph
+from rannc_py.graph.traced import TracedGraph
 from rannc_py.hardware.cluster import Cluster, Device, parse_cluster
 from rannc_py.profiling.analytic import analytic_profile
 from rannc_py.profiling.coarsen import coarsen
@@ -45,8 +46,9 @@ def profile(
     Returns:
         The :class:`Profile`.
     Raises:
-        ConfigError: batch_size < 1, measuring without inputs or with
-            parameters on the meta device, unknown preset.
+        ConfigError: batch_size < 1, measuring without inputs, a graph
+            without its program or with parameters on the meta device,
+            unknown preset.
     """
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
@@ -58,6 +60,10 @@ def profile(
     if inputs is None:
         raise ConfigError("measuring a profile needs example inputs: pass inputs=graph.flatten_inputs(args, "
                           "kwargs), or device='<preset>' for an analytic profile")
+    if not isinstance(graph, TracedGraph):
+        raise ConfigError(f"measuring a profile runs the model, but got a {type(graph).__name__} without its program "
+                          "(e.g. read from JSON); pass the graph rannc_py.trace() returned, or device='<preset>' "
+                          "for an analytic profile")
     dev = f"{platform.node()}-cpu-t{torch.get_num_threads()}"
     # "fit3": two-point fixed + per-sample fit, timed on CPU time at one thread
     # (older entries: fixed = 0, or wall-clock times that other load may have inflated).

@@ -1,6 +1,6 @@
 """Time every block's forward and backward in this process.
 
-The graph is cut at the block boundaries (``Graph.split``) and the stages run
+The graph is cut at the block boundaries (``TracedGraph.split``) and the stages run
 in order on example inputs; each block's forward and backward is timed after
 one warm-up run, ``repeats`` times, keeping the median. This is done at two
 batch sizes, b and b // 2, and the line ``t(rows) = fixed + per_sample * rows``
@@ -39,7 +39,7 @@ from rannc_py.profiling.analytic import act_bytes_per_sample, block_param_bytes
 from rannc_py.profiling.record import Profile
 
 if TYPE_CHECKING:
-    from rannc_py.graph.ir import Graph
+    from rannc_py.graph.traced import TracedGraph
 
 
 def _resize(inputs: dict[str, torch.Tensor], old: int, new: int) -> dict[str, torch.Tensor]:
@@ -52,14 +52,14 @@ def _resize(inputs: dict[str, torch.Tensor], old: int, new: int) -> dict[str, to
     return out
 
 
-def measure_profile(graph: Graph, blocks: list[tuple[int, ...]], batch_size: int,
+def measure_profile(graph: TracedGraph, blocks: list[tuple[int, ...]], batch_size: int,
                     inputs: dict[str, torch.Tensor], device: str, repeats: int) -> Profile:
     """Measured :class:`Profile` of ``blocks`` at ``batch_size`` rows (see the module docstring).
 
     Raises:
         ConfigError: parameters on the meta device, or a batch size the graph cannot run at.
     """
-    if any(p.is_meta for p in graph._lowered.model.parameters()):
+    if any(p.is_meta for p in graph.model.parameters()):
         raise ConfigError("cannot time a model whose parameters are on the meta device; "
                           "materialize it or pass device='<preset>' for an analytic profile")
     if batch_size != graph.batch_size and not graph.dynamic_batch:
@@ -71,7 +71,7 @@ def measure_profile(graph: Graph, blocks: list[tuple[int, ...]], batch_size: int
             assignment[i] = b
     staged = graph.split(assignment)
     sizes = [batch_size] + ([batch_size // 2] if graph.dynamic_batch and batch_size >= 2 else [])
-    with _untouched(graph._lowered.model):
+    with _untouched(graph.model):
         timed = [_time_blocks(staged, _resize(inputs, graph.batch_size, rows), repeats, rows) for rows in sizes]
     fits = [_fit(sizes, [t[0][k] for t in timed]) for k in range(len(blocks))]
     fits_b = [_fit(sizes, [t[1][k] for t in timed]) for k in range(len(blocks))]

@@ -193,7 +193,7 @@ class RaNNCModule(nn.Module):
             opts = dataclasses.replace(opts, optimizer=states, update_cost=update_cost)
             profile = job_profile(graph, inputs, opts.cluster, comm.Get_size(),
                                   any(p.is_meta for p in self._model.parameters()))
-            text = plan_graph(graph, batch, opts, profile=profile, cluster=cluster).to_json()
+            text = plan_graph(graph.data(), batch, opts, profile=profile, cluster=cluster).to_json()
         return Plan.from_json(quiet_bcast(text, comm))
 
     def _bind_optimizer(self) -> None:

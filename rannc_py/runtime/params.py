@@ -17,19 +17,18 @@ from mpi4py import MPI
 from torch import Tensor, nn
 
 from rannc_py.errors import ConfigError
+from rannc_py.graph import ir
+from rannc_py.graph.lowered import tied_groups
 
 
 def canonical_names(model: nn.Module) -> dict[str, str]:
     """Every parameter and buffer name of ``model`` -> its canonical name."""
-    first: dict[int, str] = {}
-    out: dict[str, str] = {}
+    canonical = ir.canonical_names(tied_groups(model, buffers=True))
     named = [
         *model.named_parameters(remove_duplicate=False),
         *model.named_buffers(remove_duplicate=False),
     ]
-    for name, t in named:
-        out[name] = first.setdefault(id(t), name)
-    return out
+    return {name: canonical.get(name, name) for name, _ in named}
 
 
 def get_tensor(module: nn.Module, fqn: str) -> Tensor:

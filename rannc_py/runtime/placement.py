@@ -15,7 +15,7 @@ import torch
 from mpi4py import MPI
 from torch import Tensor, nn
 
-from rannc_py.graph.ir import Graph
+from rannc_py.graph.traced import TracedGraph
 from rannc_py.planner.plan import Plan
 from rannc_py.runtime import params as P
 from rannc_py.runtime.layout import rank_stage
@@ -53,7 +53,7 @@ class Placement:
 
 def place(
     model: nn.Module,
-    graph: Graph,
+    graph: TracedGraph,
     plan: Plan,
     names: dict[str, str],
     comm: MPI.Comm,
