@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -87,7 +87,7 @@ def build_space(chain: Chain, cluster: Cluster, batch_size: int, *, schedules: S
     """Check the pins and build the enumerated :class:`SearchSpace`. Raises ConfigError on bad pins."""
     D = cluster.num_devices
     B = batch_size
-    scheds = tuple(schedules)
+    scheds = tuple(schedules) if isinstance(schedules, Iterable) and not isinstance(schedules, str) else ()
     if not scheds or any(s not in SCHEDULES or s == "forward_only" for s in scheds):
         raise ConfigError(f"schedules must be a non-empty subset of ('1f1b', 'gpipe'), got {schedules!r}")
     if microbatches is not None:
@@ -99,6 +99,9 @@ def build_space(chain: Chain, cluster: Cluster, batch_size: int, *, schedules: S
         ms = divisors(B)  # thinned per pipeline count by search.microbatch_candidates
     pinned = None
     if replicas is not None:
+        if not isinstance(replicas, Iterable) or isinstance(replicas, str):
+            raise ConfigError(f"replicas must be a list of replica counts, one per stage (e.g. [2, 2]), "
+                              f"got {replicas!r}")
         pinned = tuple(_positive("replicas[i]", r) for r in replicas)
         if sum(pinned) != D:
             raise ConfigError(f"replicas {list(pinned)} use {sum(pinned)} devices but the cluster has {D}")
