@@ -103,11 +103,15 @@ def profile(
     Returns:
         The :class:`Profile`.
     Raises:
-        ConfigError: batch_size < 1, measuring without inputs or with
+        ConfigError: ``graph`` is not a Graph, batch_size < 1, measuring
+            without (all the graph's) inputs, with repeats < 1 or with
             parameters on the meta device, unknown preset.
     """
+    from rannc_py.graph.ir import Graph as GraphType
     from rannc_py.profiling.coarsen import coarsen
 
+    if not isinstance(graph, GraphType):
+        raise ConfigError(f"profile() takes a Graph from rannc_py.trace(model, args), got {type(graph).__name__}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
     blocks = coarsen(graph, max_blocks)
@@ -121,6 +125,11 @@ def profile(
     if inputs is None:
         raise ConfigError("measuring a profile needs example inputs: pass inputs=graph.flatten_inputs(args, "
                           "kwargs), or device='<preset>' for an analytic profile")
+    if missing := [name for name in graph.input_names if name not in inputs]:
+        raise ConfigError(f"inputs lack the graph's inputs {missing} (it takes {graph.input_names}); pass "
+                          "inputs=graph.flatten_inputs(args, kwargs)")
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+        raise ConfigError(f"repeats must be a positive integer (timed runs per block), got {repeats!r}")
     dev = f"{platform.node()}-cpu-t{torch.get_num_threads()}"
     # "fit3": two-point fixed + per-sample fit, timed on CPU time at one thread
     # (older entries: fixed = 0, or wall-clock times that other load may have inflated).
