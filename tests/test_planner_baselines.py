@@ -10,9 +10,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_planner_search import make_chain, make_cluster
 
-from rannc_py.errors import NoFeasiblePlanError
+from rannc_py.errors import ConfigError, NoFeasiblePlanError
 from rannc_py.planner.api import build_space, plan_chain
-from rannc_py.planner.baselines import RULES, balanced_bounds, baseline_picks
+from rannc_py.planner.baselines import RULES, balanced_bounds, baseline_picks, rule_weights
 from rannc_py.planner.chain import Chain
 from rannc_py.planner.cost import CostModel
 from rannc_py.planner.options import PlanOptions
@@ -86,3 +86,9 @@ def test_tied_weight_counted_in_each_stage_and_synced():
     # The DP's per-stage table charges the sync and the step too (partner assumed to have as many replicas).
     tabs = cost.stage_tables(1, 4, (2,), (1,), False, 4)
     assert tabs[1].ar[0, 2, 0] == pytest.approx(expected + 2 * w * cost.update_cost, rel=1e-9)
+
+
+def test_unknown_split_rule_is_a_config_error():
+    chain = make_chain([(1e-3, 2e-3, 1e6, 1e4, 10**6)] * 3)
+    with pytest.raises(ConfigError, match="'median'"):
+        rule_weights(chain, "median")

@@ -20,6 +20,7 @@ from rannc_py.planner.search import (
     enumerate_layouts,
     in_flight,
     microbatch_candidates,
+    pick_best,
     search_config,
     simulate_layout,
 )
@@ -208,3 +209,9 @@ def test_returned_outputs_are_counted_only_when_returned():
     assert last == pytest.approx(1e6 * (3 * rows + 16 / 4))
     assert loss_only.stages[-1].predicted_peak_memory == pytest.approx(
         plain.stages[-1].predicted_peak_memory + 1e6 * rows)
+
+
+def test_pick_best_of_nothing_is_a_config_error():
+    cost = CostModel(make_chain([(1e-3, 2e-3, 1e6, 1e4, 10**6)] * 2), make_cluster(2), 8, "adam", 0.1)
+    with pytest.raises(ConfigError, match="no layouts"):
+        pick_best(cost, [], extra=[])

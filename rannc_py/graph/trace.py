@@ -25,6 +25,7 @@ import os
 import sys
 import traceback
 import warnings
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -87,6 +88,8 @@ def trace(
     """
     if not isinstance(model, nn.Module):
         raise TraceError(f"trace() needs an nn.Module, got {type(model).__name__}")
+    if kwargs is not None and not isinstance(kwargs, Mapping):
+        raise TraceError(f"trace() takes kwargs as a dict of keyword arguments, got {type(kwargs).__name__}")
     args = tuple(args) if isinstance(args, (tuple, list)) else (args,)
     inputs = InputLayout(args, dict(kwargs or {}))
     flat = list(inputs.flatten(args, dict(kwargs or {})).values())

@@ -40,6 +40,8 @@ class Device:
             still reported against the peak). Default 1.0: the figures are
             already achieved rates (the measured ``local`` preset).
         bandwidth_efficiency: the same for ``memory_bandwidth`` (default 1.0).
+
+    Raises ConfigError when ``memory`` is not a positive number of bytes.
     """
 
     name: str
@@ -48,6 +50,11 @@ class Device:
     memory_bandwidth: float
     compute_efficiency: float = 1.0
     bandwidth_efficiency: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.memory, (int, float)) or not self.memory > 0:
+            raise ConfigError(f"device {self.name!r} memory must be a positive number of bytes, got "
+                              f"{self.memory!r}; give e.g. memory=8GiB in the preset or memory_limit='8GiB'")
 
     def flops(self, dtype: torch.dtype | str = torch.float32) -> float:
         """Peak FLOP/s for ``dtype``. Raises ConfigError when the preset has no figure for it."""
@@ -82,6 +89,9 @@ class Cluster:
         topology: "torus" (Tofu: dimension-wise allreduce) or "switched" (fat tree).
         torus_shape: node grid for a torus, else None.
         concurrent_links: links one node drives at once (Tofu-D: 6 TNIs).
+
+    Raises ConfigError for fewer than one device (or device per node) or an
+    unknown topology.
     """
 
     name: str
@@ -95,8 +105,11 @@ class Cluster:
     concurrent_links: int = 1
 
     def __post_init__(self) -> None:
-        if self.num_devices < 1:
-            raise ConfigError(f"cluster needs at least one device, got {self.num_devices}")
+        if not isinstance(self.num_devices, int) or self.num_devices < 1:
+            raise ConfigError(f"cluster needs at least one device, got num_devices={self.num_devices!r}")
+        if not isinstance(self.devices_per_node, int) or self.devices_per_node < 1:
+            raise ConfigError(f"cluster needs at least one device per node, got "
+                              f"devices_per_node={self.devices_per_node!r}")
         if self.topology not in ("torus", "switched"):
             raise ConfigError(f"cluster topology must be 'torus' or 'switched', got {self.topology!r}")
 
@@ -184,16 +197,16 @@ def parse_size(text: str) -> int:
     """Parse a byte size such as ``"2GiB"``, ``"512MB"``, ``"1.5e9"`` or ``"4096"``.
 
     Raises:
-        ConfigError: not a positive size.
+        ConfigError: not a string, or not a finite size of at least one byte.
     """
-    m = re.fullmatch(r"\s*([0-9.eE+]+)\s*([KMGT]i?B|B)?\s*", text)
+    m = re.fullmatch(r"\s*([0-9.eE+]+)\s*([KMGT]i?B|B)?\s*", text) if isinstance(text, str) else None
     units = {None: 1, "B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12,
              "KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "TiB": 2**40}
     try:
         value = float(m.group(1)) * units[m.group(2)] if m else -1.0
     except ValueError:
         value = -1.0
-    if value <= 0:
+    if not 1 <= value < math.inf:
         raise ConfigError(f"cannot read memory size {text!r}; write e.g. 2GiB, 512MB or a byte count")
     return int(value)
 
@@ -253,7 +266,8 @@ def parse_cluster(spec: str, *, link: Link | None = None) -> Cluster:
             except ValueError:
                 raise ConfigError(f"a64fx shape {opts['shape']!r} must look like 4x8x8") from None
             if math.prod(shape) != nodes or min(shape) < 1:
-                raise ConfigError(f"a64fx shape {opts['shape']} has {math.prod(shape)} nodes, not nodes={nodes}")
+                raise ConfigError(f"a64fx shape {opts['shape']!r} has {math.prod(shape)} nodes, not nodes={nodes}; "
+                                  "give sides >= 1 whose product is nodes")
         else:
             shape = cubic_shape(nodes)
         dev = _A64FX if memory is None else replace(_A64FX, memory=memory)

@@ -13,6 +13,7 @@ the parameters) the buffers are rebuilt and existing state is copied in.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,6 +37,14 @@ class _FlatGroup:
     )  # per param: name -> view
 
 
+def as_number(value: Any) -> float:
+    """``float(value)``, or NaN (which fails every range check) when ``value`` is not a number."""
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return math.nan
+
+
 def check_param(p: Tensor, owner: str) -> None:
     """Raise ConfigError unless ``p`` is a contiguous fp32 CPU tensor."""
     if p.device.type != "cpu" or p.dtype != torch.float32 or not p.is_contiguous():
@@ -57,7 +66,10 @@ class FlatStateOptimizer(torch.optim.Optimizer):
     _uses_step: bool = True
 
     def __init__(self, params: Any, defaults: dict[str, Any]) -> None:
-        super().__init__(params, defaults)
+        try:
+            super().__init__(params, defaults)
+        except (TypeError, ValueError) as e:  # torch's checks of ``params``
+            raise ConfigError(f"{type(self).__name__}: {e}; pass model.parameters() or a list of param groups") from e
         self._flat: dict[int, _FlatGroup] = {}
         for group in self.param_groups:
             for p in group["params"]:

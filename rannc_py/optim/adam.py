@@ -17,20 +17,20 @@ from torch import Tensor
 
 from rannc_py._core import kernels as _k
 from rannc_py.errors import ConfigError
-from rannc_py.optim._flat import FlatStateOptimizer, _FlatGroup
+from rannc_py.optim._flat import FlatStateOptimizer, _FlatGroup, as_number
 
 
 def _check_hyper(
     lr: float, betas: tuple[float, float], eps: float, weight_decay: float
 ) -> None:
-    if not 0.0 <= float(lr):
-        raise ConfigError(f"learning rate must be >= 0, got {lr}")
-    if not 0.0 <= eps:
-        raise ConfigError(f"eps must be >= 0, got {eps}")
-    if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
-        raise ConfigError(f"betas must be two values in [0, 1), got {betas}")
-    if not 0.0 <= weight_decay:
-        raise ConfigError(f"weight_decay must be >= 0, got {weight_decay}")
+    if not 0.0 <= as_number(lr):
+        raise ConfigError(f"learning rate must be >= 0, got {lr!r}")
+    if not 0.0 <= as_number(eps):
+        raise ConfigError(f"eps must be >= 0, got {eps!r}")
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2 or not all(0.0 <= as_number(b) < 1.0 for b in betas):
+        raise ConfigError(f"betas must be two values in [0, 1), got {betas!r}")
+    if not 0.0 <= as_number(weight_decay):
+        raise ConfigError(f"weight_decay must be >= 0, got {weight_decay!r}")
 
 
 class FusedAdam(FlatStateOptimizer):
@@ -52,8 +52,9 @@ class FusedAdam(FlatStateOptimizer):
         decoupled_weight_decay: AdamW's decoupled weight decay (default False).
 
     Raises:
-        ConfigError: a hyperparameter is out of range, or a parameter is not a
-            contiguous fp32 CPU tensor.
+        ConfigError: a hyperparameter is not a number or out of range, ``params``
+            is empty or not parameters, or a parameter is not a contiguous fp32
+            CPU tensor.
     """
 
     _buffer_names = ("exp_avg", "exp_avg_sq")
@@ -148,8 +149,9 @@ class FusedAdamW(FusedAdam):
     1e-2 as in torch.
 
     Raises:
-        ConfigError: a hyperparameter is out of range, or a parameter is not a
-            contiguous fp32 CPU tensor.
+        ConfigError: a hyperparameter is not a number or out of range, ``params``
+            is empty or not parameters, or a parameter is not a contiguous fp32
+            CPU tensor.
     """
 
     def __init__(

@@ -8,7 +8,7 @@ from torch import Tensor
 
 from rannc_py._core import kernels as _k
 from rannc_py.errors import ConfigError
-from rannc_py.optim._flat import FlatStateOptimizer, _FlatGroup
+from rannc_py.optim._flat import FlatStateOptimizer, _FlatGroup, as_number
 
 
 class FusedSGD(FlatStateOptimizer):
@@ -29,8 +29,9 @@ class FusedSGD(FlatStateOptimizer):
         maximize: maximize the objective instead of minimizing (default False).
 
     Raises:
-        ConfigError: a hyperparameter is out of range, or a parameter is not a
-            contiguous fp32 CPU tensor.
+        ConfigError: a hyperparameter is not a number or out of range, ``params``
+            is empty or not parameters, or a parameter is not a contiguous fp32
+            CPU tensor.
     """
 
     _buffer_names = ("momentum_buffer",)
@@ -47,12 +48,12 @@ class FusedSGD(FlatStateOptimizer):
         *,
         maximize: bool = False,
     ) -> None:
-        if not 0.0 <= float(lr):
-            raise ConfigError(f"learning rate must be >= 0, got {lr}")
-        if momentum < 0.0:
-            raise ConfigError(f"momentum must be >= 0, got {momentum}")
-        if weight_decay < 0.0:
-            raise ConfigError(f"weight_decay must be >= 0, got {weight_decay}")
+        if not 0.0 <= as_number(lr):
+            raise ConfigError(f"learning rate must be >= 0, got {lr!r}")
+        if not 0.0 <= as_number(momentum):
+            raise ConfigError(f"momentum must be >= 0, got {momentum!r}")
+        if not 0.0 <= as_number(weight_decay):
+            raise ConfigError(f"weight_decay must be >= 0, got {weight_decay!r}")
         if nesterov and (momentum <= 0 or dampening != 0):
             raise ConfigError(
                 f"Nesterov momentum needs momentum > 0 and dampening 0, got momentum={momentum}, "

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from rannc_py.errors import ConfigError
 from rannc_py.planner.chain import Chain
 from rannc_py.planner.cost import CostModel
 from rannc_py.planner.search import (
@@ -60,14 +61,14 @@ def balanced_bounds(weights: np.ndarray, p: int) -> tuple[int, ...] | None:
 
 
 def rule_weights(chain: Chain, rule: str) -> np.ndarray:
-    """Per-block weight a rule balances. Raises ValueError for an unknown rule."""
+    """Per-block weight a rule balances. Raises ConfigError for an unknown rule."""
     if rule == "uniform":
         return np.ones(chain.n)
     if rule == "params":
         return np.array([float(sum(nb for _, nb in b.params)) for b in chain.blocks])
     if rule == "time":
         return np.array([b.fwd_per_sample + b.bwd_per_sample for b in chain.blocks])
-    raise ValueError(f"unknown split rule {rule!r}; choose one of {RULES}")
+    raise ConfigError(f"unknown split rule {rule!r}; choose one of {RULES}")
 
 
 def baseline_layouts(cost: CostModel, space: SearchSpace) -> dict[str, list[Layout]]:

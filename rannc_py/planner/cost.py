@@ -140,10 +140,11 @@ class CostModel:
 
     def __init__(self, chain: Chain, cluster: Cluster, batch_size: int, optimizer: str | int = "adam",
                  memory_margin: float = 0.1, return_outputs: bool = True, update_cost: float | None = None) -> None:
-        if not 0 <= memory_margin < 1:
-            raise ConfigError(f"memory_margin must be in [0, 1), got {memory_margin}")
-        if update_cost is not None and not (math.isfinite(update_cost) and update_cost >= 0):
-            raise ConfigError(f"update_cost must be a finite number of seconds >= 0, got {update_cost}")
+        if not isinstance(memory_margin, (int, float, np.floating)) or not 0 <= memory_margin < 1:
+            raise ConfigError(f"memory_margin must be a number in [0, 1), got {memory_margin!r}")
+        if update_cost is not None and not (isinstance(update_cost, (int, float, np.floating)) and math.isfinite(update_cost)
+                                            and update_cost >= 0):
+            raise ConfigError(f"update_cost must be a finite number of seconds >= 0, got {update_cost!r}")
         self.update_cost = fused_update_cost(optimizer, cluster.device) if update_cost is None else update_cost
         self.chain = chain
         self.t = chain.tables()

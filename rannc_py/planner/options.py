@@ -79,7 +79,7 @@ class PlanOptions:
     def __post_init__(self) -> None:
         if self.cluster is not None and not isinstance(self.cluster, (Cluster, str)):
             raise ConfigError(f"cluster must be a Cluster or a preset string like 'a64fx:nodes=4', "
-                              f"got {type(self.cluster).__name__}")
+                              f"got {self.cluster!r}")
         if self.memory_limit is not None:
             limit = self.memory_limit if isinstance(self.memory_limit, int) else None
             if isinstance(self.memory_limit, str):

@@ -271,8 +271,8 @@ class Plan:
         """Parse :meth:`to_json` output. Raises PlanError on malformed input."""
         try:
             d = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise PlanError(f"plan JSON does not parse: {e}") from e
+        except (TypeError, ValueError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            raise PlanError(f"plan JSON does not parse ({e}); write plans with Plan.to_json() or Plan.save()") from e
         return cls.from_dict(d)
 
     def save(self, path: str | os.PathLike[str]) -> None:
@@ -281,8 +281,14 @@ class Plan:
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Plan:
-        """Read a plan written by :meth:`save`. Raises PlanError on malformed content."""
-        return cls.from_json(Path(path).read_text())
+        """Read a plan written by :meth:`save`. Raises PlanError on a missing or unreadable file
+        or malformed content."""
+        try:
+            text = Path(path).read_text()
+        except (OSError, UnicodeDecodeError) as e:
+            raise PlanError(f"cannot read plan file {os.fspath(path)!r} ({e}); give the path of a plan "
+                            "written by Plan.save() or `python -m rannc_py plan --json`") from e
+        return cls.from_json(text)
 
     def summary(self) -> str:
         """A readable table of the stages and the predictions."""

@@ -51,6 +51,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from rannc_py.errors import ConfigError
 from rannc_py.planner.cost import CostModel
 from rannc_py.schedule import StageCosts, Timeline, by_name, simulate
 from rannc_py.schedule.fast import step_time
@@ -391,7 +392,9 @@ def layout_step_time(cost: CostModel, lay: Layout) -> float:
 def pick_best(cost: CostModel, layouts: Sequence[Layout], top_k: int = TOP_K,
               extra: Sequence[Layout] = ()) -> tuple[Layout, float]:
     """Simulate the ``top_k`` layouts by T and every layout of ``extra``; return the fastest
-    simulated and its step time (ties: smaller T, then order: ``layouts`` first)."""
+    simulated and its step time (ties: smaller T, then order: ``layouts`` first).
+
+    Raises ConfigError when both ``layouts`` and ``extra`` are empty."""
     cands = ranked(layouts, top_k)
     seen = {_key(lay) for lay in cands}
     for lay in extra:
@@ -404,5 +407,6 @@ def pick_best(cost: CostModel, layouts: Sequence[Layout], top_k: int = TOP_K,
         if best is None or key < best[0]:
             best = (key, lay)
     if best is None:
-        raise ValueError("pick_best needs at least one layout")
+        raise ConfigError("pick_best got no layouts and no extra layouts; pass at least one candidate "
+                          "(enumerate_layouts returns none when nothing fits)")
     return best[1], best[0][0]

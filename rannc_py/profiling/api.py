@@ -46,10 +46,13 @@ def profile(
     Returns:
         The :class:`Profile`.
     Raises:
-        ConfigError: batch_size < 1, measuring without inputs, a graph
+        ConfigError: ``graph`` is not a Graph, batch_size < 1, measuring
+            without (all the graph's) inputs, with repeats < 1, a graph
             without its program or with parameters on the meta device,
             unknown preset.
     """
+    if not isinstance(graph, Graph):
+        raise ConfigError(f"profile() takes a Graph from rannc_py.trace(model, args), got {type(graph).__name__}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
     blocks = coarsen(graph, max_blocks)
@@ -60,6 +63,11 @@ def profile(
     if inputs is None:
         raise ConfigError("measuring a profile needs example inputs: pass inputs=graph.flatten_inputs(args, "
                           "kwargs), or device='<preset>' for an analytic profile")
+    if missing := [name for name in graph.input_names if name not in inputs]:
+        raise ConfigError(f"inputs lack the graph's inputs {missing} (it takes {graph.input_names}); pass "
+                          "inputs=graph.flatten_inputs(args, kwargs)")
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+        raise ConfigError(f"repeats must be a positive integer (timed runs per block), got {repeats!r}")
     if not isinstance(graph, TracedGraph):
         raise ConfigError(f"measuring a profile runs the model, but got a {type(graph).__name__} without its program "
                           "(e.g. read from JSON); pass the graph rannc_py.trace() returned, or device='<preset>' "

@@ -66,7 +66,7 @@ def parse_action(text: str, stage: int) -> Action:
     Raises:
         PlanError: ``text`` is not an action.
     """
-    m = _ACTION_RE.match(text)
+    m = _ACTION_RE.match(text) if isinstance(text, str) else None
     if m is None:
         raise PlanError(
             f"cannot parse schedule action {text!r} of stage {stage}: "
