@@ -32,11 +32,11 @@ def check_freed_at_exit() -> None:
 
 atexit.register(check_freed_at_exit)  # before rannc_py registers its hook, so it runs after it
 
-import torch  # noqa: E402
-from mpi4py import MPI  # noqa: E402
-from runtime_models import build_model, make_batch  # noqa: E402
+import torch
+from mpi4py import MPI
+from runtime_models import build_model, make_batch, run_checks
 
-import rannc_py  # noqa: E402
+import rannc_py
 
 comm = MPI.COMM_WORLD
 rank, world = comm.Get_rank(), comm.Get_size()
@@ -92,14 +92,4 @@ def check_open_at_exit() -> None:
 
 
 if __name__ == "__main__":
-    try:
-        for name in sys.argv[1:]:
-            globals()[f"check_{name}"]()
-            if rank == 0:
-                print(f"{name}: ok", flush=True)
-    except BaseException:  # noqa: BLE001 - any failure must abort every rank
-        import traceback
-
-        traceback.print_exc()
-        sys.stderr.flush()
-        comm.Abort(1)
+    run_checks(globals(), sys.argv[1:])
