@@ -1,7 +1,7 @@
 """The C++ extension builds against MPI and its allreduce is right on 4 ranks."""
 
-import numpy as np
 import pytest
+import torch
 from mpi_launch import REPO, run_mpi
 
 
@@ -13,9 +13,9 @@ def test_allreduce_on_four_ranks() -> None:
 def test_rejects_wrong_dtype_and_non_contiguous() -> None:
     from mpi4py import MPI
 
-    from rannc_py import _core
+    from rannc_py.comm import allreduce
 
     with pytest.raises(ValueError, match="float32"):
-        _core.allreduce_sum_f32(np.zeros(4, dtype=np.float64), MPI.COMM_SELF.py2f())
+        allreduce(torch.zeros(4, dtype=torch.float64), MPI.COMM_SELF)
     with pytest.raises(ValueError, match="contiguous"):
-        _core.allreduce_sum_f32(np.zeros((4, 4), dtype=np.float32)[:, 1], MPI.COMM_SELF.py2f())
+        allreduce(torch.zeros(4, 4)[:, 1], MPI.COMM_SELF)

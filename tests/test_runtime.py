@@ -144,6 +144,14 @@ def test_features_two_ranks() -> None:
     assert out.count(": ok") == len(checks), out
 
 
+def test_close_and_context_manager_two_ranks() -> None:
+    """close() and ``with`` free the communicators, twice is harmless; open modules are freed at exit."""
+    checks = ["close", "close_before_first_call", "open_at_exit"]
+    out = run_mpi(2, REPO / "tests/mpi_scripts/runtime_close.py", *checks, timeout=300).stdout
+    assert out.count(": ok") == len(checks), out
+    assert out.count("freed at exit") == 2, out
+
+
 def test_batchnorm_one_rank() -> None:
     out = run_mpi(1, FEATURES, "batchnorm", timeout=120).stdout
     assert "batchnorm: ok" in out, out

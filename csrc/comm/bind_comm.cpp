@@ -174,22 +174,9 @@ std::shared_ptr<Op> allgather(uintptr_t in_ptr, uintptr_t out_ptr, int64_t block
       nullptr));
 }
 
-// The blocking allreduce the package skeleton started with.
-void allreduce_sum_f32(py::buffer buf, long long comm_f) {
-  py::buffer_info info = float32_buffer(buf, "allreduce_sum_f32");
-  MPI_Comm comm = comm_from_fortran(comm_f);
-  py::gil_scoped_release release;
-  check_mpi(MPI_Allreduce(MPI_IN_PLACE, info.ptr, static_cast<int>(info.size), MPI_FLOAT, MPI_SUM, comm),
-            "MPI_Allreduce");
-}
-
 }  // namespace
 
 void register_comm(py::module_& m) {
-  m.def("allreduce_sum_f32", &allreduce_sum_f32, py::arg("buffer"), py::arg("comm"),
-        "Sum a contiguous float32 buffer across the ranks of an mpi4py communicator "
-        "(passed as comm.py2f()), in place, blocking.");
-
   py::class_<Op, std::shared_ptr<Op>>(m, "CommWork",
                                        "A communication in flight; status 0 pending, 1 ok, 2 bad input, 3 failed.")
       .def("wait", &Op::wait, py::call_guard<py::gil_scoped_release>(), "Block until the operation completes.")

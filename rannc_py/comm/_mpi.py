@@ -59,9 +59,14 @@ def comm_handle(comm: Any) -> int:
 def start(fn: Callable[..., Any], *args: Any) -> Any:
     """Call the ``_core`` function ``fn`` that posts MPI work, and return its handle.
 
-    Raises: CommError, carrying MPI's message, if the engine refuses the call.
+    Raises: ConfigError if the engine rejects an argument (the C++ side's
+    ``std::invalid_argument``, which pybind11 turns into ValueError; the
+    Python wrappers check the same things first); CommError, carrying MPI's
+    message, if MPI refuses the call.
     """
     try:
         return fn(*args)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     except RuntimeError as e:
         raise CommError(str(e)) from None

@@ -37,8 +37,8 @@ import torch
 
 from rannc_py import _core
 from rannc_py.comm._mpi import comm_handle, start
-from rannc_py.comm._tensors import check_buffer, nbytes
 from rannc_py.comm.cost import ALGORITHMS, GATHER_ALGORITHMS, grid_shape
+from rannc_py.comm.tensors import check_tensor, nbytes
 from rannc_py.comm.work import Work
 from rannc_py.errors import ConfigError
 
@@ -62,6 +62,24 @@ def _check_mpi_count(algorithm: str, count: int, what: str) -> None:
         raise ConfigError(
             f"{what}: {count} elements exceed MPI's per-call count limit {_INT_MAX}; use algorithm='ring'"
         )
+
+
+def _check_blocks(what: str, names: tuple[str, str], whole: torch.Tensor, block: torch.Tensor, comm: Any,
+                  algorithm: str, segment_bytes: int) -> int:
+    """Checks shared by reduce_scatter and allgather, where ``whole`` holds one ``block`` per rank.
+
+    ``names`` are the two tensors' names in ``what``'s messages. Returns the
+    communicator's handle.
+    """
+    _check_algorithm(algorithm, GATHER_ALGORITHMS, what)
+    _check_segment(segment_bytes)
+    handle = comm_handle(comm)
+    p = comm.Get_size()
+    if whole.numel() != p * block.numel():
+        raise ConfigError(
+            f"{what}: {names[0]} has {whole.numel()} elements, expected ranks × {names[1]} = {p} × {block.numel()}"
+        )
+    return handle
 
 
 def _overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -90,7 +108,7 @@ def allreduce(
     Raises: ConfigError for a bad tensor, algorithm, torus shape or segment
     size (at once), or ranks that disagree (from ``wait()``); CommError if MPI fails.
     """
-    t = check_buffer(tensor, "allreduce tensor", torch.float32)
+    t = check_tensor(tensor, "allreduce tensor", torch.float32)
     _check_algorithm(algorithm, ALGORITHMS, "allreduce")
     _check_segment(segment_bytes)
     _check_mpi_count(algorithm, t.numel(), "allreduce")
@@ -136,16 +154,9 @@ def reduce_scatter(
     Raises: ConfigError for bad tensors or sizes (at once) or ranks that
     disagree on m (from ``wait()``); CommError if MPI fails.
     """
-    i = check_buffer(input, "reduce_scatter input", torch.float32)
-    o = check_buffer(output, "reduce_scatter output", torch.float32)
-    _check_algorithm(algorithm, GATHER_ALGORITHMS, "reduce_scatter")
-    _check_segment(segment_bytes)
-    handle = comm_handle(comm)
-    p = comm.Get_size()
-    if i.numel() != p * o.numel():
-        raise ConfigError(
-            f"reduce_scatter: input has {i.numel()} elements, expected ranks × output = {p} × {o.numel()}"
-        )
+    i = check_tensor(input, "reduce_scatter input", torch.float32)
+    o = check_tensor(output, "reduce_scatter output", torch.float32)
+    handle = _check_blocks("reduce_scatter", ("input", "output"), i, o, comm, algorithm, segment_bytes)
     if _overlap(i, o):
         raise ConfigError("reduce_scatter: output overlaps input; pass separate tensors")
     _check_mpi_count(algorithm, o.numel(), "reduce_scatter")
@@ -174,16 +185,9 @@ def allgather(
     Raises: ConfigError for bad tensors or sizes (at once) or ranks that
     disagree on m (from ``wait()``); CommError if MPI fails.
     """
-    i = check_buffer(input, "allgather input")
-    o = check_buffer(output, "allgather output", i.dtype)
-    _check_algorithm(algorithm, GATHER_ALGORITHMS, "allgather")
-    _check_segment(segment_bytes)
-    handle = comm_handle(comm)
-    p = comm.Get_size()
-    if o.numel() != p * i.numel():
-        raise ConfigError(
-            f"allgather: output has {o.numel()} elements, expected ranks × input = {p} × {i.numel()}"
-        )
+    i = check_tensor(input, "allgather input")
+    o = check_tensor(output, "allgather output", i.dtype)
+    handle = _check_blocks("allgather", ("output", "input"), o, i, comm, algorithm, segment_bytes)
     own_block = o.data_ptr() + comm.Get_rank() * nbytes(i)
     if _overlap(i, o) and i.data_ptr() != own_block:
         raise ConfigError("allgather: input overlaps output other than as this rank's own block")

@@ -15,14 +15,15 @@ import torch
 
 from rannc_py import _core
 from rannc_py.comm._mpi import comm_handle, start
-from rannc_py.comm._tensors import check_buffer, nbytes
+from rannc_py.comm.tensors import check_tensor, nbytes
 from rannc_py.comm.work import Work
 from rannc_py.errors import ConfigError
 
-MIN_TAG_UB = 2**20  # tags at least up to this are promised to callers
 
-
-def _check_peer_and_tag(comm: Any, peer: int, tag: int, role: str) -> int:
+def _post(is_send: bool, tensor: torch.Tensor, peer: int, tag: int, comm: Any) -> Work:
+    """Check a transfer's arguments, post it to the engine and return its Work."""
+    what, role = ("isend", "destination") if is_send else ("irecv", "source")
+    t = check_tensor(tensor, f"{what} tensor")
     handle = comm_handle(comm)
     size = comm.Get_size()
     if not 0 <= peer < size:
@@ -30,7 +31,8 @@ def _check_peer_and_tag(comm: Any, peer: int, tag: int, role: str) -> int:
     ub = _core.comm_tag_ub(handle)
     if not 0 <= tag <= ub:
         raise ConfigError(f"tag {tag} is outside 0..{ub} (MPI_TAG_UB of this MPI)")
-    return handle
+    h = start(_core.comm_isend if is_send else _core.comm_irecv, t.data_ptr(), nbytes(t), peer, tag, handle)
+    return Work(h, (t,), f"{what} {'to' if is_send else 'from'} rank {peer} (tag {tag})")
 
 
 def isend(tensor: torch.Tensor, dest: int, tag: int, comm: Any) -> Work:
@@ -43,10 +45,7 @@ def isend(tensor: torch.Tensor, dest: int, tag: int, comm: Any) -> Work:
     Raises: ConfigError for a non-contiguous or non-CPU tensor, or a rank or
     tag out of range; CommError if MPI refuses the send.
     """
-    t = check_buffer(tensor, "isend tensor")
-    handle = _check_peer_and_tag(comm, dest, tag, "destination")
-    h = start(_core.comm_isend, t.data_ptr(), nbytes(t), dest, tag, handle)
-    return Work(h, (t,), f"isend to rank {dest} (tag {tag})")
+    return _post(True, tensor, dest, tag, comm)
 
 
 def irecv(tensor: torch.Tensor, source: int, tag: int, comm: Any) -> Work:
@@ -58,7 +57,4 @@ def irecv(tensor: torch.Tensor, source: int, tag: int, comm: Any) -> Work:
     Raises: ConfigError for a non-contiguous or non-CPU tensor, or a rank or
     tag out of range; CommError if MPI refuses the receive.
     """
-    t = check_buffer(tensor, "irecv tensor")
-    handle = _check_peer_and_tag(comm, source, tag, "source")
-    h = start(_core.comm_irecv, t.data_ptr(), nbytes(t), source, tag, handle)
-    return Work(h, (t,), f"irecv from rank {source} (tag {tag})")
+    return _post(False, tensor, source, tag, comm)

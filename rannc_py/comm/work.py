@@ -54,6 +54,11 @@ class Work:
         return f"Work({self._what}, {state})"
 
 
+def in_flight() -> bool:
+    """Return True while some communication started through this package has not completed."""
+    return any(not w.is_completed() for w in _in_flight)
+
+
 def wait_all(works: Iterable[Work]) -> None:
     """Wait for every work in ``works``, then raise the first error among them, if any.
 

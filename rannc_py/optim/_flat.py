@@ -21,8 +21,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from rannc_py.comm.tensors import check_tensor
 from rannc_py.errors import ConfigError
-from rannc_py.optim.kernels import _addr
 
 
 @dataclass
@@ -47,11 +47,8 @@ def as_number(value: Any) -> float:
 
 def check_param(p: Tensor, owner: str) -> None:
     """Raise ConfigError unless ``p`` is a contiguous fp32 CPU tensor."""
-    if p.device.type != "cpu" or p.dtype != torch.float32 or not p.is_contiguous():
-        raise ConfigError(
-            f"{owner} updates contiguous float32 CPU parameters; got a {p.dtype} tensor on {p.device} "
-            f"(contiguous={p.is_contiguous()}) of shape {tuple(p.shape)}; use torch.optim for it"
-        )
+    check_tensor(p, f"{owner} parameter of shape {tuple(p.shape)}", torch.float32,
+                 hint=f"{owner} updates contiguous float32 CPU parameters; use torch.optim for others")
 
 
 class FlatStateOptimizer(torch.optim.Optimizer):
@@ -188,8 +185,7 @@ class FlatStateOptimizer(torch.optim.Optimizer):
                         f"{type(self).__name__} does not support sparse gradients; use torch.optim"
                     )
                 check_param(p, type(self).__name__)
-                grads.append(g if g.is_contiguous() else g.contiguous())
-                _addr(grads[-1], "gradient")
+                grads.append(check_tensor(g.contiguous(), "gradient", torch.float32))
             self._update_group(group, flat, live, grads)
         return loss
 

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from rannc_py._core import kernels as _k
+from rannc_py.comm.tensors import check_tensor
 from rannc_py.errors import ConfigError
 
 ISAS = ("scalar", "avx2", "sve")
@@ -25,21 +26,7 @@ ISAS = ("scalar", "avx2", "sve")
 
 def _addr(t: Tensor, name: str, dtype: torch.dtype = torch.float32) -> int:
     """Address of ``t``'s first element after checking it can go to a kernel as is."""
-    if not isinstance(t, Tensor):
-        raise ConfigError(
-            f"{name} must be a torch.Tensor, got {type(t).__name__}; pass a tensor"
-        )
-    if t.device.type != "cpu" or t.dtype != dtype:
-        raise ConfigError(
-            f"{name} must be a {dtype} CPU tensor, got {t.dtype} on {t.device}; "
-            f"convert it with .to(device='cpu', dtype={dtype})"
-        )
-    if not t.is_contiguous():
-        raise ConfigError(
-            f"{name} must be contiguous, got shape {tuple(t.shape)} with strides {t.stride()}; "
-            "pass t.contiguous()"
-        )
-    return t.data_ptr()
+    return check_tensor(t, name, dtype).data_ptr()
 
 
 def _same_numel(a: Tensor, b: Tensor, what: str) -> None:

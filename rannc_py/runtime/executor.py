@@ -22,6 +22,12 @@ exchanged once per input signature (first microbatch of the first step with
 new input shapes), never per step. The last stage weights each of its
 microbatch losses by its share of the global batch, so the sum over all
 replicas and microbatches is the mean of per-microbatch losses.
+
+What one step holds between its actions (posted receives, activations kept
+for backward, sends in flight) lives in a :class:`_StepState` made by
+:meth:`Executor.run` and dropped when it returns; the executor itself keeps
+only what outlives a step (the stage, its partners, the tensor descriptions
+exchanged per input signature).
 """
 
 from __future__ import annotations
@@ -33,25 +39,26 @@ import torch
 from mpi4py import MPI
 from torch import Tensor
 
+from rannc_py.comm import p2p
+from rannc_py.comm.work import Work, wait_all
 from rannc_py.errors import ConfigError
-from rannc_py.runtime import transport
-from rannc_py.runtime.routing import chunks, stage_routes, unbatched_source
-from rannc_py.runtime.stage import StageProgram, TensorMeta, describe
+from rannc_py.runtime.routing import (
+    ACTIVATION,
+    GRADIENT,
+    META_TAG,
+    chunks,
+    message_tag,
+    stage_routes,
+    unbatched_source,
+)
+from rannc_py.runtime.stage import StageProgram, WireMeta, describe
 from rannc_py.schedule import Action, ActionKind
 
 K = ActionKind
-_TAG_META = 32767 - 1
-_ACT, _GRAD = 0, 1
-
-
-def _tag(kind: int, mb: int, k: int) -> int:
-    # Matching is already fixed by MPI's in-order delivery per (pair, tag);
-    # distinct tags only make mismatches loud. Stays under the guaranteed 32767.
-    return (kind * 128 + mb % 128) * 64 + k % 64
 
 
 @dataclass
-class Step:
+class StepInputs:
     """The inputs of one step, the same on every rank.
 
     Attributes:
@@ -77,6 +84,82 @@ class StageResult:
     loss_name: str | None = None
     weight: float = 0.0  # share of the global batch in one of this replica's microbatches
     rows: int = 0  # rows of this replica's chunk of a microbatch
+
+
+@dataclass(frozen=True)
+class _Peers:
+    """This replica's partners at one stage boundary, for one microbatch.
+
+    Attributes:
+        batched: ``(rank, row offset in this replica's chunk, rows)`` per
+            partner exchanging rows (a batched tensor travels in these pieces).
+        unbatched: the ranks a tensor without a batch dimension goes to or
+            comes from (whole, one copy per rank).
+    """
+
+    batched: tuple[tuple[int, int, int], ...]
+    unbatched: tuple[int, ...]
+
+
+@dataclass
+class _Incoming:
+    """Receives posted for one microbatch: per tensor ``(name, meta, pieces)``, and their transfers."""
+
+    tensors: list[tuple[str, WireMeta, list[Tensor]]]
+    works: list[Work]
+
+
+@dataclass
+class _StepState:
+    """What one run of the action list holds between actions; dropped when the run ends.
+
+    Attributes:
+        step: the step's inputs.
+        rows: rows of one microbatch.
+        lo: first row of this replica's chunk of a microbatch.
+        n: rows of that chunk.
+        prev: partners in the previous stage (None on the first stage).
+        next: partners in the next stage (None on the last stage).
+        last_backward: the microbatch whose backward is the step's last (None: no backward).
+        before_last_backward: called just before that backward.
+        result: what the last stage returns.
+        incoming: receives posted, by microbatch.
+        ins: inputs kept for backward, by microbatch.
+        outs: outputs kept for sending and backward, by microbatch.
+        rng: CPU RNG state and updated buffers before a recomputed forward, by microbatch.
+        in_grads: gradients of the inputs received from the previous stage, by microbatch.
+        sends: sends in flight.
+    """
+
+    step: StepInputs
+    rows: int
+    lo: int
+    n: int
+    prev: _Peers | None
+    next: _Peers | None
+    last_backward: int | None
+    before_last_backward: Callable[[], None]
+    result: StageResult
+    incoming: dict[int, _Incoming] = field(default_factory=dict)
+    ins: dict[int, dict[str, Tensor]] = field(default_factory=dict)
+    outs: dict[int, dict[str, Tensor]] = field(default_factory=dict)
+    rng: dict[int, tuple[Tensor, list[Tensor]]] = field(default_factory=dict)
+    in_grads: dict[int, list[Tensor]] = field(default_factory=dict)
+    sends: list[Work] = field(default_factory=list)
+
+
+def _join(pieces: list[Tensor], meta: WireMeta) -> Tensor:
+    """One tensor from its received pieces.
+
+    Rows are concatenated along the batch dimension; copies of an unbatched
+    tensor are summed (the gradients of one tensor sent to several replicas),
+    and no copy at all is a zero tensor.
+    """
+    if meta.batch_dim is not None:
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=meta.batch_dim)
+    if not pieces:
+        return torch.zeros(meta.shape, dtype=meta.dtype)
+    return pieces[0] if len(pieces) == 1 else torch.stack(pieces).sum(0)
 
 
 class Executor:
@@ -110,32 +193,18 @@ class Executor:
         self.recompute = recompute
         self.replica = stage_ranks[stage].index(comm.Get_rank())
         self.last = stage == len(stage_ranks) - 1
-        self._in_meta: dict[Hashable, list[TensorMeta]] = {}
+        self._in_meta: dict[Hashable, list[WireMeta]] = {}
         self._out_meta_sent: set[Hashable] = set()
 
     # ----------------------------------------------------------------- step
-    def run(self, actions: tuple[Action, ...], step: Step, before_last_backward: Callable[[], None],
+    def run(self, actions: tuple[Action, ...], step: StepInputs, before_last_backward: Callable[[], None],
             on_allreduce: Callable[[], None]) -> StageResult:
         """Execute ``actions`` for ``step``; return the last stage's outputs (empty elsewhere).
 
         ``before_last_backward`` runs just before the last microbatch's
         backward, ``on_allreduce`` at the ALLREDUCE action.
         """
-        self._step = step
-        self._rows = step.batch // step.microbatches
-        lo, hi = chunks(self._rows, len(self.ranks[self.stage]))[self.replica]
-        self._lo, self._n = lo, hi - lo
-        self._recv: dict[int, list[tuple[list[Tensor], TensorMeta]]] = {}
-        self._recv_work: dict[int, list[transport.Work]] = {}
-        self._ins: dict[int, dict[str, Tensor]] = {}
-        self._outs: dict[int, dict[str, Tensor]] = {}
-        self._rng: dict[int, tuple[Tensor, list[Tensor]]] = {}
-        backwards = [a.microbatch for a in actions if a.kind is K.BACKWARD]
-        self._last_b = backwards[-1] if backwards else None
-        self._before_last_backward = before_last_backward
-        self._in_grads: dict[int, list[Tensor]] = {}
-        self._sends: list[transport.Work] = []
-        self.result = StageResult(weight=self._n / (self._rows * step.microbatches), rows=self._n)
+        st = self._begin(actions, step, before_last_backward)
         handlers = {
             K.RECV_ACT: self._recv_act,
             K.FORWARD: self._forward,
@@ -149,174 +218,175 @@ class Executor:
                 on_allreduce()
             else:
                 assert a.microbatch is not None
-                handlers[a.kind](a.microbatch)
-        transport.wait_all(self._sends)
-        result, self.result = self.result, StageResult()
-        return result
+                handlers[a.kind](st, a.microbatch)
+        wait_all(st.sends)
+        return st.result
+
+    def _begin(self, actions: tuple[Action, ...], step: StepInputs,
+               before_last_backward: Callable[[], None]) -> _StepState:
+        rows = step.batch // step.microbatches
+        lo, hi = chunks(rows, len(self.ranks[self.stage]))[self.replica]
+        backwards = [a.microbatch for a in actions if a.kind is K.BACKWARD]
+        return _StepState(
+            step=step,
+            rows=rows,
+            lo=lo,
+            n=hi - lo,
+            prev=self._peers(rows, self.stage - 1) if self.stage > 0 else None,
+            next=None if self.last else self._peers(rows, self.stage + 1),
+            last_backward=backwards[-1] if backwards else None,
+            before_last_backward=before_last_backward,
+            result=StageResult(weight=(hi - lo) / (rows * step.microbatches), rows=hi - lo),
+        )
 
     # -------------------------------------------------------------- helpers
-    def _peer(self, stage: int, replica: int) -> int:
-        return self.ranks[stage][replica]
+    def _peers(self, rows: int, other: int) -> _Peers:
+        """This replica's partners in the adjacent stage ``other`` for a microbatch of ``rows`` rows."""
+        me, mine, theirs = self.replica, len(self.ranks[self.stage]), len(self.ranks[other])
+        ranks = self.ranks[other]
+        if other < self.stage:  # the previous stage sends to this one
+            batched = tuple((ranks[r.src], r.dst_offset, r.rows) for r in stage_routes(rows, theirs, mine) if r.dst == me)
+            return _Peers(batched, (ranks[unbatched_source(rows, theirs, mine, me)],))
+        batched = tuple((ranks[r.dst], r.src_offset, r.rows) for r in stage_routes(rows, mine, theirs) if r.src == me)
+        unbatched = tuple(ranks[d] for d in range(theirs) if unbatched_source(rows, mine, theirs, d) == me)
+        return _Peers(batched, unbatched)
 
-    def _routes(self, src_stage: int) -> list:
-        return stage_routes(self._rows, len(self.ranks[src_stage]), len(self.ranks[src_stage + 1]))
+    def _post_recvs(self, specs: list[tuple[int, str, WireMeta]], peers: _Peers | None, kind: int,
+                    mb: int) -> _Incoming:
+        """Post the receives of tensors ``(index, name, meta)`` of microbatch ``mb`` from ``peers``."""
+        assert peers is not None
+        incoming = _Incoming(tensors=[], works=[])
+        for k, name, meta in specs:
+            if meta.batch_dim is None:
+                sources = [(rank, meta.shape) for rank in peers.unbatched]
+            else:
+                sources = [(rank, meta.with_rows(rows)) for rank, _, rows in peers.batched]
+            pieces = [torch.empty(shape, dtype=meta.dtype) for _, shape in sources]
+            tag = message_tag(kind, mb, k)
+            incoming.works += [p2p.irecv(t, rank, tag, self.comm) for (rank, _), t in zip(sources, pieces)]
+            incoming.tensors.append((name, meta, pieces))
+        return incoming
 
-    def _user_inputs(self, mb: int) -> dict[str, Tensor]:
-        lo = mb * self._rows + self._lo
+    def _post_sends(self, st: _StepState, tensors: list[tuple[int, Tensor, WireMeta]], peers: _Peers | None,
+                    kind: int, mb: int) -> None:
+        """Post the sends of tensors ``(index, contiguous tensor, meta)`` of microbatch ``mb`` to ``peers``."""
+        assert peers is not None
+        for k, t, meta in tensors:
+            tag = message_tag(kind, mb, k)
+            if meta.batch_dim is None:
+                st.sends += [p2p.isend(t, rank, tag, self.comm) for rank in peers.unbatched]
+            else:
+                st.sends += [p2p.isend(meta.rows(t, offset, rows).contiguous(), rank, tag, self.comm)
+                             for rank, offset, rows in peers.batched]
+
+    def _user_inputs(self, st: _StepState, mb: int) -> dict[str, Tensor]:
+        lo = mb * st.rows + st.lo
         out = {}
-        for name, t in self._step.inputs.items():
+        for name, t in st.step.inputs.items():
             if name in self.prog.input_names:
                 dim = self.prog.batch_dims.get(name)
-                out[name] = t if dim is None else t.narrow(dim, lo, self._n)
+                out[name] = t if dim is None else t.narrow(dim, lo, st.n)
         return out
 
     # ---------------------------------------------------------- activations
-    def _recv_act(self, mb: int) -> None:
-        prev, me = self.stage - 1, self.replica
-        routes = [r for r in self._routes(prev) if r.dst == me]
-        sig = self._step.signature
-        if sig not in self._in_meta:
-            metas = None
-            for r in routes:  # every partner describes the same tensors
-                got = self.comm.recv(source=self._peer(prev, r.src), tag=_TAG_META)
-                metas = metas or got
-            assert metas is not None
-            self._in_meta[sig] = metas
-        src_un = unbatched_source(self._rows, len(self.ranks[prev]), len(self.ranks[self.stage]), me)
-        pending, works = [], []
-        for k, meta in enumerate(self._in_meta[sig]):
-            pieces = []
-            if meta.batch_dim is None:
-                pieces.append(torch.empty(meta.shape, dtype=meta.dtype))
-                works.append(transport.irecv(pieces[-1], self._peer(prev, src_un), _tag(_ACT, mb, k), self.comm))
-            else:
-                for r in routes:
-                    pieces.append(torch.empty(meta.with_rows(r.rows), dtype=meta.dtype))
-                    works.append(transport.irecv(pieces[-1], self._peer(prev, r.src), _tag(_ACT, mb, k), self.comm))
-            pending.append((pieces, meta))
-        self._recv[mb], self._recv_work[mb] = pending, works
+    def _recv_act(self, st: _StepState, mb: int) -> None:
+        sig = st.step.signature
+        if sig not in self._in_meta:  # every partner describes the same tensors
+            assert st.prev is not None
+            described = [self.comm.recv(source=rank, tag=META_TAG) for rank, _, _ in st.prev.batched]
+            self._in_meta[sig] = described[0]
+        specs = [(k, name, meta) for k, (name, meta) in enumerate(zip(self.prog.recv_names, self._in_meta[sig]))]
+        st.incoming[mb] = self._post_recvs(specs, st.prev, ACTIVATION, mb)
 
-    def _forward(self, mb: int) -> None:
-        values = self._user_inputs(mb)
+    def _forward(self, st: _StepState, mb: int) -> None:
+        values = self._user_inputs(st, mb)
+        train = st.step.training
         if self.stage > 0:
-            transport.wait_all(self._recv_work.pop(mb))
-            for name, (pieces, meta) in zip(self.prog.recv_names, self._recv.pop(mb)):
-                t = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=meta.batch_dim or 0)
-                if self._step.training and t.is_floating_point():
+            incoming = st.incoming.pop(mb)
+            wait_all(incoming.works)
+            for name, meta, pieces in incoming.tensors:
+                t = _join(pieces, meta)
+                if train and t.is_floating_point():
                     t.requires_grad_(True)
                 values[name] = t
-        train = self._step.training
         if train and self.recompute:
-            self._rng[mb] = torch.get_rng_state(), [b.clone() for b in self.prog.updated_buffers]
+            st.rng[mb] = torch.get_rng_state(), [b.clone() for b in self.prog.updated_buffers]
         with torch.set_grad_enabled(train and not self.recompute):
             outs = self.prog(values)
         if train:
-            self._ins[mb] = values
-        self._outs[mb] = outs
+            st.ins[mb] = values
+        st.outs[mb] = outs
         if self.last:
-            self._record(mb, outs)
+            self._record(st, mb, outs)
 
-    def _record(self, mb: int, outs: dict[str, Tensor]) -> None:
-        if self.result.loss_name is None:
+    def _record(self, st: _StepState, mb: int, outs: dict[str, Tensor]) -> None:
+        result = st.result
+        if result.loss_name is None:
             scalars = [n for n, t in outs.items() if t.dim() == 0 and t.is_floating_point()]
-            self.result.loss_name = scalars[0] if scalars else None
-            if self._step.training and self.result.loss_name is None:
+            result.loss_name = scalars[0] if scalars else None
+            if st.step.training and result.loss_name is None:
                 raise ConfigError(
                     "the model returned no scalar loss (outputs: "
                     f"{ {n: tuple(t.shape) for n, t in outs.items()} }); a trained model must "
                     "return its loss, e.g. pass labels to a Hugging Face model"
                 )
-        keep = self.keep_outputs or not self.result.outputs
+        keep = self.keep_outputs or not result.outputs
         # Not returned to the caller (e.g. logits at vocabulary size): not worth holding all step.
-        self.result.outputs.append({n: t.detach() for n, t in outs.items() if keep or t.dim() == 0})
-        if not self._step.training:
-            self._outs.pop(mb)
+        result.outputs.append({n: t.detach() for n, t in outs.items() if keep or t.dim() == 0})
+        if not st.step.training:
+            st.outs.pop(mb)
 
-    def _send_act(self, mb: int) -> None:
-        nxt, me = self.stage + 1, self.replica
-        routes = [r for r in self._routes(self.stage) if r.src == me]
-        outs = self._outs[mb]
-        tensors = [outs[n].detach().contiguous() for n in self.prog.send_names]
-        metas = [describe(t, n, self.prog.batch_dims.get(n), self._n) for n, t in zip(self.prog.send_names, tensors)]
-        sig = self._step.signature
+    def _send_act(self, st: _StepState, mb: int) -> None:
+        outs = st.outs[mb]
+        names = self.prog.send_names
+        tensors = [outs[n].detach().contiguous() for n in names]
+        metas = [describe(t, n, self.prog.batch_dims.get(n), st.n) for n, t in zip(names, tensors)]
+        sig = st.step.signature
         if sig not in self._out_meta_sent:
-            for r in routes:
-                self.comm.send(metas, dest=self._peer(nxt, r.dst), tag=_TAG_META)
+            assert st.next is not None
+            for rank, _, _ in st.next.batched:
+                self.comm.send(metas, dest=rank, tag=META_TAG)
             self._out_meta_sent.add(sig)
-        n_next = len(self.ranks[nxt])
-        un_dsts = [d for d in range(n_next) if unbatched_source(self._rows, len(self.ranks[self.stage]), n_next, d) == me]
-        for k, (t, meta) in enumerate(zip(tensors, metas)):
-            if meta.batch_dim is None:
-                for d in un_dsts:
-                    self._sends.append(transport.isend(t, self._peer(nxt, d), _tag(_ACT, mb, k), self.comm))
-            else:
-                for r in routes:
-                    piece = meta.rows(t, r.src_offset, r.rows).contiguous()
-                    self._sends.append(transport.isend(piece, self._peer(nxt, r.dst), _tag(_ACT, mb, k), self.comm))
-        if not self._step.training:
-            self._outs.pop(mb)
+        self._post_sends(st, list(zip(range(len(names)), tensors, metas)), st.next, ACTIVATION, mb)
+        if not st.step.training:
+            st.outs.pop(mb)
 
     # ------------------------------------------------------------ gradients
-    def _recv_grad(self, mb: int) -> None:
-        nxt, me = self.stage + 1, self.replica
-        routes = [r for r in self._routes(self.stage) if r.src == me]
-        n_next = len(self.ranks[nxt])
-        un_dsts = [d for d in range(n_next) if unbatched_source(self._rows, len(self.ranks[self.stage]), n_next, d) == me]
-        outs = self._outs[mb]
-        pending, works = [], []
-        for k, name in enumerate(self.prog.send_names):
-            t = outs[name]
-            if not t.is_floating_point():
-                continue
-            meta = describe(t, name, self.prog.batch_dims.get(name), self._n)
-            pieces = []
-            if meta.batch_dim is None:
-                for d in un_dsts:
-                    pieces.append(torch.empty(meta.shape, dtype=meta.dtype))
-                    works.append(transport.irecv(pieces[-1], self._peer(nxt, d), _tag(_GRAD, mb, k), self.comm))
-            else:
-                for r in routes:
-                    pieces.append(torch.empty(meta.with_rows(r.rows), dtype=meta.dtype))
-                    works.append(transport.irecv(pieces[-1], self._peer(nxt, r.dst), _tag(_GRAD, mb, k), self.comm))
-            pending.append((name, pieces, meta))
-        self._recv[mb], self._recv_work[mb] = pending, works  # type: ignore[assignment]
+    def _recv_grad(self, st: _StepState, mb: int) -> None:
+        outs = st.outs[mb]
+        specs = [
+            (k, name, describe(outs[name], name, self.prog.batch_dims.get(name), st.n))
+            for k, name in enumerate(self.prog.send_names)
+            if outs[name].is_floating_point()
+        ]
+        st.incoming[mb] = self._post_recvs(specs, st.next, GRADIENT, mb)
 
-    def _backward(self, mb: int) -> None:
-        values = self._ins.pop(mb)
-        outs = self._outs.pop(mb)
+    def _backward(self, st: _StepState, mb: int) -> None:
+        values = st.ins.pop(mb)
+        outs = st.outs.pop(mb)
         if self.recompute:
-            outs = self._recompute(mb, values)
-        tensors: list[Tensor] = []
-        grads: list[Tensor] = []
+            outs = self._recompute(st, mb, values)
         if self.last:
-            loss = outs[self.result.loss_name]  # type: ignore[index]
-            tensors, grads = [loss], [torch.full_like(loss, self.result.weight)]
+            assert st.result.loss_name is not None  # checked when the forward recorded it
+            loss = outs[st.result.loss_name]
+            tensors, grads = [loss], [torch.full_like(loss, st.result.weight)]
         else:
-            transport.wait_all(self._recv_work.pop(mb))
-            for name, pieces, meta in self._recv.pop(mb):  # type: ignore[misc]
-                t = outs[name]
-                if meta.batch_dim is None:
-                    g = torch.stack(pieces).sum(0) if pieces else torch.zeros_like(t)
-                else:
-                    g = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=meta.batch_dim)
-                if t.requires_grad:
-                    tensors.append(t)
-                    grads.append(g)
-        if mb == self._last_b:
-            self._before_last_backward()
+            incoming = st.incoming.pop(mb)
+            wait_all(incoming.works)
+            pairs = [(outs[name], _join(pieces, meta)) for name, meta, pieces in incoming.tensors
+                     if outs[name].requires_grad]
+            tensors, grads = [t for t, _ in pairs], [g for _, g in pairs]
+        if mb == st.last_backward:
+            st.before_last_backward()
         if tensors:
             torch.autograd.backward(tensors, grads)
         if self.stage > 0:
-            grads_in: list[Tensor] = []
-            for n in self.prog.recv_names:
-                if values[n].is_floating_point():
-                    grad = values[n].grad
-                    grads_in.append(grad if grad is not None else torch.zeros_like(values[n]))
-            self._in_grads[mb] = grads_in
+            received = [values[n] for n in self.prog.recv_names if values[n].is_floating_point()]
+            st.in_grads[mb] = [torch.zeros_like(t) if t.grad is None else t.grad for t in received]
 
-    def _recompute(self, mb: int, values: dict[str, Tensor]) -> dict[str, Tensor]:
+    def _recompute(self, st: _StepState, mb: int, values: dict[str, Tensor]) -> dict[str, Tensor]:
         """Re-run microbatch ``mb``'s forward as it first ran: same RNG draws, same running statistics."""
-        rng, buffers = self._rng.pop(mb)
+        rng, buffers = st.rng.pop(mb)
         saved_rng = torch.get_rng_state()
         saved = [b.clone() for b in self.prog.updated_buffers]
         torch.set_rng_state(rng)
@@ -331,18 +401,11 @@ class Executor:
                 b.copy_(v)
         return outs
 
-    def _send_grad(self, mb: int) -> None:
-        prev, me = self.stage - 1, self.replica
-        routes = [r for r in self._routes(prev) if r.dst == me]
-        src_un = unbatched_source(self._rows, len(self.ranks[prev]), len(self.ranks[self.stage]), me)
-        grads = iter(self._in_grads.pop(mb))
-        for k, meta in enumerate(self._in_meta[self._step.signature]):
-            if not meta.dtype.is_floating_point:
-                continue
-            g = next(grads).contiguous()
-            if meta.batch_dim is None:
-                self._sends.append(transport.isend(g, self._peer(prev, src_un), _tag(_GRAD, mb, k), self.comm))
-            else:
-                for r in routes:
-                    piece = meta.rows(g, r.dst_offset, r.rows).contiguous()
-                    self._sends.append(transport.isend(piece, self._peer(prev, r.src), _tag(_GRAD, mb, k), self.comm))
+    def _send_grad(self, st: _StepState, mb: int) -> None:
+        grads = iter(st.in_grads.pop(mb))
+        tensors = [
+            (k, next(grads).contiguous(), meta)
+            for k, meta in enumerate(self._in_meta[st.step.signature])
+            if meta.dtype.is_floating_point
+        ]
+        self._post_sends(st, tensors, st.prev, GRADIENT, mb)

@@ -18,7 +18,8 @@ import torch
 from mpi4py import MPI
 from torch import Tensor, nn
 
-from rannc_py.runtime import transport
+from rannc_py.comm import collectives
+from rannc_py.comm.work import Work
 
 
 class GradSync:
@@ -69,7 +70,7 @@ class GradSync:
         self._groups: list[tuple[MPI.Comm, list[list[nn.Parameter]]]] = []
         self._algorithm: list[str] = []
         self._bucket_of: dict[int, tuple[int, int]] = {}  # id(param) -> (group, bucket)
-        self._works: list[tuple[transport.Work, Tensor, list[nn.Parameter]]] = []
+        self._works: list[tuple[Work, Tensor, list[nn.Parameter]]] = []
         self._hooks: list[Any] = []
         self.started_in_backward = 0  # buckets started before ALLREDUCE in the last step
         for group in sorted({h for h in holders.values() if len(h) > 1}):
@@ -125,7 +126,7 @@ class GradSync:
                 piece.copy_(p.grad.reshape(-1))
                 p.grad = None  # final: the bucket holds it now, finish() points .grad back at it
             offset += p.numel()
-        self._works.append((transport.iallreduce_sum(flat, self._groups[g][0], self._algorithm[g]), flat, ps))
+        self._works.append((collectives.allreduce(flat, self._groups[g][0], self._algorithm[g]), flat, ps))
 
     def start(self) -> None:
         """Start summing every bucket not yet started (missing gradients count as zero)."""
@@ -148,12 +149,19 @@ class GradSync:
         self._works.clear()
 
     def free(self) -> None:
-        """Remove the hooks and release the sub-communicators."""
+        """Remove the hooks and free the sub-communicators; a second call does nothing.
+
+        Call it with no sum in flight (between steps). ``MPI_Comm_free`` is
+        local in MPICH and Open MPI (see :meth:`rannc_py.RaNNCModule.close`).
+        """
         for h in self._hooks:
             h.remove()
+        self._hooks.clear()
         for sub, _ in self._groups:
             sub.Free()
         self._groups.clear()
+        self._algorithm.clear()
+        self._bucket_of.clear()
 
 
 class HeldGrads:

@@ -15,18 +15,35 @@ batch dimension.
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from mpi4py import MPI
 from torch import Tensor
 
+from rannc_py.comm import collectives, p2p
+from rannc_py.comm.work import Work, wait_all
 from rannc_py.errors import ConfigError
-from rannc_py.runtime import transport
-from rannc_py.runtime.executor import StageResult, Step
-from rannc_py.runtime.routing import output_routes
+from rannc_py.runtime.executor import StageResult, StepInputs
+from rannc_py.runtime.routing import OUTPUT, message_tag, output_routes
 
-_OUT_KIND = 2  # tag space of output messages, apart from activations (0) and gradients (1)
+# (name, kind, shape per chunk, dtype, batch dim, entries per row) of one output; see _describe_outputs.
+_OutputDesc = tuple[str, str, tuple[int, ...], torch.dtype, int | None, int]
+
+
+@dataclass
+class StepOutputs:
+    """The model's outputs on this rank after one step.
+
+    Attributes:
+        values: every output by name (None for batched ones not returned).
+        loss_name: the output that is the loss (the first scalar one), or
+            None when the model returned no scalar.
+    """
+
+    values: dict[str, Any]
+    loss_name: str | None
 
 
 def _allgather(t: Tensor, comm: MPI.Comm) -> Tensor:
@@ -39,7 +56,7 @@ def _allgather(t: Tensor, comm: MPI.Comm) -> Tensor:
     """
     t = t.contiguous()
     out = torch.empty((comm.Get_size(), *t.shape), dtype=t.dtype)
-    transport.allgather(t, out, comm).wait()
+    collectives.allgather(t, out, comm).wait()
     return out
 
 
@@ -89,9 +106,7 @@ def gather_inputs(
     return out, rows * world
 
 
-def _describe_outputs(
-    result: StageResult, batch_dims: dict[str, int | None]
-) -> list[tuple[str, str, tuple[int, ...], torch.dtype, int | None, int]]:
+def _describe_outputs(result: StageResult, batch_dims: dict[str, int | None]) -> list[_OutputDesc]:
     """(name, kind, shape per chunk, dtype, batch dim, entries per row) of each output.
 
     kind is scalar/batched/other; a batched output's batch dimension holds
@@ -114,68 +129,91 @@ def _describe_outputs(
 
 def return_outputs(
     result: StageResult,
-    step: Step,
+    step: StepInputs,
     output_names: list[str],
     batch_dims: dict[str, int | None],
     stage_ranks: list[list[int]],
     comm: MPI.Comm,
     cache: dict[Any, Any],
     with_batched: bool,
-) -> dict[str, Any]:
-    """Every output of the model for this rank, by name (None for skipped batched ones).
+) -> StepOutputs:
+    """Every output of the model for this rank, and which of them is the loss.
 
-    The key ``"__loss_name__"`` names the first scalar output (None if there is none).
-    ``batch_dims`` gives the outputs' batch dimensions.
-    ``cache`` keeps the outputs' description per input signature, so it is
-    broadcast from the last stage once, not every step.
+    ``batch_dims`` gives the outputs' batch dimensions. ``cache`` keeps the
+    outputs' description per input signature, so it is broadcast from the
+    last stage once, not every step. ``with_batched`` False skips moving
+    batched outputs (returned as None).
+
+    Raises:
+        ConfigError: the last stage did not produce every name in ``output_names``.
     """
     last = stage_ranks[-1]
-    rank, world = comm.Get_rank(), comm.Get_size()
+    rank = comm.Get_rank()
     replica = last.index(rank) if rank in last else None
-    m = step.microbatches
     if step.signature not in cache:
-        desc = _describe_outputs(result, batch_dims) if replica == 0 else None
-        cache[step.signature] = comm.bcast(desc, root=last[0])
-    desc = cache[step.signature]
-    values: dict[str, Any] = {}
+        described = _describe_outputs(result, batch_dims) if replica == 0 else None
+        cache[step.signature] = comm.bcast(described, root=last[0])
+    desc: list[_OutputDesc] = cache[step.signature]
     scalars = [d for d in desc if d[1] == "scalar"]
-    acc = torch.zeros(len(scalars), dtype=torch.float64)
-    if replica is not None:
-        for k, (name, *_rest) in enumerate(scalars):
-            acc[k] = sum(float(o[name]) for o in result.outputs) * result.weight
-    if world > 1 and scalars:
-        # Summed in rank order on every rank, so every rank gets the same value.
-        acc = _allgather(acc, comm).sum(0)
-    for k, (name, _, _, dtype, _, _) in enumerate(scalars):
-        values[name] = torch.tensor(float(acc[k]), dtype=dtype)
-    values["__loss_name__"] = scalars[0][0] if scalars else None
-    local_rows = step.batch // world
-    routes = output_routes(step.batch, m, len(last), world)
-    works: list[transport.Work] = []
-    for k, (name, kind, shape, dtype, dim, per_row) in enumerate(desc):
+    values: dict[str, Any] = _scalar_outputs(result, scalars, replica, comm)
+    works: list[Work] = []
+    for k, (name, kind, *_rest) in enumerate(desc):
         if kind == "other":
             values[name] = comm.bcast(result.outputs[0][name] if replica == 0 else None, root=last[0])
         elif kind == "batched" and not with_batched:
             values[name] = None
         elif kind == "batched":
-            # Received with the batch dimension first, so every piece is a contiguous block.
-            first = (shape[dim], *shape[:dim], *shape[dim + 1 :])
-            buf = torch.empty((local_rows * per_row, *first[1:]), dtype=dtype)
-            for i, seg in routes:
-                tag = (_OUT_KIND * 128 + i % 128) * 64 + k % 64
-                mine = seg.src == replica
-                piece = result.outputs[i][name].movedim(dim, 0).narrow(0, seg.src_offset * per_row, seg.rows * per_row) if mine else None
-                view = buf.narrow(0, seg.dst_offset * per_row, seg.rows * per_row) if seg.dst == rank else None
-                if piece is not None and view is not None:  # this rank's own rows: no message
-                    view.copy_(piece)
-                elif piece is not None:
-                    works.append(transport.isend(piece.contiguous(), seg.dst, tag, comm))
-                elif view is not None:
-                    works.append(transport.irecv(view, last[seg.src], tag, comm))
-            values[name] = buf.movedim(0, dim)
-    transport.wait_all(works)
+            values[name] = _post_batched_output(result, step, desc[k], k, last, replica, comm, works)
+    wait_all(works)
     missing = [n for n in output_names if n not in values]
     if missing:
         raise ConfigError(f"the last stage did not produce outputs {missing}")
-    return values
+    return StepOutputs(values=values, loss_name=scalars[0][0] if scalars else None)
 
+
+def _scalar_outputs(
+    result: StageResult, scalars: list[_OutputDesc], replica: int | None, comm: MPI.Comm
+) -> dict[str, Tensor]:
+    """The scalar outputs: weighted sums over the last stage's replicas and microbatches, on every rank."""
+    acc = torch.zeros(len(scalars), dtype=torch.float64)
+    if replica is not None:
+        for k, (name, *_rest) in enumerate(scalars):
+            acc[k] = sum(float(o[name]) for o in result.outputs) * result.weight
+    if comm.Get_size() > 1 and scalars:
+        # Summed in rank order on every rank, so every rank gets the same value.
+        acc = _allgather(acc, comm).sum(0)
+    return {name: torch.tensor(float(acc[k]), dtype=dtype) for k, (name, _, _, dtype, _, _) in enumerate(scalars)}
+
+
+def _post_batched_output(
+    result: StageResult,
+    step: StepInputs,
+    desc: _OutputDesc,
+    k: int,
+    last: list[int],
+    replica: int | None,
+    comm: MPI.Comm,
+    works: list[Work],
+) -> Tensor:
+    """This rank's rows of batched output ``k``; its transfers are appended to ``works``.
+
+    The returned tensor is complete once ``works`` are waited for.
+    """
+    name, _, shape, dtype, dim, per_row = desc
+    assert dim is not None
+    rank, world = comm.Get_rank(), comm.Get_size()
+    # Received with the batch dimension first, so every piece is a contiguous block.
+    first = (shape[dim], *shape[:dim], *shape[dim + 1 :])
+    buf = torch.empty(((step.batch // world) * per_row, *first[1:]), dtype=dtype)
+    for i, seg in output_routes(step.batch, step.microbatches, len(last), world):
+        tag = message_tag(OUTPUT, i, k)
+        mine = seg.src == replica
+        piece = result.outputs[i][name].movedim(dim, 0).narrow(0, seg.src_offset * per_row, seg.rows * per_row) if mine else None
+        view = buf.narrow(0, seg.dst_offset * per_row, seg.rows * per_row) if seg.dst == rank else None
+        if piece is not None and view is not None:  # this rank's own rows: no message
+            view.copy_(piece)
+        elif piece is not None:
+            works.append(p2p.isend(piece.contiguous(), seg.dst, tag, comm))
+        elif view is not None:
+            works.append(p2p.irecv(view, last[seg.src], tag, comm))
+    return buf.movedim(0, dim)

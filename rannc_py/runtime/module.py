@@ -32,20 +32,25 @@ when rank 0's model is on ``meta``) and rebinds the optimizer to them.
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import os
+import weakref
 from collections.abc import Callable, Iterator, Mapping
+from types import TracebackType
 from typing import Any
 
 import torch
 from mpi4py import MPI
 from torch import Tensor, nn
+from typing_extensions import Self  # Python 3.10 has no typing.Self; torch depends on typing_extensions
 
+from rannc_py.comm.work import in_flight
 from rannc_py.errors import ConfigError
 from rannc_py.planner.options import PlanOptions
 from rannc_py.planner.plan import Plan
 from rannc_py.runtime import params as P
-from rannc_py.runtime.executor import Executor, Step
+from rannc_py.runtime.executor import Executor, StepInputs
 from rannc_py.runtime.failure import abort_on_error
 from rannc_py.runtime.grads import GradSync, HeldGrads, clip_grad_norm_
 from rannc_py.runtime.io import gather_inputs, return_outputs
@@ -106,6 +111,7 @@ class RaNNCModule(nn.Module):
     """
 
     _model: nn.Module  # held outside the module tree (see __init__)
+    _closed = False  # set by close()
 
     def __init__(
         self,
@@ -130,6 +136,7 @@ class RaNNCModule(nn.Module):
         self._param_init = param_init
         self._bucket_bytes = bucket_bytes
         self._comm = MPI.COMM_WORLD.Dup()
+        _open_modules.add(self)  # freed at exit unless closed before
         self._ready = False
         self.training = model.training
 
@@ -217,8 +224,12 @@ class RaNNCModule(nn.Module):
 
         Raises:
             ConfigError: the inputs differ in structure or shape between ranks,
-                or the global batch does not split into the plan's microbatches.
+                or the global batch does not split into the plan's microbatches,
+                or the module was closed.
         """
+        if self._closed:
+            raise ConfigError("this RaNNCModule was closed (close() or the end of its with block); "
+                              "build a new RaNNCModule to run the model again")
         with abort_on_error(self._comm, "the forward call"):
             if not self._ready:
                 self._setup(args, kwargs)
@@ -238,7 +249,7 @@ class RaNNCModule(nn.Module):
             )
         training = self.training and torch.is_grad_enabled()
         signature = (batch, m, tuple((n, tuple(t.shape), t.dtype) for n, t in inputs.items()))
-        step = Step(batch, m, inputs, signature, training)
+        step = StepInputs(batch=batch, microbatches=m, inputs=inputs, signature=signature, training=training)
         key = (training, m)
         if key not in self._schedules:
             gen = by_name(plan.schedule, plan.num_stages, m) if training else forward_only(plan.num_stages, m)
@@ -250,13 +261,52 @@ class RaNNCModule(nn.Module):
         if training:
             self._sync.finish()
             apply = self._held.end()
-        values = return_outputs(
-            result, step, self._graph.output_names, self._output_dims, stage_ranks(plan), comm, self._out_meta, self._options.return_outputs
+        out = return_outputs(
+            result, step, self._graph.output_names, self._output_dims, stage_ranks(plan), comm, self._out_meta,
+            self._options.return_outputs,
         )
-        loss_name = values.pop("__loss_name__", None)
-        if apply is not None and loss_name is not None:
-            values[loss_name] = _ApplyHeld.apply(self._anchor, values[loss_name], apply)
+        values = out.values
+        if apply is not None and out.loss_name is not None:
+            values[out.loss_name] = _ApplyHeld.apply(self._anchor, values[out.loss_name], apply)
         return self._graph.unflatten_outputs([values[n] for n in self._graph.output_names])
+
+    # ------------------------------------------------------- lifetime
+    def close(self) -> None:
+        """Free this module's communicators; a forward call afterwards raises ConfigError.
+
+        Frees the per-group sub-communicators of the gradient sums and the
+        runtime's duplicate of ``MPI.COMM_WORLD``. Safe before the first call
+        and idempotent. Call it on every rank between steps (as the end of a
+        ``with RaNNCModule(...) as m:`` block does). This rank's parameters
+        and the optimizer stay usable locally; ``state_dict()`` and
+        ``clip_grad_norm_()`` need the freed communicator, so gather the
+        state before closing.
+
+        A module left open is closed at interpreter exit, before mpi4py
+        finalises MPI, unless a communication is still in flight then.
+        ``MPI_Comm_free`` is collective in the MPI standard, but MPICH and
+        Open MPI free locally (no message, no waiting for other ranks), so
+        neither call can hang on a rank that has already exited. The one step
+        that could wait is the engine releasing its own duplicate of a
+        communicator while that duplicate's ``MPI_Comm_idup`` is unfinished,
+        which happens only while a collective on it is unfinished; so at exit,
+        with anything in flight, nothing is freed and MPI_Finalize is left to
+        clean up. Nothing here starts a collective.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        _open_modules.discard(self)
+        if self._ready:
+            self._sync.free()
+        self._comm.Free()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
 
     # ------------------------------------------------------ parameters
     def named_parameters(self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True
@@ -309,3 +359,22 @@ class RaNNCModule(nn.Module):
     def _need_ready(self, what: str) -> None:
         if not self._ready:
             raise ConfigError(f"{what}() needs the first forward call, which partitions the model")
+
+
+_open_modules: weakref.WeakSet[RaNNCModule] = weakref.WeakSet()  # not closed yet
+
+
+def _close_at_exit() -> None:
+    """Close the modules still open (see :meth:`RaNNCModule.close`).
+
+    Registered after the communication engine's own exit hook, so it runs
+    before it (atexit runs last-registered first), and before mpi4py
+    finalises MPI (from Py_AtExit, after every atexit hook).
+    """
+    if not MPI.Is_initialized() or MPI.Is_finalized() or in_flight():
+        return
+    for module in list(_open_modules):
+        module.close()
+
+
+atexit.register(_close_at_exit)

@@ -6,7 +6,8 @@ stage with ``r`` replicas holds chunk ``j`` of ``split_sizes(rows, r)`` of
 every microbatch. Between two stages with different replica counts a chunk
 therefore comes from (or goes to) several peers; these functions say which
 rows each pair exchanges. The same arithmetic returns the model's outputs to
-the ranks whose local batch they belong to.
+the ranks whose local batch they belong to, and :func:`message_tag` names
+every message of a step.
 """
 
 from __future__ import annotations
@@ -15,6 +16,23 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from rannc_py.planner.plan import split_sizes
+
+ACTIVATION, GRADIENT, OUTPUT = 0, 1, 2
+"""Kinds of tensor message: stage outputs forward, their gradients back, model outputs to their ranks."""
+
+META_TAG = 32767 - 1
+"""Tag of the (pickled) tensor descriptions a stage sends once per input signature."""
+
+
+def message_tag(kind: int, microbatch: int, index: int) -> int:
+    """The MPI tag of tensor ``index`` of ``microbatch`` in a message of ``kind``.
+
+    Matching is already fixed by MPI's in-order delivery per (pair, tag);
+    distinct tags only make mismatches loud. The result stays under 32767,
+    the least ``MPI_TAG_UB`` the MPI standard guarantees, and apart from
+    :data:`META_TAG`.
+    """
+    return (kind * 128 + microbatch % 128) * 64 + index % 64
 
 
 @dataclass(frozen=True)

@@ -12,12 +12,15 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from rannc_py.errors import ConfigError
+from rannc_py.errors import ConfigError, PartitionError
 
 
 @dataclass(frozen=True)
-class TensorMeta:
-    """Shape and dtype of one tensor crossing a stage boundary.
+class WireMeta:
+    """Shape and dtype of one tensor crossing a stage boundary, as the sender describes it.
+
+    (Not the graph's :class:`rannc_py.graph.ir.TensorMeta`, which describes a
+    traced tensor for the planner; this one describes a message on the wire.)
 
     ``shape`` is the sender's chunk; ``batch_dim`` is the dimension holding
     rows of the batch (None when the tensor is the same for every row), and
@@ -44,14 +47,14 @@ class TensorMeta:
         return t.narrow(self.batch_dim, offset * self.per_row, rows * self.per_row)
 
 
-def describe(t: Tensor, name: str, batch_dim: int | None, rows: int) -> TensorMeta:
+def describe(t: Tensor, name: str, batch_dim: int | None, rows: int) -> WireMeta:
     """Metadata of ``t`` (output ``name``, a chunk of ``rows`` rows) whose rows lie along ``batch_dim``.
 
     Raises:
         ConfigError: the batch dimension's size is not a multiple of ``rows``.
     """
     if batch_dim is None:
-        return TensorMeta(tuple(t.shape), t.dtype, None)
+        return WireMeta(tuple(t.shape), t.dtype, None)
     size = t.shape[batch_dim]
     if rows <= 0 or size % rows:
         raise ConfigError(
@@ -59,7 +62,7 @@ def describe(t: Tensor, name: str, batch_dim: int | None, rows: int) -> TensorMe
             f"{batch_dim}, not a multiple of the chunk's {rows} rows; it cannot be split by rows between "
             "stage replicas; use a plan without replicas at this stage boundary"
         )
-    return TensorMeta(tuple(t.shape), t.dtype, batch_dim, size // rows)
+    return WireMeta(tuple(t.shape), t.dtype, batch_dim, size // rows)
 
 
 @dataclass
@@ -86,14 +89,20 @@ class StageProgram:
     updated_buffers: list[Tensor] = field(default_factory=list)
 
     def __call__(self, values: dict[str, Tensor]) -> dict[str, Tensor]:
-        """Run the stage on ``values`` (name -> tensor); return its outputs by name."""
+        """Run the stage on ``values`` (name -> tensor); return its outputs by name.
+
+        Raises:
+            PartitionError: the module returned another number of values than
+                the stage has outputs.
+        """
         out = self.module(*[values[n] for n in self.input_names])
         if isinstance(out, Tensor):
             out = (out,)
         if len(out) != len(self.output_names):
-            raise RuntimeError(
+            raise PartitionError(
                 f"stage module returned {len(out)} values for {len(self.output_names)} outputs "
-                f"{self.output_names}"
+                f"{self.output_names}; the stage's module must return one value per output "
+                "of its slice of the graph (build it with rannc_py.StagedModule)"
             )
         return dict(zip(self.output_names, out))
 

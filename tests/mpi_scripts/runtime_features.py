@@ -16,7 +16,7 @@ import sys
 
 import torch
 from mpi4py import MPI
-from runtime_models import build_model, make_batch, rows_slice
+from runtime_models import build_model, make_batch, rows_slice, run_checks
 
 import rannc_py
 
@@ -202,14 +202,4 @@ def check_overlap() -> None:
 
 
 if __name__ == "__main__":
-    try:
-        for name in sys.argv[1:]:
-            globals()[f"check_{name}"]()
-            if rank == 0:
-                print(f"{name}: ok", flush=True)
-    except BaseException:  # noqa: BLE001 - any failure must abort every rank
-        import traceback
-
-        traceback.print_exc()
-        sys.stderr.flush()
-        comm.Abort(1)
+    run_checks(globals(), sys.argv[1:])

@@ -92,3 +92,25 @@ def local_slice(batch: dict[str, Any], rank: int, local: int) -> dict[str, Any]:
 def rows_slice(batch: dict[str, Any], lo: int, hi: int) -> dict[str, Any]:
     """Rows ``[lo, hi)`` of a batch."""
     return {k: v[lo:hi] for k, v in batch.items()}
+
+
+def run_checks(namespace: dict[str, Any], names: list[str]) -> None:
+    """Run ``namespace["check_<name>"]()`` for each name, printing ``<name>: ok`` on rank 0.
+
+    Any failure prints its traceback and aborts every rank, so one rank's
+    mismatch ends the job instead of leaving the others waiting.
+    """
+    from mpi4py import MPI
+
+    comm = MPI.COMM_WORLD
+    try:
+        for name in names:
+            namespace[f"check_{name}"]()
+            if comm.Get_rank() == 0:
+                print(f"{name}: ok", flush=True)
+    except BaseException:  # noqa: BLE001 - any failure must abort every rank
+        import traceback
+
+        traceback.print_exc()
+        sys.stderr.flush()
+        comm.Abort(1)

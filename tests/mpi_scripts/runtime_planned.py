@@ -20,8 +20,8 @@ from runtime_equiv import eager_loss_scaled
 from runtime_models import build_model, local_slice, make_batch
 
 import rannc_py
+from rannc_py.comm import collectives
 from rannc_py.hardware import calibrate
-from rannc_py.runtime import transport
 
 comm = MPI.COMM_WORLD
 rank, world = comm.Get_rank(), comm.Get_size()
@@ -67,13 +67,13 @@ def check_torus() -> None:
     ropt = torch.optim.AdamW(ref.parameters(), lr=1e-3, weight_decay=0.01, eps=1e-6)
     wrapped = rannc_py.RaNNCModule(model, opt, plan=plan)
     used = set()
-    start = transport.iallreduce_sum
+    start = collectives.allreduce
 
     def recording(t, sub, algorithm="mpi"):
         used.add(algorithm)
         return start(t, sub, algorithm)
 
-    transport.iallreduce_sum = recording
+    collectives.allreduce = recording
     layout = {"microbatches": 2, "replicas": [world]}
     for step in range(3):
         batch = make_batch("gpt", LOCAL * world, seed=step)
