@@ -35,7 +35,7 @@ import torch
 
 from rannc_py._util import atomic_write, cache_dir, median_time
 from rannc_py.errors import ConfigError
-from rannc_py.hardware.cluster import Cluster, Device, Link
+from rannc_py.hardware.device import Link
 
 # Message sizes of the ping-pong: the smallest gives the latency, the slope
 # between the smallest and the largest the bandwidth.
@@ -158,21 +158,15 @@ def cached_link() -> Link | None:
     return Link(data["bandwidth"], data["latency"])
 
 
-def local_cluster(ranks: int, *, memory: int | None = None, name: str = "local", link: Link | None = None
-                  ) -> Cluster:
-    """A :class:`Cluster` of ``ranks`` processes on this machine, from cached or fresh measurements.
+def local_figures(ranks: int, link: Link | None = None) -> dict[str, float]:
+    """This machine's figures for the ``local`` preset: ``flops``, ``memory_bandwidth`` and, when
+    known, ``latency`` and ``bandwidth`` of the link between two local ranks.
 
-    Args:
-        ranks: number of MPI ranks to plan for; when they (times the torch
-            threads) outnumber the usable cores, the device's compute and
-            memory bandwidth are scaled by :func:`core_share`.
-        memory: bytes per rank; default: physical memory divided by ``ranks``.
-        name: label stored in the cluster.
-        link: link figures measured by the caller (the job's own ranks, see
-            :func:`measure_link`); they are cached. Default None: the cached
-            figures, else a nested ``mpiexec`` probe (:func:`measure_mpi`);
-            with one rank no link is measured and the link stands for a local
-            copy (memory bandwidth, no latency), which one rank never uses.
+    Read from the cache; what is missing is measured and cached: the compute
+    figures here, the link by a nested ``mpiexec`` probe (:func:`measure_mpi`)
+    when ``ranks`` > 1. ``link``: figures measured by the caller (the job's
+    own ranks, :func:`measure_link`), which replace the cached ones.
+
     Raises:
         ConfigError: the MPI probe fails.
     """
@@ -189,14 +183,4 @@ def local_cluster(ranks: int, *, memory: int | None = None, name: str = "local",
         changed = True
     if changed:
         _write_cache(data)
-    if memory is None:
-        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // ranks
-    share = core_share(ranks)  # ranks sharing too few cores each run that much slower
-    dev = Device(name="local", peak_flops=(("float32", data["flops"] * share),), memory=memory,
-                 memory_bandwidth=data["memory_bandwidth"] * share)
-    if "latency" in data and "bandwidth" in data:
-        net = Link(data["bandwidth"], data["latency"])
-    else:
-        net = Link(data["memory_bandwidth"], 0.0)
-    return Cluster(name=name, device=dev, num_devices=ranks, devices_per_node=ranks, intra_node=net,
-                   inter_node=net, topology="switched")
+    return data

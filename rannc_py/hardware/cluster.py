@@ -17,62 +17,16 @@ ranks).
 from __future__ import annotations
 
 import math
+import os
 import re
 from dataclasses import dataclass, replace
 
-import torch
-
 from rannc_py._util import format_bytes, grid_shape
 from rannc_py.errors import ConfigError
+from rannc_py.hardware.calibrate import core_share, local_figures
+from rannc_py.hardware.device import Device, Link
 
-
-@dataclass(frozen=True, kw_only=True)
-class Device:
-    """One compute device (a rank's share of the machine).
-
-    Attributes:
-        name: preset name.
-        peak_flops: dtype name ("float32", "bfloat16", "float16") -> peak FLOP/s.
-        memory: bytes usable by one rank.
-        memory_bandwidth: bytes/s from that memory.
-        compute_efficiency: fraction of ``peak_flops`` that the model's kernels
-            are assumed to reach (the analytic profile divides by it; MFU is
-            still reported against the peak). Default 1.0: the figures are
-            already achieved rates (the measured ``local`` preset).
-        bandwidth_efficiency: the same for ``memory_bandwidth`` (default 1.0).
-
-    Raises ConfigError when ``memory`` is not a positive number of bytes.
-    """
-
-    name: str
-    peak_flops: tuple[tuple[str, float], ...]
-    memory: int
-    memory_bandwidth: float
-    compute_efficiency: float = 1.0
-    bandwidth_efficiency: float = 1.0
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.memory, (int, float)) or not self.memory > 0:
-            raise ConfigError(f"device {self.name!r} memory must be a positive number of bytes, got "
-                              f"{self.memory!r}; give e.g. memory=8GiB in the preset or memory_limit='8GiB'")
-
-    def flops(self, dtype: torch.dtype | str = torch.float32) -> float:
-        """Peak FLOP/s for ``dtype``. Raises ConfigError when the preset has no figure for it."""
-        key = str(dtype).removeprefix("torch.")
-        for name, value in self.peak_flops:
-            if name == key:
-                return value
-        raise ConfigError(
-            f"device {self.name!r} has no peak FLOP/s for {key}; known: {[n for n, _ in self.peak_flops]}"
-        )
-
-
-@dataclass(frozen=True)
-class Link:
-    """A network path: ``bandwidth`` bytes/s per direction and ``latency`` seconds per message."""
-
-    bandwidth: float
-    latency: float
+__all__ = ["Cluster", "Device", "Link", "as_cluster", "cubic_shape", "local_cluster", "parse_cluster", "parse_size"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -254,8 +208,6 @@ def parse_cluster(spec: str, *, link: Link | None = None) -> Cluster:
     memory = parse_size(opts["memory"]) if "memory" in opts else None
 
     if name == "local":
-        from rannc_py.hardware.calibrate import local_cluster
-
         ranks = _positive_int("ranks", opts.get("ranks", "2"))
         return local_cluster(ranks, memory=memory, name=spec.strip(), link=link)
     if name == "a64fx":
@@ -295,3 +247,36 @@ def as_cluster(cluster: Cluster | str) -> Cluster:
     if isinstance(cluster, Cluster):
         return cluster
     return parse_cluster(cluster)
+
+
+def local_cluster(ranks: int, *, memory: int | None = None, name: str = "local", link: Link | None = None
+                  ) -> Cluster:
+    """A :class:`Cluster` of ``ranks`` processes on this machine, from cached or fresh measurements.
+
+    Args:
+        ranks: number of MPI ranks to plan for; when they (times the torch
+            threads) outnumber the usable cores, the device's compute and
+            memory bandwidth are scaled by
+            :func:`~rannc_py.hardware.calibrate.core_share`.
+        memory: bytes per rank; default: physical memory divided by ``ranks``.
+        name: label stored in the cluster.
+        link: link figures measured by the caller (the job's own ranks, see
+            :func:`~rannc_py.hardware.calibrate.measure_link`); they are
+            cached. Default None: see :func:`~rannc_py.hardware.calibrate.local_figures`;
+            with one rank no link is measured and the link stands for a local
+            copy (memory bandwidth, no latency), which one rank never uses.
+    Raises:
+        ConfigError: the MPI probe fails.
+    """
+    data = local_figures(ranks, link)
+    if memory is None:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // ranks
+    share = core_share(ranks)  # ranks sharing too few cores each run that much slower
+    dev = Device(name="local", peak_flops=(("float32", data["flops"] * share),), memory=memory,
+                 memory_bandwidth=data["memory_bandwidth"] * share)
+    if "latency" in data and "bandwidth" in data:
+        net = Link(data["bandwidth"], data["latency"])
+    else:
+        net = Link(data["memory_bandwidth"], 0.0)
+    return Cluster(name=name, device=dev, num_devices=ranks, devices_per_node=ranks, intra_node=net,
+                   inter_node=net, topology="switched")
