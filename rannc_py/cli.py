@@ -35,6 +35,8 @@ from typing import Any
 import torch
 
 from rannc_py.errors import ConfigError, RaNNCError
+from rannc_py.models.bert import BERT_SIZES, Bert, bert_config
+from rannc_py.models.gpt import GPT, GPT_SIZES, gpt_config
 
 Built = tuple[torch.nn.Module, tuple[Any, ...], dict[str, Any]]
 """A model and its example inputs: ``(module, args, kwargs)``."""
@@ -57,19 +59,18 @@ def _ids(seq: int) -> torch.Tensor:
     return torch.zeros(2, seq, dtype=torch.long, device="meta")
 
 
-def _own_gpt(size: str | None, fields: dict[str, Any], seq: int) -> Built:
-    from rannc_py.models.gpt import GPT, gpt_config
+OWN_DEFAULT = {"gpt": "gpt2-124m", "rbert": "base"}  # the size a spec without one gets
 
-    cfg = gpt_config(size or "gpt2-124m", **fields)
+
+def _own_gpt(size: str | None, fields: dict[str, Any], seq: int) -> Built:
+    cfg = gpt_config(size or OWN_DEFAULT["gpt"], **fields)
     cfg.block_size = max(cfg.block_size, seq)
     ids = _ids(seq)
     return GPT(cfg), (ids,), {"labels": ids}
 
 
 def _own_bert(size: str | None, fields: dict[str, Any], seq: int) -> Built:
-    from rannc_py.models.bert import Bert, bert_config
-
-    cfg = bert_config(size or "base", **fields)
+    cfg = bert_config(size or OWN_DEFAULT["rbert"], **fields)
     cfg.max_position = max(cfg.max_position, seq)
     ids = _ids(seq)
     return Bert(cfg), (ids, ids), {"labels": ids}
@@ -147,14 +148,17 @@ def _hf(family: str, size: str | None, fields: dict[str, Any], seq: int) -> Buil
     return model_cls(config_cls(**values)), (), kwargs
 
 
+def _sizes(names: list[str], default: str) -> str:
+    return ", ".join(f"{n} (default)" if n == default else n for n in names)
+
+
 FAMILIES: dict[str, Family] = {
-    "gpt": Family("the project's GPT (rannc_py.models.gpt); keys: GPTConfig fields; sizes: tiny, small, "
-                  "gpt2-124m (default), 350m, 1.3b, 13b, 175b", _own_gpt),
-    "rbert": Family("the project's BERT (rannc_py.models.bert); keys: BertConfig fields; sizes: tiny, small, "
-                    "base (default), large, 4.9b", _own_bert),
+    "gpt": Family("the project's GPT (rannc_py.models.gpt); keys: GPTConfig fields; sizes: "
+                  + _sizes(list(GPT_SIZES), OWN_DEFAULT["gpt"]), _own_gpt),
+    "rbert": Family("the project's BERT (rannc_py.models.bert); keys: BertConfig fields; sizes: "
+                    + _sizes(list(BERT_SIZES), OWN_DEFAULT["rbert"]), _own_bert),
     **{name: Family(f"Hugging Face {hf.model}; keys: {hf.config} fields; sizes: "
-                    + ", ".join(f"{s} (default)" if i == 0 else s for i, s in enumerate(hf.sizes)),
-                    functools.partial(_hf, name))
+                    + _sizes(list(hf.sizes), next(iter(hf.sizes))), functools.partial(_hf, name))
        for name, hf in HF_MODELS.items()},
 }
 
