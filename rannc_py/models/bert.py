@@ -21,12 +21,14 @@ built on the ``meta`` device can be materialised with :func:`rannc_py.models.mat
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from rannc_py.models import sized
 
 INIT_STD = 0.02
 
@@ -64,13 +66,7 @@ def bert_config(name: str, **overrides: Any) -> BertConfig:
     ``"4.9b"``) and keyword overrides of any :class:`BertConfig` field whose
     value is not None. Raises ``ValueError`` for an unknown name or field.
     """
-    if name not in BERT_SIZES:
-        raise ValueError(f"unknown BERT size {name!r}; choose one of {sorted(BERT_SIZES)}")
-    known = {f.name for f in fields(BertConfig)}
-    unknown = set(overrides) - known
-    if unknown:
-        raise ValueError(f"unknown BertConfig fields {sorted(unknown)}; known fields are {sorted(known)}")
-    return replace(BERT_SIZES[name], **{k: v for k, v in overrides.items() if v is not None})
+    return sized(BERT_SIZES, "BERT", name, overrides)
 
 
 @dataclass

@@ -23,12 +23,14 @@ device can be materialised with :func:`rannc_py.models.materialize` (or module b
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass
 from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from rannc_py.models import sized
 
 
 @dataclass
@@ -67,13 +69,7 @@ def gpt_config(name: str, **overrides: Any) -> GPTConfig:
     :class:`GPTConfig` field whose value is not None. Raises ``ValueError`` for
     an unknown name or field.
     """
-    if name not in GPT_SIZES:
-        raise ValueError(f"unknown GPT size {name!r}; choose one of {sorted(GPT_SIZES)}")
-    known = {f.name for f in fields(GPTConfig)}
-    unknown = set(overrides) - known
-    if unknown:
-        raise ValueError(f"unknown GPTConfig fields {sorted(unknown)}; known fields are {sorted(known)}")
-    return replace(GPT_SIZES[name], **{k: v for k, v in overrides.items() if v is not None})
+    return sized(GPT_SIZES, "GPT", name, overrides)
 
 
 @dataclass
