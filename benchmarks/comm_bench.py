@@ -25,7 +25,6 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 BASELINE = "MPI_Allreduce"  # blocking, through mpi4py: the reference point
 ALGOS = ("mpi", "ring", "halving_doubling", "torus")
@@ -167,7 +166,7 @@ def main() -> None:
         worker(args)
         return
     mpiexec = Path(sys.executable).parent / "mpiexec"
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
     passthrough = ["--min-bytes", str(args.min_bytes), "--max-bytes", str(args.max_bytes),
                    "--seconds", str(args.seconds)]
     lines = [
@@ -194,8 +193,11 @@ def main() -> None:
     ]
     for p in args.ranks:
         cmd = [str(mpiexec), "-n", str(p), sys.executable, __file__, "--worker", *passthrough]
-        out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, check=True).stdout
-        res = json.loads(out.strip().splitlines()[-1])
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, check=False)
+        if proc.returncode != 0:  # say why, rather than a table of nothing
+            tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-15:])
+            raise SystemExit(f"the {p}-rank launch failed (exit {proc.returncode}):\n{tail}")
+        res = json.loads(proc.stdout.strip().splitlines()[-1])
         section = table(res)
         print("\n".join(section) + "\n")
         lines += [*section, ""]

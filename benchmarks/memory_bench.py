@@ -4,7 +4,7 @@ Run from the repository root (it launches ``mpiexec`` itself):
 
     python benchmarks/memory_bench.py [--limit 512MiB] [--hidden 512] [--steps 2]
 
-Models are the project's GPT (``examples/gpt/model.py``; seq 128, vocab 256,
+Models are the project's GPT (``rannc_py.models.gpt``; seq 128, vocab 256,
 ``--hidden`` wide, 8 heads) built on the ``meta`` device, so a rank only
 allocates the parameters of its own stage; AdamW is given as a factory. Each
 rank's *training state* is params + grads + Adam's two moments = 16 bytes per
@@ -41,7 +41,6 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 MPIEXEC = str(Path(sys.executable).parent / "mpiexec")
 STATE_BYTES_PER_PARAM = 16  # fp32 param + grad + Adam exp_avg + exp_avg_sq
 LAYERS = (2, 4, 6, 8, 12, 16, 20, 24, 28, 32, 36, 40)
@@ -49,7 +48,7 @@ LAYERS = (2, 4, 6, 8, 12, 16, 20, 24, 28, 32, 36, 40)
 
 def config(layers: int, hidden: int) -> Any:
     """The benchmark GPT's config (seq 128, vocab 256, 8 heads, no dropout, tied head)."""
-    from examples.gpt.model import GPTConfig
+    from rannc_py.models.gpt import GPTConfig
 
     return GPTConfig(vocab_size=256, block_size=128, n_layer=layers, n_head=8, n_embd=hidden, dropout=0.0)
 
@@ -58,7 +57,7 @@ def num_params(layers: int, hidden: int) -> int:
     """Distinct parameters of the GPT (tied head counted once), counted on the meta device."""
     import torch
 
-    from examples.gpt.model import GPT
+    from rannc_py.models.gpt import GPT
 
     with torch.device("meta"):
         return GPT(config(layers, hidden)).num_parameters()
@@ -78,7 +77,7 @@ def worker(args: argparse.Namespace) -> None:
     import rannc_py.graph.trace
     import rannc_py.planner.api
     import rannc_py.runtime.module  # code the runtime loads belongs to the baseline
-    from examples.gpt.model import GPT
+    from rannc_py.models.gpt import GPT
 
     torch.set_num_threads(1)
     comm = MPI.COMM_WORLD
@@ -113,7 +112,7 @@ def train(layers: int, ranks: int, args: argparse.Namespace) -> dict[str, Any]:
     cmd = [MPIEXEC, "-n", str(ranks), sys.executable, __file__, "--worker", "--layers", str(layers),
            "--hidden", str(args.hidden), "--limit", args.limit, "--steps", str(args.steps),
            "--batch", str(args.batch)]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
     try:
         out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=1200, check=False)
     except subprocess.TimeoutExpired:
@@ -121,7 +120,8 @@ def train(layers: int, ranks: int, args: argparse.Namespace) -> dict[str, Any]:
     for line in out.stdout.splitlines():
         if line.startswith("RESULT "):
             return json.loads(line[7:])
-    return {"error": "\n".join((out.stdout + out.stderr).strip().splitlines()[-8:])}
+    tail = "\n".join((out.stdout + out.stderr).strip().splitlines()[-8:])
+    return {"error": f"exit {out.returncode}: {tail}"}
 
 
 _GRAPHS: dict[int, Any] = {}
@@ -132,8 +132,8 @@ def feasible(layers: int, ranks: int, args: argparse.Namespace) -> bool:
     import torch
 
     import rannc_py
-    from examples.gpt.model import GPT
     from rannc_py.errors import NoFeasiblePlanError
+    from rannc_py.models.gpt import GPT
 
     if layers not in _GRAPHS:  # traced once per size (batch dimension dynamic), planned per rank count
         with torch.device("meta"):
@@ -181,10 +181,13 @@ def main() -> None:
         if (layers, ranks) not in runs:
             r = train(layers, ranks, args)
             runs[layers, ranks] = r
-            ok = "ok" if verdict(r, limit) else "FAILED"
-            peak = max((x["peak"] - x["baseline"] for x in r.get("ranks", [])), default=0)
-            print(f"{layers:3d} layers on {ranks} ranks: state {mib(state[layers])} MiB, "
-                  f"max peak RSS - baseline {mib(peak)} MiB: {ok}", flush=True)
+            head = f"{layers:3d} layers on {ranks} ranks: state {mib(state[layers])} MiB"
+            if "error" in r:  # a run that did not finish has no measurement to show
+                print(f"{head}: could not run:\n{r['error']}", flush=True)
+                return r
+            ok = "ok" if verdict(r, limit) else "over the limit"
+            peak = max(x["peak"] - x["baseline"] for x in r["ranks"])
+            print(f"{head}, max peak RSS - baseline {mib(peak)} MiB: {ok}", flush=True)
         return runs[layers, ranks]
 
     big = next(n for n in LAYERS if state[n] >= 3 * limit)
@@ -203,6 +206,10 @@ def main() -> None:
                 largest[ranks] = (n, r)
                 break
     write(args, limit, state, big, runs, largest)
+    failed = [key for key, r in runs.items() if "error" in r]
+    if failed:
+        raise SystemExit(f"{len(failed)} of {len(runs)} training runs could not run (layers, ranks: {failed}); "
+                         "their messages are above")
 
 
 def write(args: argparse.Namespace, limit: int, state: dict[int, int], big: int,

@@ -20,12 +20,8 @@ Usage: python benchmarks/plan_bench.py [--sizes 8,64,512,4096] [--models gpt-1.3
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
-
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 from rannc_py.cli import build_model
 from rannc_py.errors import NoFeasiblePlanError
@@ -42,12 +38,14 @@ from rannc_py.planner.cost import CostModel
 from rannc_py.profiling import profile
 from rannc_py.profiling.analytic import graph_dtype
 
+REPO = Path(__file__).resolve().parents[1]
+
 MODELS = {
     "gpt-1.3b": ("gpt:1.3b", 2048, 512),
     "gpt-13b": ("gpt:13b", 2048, 2016),
     "gpt-175b": ("gpt:175b", 2048, 1536),
-    "bert-large": ("bert:large", 512, 1024),
-    "bert-4.9b": ("bert:large,hidden=2048,n_layer=96,n_head=32,intermediate=8192", 512, 1024),
+    "bert-large": ("rbert:large", 512, 1024),
+    "bert-4.9b": ("rbert:4.9b", 512, 1024),
 }
 
 

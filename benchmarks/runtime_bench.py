@@ -6,7 +6,7 @@ DeepSpeed 0.19.8 into the environment first if it is missing):
     python benchmarks/runtime_bench.py [--steps 3] [--warmup 2] [--rounds 2] [--vocab 50257]
         [--out benchmarks/results/runtime.md] [--gpipe]
 
-Model: the project's GPT (``examples/gpt/model.py``), 6 layers x 512 hidden,
+Model: the project's GPT (``rannc_py.models.gpt``), 6 layers x 512 hidden,
 seq 128, vocab 50257 (GPT-2's; ``--vocab``), no dropout, head untied (see
 ``benchmarks/peers/common.py``), AdamW; global batch 8; 1 torch thread per
 rank. Each configuration runs in its
@@ -69,7 +69,8 @@ def launch(script: str, ranks: int, flags: list[str], threads: int = 1, env: dic
     cmd = [sys.executable, str(PEERS / script), *flags]
     if ranks > 1 or "--mpi" in flags:
         cmd = [MPIEXEC, "-n", str(ranks), *[c for c in cmd if c != "--mpi"]]
-    full_env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONPATH=str(REPO), **(env or {}))
+    # The worker imports the installed rannc_py: PYTHONPATH is left as it is, the checkout is not added.
+    full_env = dict(os.environ, OMP_NUM_THREADS=str(threads), **(env or {}))
     try:
         out = subprocess.run(cmd, capture_output=True, text=True, env=full_env, cwd=REPO, timeout=timeout,
                              check=False)
@@ -191,6 +192,10 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines) + "\n")
     print(f"wrote {out.relative_to(REPO)}")
+    failed = [label for label, (_, _, r) in b.rows.items() if "step" not in r]
+    if failed or "error" in stage:
+        raise SystemExit(f"could not run: {', '.join(failed + (['per-stage timing'] if 'error' in stage else []))}; "
+                         "their messages are above and in the results file")
 
 
 def ratio(a: dict[str, Any], b: dict[str, Any]) -> float | None:

@@ -1,6 +1,6 @@
 """Trace time and op count of GPT models on the meta device.
 
-Builds the project's GPT (examples/gpt/model.py) with the published 175B
+Builds the project's GPT (``rannc_py.models.gpt``) with the published 175B
 widths and 12 to 96 layers on the ``meta`` device (nothing is allocated),
 traces each with ``rannc_py.trace`` and prints a table; the table is also
 written to ``benchmarks/results/trace.md``.
@@ -20,11 +20,10 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from examples.gpt.model import GPT, gpt_config
 from rannc_py import trace
+from rannc_py.models.gpt import GPT, gpt_config
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def bench(size: str, layers: int, batch: int, seq: int) -> dict[str, float | int | bool]:

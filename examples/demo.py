@@ -13,16 +13,16 @@ loss and the pictures' paths.
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
 import torch
 
-from examples.common.trainer import summary_lines
-from examples.gpt.model import GPT, gpt_config
-from examples.gpt.train import run
+from rannc_py.models.gpt import GPT, gpt_config
+
+# isort: split
+# From this script's own folder (sys.path[0]); the repository root stays off the path, so the
+# installed rannc_py is used rather than a checkout's beside it.
+from common.trainer import summary_lines
+from gpt.train import run
 
 SIZE = "small"
 SEQ_LEN = 64

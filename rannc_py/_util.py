@@ -9,8 +9,8 @@ of rannc_py (the import-linter contract in ``pyproject.toml`` checks it).
 from __future__ import annotations
 
 import os
+import secrets
 import statistics
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -54,15 +54,17 @@ def atomic_write(path: str | os.PathLike[str], data: str | bytes) -> None:
     a file, and a failed write leaves no temporary behind.
     """
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    # A fresh name opened exclusively (not mkstemp, whose 0600 mode would stick to the file): the
+    # file gets the permissions any new file of this process gets.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     try:
-        with os.fdopen(fd, "wb") as f:
+        with open(tmp, "xb") as f:
             f.write(data.encode() if isinstance(data, str) else data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
 
 

@@ -128,7 +128,7 @@ def hf_llama() -> Case:
 
 
 def gpt() -> Case:
-    from examples.gpt.model import GPT, gpt_config
+    from rannc_py.models.gpt import GPT, gpt_config
 
     torch.manual_seed(0)
     cfg = gpt_config("tiny", vocab_size=VOCAB, block_size=16, n_embd=32)
@@ -137,7 +137,7 @@ def gpt() -> Case:
 
 
 def bert() -> Case:
-    from examples.bert.model import Bert, bert_config
+    from rannc_py.models.bert import Bert, bert_config
 
     torch.manual_seed(0)
     cfg = bert_config("tiny", vocab_size=VOCAB, max_position=16, hidden=32, intermediate=64)

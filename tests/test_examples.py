@@ -66,7 +66,7 @@ def split_forcing_limit() -> int:
     batch, so the test does not depend on measured times.
     """
     import rannc_py
-    from examples.gpt.model import GPT, gpt_config
+    from rannc_py.models.gpt import GPT, gpt_config
 
     cfg = gpt_config("tiny")
     ids = torch.zeros(BATCH // 2, min(cfg.block_size, 128), dtype=torch.long)  # one rank's rows

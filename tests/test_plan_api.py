@@ -15,7 +15,7 @@ from rannc_py.profiling.coarsen import coarsen, layer_key
 
 @pytest.fixture(scope="module")
 def gpt():
-    from examples.gpt.model import GPT, gpt_config
+    from rannc_py.models.gpt import GPT, gpt_config
 
     torch.manual_seed(0)
     model = GPT(gpt_config("tiny", n_layer=3))

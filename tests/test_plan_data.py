@@ -160,7 +160,7 @@ def test_timeline_replays_the_planned_step(n, tied, cluster, batch, pins, copies
 
 
 def test_timeline_of_a_traced_model():
-    from examples.gpt.model import GPT, gpt_config
+    from rannc_py.models.gpt import GPT, gpt_config
 
     ids = torch.zeros(2, 16, dtype=torch.long)
     graph = trace(GPT(gpt_config("tiny", n_layer=2)), (ids,), {"labels": ids})

@@ -172,7 +172,7 @@ def test_module_with_binds_other_tensors() -> None:
 
 
 def test_dropout_matches_eager_with_shared_rng_state() -> None:
-    from examples.gpt.model import GPT, gpt_config
+    from rannc_py.models.gpt import GPT, gpt_config
 
     torch.manual_seed(0)
     model = GPT(gpt_config("tiny", vocab_size=97, block_size=16, n_embd=32, dropout=0.1))

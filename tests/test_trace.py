@@ -110,7 +110,7 @@ def test_meta_device_gpt_with_a_billion_parameters_does_not_allocate() -> None:
         """
         import json, resource, sys, torch
         sys.path.insert(0, sys.argv[1])
-        from examples.gpt.model import GPT, gpt_config
+        from rannc_py.models.gpt import GPT, gpt_config
         from rannc_py import trace
         with torch.device("meta"):
             # Wide and shallow: over 1e9 parameters with few ops, so the trace is quick.

@@ -1,6 +1,6 @@
 """Shared pieces of the runtime benchmark's workers: the model, the batches, the stage split, timing.
 
-Every configuration trains the same GPT (``examples/gpt/model.py``) from the
+Every configuration trains the same GPT (``rannc_py.models.gpt``) from the
 same seed on the same global batches, so their step times are comparable.
 The language-model head is untied from the token embedding here: the two
 pipeline peers would need hand-written gradient sync for a weight shared by
@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from examples.gpt.model import GPT, GPTConfig
+from rannc_py.models.gpt import GPT, GPTConfig
 
 SEQ = 128
 # GPT-2's vocabulary (the default): its LM head is a large share of the model's work, as in real GPTs.

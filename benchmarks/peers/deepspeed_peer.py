@@ -15,15 +15,15 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 import torch
 
-from benchmarks.peers.common import (
+# isort: split
+# common is the module beside this script (its folder is sys.path[0]); the repository
+# root stays off the path, so the installed rannc_py is the one measured.
+from common import (
     build_gpt,
     emit,
     global_batch,

@@ -12,16 +12,15 @@ its parameters. Rank 0 prints one ``RESULT`` line with the median step time.
 from __future__ import annotations
 
 import os
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import torch
 import torch.distributed as dist
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 
-from benchmarks.peers.common import (
+# isort: split
+# common is the module beside this script (its folder is sys.path[0]); the repository
+# root stays off the path, so the installed rannc_py is the one measured.
+from common import (
     build_gpt,
     emit,
     global_batch,

@@ -18,16 +18,15 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
-from pathlib import Path
 from typing import Any
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import torch
 
-from benchmarks.peers.common import (
+# isort: split
+# common is the module beside this script (its folder is sys.path[0]); the repository
+# root stays off the path, so the installed rannc_py is the one measured.
+from common import (
     build_gpt,
     emit,
     global_batch,

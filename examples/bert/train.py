@@ -16,15 +16,19 @@ import sys
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from a checkout
+# Only examples/ goes on the path (for common/): the repository root would put the
+# checkout's rannc_py (a fresh clone's has no compiled core) ahead of the installed one.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 
-from examples.bert.model import BERT_SIZES, Bert, BertConfig, bert_config
-from examples.common.cli import training_parser
-from examples.common.datasets import bert_dataset
-from examples.common.tokenizer import ByteTokenizer
-from examples.common.trainer import print_summary, train
+from rannc_py.models.bert import BERT_SIZES, Bert, BertConfig, bert_config
+
+# isort: split
+from common.cli import training_parser
+from common.datasets import bert_dataset
+from common.tokenizer import ByteTokenizer
+from common.trainer import print_summary, train
 
 
 def build_model(kind: str, cfg: BertConfig) -> torch.nn.Module:

@@ -9,7 +9,7 @@ import random
 import torch
 from torch import Tensor
 
-from examples.common.tokenizer import ByteTokenizer
+from .tokenizer import ByteTokenizer
 
 
 class CausalLMDataset:
@@ -129,13 +129,13 @@ class BertPretrainingDataset:
 
 def gpt_dataset(seq_len: int, num_docs: int = 2000, seed: int = 0) -> CausalLMDataset:
     """The generated corpus (``num_docs`` documents from ``seed``) as causal-LM chunks of ``seq_len``."""
-    from examples.common.corpus import corpus_text
+    from .corpus import corpus_text
 
     return CausalLMDataset(ByteTokenizer().encode(corpus_text(num_docs, seed)), seq_len)
 
 
 def bert_dataset(seq_len: int, num_docs: int = 2000, seed: int = 0) -> BertPretrainingDataset:
     """The generated corpus (``num_docs`` documents from ``seed``) as BERT pretraining pairs of ``seq_len``."""
-    from examples.common.corpus import make_documents
+    from .corpus import make_documents
 
     return BertPretrainingDataset(make_documents(num_docs, seed), seq_len, seed=seed)

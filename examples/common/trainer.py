@@ -20,10 +20,10 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from examples.common.loader import Dataset, ShardedLoader
-from examples.common.plots import plot_losses, plot_timeline
-from examples.common.timeline import planned_timeline
-from examples.common.wrap import wrap
+from .loader import Dataset, ShardedLoader
+from .plots import plot_losses, plot_timeline
+from .timeline import planned_timeline
+from .wrap import wrap
 
 
 def world() -> tuple[Any, int, int]:

@@ -16,14 +16,18 @@ import sys
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from a checkout
+# Only examples/ goes on the path (for common/): the repository root would put the
+# checkout's rannc_py (a fresh clone's has no compiled core) ahead of the installed one.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 
-from examples.common.cli import training_parser
-from examples.common.datasets import gpt_dataset
-from examples.common.trainer import print_summary, train
-from examples.gpt.model import GPT, GPT_SIZES, GPTConfig, gpt_config
+from rannc_py.models.gpt import GPT, GPT_SIZES, GPTConfig, gpt_config
+
+# isort: split
+from common.cli import training_parser
+from common.datasets import gpt_dataset
+from common.trainer import print_summary, train
 
 
 def build_model(kind: str, cfg: GPTConfig) -> torch.nn.Module:

@@ -24,7 +24,7 @@ from mpi4py import MPI
 from torch import nn
 
 import rannc_py
-from examples.gpt.model import GPT, GPTConfig
+from rannc_py.models.gpt import GPT, GPTConfig
 
 ALLOWANCE_MIB = 260
 comm = MPI.COMM_WORLD

@@ -17,8 +17,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from examples.bert.model import Bert, bert_config
-from examples.gpt.model import GPT, GPTConfig
+from rannc_py.models.bert import Bert, bert_config
+from rannc_py.models.gpt import GPT, GPTConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/models.py
 

@@ -17,18 +17,20 @@ script can feed either model the same batch):
 Initialisation is GPT-2's: weights N(0, 0.02), the residual output
 projections N(0, 0.02 / sqrt(2 * n_layer)), biases zero. Every module that owns
 parameters implements ``reset_parameters()``, so a model built on the ``meta``
-device can be materialised with :func:`materialize` (or module by module).
+device can be materialised with :func:`rannc_py.models.materialize` (or module by module).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields, replace
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from rannc_py.models import sized
 
 
 @dataclass
@@ -67,13 +69,7 @@ def gpt_config(name: str, **overrides: Any) -> GPTConfig:
     :class:`GPTConfig` field whose value is not None. Raises ``ValueError`` for
     an unknown name or field.
     """
-    if name not in GPT_SIZES:
-        raise ValueError(f"unknown GPT size {name!r}; choose one of {sorted(GPT_SIZES)}")
-    known = {f.name for f in fields(GPTConfig)}
-    unknown = set(overrides) - known
-    if unknown:
-        raise ValueError(f"unknown GPTConfig fields {sorted(unknown)}; known fields are {sorted(known)}")
-    return replace(GPT_SIZES[name], **{k: v for k, v in overrides.items() if v is not None})
+    return sized(GPT_SIZES, "GPT", name, overrides)
 
 
 @dataclass
@@ -87,7 +83,7 @@ class CausalLMOutput:
         return getattr(self, key)
 
 
-torch.export.register_dataclass(CausalLMOutput, serialized_type_name="examples.gpt.CausalLMOutput")
+torch.export.register_dataclass(CausalLMOutput, serialized_type_name="rannc_py.models.gpt.CausalLMOutput")
 
 
 class InitLinear(nn.Linear):
@@ -187,7 +183,7 @@ class GPT(nn.Module):
         Needed again after ``to_empty()``, which gives each module its own copy.
         """
         if self.config.tie_weights:
-            self.lm_head.weight = self.transformer.wte.weight
+            self.lm_head.weight = cast(nn.Embedding, self.transformer["wte"]).weight
 
     def reset_parameters(self) -> None:
         """Re-tie the head; the submodules re-initialise themselves.
@@ -211,10 +207,11 @@ class GPT(nn.Module):
         if T > self.config.block_size:
             raise ValueError(f"sequence length {T} exceeds block_size {self.config.block_size}")
         pos = torch.arange(T, device=input_ids.device)
-        x = self.transformer.drop(self.transformer.wte(input_ids) + self.transformer.wpe(pos))
-        for block in self.transformer.h:
+        t = self.transformer
+        x = t["drop"](t["wte"](input_ids) + t["wpe"](pos))
+        for block in cast(nn.ModuleList, t["h"]):
             x = block(x)
-        logits = self.lm_head(self.transformer.ln_f(x))
+        logits = self.lm_head(t["ln_f"](x))
         loss = None
         if labels is not None:
             # position t predicts token t+1
@@ -222,18 +219,3 @@ class GPT(nn.Module):
                 logits[:, :-1].reshape(-1, logits.size(-1)), labels[:, 1:].reshape(-1), ignore_index=-100
             )
         return CausalLMOutput(loss=loss, logits=logits)
-
-
-def materialize(model: nn.Module, device: torch.device | str = "cpu") -> nn.Module:
-    """Allocate a model built on the ``meta`` device and initialise it.
-
-    Takes the model and the target device; returns the same model, with
-    storage on ``device``, every module's ``reset_parameters()`` applied
-    (parents first, so tied weights are re-tied before being initialised).
-    """
-    model.to_empty(device=device)
-    for m in model.modules():
-        reset = getattr(m, "reset_parameters", None)
-        if callable(reset):
-            reset()
-    return model

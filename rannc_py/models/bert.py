@@ -16,17 +16,19 @@ script can feed either model the same batch):
 
 Initialisation is BERT's: weights N(0, 0.02), biases zero, LayerNorm (1, 0).
 Every module that owns parameters implements ``reset_parameters()``, so a model
-built on the ``meta`` device can be materialised with :func:`materialize`.
+built on the ``meta`` device can be materialised with :func:`rannc_py.models.materialize`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from rannc_py.models import sized
 
 INIT_STD = 0.02
 
@@ -64,13 +66,7 @@ def bert_config(name: str, **overrides: Any) -> BertConfig:
     ``"4.9b"``) and keyword overrides of any :class:`BertConfig` field whose
     value is not None. Raises ``ValueError`` for an unknown name or field.
     """
-    if name not in BERT_SIZES:
-        raise ValueError(f"unknown BERT size {name!r}; choose one of {sorted(BERT_SIZES)}")
-    known = {f.name for f in fields(BertConfig)}
-    unknown = set(overrides) - known
-    if unknown:
-        raise ValueError(f"unknown BertConfig fields {sorted(unknown)}; known fields are {sorted(known)}")
-    return replace(BERT_SIZES[name], **{k: v for k, v in overrides.items() if v is not None})
+    return sized(BERT_SIZES, "BERT", name, overrides)
 
 
 @dataclass
@@ -89,7 +85,9 @@ class PreTrainingOutput:
         return getattr(self, key)
 
 
-torch.export.register_dataclass(PreTrainingOutput, serialized_type_name="examples.bert.PreTrainingOutput")
+torch.export.register_dataclass(
+    PreTrainingOutput, serialized_type_name="rannc_py.models.bert.PreTrainingOutput"
+)
 
 
 class InitLinear(nn.Linear):
@@ -237,18 +235,3 @@ class Bert(nn.Module):
             nsp_loss = F.cross_entropy(seq_relationship_logits, next_sentence_label.reshape(-1))
             loss = mlm_loss + nsp_loss
         return PreTrainingOutput(loss, prediction_logits, seq_relationship_logits)
-
-
-def materialize(model: nn.Module, device: torch.device | str = "cpu") -> nn.Module:
-    """Allocate a model built on the ``meta`` device and initialise it.
-
-    Takes the model and the target device; returns the same model, with
-    storage on ``device``, every module's ``reset_parameters()`` applied
-    (parents first, so tied weights are re-tied before being initialised).
-    """
-    model.to_empty(device=device)
-    for m in model.modules():
-        reset = getattr(m, "reset_parameters", None)
-        if callable(reset):
-            reset()
-    return model
