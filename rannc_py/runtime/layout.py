@@ -4,36 +4,107 @@ Accepted: a ``Plan``; a path to a plan saved with ``Plan.save``; or an
 explicit layout ``dict(stages=S, replicas=[r0, ...], microbatches=M,
 schedule="1f1b", recompute=False)`` whose stage boundaries are placed by
 balancing the graph's FLOPs. With ``None`` the planner searches.
+
+What needs neither the model nor the world size is checked when the module
+is built (:func:`check_plan_arg`); the rest (the world size, the plan's ops
+and graph fingerprint against the traced model) on the first call
+(:func:`load_plan`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Mapping
 from typing import Any
 
 from rannc_py.errors import ConfigError, PlanError
-from rannc_py.graph.ir import Graph
+from rannc_py.graph.ir import Graph, TensorMeta
 from rannc_py.graph.partition import balanced_assignment
 from rannc_py.planner.plan import Plan, StagePlan
+from rannc_py.schedule import SCHEDULES
 
 _LAYOUT_KEYS = {"stages", "replicas", "microbatches", "schedule", "recompute"}
+# forward_only has no backward and no ALLREDUCE: a plan for training with it would never learn.
+TRAINING_SCHEDULES = tuple(sorted(s for s in SCHEDULES if s != "forward_only"))
+# Batch sizes at which a plan's graph may have been traced (the CLI traces at 2) when the model's
+# traced batch differs; see check_plan.
+_TRACE_BATCHES = range(1, 65)
+
+PlanArg = Plan | str | os.PathLike[str] | Mapping[str, Any]
 
 
-def explicit_plan(graph: Graph, layout: Mapping[str, Any], batch_size: int, world_size: int) -> Plan:
-    """A plan for a hand-given layout (see the module docstring), FLOP-balanced split.
+def check_plan_arg(plan: PlanArg | None) -> Plan | Mapping[str, Any] | None:
+    """Check ``plan=`` as far as neither the model nor the world size is needed; a path is read.
 
-    Defaults: ``stages=1``, ``replicas`` = an equal share of the ranks per
-    stage, ``microbatches=1``, ``schedule="1f1b"``, ``recompute=False`` (a bool
-    for every stage, or one per stage).
+    Returns:
+        None, a :class:`Plan` (read from the path when one was given) or the
+        layout dict, unchanged.
 
     Raises:
-        ConfigError: unknown keys, or replicas that do not add up to the world size.
+        ConfigError: an argument of another type, or a layout dict with
+            unknown keys or values that cannot be used (see :func:`check_layout`).
+        PlanError: a plan file that is missing, unreadable or malformed, or a
+            plan whose schedule does not train.
+    """
+    if plan is None:
+        return None
+    if isinstance(plan, Mapping):
+        check_layout(plan)
+        return plan
+    if isinstance(plan, (str, os.PathLike)):
+        plan = Plan.load(plan)
+    if not isinstance(plan, Plan):
+        raise ConfigError(f"plan= takes a Plan, a JSON path or a layout dict, got {type(plan).__name__}")
+    _check_training_schedule(plan.schedule, "the plan's", PlanError)
+    return plan
+
+
+def _positive_int(layout: Mapping[str, Any], key: str, default: int) -> int:
+    value = layout.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"layout {key}={value!r} must be a positive integer (default {default})")
+    return value
+
+
+def _check_training_schedule(name: object, whose: str, error: type[Exception] = ConfigError) -> None:
+    if name not in TRAINING_SCHEDULES:
+        raise error(
+            f"{whose} schedule {name!r} is not a training schedule; use one of {list(TRAINING_SCHEDULES)} "
+            "(evaluation, model.eval() or torch.no_grad(), runs forward-only on any plan)"
+        )
+
+
+def check_layout(layout: Mapping[str, Any]) -> list[bool]:
+    """Check a layout dict as far as the world size is not needed; return recompute per stage.
+
+    Raises:
+        ConfigError: unknown keys; stages or microbatches not positive
+            integers; a schedule that does not train; a recompute value that
+            is not a bool or one bool per stage.
     """
     unknown = set(layout) - _LAYOUT_KEYS
     if unknown:
         raise ConfigError(f"unknown layout keys {sorted(unknown)}; use {sorted(_LAYOUT_KEYS)}")
-    stages = int(layout.get("stages", 1))
+    stages = _positive_int(layout, "stages", 1)
+    _positive_int(layout, "microbatches", 1)
+    _check_training_schedule(layout.get("schedule", "1f1b"), "layout")
+    recompute = layout.get("recompute", False)
+    flags = [bool(recompute)] * stages if isinstance(recompute, bool) else [bool(r) for r in recompute]
+    if len(flags) != stages:
+        raise ConfigError(f"recompute={recompute!r} must be a bool or one bool per stage ({stages})")
+    return flags
+
+
+def layout_stages(layout: Mapping[str, Any], world_size: int) -> tuple[int, list[int], list[bool]]:
+    """Check a layout dict; return its ``(stages, replicas per stage, recompute per stage)``.
+
+    Raises:
+        ConfigError: what :func:`check_layout` raises, or replicas that are
+            not positive or do not add up to the world size.
+    """
+    flags = check_layout(layout)
+    stages = len(flags)
     replicas = layout.get("replicas")
     if replicas is None:
         if world_size % stages:
@@ -46,10 +117,20 @@ def explicit_plan(graph: Graph, layout: Mapping[str, Any], batch_size: int, worl
         raise ConfigError(
             f"replicas={replicas} must list {stages} positive counts adding up to the {world_size} ranks"
         )
-    recompute = layout.get("recompute", False)
-    flags = [bool(recompute)] * stages if isinstance(recompute, bool) else [bool(r) for r in recompute]
-    if len(flags) != stages:
-        raise ConfigError(f"recompute={recompute!r} must be a bool or one bool per stage ({stages})")
+    return stages, replicas, flags
+
+
+def explicit_plan(graph: Graph, layout: Mapping[str, Any], batch_size: int, world_size: int) -> Plan:
+    """A plan for a hand-given layout (see the module docstring), FLOP-balanced split.
+
+    Defaults: ``stages=1``, ``replicas`` = an equal share of the ranks per
+    stage, ``microbatches=1``, ``schedule="1f1b"``, ``recompute=False`` (a bool
+    for every stage, or one per stage).
+
+    Raises:
+        ConfigError: the layout cannot be used (see :func:`layout_stages`).
+    """
+    stages, replicas, flags = layout_stages(layout, world_size)
     assignment = balanced_assignment(graph, stages)
     first = 0
     stage_plans = []
@@ -79,37 +160,72 @@ def explicit_plan(graph: Graph, layout: Mapping[str, Any], batch_size: int, worl
         raise ConfigError(f"layout {dict(layout)} is not usable: {e}") from e
 
 
-def load_plan(plan: Plan | str | os.PathLike[str] | Mapping[str, Any], graph: Graph, batch_size: int,
-              world_size: int) -> Plan:
-    """Resolve a user-given ``plan`` (Plan, JSON path or layout dict) and check it fits.
+def load_plan(plan: PlanArg, graph: Graph, batch_size: int, world_size: int) -> Plan:
+    """Resolve a user-given ``plan`` (Plan, JSON path or layout dict) and check it fits the traced model.
 
     Raises:
-        ConfigError: an argument of another type.
+        ConfigError: an argument of another type, or a layout that cannot be used.
         PlanError: the plan was made for another world size or graph.
     """
-    if isinstance(plan, Mapping):
-        return explicit_plan(graph, plan, batch_size, world_size)
-    if isinstance(plan, (str, os.PathLike)):
-        plan = Plan.load(plan)
-    if not isinstance(plan, Plan):
-        raise ConfigError(f"plan= takes a Plan, a JSON path or a layout dict, got {type(plan).__name__}")
-    check_plan(plan, graph, world_size)
-    return plan
+    resolved = check_plan_arg(plan)
+    if isinstance(resolved, Plan):
+        check_plan(resolved, graph, world_size)
+        return resolved
+    assert resolved is not None
+    return explicit_plan(graph, resolved, batch_size, world_size)
 
 
-def check_plan(plan: Plan, graph: Graph, world_size: int) -> None:
-    """Raise PlanError when ``plan`` does not match the world size or the graph's ops."""
+def _check_world(plan: Plan, world_size: int) -> None:
     if plan.world_size != world_size:
         raise PlanError(
             f"plan is for {plan.world_size} ranks but {world_size} are running; launch with "
             f"{plan.world_size} ranks or make a new plan"
         )
+
+
+def check_plan(plan: Plan, graph: Graph, world_size: int) -> None:
+    """Raise PlanError when ``plan`` does not match the world size, the graph's ops or its fingerprint.
+
+    The fingerprint covers the batch size the graph was traced at. A plan is
+    often made from a trace at another batch (the offline planner traces at
+    2), so for a model whose stages run at any batch size the fingerprint is
+    also compared at the batch sizes a plan's graph is commonly traced at
+    (1 to 64, the plan's per-rank and global batch), rescaling every batched
+    dimension.
+    """
+    _check_world(plan, world_size)
     n = sum(len(st.ops) for st in plan.stages)
     if n != len(graph.ops):
         raise PlanError(
             f"plan covers {n} ops but the traced model has {len(graph.ops)}; the plan was made "
             "for another model or input structure"
         )
+    want = plan.graph_fingerprint
+    if want == graph.fingerprint():
+        return
+    if graph.dynamic_batch:
+        batches = {*_TRACE_BATCHES, plan.batch_size // max(world_size, 1), plan.batch_size}
+        if any(b > 0 and _fingerprint_at(graph, b) == want for b in sorted(batches)):
+            return
+    raise PlanError(
+        f"plan was made for a graph with fingerprint {want[:16]} but the traced model's is "
+        f"{graph.fingerprint()[:16]}: it is for another model, another input structure or shapes; "
+        "make a new plan for this model (or pass plan=None to let the planner search)"
+    )
+
+
+def _fingerprint_at(graph: Graph, batch: int) -> str:
+    """``graph.fingerprint()`` as if traced at ``batch`` (every batched dimension rescaled)."""
+    def at(t: TensorMeta) -> TensorMeta:
+        if t.batch_dim is None:
+            return t
+        shape = list(t.shape)
+        shape[t.batch_dim] = shape[t.batch_dim] // graph.batch_size * batch
+        return dataclasses.replace(t, shape=tuple(shape), nbytes=t.nbytes // graph.batch_size * batch)
+
+    ops = [dataclasses.replace(op, inputs=[at(t) for t in op.inputs], outputs=[at(t) for t in op.outputs])
+           for op in graph.ops]
+    return dataclasses.replace(graph, ops=ops, batch_size=batch).fingerprint()
 
 
 def stage_ranks(plan: Plan) -> list[list[int]]:

@@ -43,18 +43,19 @@ from typing import Any
 import torch
 from mpi4py import MPI
 from torch import Tensor, nn
+from torch.nn.modules.module import _IncompatibleKeys
 from typing_extensions import Self  # Python 3.10 has no typing.Self; torch depends on typing_extensions
 
 from rannc_py.comm.work import in_flight
-from rannc_py.errors import ConfigError
+from rannc_py.errors import ConfigError, RaNNCError
 from rannc_py.planner.options import PlanOptions
 from rannc_py.planner.plan import Plan
 from rannc_py.runtime import params as P
 from rannc_py.runtime.executor import Executor, StepInputs
-from rannc_py.runtime.failure import abort_on_error
+from rannc_py.runtime.failure import Watchdog, abort_on_error, agreed, install_excepthook
 from rannc_py.runtime.grads import GradSync, HeldGrads, clip_grad_norm_
 from rannc_py.runtime.io import gather_inputs, return_outputs
-from rannc_py.runtime.layout import load_plan, stage_ranks
+from rannc_py.runtime.layout import PlanArg, check_plan_arg, load_plan, stage_ranks
 from rannc_py.runtime.placement import place
 from rannc_py.schedule import by_name, forward_only
 
@@ -62,15 +63,32 @@ OptimizerArg = torch.optim.Optimizer | Callable[[list[nn.Parameter]], torch.opti
 
 
 class _ApplyHeld(torch.autograd.Function):
-    """Identity on the loss value whose backward applies the held gradients."""
+    """Identity on the loss value whose backward applies the held gradients.
+
+    A second backward through the same loss raises RuntimeError, as in eager
+    PyTorch: without ``retain_graph=True`` autograd's own error (the anchor is
+    saved for backward, so the freed graph is noticed); with it, ours, because
+    the gradients were computed once in the forward call and are applied
+    once (adding them again would need a copy of every gradient kept for as
+    long as the graph lives).
+    """
 
     @staticmethod
     def forward(ctx: Any, anchor: Tensor, loss: Tensor, apply: Callable[[Tensor], None]) -> Tensor:
+        ctx.save_for_backward(anchor)
         ctx.apply_held = apply
+        ctx.applied = False
         return loss.clone()
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[None, None, None]:
+        _ = ctx.saved_tensors  # raises autograd's "backward through the graph a second time" once freed
+        if ctx.applied:
+            raise RuntimeError(
+                "backward() ran a second time through a RaNNCModule loss (retain_graph=True): its gradients "
+                "were computed in the forward call and are applied once; call the module again instead"
+            )
+        ctx.applied = True
         ctx.apply_held(grad)
         return None, None, None
 
@@ -90,10 +108,19 @@ class RaNNCModule(nn.Module):
             dict ``dict(stages=2, replicas=[2, 1], microbatches=4,
             schedule="1f1b", recompute=False)``. Default None: the planner
             searches on rank 0 on the first call, with ``options``.
+            A layout dict's keys and values and a plan file are checked here;
+            the fit to the world size and to the traced model (ops, graph
+            fingerprint) on the first call.
         save_plan: write the plan used to this JSON path (rank 0). Default None.
         param_init: ``callable(module)`` that initialises a module materialised
             from ``meta``. Default None (``module.reset_parameters()``).
         bucket_bytes: size of a gradient allreduce bucket. Default 25 MiB.
+        timeout: seconds one call of a step (and of ``state_dict``,
+            ``load_state_dict``, ``clip_grad_norm_``) may take on a rank before
+            the job is ended with a message naming the rank, the call and the
+            schedule action it waits on (a rank that stopped or failed, a
+            collective called on only some ranks). The first call's tracing,
+            profiling and planning are not timed. Default None (no limit).
         **options: the planning options of :class:`rannc_py.PlanOptions`, each
             with the default documented there: ``cluster`` (default
             ``"local:ranks=<ranks>"``, this machine, measured once and
@@ -107,7 +134,9 @@ class RaNNCModule(nn.Module):
             from it).
 
     Raises:
-        ConfigError: an argument or option cannot be used (checked here).
+        ConfigError: an argument or option cannot be used (checked here, on
+            every rank: each raises the lowest failing rank's error).
+        PlanError: ``plan`` is a path to a missing or malformed plan file.
     """
 
     _model: nn.Module  # held outside the module tree (see __init__)
@@ -122,20 +151,25 @@ class RaNNCModule(nn.Module):
         save_plan: str | os.PathLike[str] | None = None,
         param_init: Callable[[nn.Module], None] | None = None,
         bucket_bytes: int = 25 * 2**20,
+        timeout: float | None = None,
         **options: Any,
     ) -> None:
         super().__init__()
-        if not isinstance(model, nn.Module):
-            raise ConfigError(f"RaNNCModule wraps an nn.Module, got {type(model).__name__}")
-        self._options = PlanOptions.from_kwargs(options)
+        self._comm = MPI.COMM_WORLD.Dup()
+        install_excepthook()  # from now on an uncaught exception on any rank ends every rank
+        try:
+            self._options, self._plan_arg = agreed(
+                self._comm, "RaNNCModule()", lambda: _check_args(model, plan, bucket_bytes, timeout, options))
+        except RaNNCError:
+            self._comm.Free()
+            raise
         # Kept outside the module tree: after setup it holds only meta placeholders.
         object.__setattr__(self, "_model", model)
         self._optimizer = optimizer
-        self._plan_arg = plan
         self._save_plan = save_plan
         self._param_init = param_init
         self._bucket_bytes = bucket_bytes
-        self._comm = MPI.COMM_WORLD.Dup()
+        self._watchdog = Watchdog(timeout, self._comm)
         _open_modules.add(self)  # freed at exit unless closed before
         self._ready = False
         self.training = model.training
@@ -233,7 +267,8 @@ class RaNNCModule(nn.Module):
         with abort_on_error(self._comm, "the forward call"):
             if not self._ready:
                 self._setup(args, kwargs)
-            return self._step(args, kwargs)
+            with self._watchdog.watch("the forward call"):
+                return self._step(args, kwargs)
 
     def _step(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         plan, comm = self._plan, self._comm
@@ -333,32 +368,81 @@ class RaNNCModule(nn.Module):
         Raises ConfigError before the first call.
         """
         self._need_ready("clip_grad_norm_")
-        with abort_on_error(self._comm, "clip_grad_norm_"):
+        with abort_on_error(self._comm, "clip_grad_norm_"), self._watchdog.watch("clip_grad_norm_"):
             return clip_grad_norm_(self._params, self._owned, self._comm, max_norm, norm_type)
 
-    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Tensor]:  # type: ignore[override]
-        """The full state with the original names, gathered on rank 0 ({} on other ranks).
+    def state_dict(self, *args: Any, rank0_only: bool = True, **kwargs: Any) -> dict[str, Tensor]:  # type: ignore[override]
+        """The full state with the original names; collective after the first call.
 
-        Loadable into the unwrapped model. Before the first call: the model's own state dict.
+        After the first call every rank must call it (each contributes the
+        tensors it holds; ``if rank == 0: model.state_dict()`` would wait
+        forever, and with ``timeout=`` ends the job naming this call). Returns
+        the state gathered on rank 0 and ``{}`` on other ranks, or, with
+        ``rank0_only=False``, on every rank. Loadable into the unwrapped
+        model. Before the first call: the model's own state dict, on every
+        rank, without communication. ``torch``'s ``destination``, ``prefix``
+        and ``keep_vars`` are not supported and are ignored.
+
+        Raises:
+            ConfigError: the ranks are in different collective calls, or
+                disagree on ``rank0_only``.
         """
         if not self._ready:
             return self._model.state_dict()
-        with abort_on_error(self._comm, "state_dict"):
-            return P.gather_state_dict(self._model, self._names, self._local, self._owned, self._comm)
+        with self._watchdog.watch("state_dict"):
+            agreed(self._comm, f"state_dict(rank0_only={bool(rank0_only)})", lambda: None)
+            with abort_on_error(self._comm, "state_dict"):
+                return P.gather_state_dict(self._model, self._names, self._local, self._owned, self._comm,
+                                           rank0_only=bool(rank0_only))
 
-    def load_state_dict(self, state_dict: Mapping[str, Tensor], strict: bool = True, assign: bool = False) -> Any:  # type: ignore[override]
-        """Load a full state dict (original names) on every rank, before or after the first call.
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True,  # type: ignore[override]
+                        assign: bool = False) -> _IncompatibleKeys:
+        """Load a full state dict (original names); collective: call it on every rank.
 
-        Raises ConfigError when a tensor this rank holds is missing.
+        Every rank checks every key and shape against the unwrapped model's
+        before anything is copied, as ``nn.Module.load_state_dict`` does:
+        shapes must be equal (nothing is broadcast), and with ``strict``
+        missing and unexpected keys are errors. Before or after the first call.
+
+        Returns:
+            torch's ``(missing_keys, unexpected_keys)`` named tuple.
+
+        Raises:
+            ConfigError: the state dict does not fit (or, after the first
+                call, ``assign=True``); raised on every rank with the message
+                of the lowest rank whose state dict did not fit.
         """
-        if not self._ready:
-            return self._model.load_state_dict(state_dict, strict=strict)
-        P.load_local_state(self._local, self._names, dict(state_dict))
-        return None
+        def check() -> tuple[list[str], list[str]]:
+            if assign and self._ready:
+                raise ConfigError("load_state_dict(assign=True) is not supported after the first call, "
+                                  "which bound the optimizer to this rank's tensors; use assign=False")
+            return P.check_state_dict(self._model, state_dict, strict)
+
+        with self._watchdog.watch("load_state_dict"):
+            missing, unexpected = agreed(self._comm, "load_state_dict", check)
+        with abort_on_error(self._comm, "load_state_dict"):
+            if not self._ready:
+                self._model.load_state_dict(state_dict, strict=strict, assign=assign)
+            else:
+                P.load_local_state(self._local, self._names, state_dict)
+        return _IncompatibleKeys(missing, unexpected)
 
     def _need_ready(self, what: str) -> None:
         if not self._ready:
             raise ConfigError(f"{what}() needs the first forward call, which partitions the model")
+
+
+def _check_args(model: nn.Module, plan: PlanArg | None, bucket_bytes: int, timeout: float | None,
+                options: dict[str, Any]) -> tuple[PlanOptions, Plan | Mapping[str, Any] | None]:
+    """Check :class:`RaNNCModule`'s arguments; return its options and the checked ``plan=``."""
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"RaNNCModule wraps an nn.Module, got {type(model).__name__}")
+    if isinstance(bucket_bytes, bool) or not isinstance(bucket_bytes, int) or bucket_bytes < 1:
+        raise ConfigError(f"bucket_bytes must be a positive integer (bytes), got {bucket_bytes!r}")
+    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
+                                or not timeout > 0):
+        raise ConfigError(f"timeout must be a positive number of seconds or None (no limit), got {timeout!r}")
+    return PlanOptions.from_kwargs(options), check_plan_arg(plan)
 
 
 _open_modules: weakref.WeakSet[RaNNCModule] = weakref.WeakSet()  # not closed yet

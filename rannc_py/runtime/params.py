@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import zlib
 from collections import defaultdict
-from collections.abc import Callable, Iterable
-from typing import cast
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, cast
 
 import torch
 from mpi4py import MPI
@@ -179,9 +179,11 @@ def rebind_optimizer(opt: torch.optim.Optimizer, model: nn.Module, local: dict[s
 
 
 def gather_state_dict(
-    model: nn.Module, names: dict[str, str], local: dict[str, Tensor], owned: set[str], comm: MPI.Comm
+    model: nn.Module, names: dict[str, str], local: dict[str, Tensor], owned: set[str], comm: MPI.Comm,
+    rank0_only: bool = True,
 ) -> dict[str, Tensor]:
-    """The full state dict, with the original names, on rank 0 of ``comm`` ({} elsewhere).
+    """The full state dict, with the original names, on rank 0 of ``comm`` ({} elsewhere), or
+    on every rank when not ``rank0_only``. Collective over ``comm``.
 
     Each rank contributes the tensors it owns (``owned``, canonical names);
     every name of the unwrapped model's ``state_dict()`` (aliases included) is
@@ -189,8 +191,8 @@ def gather_state_dict(
     the model taken before :func:`release` (which unties what it frees).
     """
     mine = {f: t.detach().clone() for f, t in local.items() if f in owned}
-    parts = comm.gather(mine, root=0)
-    if comm.Get_rank() != 0 or parts is None:
+    parts = comm.gather(mine, root=0) if rank0_only else comm.allgather(mine)
+    if parts is None:
         return {}
     full: dict[str, Tensor] = {}
     for part in parts:
@@ -202,23 +204,58 @@ def gather_state_dict(
     return out
 
 
-def load_local_state(local: dict[str, Tensor], names: dict[str, str], state: dict[str, Tensor]) -> None:
-    """Copy the entries of ``state`` (original names) that this rank holds into ``local``.
+def check_state_dict(model: nn.Module, state: Mapping[str, Any], strict: bool) -> tuple[list[str], list[str]]:
+    """Compare ``state``'s keys and shapes with ``model``'s state dict, as ``nn.Module.load_state_dict`` does.
 
-    ``names`` maps every original name to its canonical one (:func:`canonical_names`).
+    ``model`` may hold meta placeholders (only the shapes are read), so every
+    rank checks every key, whichever it holds.
+
+    Returns:
+        ``(missing keys, unexpected keys)``, in the model's and the state's order.
 
     Raises:
-        ConfigError: a tensor this rank holds is missing from ``state``.
+        ConfigError: a key has a value that is not a tensor or a shape other
+            than the model's (whatever ``strict``; nothing is broadcast), or,
+            when ``strict``, a key is missing or unexpected.
+    """
+    expected = model.state_dict(keep_vars=True)
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    problems: list[str] = []
+    if strict and unexpected:
+        problems.append(f"unexpected key(s) {unexpected}")
+    if strict and missing:
+        problems.append(f"missing key(s) {missing}")
+    for key, want in expected.items():
+        if key not in state:
+            continue
+        got = state[key]
+        if not isinstance(got, Tensor):
+            problems.append(f"{key!r} is a {type(got).__name__}, not a tensor")
+        elif got.shape != want.shape:
+            problems.append(f"size mismatch for {key!r}: the state dict has shape {tuple(got.shape)}, "
+                            f"the model {tuple(want.shape)}")
+    if problems:
+        raise ConfigError(
+            f"cannot load the state dict into {type(model).__name__}: " + "; ".join(problems)
+            + "; pass a state dict of this model (strict=False allows missing and unexpected keys, "
+            "never other shapes); nothing was loaded"
+        )
+    return missing, unexpected
+
+
+def load_local_state(local: dict[str, Tensor], names: dict[str, str], state: Mapping[str, Tensor]) -> None:
+    """Copy the entries of ``state`` (original names) that this rank holds into ``local``.
+
+    ``names`` maps every original name to its canonical one (:func:`canonical_names`);
+    a tensor is read under any of its names. Check ``state`` with
+    :func:`check_state_dict` first: shapes are not checked here, and tensors
+    missing from ``state`` are left as they are.
     """
     by_canon: dict[str, Tensor] = {}
     for key, t in state.items():
         by_canon.setdefault(names.get(key, key), t)
-    missing = sorted(f for f in local if f not in by_canon)
-    if missing:
-        raise ConfigError(
-            f"state dict lacks {len(missing)} tensor(s) this rank holds, e.g. {missing[:3]}; "
-            "pass the full state dict (as returned by state_dict() on rank 0) on every rank"
-        )
     with torch.no_grad():
         for f, t in local.items():
-            t.copy_(by_canon[f])
+            if f in by_canon:
+                t.copy_(by_canon[f])
