@@ -34,6 +34,9 @@ _LAZY = {
     "Plan": "rannc_py.planner.plan",
     "PlanOptions": "rannc_py.planner.options",
     "RaNNCModule": "rannc_py.runtime.module",
+    "save_checkpoint": "rannc_py.runtime.checkpoint",
+    "load_checkpoint": "rannc_py.runtime.checkpoint",
+    "consolidate": "rannc_py.runtime.checkpoint",
 }
 
 __all__ = [
@@ -52,8 +55,11 @@ __all__ = [
     "StagedModule",
     "TraceError",
     "TracedGraph",
+    "consolidate",
+    "load_checkpoint",
     "plan",
     "profile",
+    "save_checkpoint",
     "trace",
 ]
 

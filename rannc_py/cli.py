@@ -269,7 +269,19 @@ def main(argv: list[str] | None = None) -> int:
                         "by default the memory of returning logits to every rank is counted")
     p.add_argument("--json", help="write the plan as JSON here")
     p.add_argument("--png", help="draw the pipeline timeline and per-rank memory here")
+    c = sub.add_parser("consolidate", help="write a checkpoint as one state dict (model.safetensors)")
+    c.add_argument("checkpoint", help="a checkpoint directory written by rannc_py.save_checkpoint")
+    c.add_argument("out", help="the output directory (for a Hugging Face model: loadable by from_pretrained)")
     ns = parser.parse_args(argv)
+    if ns.command == "consolidate":
+        from rannc_py.runtime.checkpoint import consolidate
+
+        try:
+            print(consolidate(ns.checkpoint, ns.out))
+        except RaNNCError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        return 0
     from rannc_py.graph.trace import trace
     from rannc_py.planner.api import plan_graph
 

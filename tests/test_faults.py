@@ -170,7 +170,7 @@ def test_plan_fingerprint_checked(tmp_path: Path) -> None:
     model, batch = _gpt()
     # another model with the same op count: a wider GPT
     torch.manual_seed(0)
-    from examples.gpt.model import GPT, GPTConfig
+    from rannc_py.models.gpt import GPT, GPTConfig
 
     other = GPT(GPTConfig(vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=48, dropout=0.0))
     plan = _plan_for(other, batch)

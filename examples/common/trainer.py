@@ -53,15 +53,23 @@ def learning_rate(step: int, args: argparse.Namespace) -> float:
     return args.lr * min(1.0, (step + 1) / args.warmup) if args.warmup > 0 else args.lr
 
 
-# A checkpoint folder holds the full model state (written by rank 0, readable
-# by the unwrapped model too) and one optimizer-state file per rank, because
-# under pipeline parallelism each rank's optimizer holds only its stage.
-def _model_file(folder: str) -> Path:
-    return Path(folder) / "model.pt"
+def _resume(folder: str, model: torch.nn.Module, opt: torch.optim.Optimizer) -> tuple[int, list[float]]:
+    """Load the checkpoint ``--save`` wrote (by any number of ranks, any layout); return (step, losses).
+
+    Loaded into the unwrapped model and its optimizer before wrapping:
+    ``RaNNCModule`` then carries both to each rank's share on its first call.
+    """
+    import rannc_py
+
+    extra = rannc_py.load_checkpoint(folder, model, opt)
+    return extra["step"], extra["losses"]
 
 
-def _optimizer_file(folder: str, rank: int) -> Path:
-    return Path(folder) / f"optimizer_rank{rank}.pt"
+def _save(folder: str, model: torch.nn.Module, opt: torch.optim.Optimizer, step: int, losses: list[float]) -> None:
+    """Write a checkpoint atomically (collective): each rank its own part, as safetensors."""
+    import rannc_py
+
+    rannc_py.save_checkpoint(folder, model, opt, extra={"step": step, "losses": losses})
 
 
 def train(args: argparse.Namespace, model: torch.nn.Module, dataset: Dataset, name: str) -> dict[str, Any]:
@@ -80,14 +88,7 @@ def train(args: argparse.Namespace, model: torch.nn.Module, dataset: Dataset, na
         out.mkdir(parents=True, exist_ok=True)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr)
 
-    start, losses, opt_state = 0, [], None
-    if args.resume:
-        state = torch.load(_model_file(args.resume), weights_only=False)
-        if state["world_size"] != size:
-            raise SystemExit(f"checkpoint {args.resume} was written by {state['world_size']} ranks, not {size}")
-        model.load_state_dict(state["model"])
-        start, losses = state["step"], state["losses"]
-        opt_state = torch.load(_optimizer_file(args.resume, rank), weights_only=False)
+    start, losses = _resume(args.resume, model, opt) if args.resume else (0, [])
 
     loader = ShardedLoader(dataset, args.batch_size, rank=rank, world_size=size, seed=args.seed)
     batches = _batches(loader, start)
@@ -110,11 +111,6 @@ def train(args: argparse.Namespace, model: torch.nn.Module, dataset: Dataset, na
                 torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
             else:
                 model.clip_grad_norm_(args.clip)
-        if opt_state is not None:
-            # rannc_py rebinds the optimizer to this rank's parameters during
-            # the first call, so its saved state can only be loaded now.
-            opt.load_state_dict(opt_state)
-            opt_state = None
         opt.step()
         opt.zero_grad()
         step_times.append(time.perf_counter() - t0)
@@ -124,12 +120,7 @@ def train(args: argparse.Namespace, model: torch.nn.Module, dataset: Dataset, na
         bar.set_postfix(loss=f"{losses[-1]:.3f}", samples_s=f"{args.batch_size / step_times[-1]:.1f}")
 
     if args.save:
-        Path(args.save).mkdir(parents=True, exist_ok=True)
-        full = model.state_dict()  # gathered on rank 0 by rannc_py ({} elsewhere)
-        if rank == 0:
-            torch.save({"step": args.steps, "losses": losses, "world_size": size, "model": full},
-                       _model_file(args.save))
-        torch.save(opt.state_dict(), _optimizer_file(args.save, rank))
+        _save(args.save, model, opt, args.steps, losses)
 
     # ru_maxrss is in KiB on Linux: the process's peak resident memory.
     peak = comm.gather(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, root=0)
