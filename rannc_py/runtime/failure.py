@@ -50,6 +50,18 @@ def _report(rank: int, size: int, headline: str, text: str) -> None:
     sys.stderr.flush()
 
 
+# Seconds between printing a failure and aborting: the launcher forwards each rank's
+# output through a pipe, and an abort that comes at once can end the launcher
+# before it has read the message (seen under MPICH's hydra on a busy machine).
+_FORWARD_GRACE_S = 0.5
+
+
+def _abort(comm: MPI.Comm) -> None:
+    """End every rank of ``comm``'s job, after giving the launcher time to forward this rank's message."""
+    time.sleep(_FORWARD_GRACE_S)
+    comm.Abort(1)
+
+
 @contextmanager
 def abort_on_error(comm: MPI.Comm, what: str) -> Iterator[None]:
     """Run the body; if it raises on a multi-rank ``comm``, print the traceback
@@ -60,7 +72,7 @@ def abort_on_error(comm: MPI.Comm, what: str) -> Iterator[None]:
         if comm.Get_size() == 1:
             raise
         _report(comm.Get_rank(), comm.Get_size(), f"failed during {what}", traceback.format_exc())
-        comm.Abort(1)
+        _abort(comm)
 
 
 # ----------------------------------------------------------- agreement
@@ -147,7 +159,7 @@ def _abort_uncaught(headline: str, text: str) -> None:
     world = MPI.COMM_WORLD
     _report(world.Get_rank(), world.Get_size(), headline, text)
     if not MPI.Is_finalized():
-        world.Abort(1)
+        _abort(world)
 
 
 # ------------------------------------------------------------ watchdog
@@ -209,7 +221,7 @@ class Watchdog:
                 "a rank that failed or stopped above is the cause, or raise timeout= if a step is this slow")
         if size == 1:
             os._exit(1)  # one process: nobody to abort, but a hung process must still end
-        self._comm.Abort(1)
+        _abort(self._comm)
 
 
 def waiting_point(frame: FrameType | None) -> str:
