@@ -20,7 +20,11 @@ from rannc_py.hardware.cluster import Cluster, parse_size
 from rannc_py.planner.cost import optimizer_state_factor
 
 TRAINING_SCHEDULES: tuple[str, ...] = ("1f1b", "gpipe")
-"""The schedules a training plan may use (``forward_only`` runs no backward, so it never trains)."""
+"""The schedules a training plan uses by default (``forward_only`` runs no backward, so it never trains)."""
+
+EXPERIMENTAL_SCHEDULES: tuple[str, ...] = ("zb-h1",)
+"""Schedules the planner searches only when named in ``schedules``: the simulator and the
+memory model know them, the runtime does not run them yet."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -38,7 +42,9 @@ class PlanOptions:
         memory_margin: fraction of the memory kept free, in [0, 1). Default 0.1.
         microbatches: pin the number of microbatches per step. Default None (searched).
         schedules: the schedules the planner may pick, a non-empty subset of
-            ``("1f1b", "gpipe")``. Default both.
+            ``("1f1b", "gpipe")`` plus, only when named, the experimental
+            ``("zb-h1",)`` (:data:`EXPERIMENTAL_SCHEDULES`, not yet run by the
+            runtime). Default ``("1f1b", "gpipe")``.
         recompute: True/False forces activation recompute on every stage;
             None (default) turns it on only for stages that do not fit otherwise.
         max_stages: upper bound on the pipeline depth. Default None (the number of blocks).
@@ -96,8 +102,10 @@ class PlanOptions:
         if isinstance(self.schedules, str) or not isinstance(self.schedules, Sequence):
             raise ConfigError(f"schedules must be a sequence of schedule names, got {self.schedules!r}")
         scheds = tuple(self.schedules)
-        if not scheds or any(s not in TRAINING_SCHEDULES for s in scheds):
-            raise ConfigError(f"schedules must be a non-empty subset of {TRAINING_SCHEDULES}, got {self.schedules!r}")
+        known = TRAINING_SCHEDULES + EXPERIMENTAL_SCHEDULES
+        if not scheds or any(s not in known for s in scheds):
+            raise ConfigError(f"schedules must be a non-empty subset of {TRAINING_SCHEDULES} (or the experimental "
+                              f"{EXPERIMENTAL_SCHEDULES}), got {self.schedules!r}")
         object.__setattr__(self, "schedules", scheds)
         if self.recompute not in (None, True, False):
             raise ConfigError(f"recompute must be True, False or None (searched), got {self.recompute!r}")

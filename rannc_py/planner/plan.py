@@ -22,7 +22,7 @@ from typing import Any
 
 from rannc_py._util import atomic_write, format_bytes, format_seconds
 from rannc_py.comm.cost import ALGORITHMS
-from rannc_py.errors import PlanError
+from rannc_py.errors import ConfigError, PlanError
 from rannc_py.schedule import (
     SCHEDULES,
     Schedule,
@@ -31,6 +31,7 @@ from rannc_py.schedule import (
     by_name,
     simulate,
 )
+from rannc_py.schedule.generators import chunks_of
 
 
 def split_sizes(n: int, parts: int) -> list[int]:
@@ -94,7 +95,8 @@ class Plan:
     Attributes:
         batch_size: global batch size of one step.
         microbatches: microbatches per step (divides ``batch_size``).
-        schedule: schedule name ("1f1b" or "gpipe"), see :mod:`rannc_py.schedule`.
+        schedule: schedule name ("1f1b", "gpipe", or the experimental "zb-h1"), see
+            :mod:`rannc_py.schedule`.
         stages: the stages, in pipeline order.
         world_size: number of ranks the plan uses (every rank holds one stage replica).
         graph_fingerprint: hash of the graph the plan was made for.
@@ -104,6 +106,9 @@ class Plan:
         samples_per_second: predicted throughput.
         mfu: predicted model FLOP utilisation (0..1).
         search_time: seconds the planner spent.
+        chunks: model chunks (stages) per rank of the schedule. Default 1, the
+            only value plans take yet; the JSON carries it only when it is not 1,
+            so plans read and write as before.
     """
 
     batch_size: int
@@ -118,6 +123,7 @@ class Plan:
     samples_per_second: float
     mfu: float
     search_time: float
+    chunks: int = 1
 
     def __post_init__(self) -> None:
         self._check()
@@ -125,6 +131,13 @@ class Plan:
     def _check(self) -> None:
         if self.schedule not in SCHEDULES:
             raise PlanError(f"plan names unknown schedule {self.schedule!r}; known: {sorted(SCHEDULES)}")
+        try:
+            chunks_of(self.schedule, self.chunks)
+        except ConfigError as e:
+            raise PlanError(f"plan's schedule and chunks do not match: {e}") from e
+        if self.chunks != 1:
+            raise PlanError(f"plan has chunks={self.chunks} stages per rank ({self.schedule}); plans with several "
+                            "stages per rank are not supported yet: plan with schedules 1f1b, gpipe or zb-h1")
         if self.microbatches < 1 or self.batch_size < 1 or self.batch_size % self.microbatches:
             raise PlanError(
                 f"plan batch_size={self.batch_size} must be a positive multiple of "
@@ -199,7 +212,7 @@ class Plan:
 
     def make_schedule(self) -> Schedule:
         """The training schedule's action lists for this plan's stages and microbatches."""
-        return by_name(self.schedule, self.num_stages, self.microbatches)
+        return by_name(self.schedule, self.num_stages // self.chunks, self.microbatches, self.chunks)
 
     def timeline(self) -> Timeline:
         """The planner's simulation of one step of this plan.
@@ -223,8 +236,15 @@ class Plan:
         return simulate(self.make_schedule(), [st.costs for st in self.stages if st.costs is not None])
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict."""
-        return dataclasses.asdict(self)
+        """A JSON-ready dict (``chunks`` and a stage's ``costs.backward_weight`` only when set,
+        so plans without them write as before)."""
+        d = dataclasses.asdict(self)
+        if d["chunks"] == 1:
+            del d["chunks"]
+        for st in d["stages"]:
+            if st["costs"] is not None and st["costs"]["backward_weight"] == 0.0:
+                del st["costs"]["backward_weight"]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Plan:
@@ -258,6 +278,7 @@ class Plan:
                 samples_per_second=float(d["samples_per_second"]),
                 mfu=float(d["mfu"]),
                 search_time=float(d["search_time"]),
+                chunks=int(d.get("chunks", 1)),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise PlanError(f"malformed plan ({e!r}); write plans with Plan.to_json() or Plan.save()") from e

@@ -45,6 +45,7 @@ deterministic.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -212,9 +213,22 @@ class SearchSpace:
     num_stages: int | None = None
 
 
-def in_flight(schedule: str, q: int, m: int) -> int:
-    """Microbatches whose activations a stage with q stages after it holds at once."""
-    return m if schedule == "gpipe" else min(q + 1, m)
+# Schedules whose activations in flight depend on the pipeline depth, not only on the stages after.
+DEPTH_DEPENDENT = ("zb-h1",)
+# Schedules that split the backward into I and W (their stages need a weight-gradient share).
+SPLIT_BACKWARD = ("zb-h1",)
+
+
+def in_flight(schedule: str, q: int, m: int, p: int = 0) -> int:
+    """Microbatches whose activations a stage with q stages after it, in a pipeline of p
+    stages, holds at once (until their backward, or their W): GPipe m, 1F1B
+    ``min(q + 1, m)``, ZB-H1 ``min(p, m)`` (every stage 1F1B's peak; see
+    :mod:`rannc_py.schedule.generators`). Only ZB-H1 reads ``p``."""
+    if schedule == "gpipe":
+        return m
+    if schedule in DEPTH_DEPENDENT:
+        return min(p, m)
+    return min(q + 1, m)
 
 
 def search_config(cost: CostModel, space: SearchSpace, d: int, m: int, schedule: str,
@@ -240,11 +254,27 @@ def search_config(cost: CostModel, space: SearchSpace, d: int, m: int, schedule:
         Q = min(space.max_stages, P, cost.chain.n)
     if not rvals or Q < 1:
         return []
-    flights = tuple(sorted({in_flight(schedule, q, m) for q in range(Q)}))
+    if schedule in DEPTH_DEPENDENT:  # one DP per depth, each with that depth's memory
+        depths = [p for p in range(1, Q + 1) if space.num_stages in (None, p)
+                  and (space.pinned_replicas is None or p == Q)]
+        return [lay for p in depths for lay in _search_depth(cost, space, d, m, schedule, objective, weights,
+                                                             rvals, allowed, p)]
+    return _search_depth(cost, space, d, m, schedule, objective, weights, rvals, allowed, 0, Q)
+
+
+def _search_depth(cost: CostModel, space: SearchSpace, d: int, m: int, schedule: str, objective: str,
+                  weights: Sequence[float] | None, rvals: tuple[int, ...], allowed: list[list[int]] | None,
+                  depth: int, Q: int = 0) -> list[Layout]:
+    """:func:`search_config`'s passes with the DP over ``Q`` stage positions; ``depth`` > 0 pins
+    the pipeline to that many stages (Q = depth) for a :data:`DEPTH_DEPENDENT` schedule."""
+    P = cost.cluster.num_devices // d
+    if depth:
+        Q, space = depth, dataclasses.replace(space, num_stages=depth)
+    flights = tuple(sorted({in_flight(schedule, q, m, depth) for q in range(Q)}))
     tabs = cost.stage_tables(d, m, rvals, flights, space.recompute, P)
     if objective == "memory":
-        return _collect(tabs, [tabs[in_flight(schedule, q, m)].mem_min for q in range(Q)], rvals, P, allowed,
-                        space, d, m, schedule, 0.0, memory=True)
+        return _collect(tabs, [tabs[in_flight(schedule, q, m, depth)].mem_min for q in range(Q)], rvals, P,
+                        allowed, space, d, m, schedule, 0.0, memory=True)
     out: list[Layout] = []
     for w in weights if weights is not None else (1.0 / m, None, 1.0, 1000.0):
         if w is None:  # second pass: weight for the first pass's best depth
@@ -255,7 +285,7 @@ def search_config(cost: CostModel, space: SearchSpace, d: int, m: int, schedule:
                 continue
             w = 1.0 / (m + p_star - 1)
         by_flight = {f: tab.c + w * tab.ar for f, tab in tabs.items()}
-        obj = [by_flight[in_flight(schedule, q, m)] for q in range(Q)]
+        obj = [by_flight[in_flight(schedule, q, m, depth)] for q in range(Q)]
         seen = {(lay.bounds, lay.replicas, lay.recompute) for lay in out}
         out += [lay for lay in _collect(tabs, obj, rvals, P, allowed, space, d, m, schedule, w)
                 if (lay.bounds, lay.replicas, lay.recompute) not in seen]
@@ -276,7 +306,7 @@ def _collect(tabs, obj_by_q, rvals, P, allowed, space, d, m, schedule, w, memory
         bounds, reps = reconstruct(best, obj_by_q, rvals, p, P, allowed)
         rec, mem, cs, ars = [], [], [], []
         for s in range(p):
-            tab = tabs[in_flight(schedule, p - 1 - s, m)]
+            tab = tabs[in_flight(schedule, p - 1 - s, m, p)]
             i, j, ri = bounds[s], bounds[s + 1], rvals.index(reps[s])
             cs.append(float(tab.c[i, j, ri]))
             ars.append(float(tab.ar[i, j, ri]))
@@ -341,8 +371,27 @@ def stage_costs(cost: CostModel, lay: Layout) -> list[StageCosts]:
                 shared = sum(nb for name, nb in names[s].items() if name in names[s2])
                 ar += cost.allreduce(shared, lay.replicas[s] + lay.replicas[s2])
         update = float(t.param_bytes[i, j]) * cost.update_cost
-        out.append(StageCosts(float(fwd), float(bwd), send_act, send_grad, ar, update))
+        weight = weight_grad_time(cost, i, j, b, float(bwd)) if lay.schedule in SPLIT_BACKWARD else 0.0
+        out.append(StageCosts(forward=float(fwd), backward=float(bwd), send_act=send_act, send_grad=send_grad,
+                              allreduce=ar, update=update, backward_weight=weight))
     return out
+
+
+def weight_grad_time(cost: CostModel, i: int, j: int, rows: int, backward: float) -> float:
+    """Seconds of the backward of blocks [i, j) at ``rows`` rows that compute weight gradients
+    (what a split backward's W costs).
+
+    The profile does not separate the two parts of a backward, so this is
+    estimated: a block that reads parameters spends on its weight gradients
+    about what its forward spends (each weight-gradient product mirrors one
+    forward product, ``dW = x^T dy`` against ``y = x W``, same FLOPs); a block
+    without parameters spends nothing on them. Capped at ``backward``.
+    """
+    total = 0.0
+    for blk in cost.chain.blocks[i:j]:
+        if blk.params:
+            total += blk.fwd_fixed + blk.fwd_per_sample * rows
+    return min(float(total), backward)
 
 
 def _stage_params(cost: CostModel, i: int, j: int) -> dict[str, int]:

@@ -16,81 +16,96 @@ from collections.abc import Sequence
 
 from rannc_py.errors import PlanError
 from rannc_py.schedule.actions import ActionKind
-from rannc_py.schedule.generators import stage_orders
+from rannc_py.schedule.generators import chunks_of, rank_orders
 from rannc_py.schedule.simulate import StageCosts
 
 K = ActionKind
 _COMPUTE, _RECV, _SEND = 0, 1, 2
+# Compute kinds in the order of the per-stage duration slots (stage * len(_SLOTS) + slot).
+_SLOTS = (K.FORWARD, K.BACKWARD, K.BACKWARD_INPUT, K.BACKWARD_WEIGHT, K.ALLREDUCE)
 
-Program = tuple[tuple[tuple[tuple[int, int, int], ...], ...], tuple[tuple[int, int], ...], int]
+Program = tuple[tuple[tuple[tuple[int, int, int, int], ...], ...], int, int]
 
 
 @functools.lru_cache(maxsize=64)
-def compile_schedule(name: str, p: int, m: int) -> Program:
-    """Per stage ``(code, a, b)`` triples: compute (slot a), RECV (message a) or SEND (message a on link b);
-    the links as (sending stage, 0 for activations / 1 for gradients); the message count.
+def compile_schedule(name: str, p: int, m: int, chunks: int | None = None) -> Program:
+    """Per rank ``(code, a, b, c)``: compute (duration slot a), RECV (message a) or SEND
+    (message a on link b, costing send slot c); the link count; the message count.
 
-    Message ids are ``(receiving stage * 2 + direction) * m + microbatch``; link ids
-    ``sending stage * 2 + direction`` (0: activations down, 1: gradients up).
+    Duration slots are ``stage * 5 + kind`` (F, B, I, W, ALLREDUCE); message ids
+    ``(receiving stage * 2 + direction) * m + microbatch``; send slots
+    ``sending stage * 2 + direction`` (0: activations down, 1: gradients up); links
+    are numbered per directed pair of ranks in order of first use.
     """
-    fwd, bwd, ar, recv_act, recv_grad, send_act = (K.FORWARD, K.BACKWARD, K.ALLREDUCE, K.RECV_ACT, K.RECV_GRAD,
-                                                     K.SEND_ACT)
-    stages = []
-    for s, acts in enumerate(stage_orders(name, p, m)):
+    ranks, orders = rank_orders(name, p, m, chunks)
+
+    def rank_of(s: int) -> int:
+        return ranks[s] if ranks else s
+
+    slot = {k: n for n, k in enumerate(_SLOTS)}
+    links: dict[tuple[int, int], int] = {}
+    out = []
+    for r, ops in enumerate(orders):
         prog = []
-        for kind, mb_or_none in acts:
+        for kind, s, mb_or_none in ops:
             mb = mb_or_none or 0  # only ALLREDUCE has none, and it sends nothing
-            if kind is fwd:
-                prog.append((_COMPUTE, 0, 0))
-            elif kind is bwd:
-                prog.append((_COMPUTE, 1, 0))
-            elif kind is ar:
-                prog.append((_COMPUTE, 2, 0))
-            elif kind is recv_act:
-                prog.append((_RECV, (s * 2) * m + mb, 0))
-            elif kind is recv_grad:
-                prog.append((_RECV, (s * 2 + 1) * m + mb, 0))
-            elif kind is send_act:
-                prog.append((_SEND, ((s + 1) * 2) * m + mb, s * 2))
+            if kind in slot:
+                prog.append((_COMPUTE, s * len(_SLOTS) + slot[kind], 0, 0))
+            elif kind is K.RECV_ACT:
+                prog.append((_RECV, (s * 2) * m + mb, 0, 0))
+            elif kind is K.RECV_GRAD:
+                prog.append((_RECV, (s * 2 + 1) * m + mb, 0, 0))
             else:
-                prog.append((_SEND, ((s - 1) * 2 + 1) * m + mb, s * 2 + 1))
-        stages.append(tuple(prog))
-    links = tuple((s, direction) for s in range(p) for direction in (0, 1))
-    return tuple(stages), links, 2 * p * m
+                down = kind is K.SEND_ACT
+                dst = s + 1 if down else s - 1
+                link = links.setdefault((r, rank_of(dst)), len(links))
+                prog.append((_SEND, (dst * 2 + (0 if down else 1)) * m + mb, link, s * 2 + (0 if down else 1)))
+        out.append(tuple(prog))
+    stages = len(ranks) if ranks else p
+    return tuple(out), len(links), 2 * stages * m
 
 
-def step_time(schedule: str, num_microbatches: int, costs: Sequence[StageCosts]) -> float:
-    """The step time :func:`rannc_py.schedule.simulate` gives ``by_name(schedule, len(costs), m)``.
+def step_time(schedule: str, num_microbatches: int, costs: Sequence[StageCosts], chunks: int | None = None) -> float:
+    """The step time :func:`rannc_py.schedule.simulate` gives ``by_name(schedule, p, m, chunks)``.
 
     Args:
-        schedule: "gpipe", "1f1b" or "forward_only".
+        schedule: a schedule name (:data:`rannc_py.schedule.SCHEDULES`).
         num_microbatches: m.
-        costs: one :class:`StageCosts` per stage.
+        costs: one :class:`StageCosts` per stage (``chunks * p`` of them).
+        chunks: stages per rank; default the schedule's own.
     Returns:
         Seconds, bit-identical to the simulator's ``step_time``.
     Raises:
         ConfigError: bad schedule name or sizes (as :func:`by_name`).
-        PlanError: the schedule deadlocks.
+        PlanError: the schedule deadlocks, or ``costs`` is not a multiple of the chunks.
     """
-    p = len(costs)
-    stages, link_kind, nmsg = compile_schedule(schedule, p, num_microbatches)
-    durs = [(c.forward, c.backward, c.allreduce + c.update) for c in costs]
-    link_cost = [(costs[s].send_act, costs[s].send_grad)[k] for s, k in link_kind]
-    link_free = [0.0] * len(link_kind)
+    v = chunks_of(schedule, chunks)
+    if len(costs) % v:
+        raise PlanError(f"{len(costs)} stage costs for schedule {schedule!r} with {v} chunks per rank; "
+                        "give one per stage, a multiple of the chunks")
+    p = len(costs) // v
+    ranks, nlinks, nmsg = compile_schedule(schedule, p, num_microbatches, v)
+    durs: list[float] = []
+    sends: list[float] = []
+    for c in costs:
+        durs += [c.forward, c.backward, c.backward - c.backward_weight, c.backward_weight, c.allreduce + c.update]
+        sends += [c.send_act, c.send_grad]
+    link_free = [0.0] * nlinks
     arrival = [-1.0] * nmsg
-    ptr = [0] * p
-    clock = [0.0] * p
+    R = len(ranks)
+    ptr = [0] * R
+    clock = [0.0] * R
     last = 0.0
     progress = True
     while progress:
         progress = False
-        for s in range(p):
-            prog, k, t, d = stages[s], ptr[s], clock[s], durs[s]
+        for r in range(R):
+            prog, k, t = ranks[r], ptr[r], clock[r]
             n = len(prog)
             while k < n:
-                code, a, b = prog[k]
+                code, a, b, slot = prog[k]
                 if code == _COMPUTE:
-                    t = t + d[a]
+                    t = t + durs[a]
                 elif code == _RECV:
                     arr = arrival[a]
                     if arr < 0.0:
@@ -98,14 +113,14 @@ def step_time(schedule: str, num_microbatches: int, costs: Sequence[StageCosts])
                     t = max(t, arr)
                 else:
                     start = max(t, link_free[b])
-                    end = start + link_cost[b]
+                    end = start + sends[slot]
                     link_free[b] = end
                     arrival[a] = end
                     last = max(last, end)
                 k += 1
-            if k != ptr[s]:
-                ptr[s], clock[s] = k, t
+            if k != ptr[r]:
+                ptr[r], clock[r] = k, t
                 progress = True
-    if any(ptr[s] < len(stages[s]) for s in range(p)):
-        raise PlanError(f"schedule {schedule!r} with {p} stages and {num_microbatches} microbatches deadlocks")
+    if any(ptr[r] < len(ranks[r]) for r in range(R)):
+        raise PlanError(f"schedule {schedule!r} with {p} ranks and {num_microbatches} microbatches deadlocks")
     return max(clock + [last])
