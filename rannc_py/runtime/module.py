@@ -268,15 +268,14 @@ class RaNNCModule(nn.Module):
             key, tensors = call_key(args, kwargs, training)
         except RaNNCError as e:  # an input that cannot be traced (a string...): every rank hears of it
             key, tensors = ("untraceable", str(e)), {}
-        error = agree(key, tensors, comm)
-        if error is None and key[0] == "untraceable":
-            error = str(key[1])
-        if error is not None:
-            return None, error
+        agree(key, tensors, comm)  # ranks that disagree end the job: no rank alone can fix that
+        if key[0] == "untraceable":
+            return None, str(key[1])
         for program in self._programs.get(key, []):
             if program.runs(tensors):
                 return program, None
         found: CallProgram | None = None
+        error = None
         try:
             graph = trace_call(self._model, args, kwargs, training, self._names)
             found = build_program(self._layout, graph, training, comm)

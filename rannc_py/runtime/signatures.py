@@ -130,19 +130,25 @@ def call_key(args: tuple[Any, ...], kwargs: dict[str, Any], training: bool
     return key, layout.flatten(tuple(args), dict(kwargs))
 
 
-def agree(key: tuple[Any, ...], tensors: Mapping[str, Tensor], comm: MPI.Comm) -> str | None:
-    """None when every rank calls with this key and these shapes (collective), else the ranks' difference."""
+def agree(key: tuple[Any, ...], tensors: Mapping[str, Tensor], comm: MPI.Comm) -> None:
+    """Check that every rank calls with this key and these shapes (collective).
+
+    Raises:
+        ConfigError: the ranks' calls differ (on every rank; not a mistake one
+            rank can correct, so the runtime ends the job with it).
+    """
     if comm.Get_size() == 1:
-        return None
+        return
     sig = repr((key, [(n, tuple(t.shape), str(t.dtype)) for n, t in tensors.items()]))
     digest = int.from_bytes(hashlib.sha256(sig.encode()).digest()[:8], "little", signed=True)
     digests = comm.allgather(digest)
     if len(set(digests)) == 1:
-        return None
+        return
     sigs = comm.allgather(sig)
     others = {r: s for r, s in enumerate(sigs) if s != sigs[0]}
-    return (f"ranks called the model with different arguments or shapes: rank 0 {sigs[0][:300]}, others "
-            f"{str(others)[:300]}; every rank must pass the same structure and a local batch of the same shape")
+    raise ConfigError(f"ranks passed inputs of different structure or shape: rank 0 {sigs[0][:300]}, others "
+                      f"{str(others)[:300]}; every rank must pass the same structure and a local batch of the "
+                      "same shape")
 
 
 def agree_outcome(error: str | None, comm: MPI.Comm) -> str | None:
