@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import linecache
 import os
+import re
 import sys
 import traceback
 import warnings
@@ -65,6 +66,7 @@ def trace(
     kwargs: dict[str, Any] | None = None,
     *,
     dynamic_batch: bool = True,
+    dynamic_seq: bool = False,
 ) -> TracedGraph:
     """Trace ``model(*args, **kwargs)`` into a :class:`TracedGraph`.
 
@@ -72,7 +74,10 @@ def trace(
     nothing is allocated or computed), example positional and keyword
     arguments, and ``dynamic_batch`` (default True: export dim 0 of the
     batch-carrying inputs as dynamic, falling back to static shapes if that
-    fails; False: trace static shapes only). The module is traced in its
+    fails; False: trace static shapes only) and ``dynamic_seq`` (default
+    False; True: also export the sequence dimension as dynamic, see
+    :func:`_seq_dims`, falling back to a dynamic batch only when the model
+    fixes its length). The module is traced in its
     current mode (``model.train()`` keeps dropout in the graph). When every
     parameter and buffer is on ``meta``, tensor inputs are moved to ``meta``
     too, and ops that create tensors are recorded to create them on the CPU,
@@ -105,12 +110,20 @@ def trace(
     if dynamic_batch and any(batch_carrying):
         batch = torch.export.Dim("batch")
         shapes = tuple({0: batch} if carry else None for carry in batch_carrying)
-        try:
-            return _export(model, inputs, flat, batch_size, (shapes,), dynamic=True, on_meta=on_meta)
-        except TraceError:
-            raise
-        except Exception as e:  # noqa: BLE001 - retried with static shapes; that error is the one reported
-            dynamic_failure = f"{type(e).__name__}: {str(e).strip()[:300]}"
+        seq = _seq_dims(flat, batch_carrying) if dynamic_seq else []
+        attempts: list[Any] = [_with_seq(shapes, seq, {})] if any(seq) else []
+        attempts.append(shapes)
+        while attempts:
+            attempt = attempts.pop(0)
+            try:
+                return _export(model, inputs, flat, batch_size, (attempt,), dynamic=True, on_meta=on_meta)
+            except TraceError:
+                raise
+            except Exception as e:  # noqa: BLE001 - retried with fewer dynamic dims; the last error is reported
+                bounds = _seq_bounds(str(e)) if attempt is not shapes and len(attempts) == 1 else None
+                if bounds is not None:  # the model admits a range of lengths (e.g. up to its positions)
+                    attempts.insert(0, _with_seq(shapes, seq, bounds))
+                dynamic_failure = f"{type(e).__name__}: {str(e).strip()[:300]}"
     try:
         graph = _export(model, inputs, flat, batch_size, None, dynamic=False, on_meta=on_meta)
     except TraceError:
@@ -124,6 +137,36 @@ def trace(
             stacklevel=2,
         )
     return graph
+
+
+def _seq_dims(flat: list[torch.Tensor], batch_carrying: list[bool]) -> list[bool]:
+    """Which inputs have a sequence dimension (dim 1) to export as dynamic.
+
+    The sequence length is dim 1 of the first integer (token) input of two or
+    more dimensions; every batch-carrying input whose dim 1 has that size
+    (token type ids, attention masks, labels) shares it. A length of 1 is
+    left static: export specialises sizes 0 and 1.
+    """
+    tokens = next((t for t in flat if t.dim() >= 2 and not t.is_floating_point() and not t.is_complex()), None)
+    if tokens is None or int(tokens.shape[1]) < 2:
+        return [False] * len(flat)
+    seq = int(tokens.shape[1])
+    return [carry and t.dim() >= 2 and int(t.shape[1]) == seq for t, carry in zip(flat, batch_carrying)]
+
+
+def _seq_bounds(message: str) -> dict[str, int] | None:
+    """The range of lengths export suggests when the model guards the sequence length
+    (``seq = Dim('seq', min=3, max=16)``), or None when it suggests none."""
+    found = re.search(r"Dim\('seq'((?:, (?:min|max)=\d+)*)\)", message)
+    if found is None or not found.group(1):
+        return None
+    return {k: int(v) for k, v in re.findall(r"(min|max)=(\d+)", found.group(1))}
+
+
+def _with_seq(shapes: tuple[dict[int, Any] | None, ...], seq: list[bool],
+              bounds: dict[str, int]) -> tuple[dict[int, Any] | None, ...]:
+    length = torch.export.Dim("seq", **bounds)
+    return tuple({**(s or {}), 1: length} if has else s for s, has in zip(shapes, seq))
 
 
 def _export(model: nn.Module, inputs: InputLayout, flat: list[torch.Tensor], batch_size: int,

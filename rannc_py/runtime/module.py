@@ -22,12 +22,12 @@ their own communicators; each bucket starts during the step's last backward
 as soon as its gradients are final, and forward waits for all of them before
 it returns.
 
-The first call traces the model (in training mode, so dropout and batch norm
-are in the graph and follow ``train()``/``eval()`` afterwards), plans on rank
-0 and broadcasts the plan (or uses ``plan=``), builds this rank's stage,
+The first call traces the model (in training mode, whatever the call's mode),
+plans on rank 0 and broadcasts the plan (or uses ``plan=``), builds this rank's stage,
 keeps only its parameters (materialising them from ``meta`` when needed),
 copies their values from rank 0 (as DDP does; from each tensor's first holder
-when rank 0's model is on ``meta``) and rebinds the optimizer to them.
+when rank 0's model is on ``meta``) and rebinds the optimizer to them. A later call of another input structure or
+mode gets a program of its own on the same layout (:mod:`signatures`).
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ from types import TracebackType
 from typing import Any
 
 import torch
+import torch.utils._pytree as pytree
 from mpi4py import MPI
 from torch import Tensor, nn
 from torch.nn.modules.module import _IncompatibleKeys
@@ -57,6 +58,17 @@ from rannc_py.runtime.grads import GradSync, HeldGrads, clip_grad_norm_
 from rannc_py.runtime.io import gather_inputs, return_outputs
 from rannc_py.runtime.layout import PlanArg, check_plan_arg, load_plan, stage_ranks
 from rannc_py.runtime.placement import place
+from rannc_py.runtime.signatures import (
+    CallProgram,
+    Layout,
+    agree,
+    agree_outcome,
+    build_program,
+    call_key,
+    describe_sizes,
+    difference,
+    trace_call,
+)
 from rannc_py.schedule import by_name, forward_only
 
 OptimizerArg = torch.optim.Optimizer | Callable[[list[nn.Parameter]], torch.optim.Optimizer] | None
@@ -187,16 +199,14 @@ class RaNNCModule(nn.Module):
         return opt if isinstance(opt, torch.optim.Optimizer) else None
 
     def _setup(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        from rannc_py.graph.trace import trace
-
         model, comm = self._model, self._comm
         rank = comm.Get_rank()
-        was_training = model.training
-        model.train()  # dropout must be in the graph; stages follow train()/eval() afterwards
-        graph = trace(model, args, kwargs)
-        model.train(was_training)
         self._names = P.canonical_names(model)
-        self._plan = self._make_plan(graph, graph.batch_size * comm.Get_size(), graph.flatten_inputs(args, kwargs))
+        # Planned from a training-mode trace whatever the first call's mode: the layout is for training.
+        graph = trace_call(model, args, kwargs, True, self._names)
+        with torch.enable_grad():  # profiling runs backward, also under a caller's no_grad()
+            self._plan = self._make_plan(graph, graph.batch_size * comm.Get_size(),
+                                         graph.flatten_inputs(args, kwargs))
         if self._save_plan is not None and rank == 0:
             self._plan.save(self._save_plan)
         placement = place(model, graph, self._plan, self._names, comm, self._param_init)
@@ -207,14 +217,24 @@ class RaNNCModule(nn.Module):
         self._sync = GradSync(self._params, placement.holders, placement.grad_order, comm, self._bucket_bytes,
                               algorithms)
         self._held = HeldGrads(list(self._params.values()))
+        s = placement.stage
+        self._layout = Layout(graph=graph, assignment=self._plan.assignment(), stage=s,
+                              stage_ranks=stage_ranks(self._plan), names=self._names, local=self._local,
+                              recompute=self._plan.stages[s].recompute, keep_outputs=self._options.return_outputs)
         prog = placement.program
-        self._exec = Executor(prog, placement.stage, stage_ranks(self._plan), comm,
-                              self._plan.stages[placement.stage].recompute, self._options.return_outputs)
-        self._stage_index, self._graph, self._gm = placement.stage, graph, prog.module
-        self._input_dims, self._output_dims = placement.input_dims, placement.output_dims
+        prog.module.train(self.training)
+        first = CallProgram(
+            graph=graph, executor=Executor(prog, s, self._layout.stage_ranks, comm, self._layout.recompute,
+                                           self._options.return_outputs),
+            module=prog.module, training=True, input_dims=placement.input_dims, output_dims=placement.output_dims)
+        describe_sizes(first)
+        key, _ = call_key(args, kwargs, True)
+        self._programs: dict[tuple[Any, ...], list[CallProgram]] = {key: [first]}
+        # The first call's structure (shapes only), to say how a call that cannot be mapped differs.
+        self._first = pytree.tree_map(lambda x: torch.empty(x.shape, device="meta") if isinstance(x, Tensor) else x,
+                                      (tuple(args), dict(kwargs), self.training))
+        self._graph = graph
         self._anchor = torch.zeros((), requires_grad=True)
-        self._schedules: dict[tuple[bool, int], Any] = {}
-        self._out_meta: dict[Any, Any] = {}
         self._ready = True
 
     def _make_plan(self, graph: Any, batch: int, inputs: dict[str, Tensor]) -> Plan:
@@ -267,13 +287,48 @@ class RaNNCModule(nn.Module):
         with abort_on_error(self._comm, "the forward call"):
             if not self._ready:
                 self._setup(args, kwargs)
-            with self._watchdog.watch("the forward call"):
-                return self._step(args, kwargs)
+            program, error = self._program_for(args, kwargs)
+        if error is not None:  # agreed by every rank: raised alike on each, so the caller can catch it
+            raise ConfigError(error)
+        assert program is not None
+        with abort_on_error(self._comm, "the forward call"), self._watchdog.watch("the forward call"):
+            return self._step(program, args, kwargs)
 
-    def _step(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    def _program_for(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[CallProgram | None, str | None]:
+        """The cached program of this call's signature, traced and mapped on a miss (collective);
+        or the reason, the same on every rank, why the call cannot run."""
+        comm, training = self._comm, self.training
+        try:
+            key, tensors = call_key(args, kwargs, training)
+        except RaNNCError as e:  # an input that cannot be traced (a string...): every rank hears of it
+            key, tensors = ("untraceable", str(e)), {}
+        agree(key, tensors, comm)  # ranks that disagree end the job: no rank alone can fix that
+        if key[0] == "untraceable":
+            return None, str(key[1])
+        for program in self._programs.get(key, []):
+            if program.runs(tensors):
+                return program, None
+        found: CallProgram | None = None
+        error = None
+        try:
+            graph = trace_call(self._model, args, kwargs, training, self._names)
+            found = build_program(self._layout, graph, training, comm)
+        except RaNNCError as e:
+            error = (f"this call cannot run on the layout planned for the first call "
+                     f"({difference(self._first, (args, kwargs, training))}): {e}")
+        error = agree_outcome(error, comm)
+        if error is not None or found is None:
+            return None, error or "another rank could not map this call"
+        if found.training:
+            found.module.train(self.training)
+        self._programs.setdefault(key, []).append(found)
+        return found, None
+
+    def _step(self, program: CallProgram, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         plan, comm = self._plan, self._comm
-        local = self._graph.flatten_inputs(args, kwargs)
-        inputs, batch = gather_inputs(local, self._input_dims, comm)
+        graph = program.graph
+        local = graph.flatten_inputs(args, kwargs)
+        inputs, batch = gather_inputs(local, program.input_dims, comm)
         m = plan.microbatches
         rows = batch // m if batch % m == 0 else 0
         widest = max(st.replicas for st in plan.stages)
@@ -282,28 +337,28 @@ class RaNNCModule(nn.Module):
                 f"global batch {batch} does not split into {m} microbatches of at least {widest} rows "
                 f"(the widest stage's replicas); use a global batch that is a multiple of {m * widest}"
             )
-        training = self.training and torch.is_grad_enabled()
+        training = program.training and self.training and torch.is_grad_enabled()
         signature = (batch, m, tuple((n, tuple(t.shape), t.dtype) for n, t in inputs.items()))
         step = StepInputs(batch=batch, microbatches=m, inputs=inputs, signature=signature, training=training)
         key = (training, m)
-        if key not in self._schedules:
+        if key not in program.schedules:
             gen = by_name(plan.schedule, plan.num_stages, m) if training else forward_only(plan.num_stages, m)
-            self._schedules[key] = gen.actions[self._stage_index]
+            program.schedules[key] = gen.actions[self._layout.stage]
         if training:
             self._held.begin()
-        result = self._exec.run(self._schedules[key], step, self._sync.arm, self._sync.start)
+        result = program.executor.run(program.schedules[key], step, self._sync.arm, self._sync.start)
         apply = None
         if training:
             self._sync.finish()
             apply = self._held.end()
         out = return_outputs(
-            result, step, self._graph.output_names, self._output_dims, stage_ranks(plan), comm, self._out_meta,
+            result, step, graph.output_names, program.output_dims, stage_ranks(plan), comm, program.out_meta,
             self._options.return_outputs,
         )
         values = out.values
         if apply is not None and out.loss_name is not None:
             values[out.loss_name] = _ApplyHeld.apply(self._anchor, values[out.loss_name], apply)
-        return self._graph.unflatten_outputs([values[n] for n in self._graph.output_names])
+        return graph.unflatten_outputs([values[n] for n in graph.output_names])
 
     # ------------------------------------------------------- lifetime
     def close(self) -> None:
@@ -358,7 +413,10 @@ class RaNNCModule(nn.Module):
         self.training = mode
         self._model.train(mode)
         if self._ready:
-            self._gm.train(mode)
+            for programs in self._programs.values():  # eval programs were traced in eval mode and stay so
+                for program in programs:
+                    if program.training:
+                        program.module.train(mode)
         return self
 
     def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0) -> Tensor:
@@ -426,6 +484,39 @@ class RaNNCModule(nn.Module):
             else:
                 P.load_local_state(self._local, self._names, state_dict)
         return _IncompatibleKeys(missing, unexpected)
+
+    # ------------------------------------------------- the original model
+    @property
+    def module(self) -> nn.Module:
+        """The wrapped model, as DDP's ``.module`` (after the first call it holds only this rank's tensors)."""
+        return self._model
+
+    def __getattr__(self, name: str) -> Any:
+        """Attributes the wrapper does not define resolve on the original model (``.config``, ``.dtype``)."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            model = self.__dict__.get("_model")
+            if model is None or name.startswith("__"):
+                raise
+            return getattr(model, name)
+
+    def save_pretrained(self, path: str | os.PathLike[str], **kwargs: Any) -> None:
+        """Write a Hugging Face model's full state and config to ``path`` on rank 0 (collective).
+
+        Gathers :meth:`state_dict` and calls the original model's
+        ``save_pretrained(path, state_dict=..., **kwargs)``; the result loads
+        with ``from_pretrained``. Raises ConfigError when the model has no
+        ``save_pretrained``.
+        """
+        save = getattr(self._model, "save_pretrained", None)
+        if save is None:
+            raise ConfigError(f"{type(self._model).__name__} has no save_pretrained (not a Hugging Face model); "
+                              "save state_dict() instead")
+        state = self.state_dict()
+        if self._comm.Get_rank() == 0:
+            save(path, state_dict=state, **kwargs)
+        self._comm.Barrier()
 
     def _need_ready(self, what: str) -> None:
         if not self._ready:

@@ -8,13 +8,14 @@ with rank 0 as the model holds them, so the state dict still carries them.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
 from mpi4py import MPI
 from torch import Tensor, nn
 
+from rannc_py.graph.staged import StagedModule
 from rannc_py.graph.traced import TracedGraph
 from rannc_py.planner.plan import Plan
 from rannc_py.runtime import params as P
@@ -89,14 +90,7 @@ def place(
     P.copy_from_source(model, {f: tuple(sorted(h)) for f, h in holders.items()}, comm, from_rank0=full0)
 
     tensors = {f: P.get_tensor(model, names[f]) for f in (*stage.param_fqns, *stage.buffer_fqns)}
-    gm = stage.module_with({f: tensors[f] for f in stage.param_fqns}, {f: tensors[f] for f in stage.buffer_fqns})
-    gm.train(model.training)
-    buffers = updated_buffers(gm)
-    gm = follow_train_mode(gm)
-    send = staged.stages[s + 1].activation_inputs if s + 1 < plan.num_stages else []
-    program = StageProgram(
-        gm, stage.input_names, stage.output_names, stage.activation_inputs, send, stage.batch_dims, buffers
-    )
+    program = stage_program(staged, s, tensors, model.training)
     local = {f: P.get_tensor(model, f) for f in held}
     params = {names[f]: tensors[f] for f in stage.param_fqns}
     first_use: dict[str, int] = {}
@@ -105,10 +99,7 @@ def place(
             first_use.setdefault(names[f], op.index)
     # A gradient is final once backward has passed the parameter's first use in forward.
     order = sorted(first_use, key=lambda f: -first_use[f])
-    input_dims: dict[str, int | None] = {}
-    for st in staged.stages:
-        input_dims.update({n: st.batch_dims.get(n) for n in st.user_inputs})
-    last = staged.stages[-1]
+    input_dims, output_dims = batch_dims(staged, graph)
     return Placement(
         stage=s,
         program=program,
@@ -118,5 +109,33 @@ def place(
         holders={f: tuple(sorted(holders[f])) for f in {names[f] for st in staged.stages for f in st.param_fqns}},
         grad_order=order,
         input_dims=input_dims,
-        output_dims={n: last.batch_dims.get(n) for n in graph.output_names},
+        output_dims=output_dims,
     )
+
+
+def stage_program(staged: StagedModule, s: int, tensors: Mapping[str, Tensor], training: bool) -> StageProgram:
+    """Stage ``s`` of ``staged`` as this rank runs it, bound to ``tensors`` (graph FQN -> this
+    rank's parameter or buffer object) and set to ``training`` mode.
+
+    Raises:
+        ConfigError: a tensor the stage reads is missing from ``tensors``.
+    """
+    stage = staged.stages[s]
+    gm = stage.module_with({f: tensors[f] for f in stage.param_fqns if f in tensors},
+                           {f: tensors[f] for f in stage.buffer_fqns if f in tensors})
+    gm.train(training)
+    buffers = updated_buffers(gm)
+    gm = follow_train_mode(gm)
+    send = staged.stages[s + 1].activation_inputs if s + 1 < len(staged.stages) else []
+    return StageProgram(
+        gm, stage.input_names, stage.output_names, stage.activation_inputs, send, stage.batch_dims, buffers
+    )
+
+
+def batch_dims(staged: StagedModule, graph: TracedGraph) -> tuple[dict[str, int | None], dict[str, int | None]]:
+    """The batch dimension of every user input and of every model output (None: not batched)."""
+    inputs: dict[str, int | None] = {}
+    for st in staged.stages:
+        inputs.update({n: st.batch_dims.get(n) for n in st.user_inputs})
+    last = staged.stages[-1]
+    return inputs, {n: last.batch_dims.get(n) for n in graph.output_names}
