@@ -21,12 +21,13 @@ from typing import Any
 from rannc_py.errors import ConfigError, PlanError
 from rannc_py.graph.ir import Graph, TensorMeta
 from rannc_py.graph.partition import balanced_assignment
+from rannc_py.planner.options import TRAINING_SCHEDULES
 from rannc_py.planner.plan import Plan, StagePlan
-from rannc_py.schedule import SCHEDULES
 
 _LAYOUT_KEYS = {"stages", "replicas", "microbatches", "schedule", "recompute"}
-# forward_only has no backward and no ALLREDUCE: a plan for training with it would never learn.
-TRAINING_SCHEDULES = tuple(sorted(s for s in SCHEDULES if s != "forward_only"))
+# The runtime trains with planner.options.TRAINING_SCHEDULES: forward_only has no backward and no
+# ALLREDUCE (a plan with it would never learn), and the split-backward and multi-chunk schedules are
+# planned but not executed yet.
 # Batch sizes at which a plan's graph may have been traced (the CLI traces at 2) when the model's
 # traced batch differs; see check_plan.
 _TRACE_BATCHES = range(1, 65)

@@ -49,7 +49,7 @@ from typing_extensions import Self  # Python 3.10 has no typing.Self; torch depe
 
 from rannc_py.comm.work import in_flight
 from rannc_py.errors import ConfigError, RaNNCError
-from rannc_py.planner.options import PlanOptions
+from rannc_py.planner.options import TRAINING_SCHEDULES, PlanOptions
 from rannc_py.planner.plan import Plan
 from rannc_py.runtime import params as P
 from rannc_py.runtime.executor import Executor, StepInputs
@@ -533,7 +533,11 @@ def _check_args(model: nn.Module, plan: PlanArg | None, bucket_bytes: int, timeo
     if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
                                 or not timeout > 0):
         raise ConfigError(f"timeout must be a positive number of seconds or None (no limit), got {timeout!r}")
-    return PlanOptions.from_kwargs(options), check_plan_arg(plan)
+    opts = PlanOptions.from_kwargs(options)
+    if untrained := [s for s in opts.schedules if s not in TRAINING_SCHEDULES]:
+        raise ConfigError(f"schedules {untrained} can be planned (rannc_py.plan) but RaNNCModule does not run "
+                          f"them yet; train with {list(TRAINING_SCHEDULES)}")
+    return opts, check_plan_arg(plan)
 
 
 _open_modules: weakref.WeakSet[RaNNCModule] = weakref.WeakSet()  # not closed yet
