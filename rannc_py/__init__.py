@@ -6,9 +6,7 @@ Heavy submodules are imported on first use so ``import rannc_py`` stays cheap.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
-
+from rannc_py._lazy import lazy_attributes
 from rannc_py.errors import (
     CommError,
     ConfigError,
@@ -64,14 +62,4 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'rannc_py' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(__all__)
+__getattr__, __dir__ = lazy_attributes(__name__, _LAZY)

@@ -17,8 +17,7 @@ can use it offline; the names here load their modules on first use.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from rannc_py._lazy import lazy_attributes
 
 _LAZY = {
     "Work": "rannc_py.comm.work",
@@ -35,14 +34,4 @@ _LAZY = {
 __all__ = list(_LAZY)
 
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'rannc_py.comm' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(__all__)
+__getattr__, __dir__ = lazy_attributes(__name__, _LAZY)

@@ -16,18 +16,11 @@ loads neither.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from rannc_py._lazy import lazy_attributes
 
 _LAZY = {"Profile": "rannc_py.profiling.record", "profile": "rannc_py.profiling.api"}
 
 __all__ = ["Profile", "profile"]
 
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'rannc_py.profiling' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
+__getattr__, __dir__ = lazy_attributes(__name__, _LAZY)

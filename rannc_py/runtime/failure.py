@@ -99,7 +99,11 @@ def agreed(comm: MPI.Comm, what: str, body: Callable[[], T]) -> T:
             result = body()
         except RaNNCError as e:
             mine, failure = e, (type(e).__name__, str(e))
-        reports = comm.allgather((what, failure))
+        gathered = comm.allgather((what, failure))
+    # A rank in another collective on this communicator (a forward call's own allgather) sends
+    # something else: that is a rank in a different call too.
+    reports = [r if isinstance(r, tuple) and len(r) == 2 and isinstance(r[0], str)
+               else ("another collective call (e.g. the forward call)", None) for r in gathered]
     calls = sorted({w for w, _ in reports})
     if len(calls) > 1:
         by_rank = ", ".join(f"rank {r}: {w}" for r, (w, _) in enumerate(reports))

@@ -287,7 +287,8 @@ class RaNNCModule(nn.Module):
         with abort_on_error(self._comm, "the forward call"):
             if not self._ready:
                 self._setup(args, kwargs)
-            program, error = self._program_for(args, kwargs)
+            with self._watchdog.watch("the forward call"):  # the ranks' agreement on the call waits too
+                program, error = self._program_for(args, kwargs)
         if error is not None:  # agreed by every rank: raised alike on each, so the caller can catch it
             raise ConfigError(error)
         assert program is not None

@@ -27,18 +27,24 @@ from runtime_models import build_model, make_batch
 
 import rannc_py
 
-mode, bad, out = sys.argv[1], int(sys.argv[2]), Path(sys.argv[3])
+mode, bad, out_dir = sys.argv[1], int(sys.argv[2]), Path(sys.argv[3])
 rank = MPI.COMM_WORLD.Get_rank()
-(out / f"rank{rank}.pid").write_text(str(os.getpid()))
+(out_dir / f"rank{rank}.pid").write_text(str(os.getpid()))
 torch.manual_seed(0)
 timeout = 8 if mode in ("hang", "state_dict") else None
 model = rannc_py.RaNNCModule(build_model("gpt"), None, plan={"stages": 2, "microbatches": 2}, timeout=timeout)
 batch = make_batch("gpt", 2, seed=0)
 
 
+def failing() -> None:
+    """Note the moment this rank fails (wall clock), so the test can time how fast every rank ends."""
+    (out_dir / "failed_at").write_text(repr(time.time()))
+
+
 def custom_loss(loss: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
     """The model's loss plus a (zero-weighted) penalty on the logits, failing on the bad rank."""
     if rank == bad:
+        failing()
         raise ValueError(f"custom loss failed on rank {rank}")
     return loss + 0.0 * F.relu(logits).mean()
 
@@ -50,6 +56,8 @@ for step in range(4):
     else:
         out.loss.backward()
     if step == 1 and rank == bad:
+        if mode in ("between", "SIGKILL", "SIGTERM"):
+            failing()
         if mode == "between":
             raise RuntimeError(f"user code failed on rank {rank} between steps")
         if mode in ("SIGKILL", "SIGTERM"):

@@ -16,16 +16,14 @@ import sys
 
 import torch
 from mpi4py import MPI
-from runtime_models import build_model, make_batch, rows_slice, run_checks
+from runtime_models import build_model, make_batch, rows_slice, run_checks, uneven_layout
 
 import rannc_py
 
 comm = MPI.COMM_WORLD
 rank, world = comm.Get_rank(), comm.Get_size()
 LOCAL = 4
-LAYOUT = {"stages": 2, "replicas": [world - 1, 1], "microbatches": 2, "schedule": "1f1b"}
-if world == 1:
-    LAYOUT = {"stages": 1, "replicas": [1], "microbatches": 2, "schedule": "1f1b"}
+LAYOUT = uneven_layout(world)
 
 
 def local_rows(batch: dict) -> dict:

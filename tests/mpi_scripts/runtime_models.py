@@ -114,3 +114,10 @@ def run_checks(namespace: dict[str, Any], names: list[str]) -> None:
         traceback.print_exc()
         sys.stderr.flush()
         comm.Abort(1)
+
+
+def uneven_layout(world: int) -> dict[str, Any]:
+    """Two stages, all ranks but one replicating the first (one stage on a single rank)."""
+    if world == 1:
+        return {"stages": 1, "replicas": [1], "microbatches": 2, "schedule": "1f1b"}
+    return {"stages": 2, "replicas": [world - 1, 1], "microbatches": 2, "schedule": "1f1b"}

@@ -15,7 +15,7 @@ import sys
 import torch
 import torch.nn.functional as F
 from mpi4py import MPI
-from runtime_models import SEQ, VOCAB, build_model, call_kwargs, make_batch, run_checks
+from runtime_models import SEQ, VOCAB, build_model, call_kwargs, make_batch, run_checks, uneven_layout
 from torch import nn
 
 import rannc_py
@@ -23,9 +23,7 @@ import rannc_py
 comm = MPI.COMM_WORLD
 rank, world = comm.Get_rank(), comm.Get_size()
 LOCAL = 4
-LAYOUT = {"stages": 2, "replicas": [world - 1, 1], "microbatches": 2, "schedule": "1f1b"}
-if world == 1:
-    LAYOUT = {"stages": 1, "replicas": [1], "microbatches": 2, "schedule": "1f1b"}
+LAYOUT = uneven_layout(world)
 
 
 class Tagger(nn.Module):
