@@ -131,3 +131,39 @@ def test_job_optimizer_that_cannot_be_rebuilt_is_planned_as_adam():
     with pytest.warns(UserWarning, match="could not measure the optimizer .*planning with Adam"):
         assert job_optimizer(opt, None, 1) == ("adam", None)
     assert job_optimizer(None, None, 1) == ("adam", None)
+
+
+def test_local_preset_measures_half_precision_matmuls(tmp_path, monkeypatch):
+    monkeypatch.setenv("RANNC_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(calibrate, "measure_mpi", _no_probe)
+    dev = parse_cluster("local:ranks=1").device
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        assert dev.flops(dtype) > 0
+    assert dev.flops(torch.bfloat16) != dev.flops(torch.float32)  # measured, not copied
+
+
+def test_local_preset_falls_back_to_fp32_when_a_dtype_cannot_be_timed(tmp_path, monkeypatch):
+    monkeypatch.setenv("RANNC_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(calibrate, "measure_mpi", _no_probe)
+    real = calibrate.measure_matmul
+
+    def no_half(dtype=torch.float32, n=512):
+        if dtype != torch.float32:
+            raise RuntimeError(f"no {dtype} matmul here")
+        return real(dtype, n)
+
+    monkeypatch.setattr(calibrate, "measure_matmul", no_half)
+    with pytest.warns(UserWarning, match="fp32 rate"):
+        dev = parse_cluster("local:ranks=1").device
+    assert dev.flops(torch.bfloat16) == dev.flops(torch.float32) == dev.flops(torch.float16)
+
+
+def test_a_bf16_model_plans_on_local(tmp_path, monkeypatch):
+    import rannc_py
+
+    monkeypatch.setenv("RANNC_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(calibrate, "measure_mpi", _no_probe)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 1)).to(torch.bfloat16)
+    x = torch.randn(4, 16, dtype=torch.bfloat16)
+    plan = rannc_py.plan(model, (x,), batch_size=4, cluster="local:ranks=1")  # measured here, bf16 rate
+    assert plan.step_time > 0 and 0 < plan.mfu

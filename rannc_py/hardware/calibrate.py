@@ -1,6 +1,7 @@
 """The ``local`` preset: this machine's devices and links, measured once and cached.
 
-Measures a matmul's FLOP/s and a large copy's memory bandwidth in this
+Measures a matmul's FLOP/s (fp32, and bf16 and fp16, whose rates on a CPU
+can be far from fp32's) and a large copy's memory bandwidth in this
 process, and the MPI point-to-point latency and bandwidth between two ranks.
 Inside an MPI job the link is measured by the job's own ranks
 (:func:`measure_link`, collective; the runtime does this before planning);
@@ -27,6 +28,7 @@ import statistics
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -77,11 +79,20 @@ def core_share(ranks: int, threads: int | None = None) -> float:
     return min(1.0, usable_cores() / max(1, ranks * threads))
 
 
+# Half-precision dtypes whose matmul rate the local preset measures besides fp32's (planning a bf16
+# or fp16 model needs its own figure: on CPUs they can be several times faster or slower than fp32).
+HALF_DTYPES = ("bfloat16", "float16")
+
+
+def measure_matmul(dtype: torch.dtype = torch.float32, n: int = 512) -> float:
+    """FLOP/s of an ``n`` x ``n`` matmul in ``dtype`` in this process (median, :func:`median_time`)."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    return 2 * n**3 / median_time(lambda: torch.mm(a, b))
+
+
 def measure_compute() -> tuple[float, float]:
     """(fp32 matmul FLOP/s, memory bandwidth in bytes/s) of this process at its torch thread count."""
-    n = 512
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    flops = 2 * n**3 / median_time(lambda: torch.mm(a, b))
+    flops = measure_matmul(torch.float32)
     x = torch.empty(16 * 2**20 // 4)
     y = torch.empty_like(x)
     bw = 2 * x.nbytes / median_time(lambda: y.copy_(x))  # read + write
@@ -159,7 +170,8 @@ def cached_link() -> Link | None:
 
 
 def local_figures(ranks: int, link: Link | None = None) -> dict[str, float]:
-    """This machine's figures for the ``local`` preset: ``flops``, ``memory_bandwidth`` and, when
+    """This machine's figures for the ``local`` preset: ``flops`` (fp32), ``flops_bfloat16``,
+    ``flops_float16``, ``memory_bandwidth`` and, when
     known, ``latency`` and ``bandwidth`` of the link between two local ranks.
 
     Read from the cache; what is missing is measured and cached: the compute
@@ -175,6 +187,14 @@ def local_figures(ranks: int, link: Link | None = None) -> dict[str, float]:
     if "flops" not in data or "memory_bandwidth" not in data:
         data["flops"], data["memory_bandwidth"] = measure_compute()
         changed = True
+    for name in HALF_DTYPES:
+        if f"flops_{name}" not in data:
+            try:
+                data[f"flops_{name}"] = measure_matmul(getattr(torch, name))
+                changed = True
+            except RuntimeError as e:  # a build without that matmul: plan with fp32's rate, said aloud
+                warnings.warn(f"could not time a {name} matmul on this machine ({e}); the local preset "
+                              f"plans {name} models with the fp32 rate", stacklevel=2)
     if link is not None:
         data["latency"], data["bandwidth"] = link.latency, link.bandwidth
         changed = True

@@ -23,7 +23,7 @@ from dataclasses import dataclass, replace
 
 from rannc_py._util import format_bytes, grid_shape
 from rannc_py.errors import ConfigError
-from rannc_py.hardware.calibrate import core_share, local_figures
+from rannc_py.hardware.calibrate import HALF_DTYPES, core_share, local_figures
 from rannc_py.hardware.device import Device, Link
 
 __all__ = ["Cluster", "Device", "Link", "as_cluster", "cubic_shape", "local_cluster", "parse_cluster", "parse_size"]
@@ -272,7 +272,8 @@ def local_cluster(ranks: int, *, memory: int | None = None, name: str = "local",
     if memory is None:
         memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // ranks
     share = core_share(ranks)  # ranks sharing too few cores each run that much slower
-    dev = Device(name="local", peak_flops=(("float32", data["flops"] * share),), memory=memory,
+    rates = (("float32", data["flops"]), *((n, data.get(f"flops_{n}", data["flops"])) for n in HALF_DTYPES))
+    dev = Device(name="local", peak_flops=tuple((n, r * share) for n, r in rates), memory=memory,
                  memory_bandwidth=data["memory_bandwidth"] * share)
     if "latency" in data and "bandwidth" in data:
         net = Link(data["bandwidth"], data["latency"])
