@@ -11,7 +11,7 @@ built on the ``meta`` device: nothing is allocated and nothing downloaded.
   (they need ``pip install "rannc_py[hf]"``); keys are the config's fields
   (``gpt2:n_layer=48,n_embd=1600,n_head=25``), sizes the published shapes
   (``gpt2:xl``, ``bert:large``, ``llama:13b``).
-* ``package.module:factory`` calls ``factory()`` for any model of yours; it
+* ``package.module:factory`` (or ``module:factory``) calls ``factory()`` for any model of yours; it
   returns a module that takes token ids (batch, seq), or a tuple
   ``(module, args, kwargs)`` of example inputs.
 
@@ -199,13 +199,17 @@ def _size_and_fields(spec: str, rest: str) -> tuple[str | None, dict[str, Any]]:
 
 
 def _user_model(spec: str, module_name: str, name: str, seq: int) -> Built:
-    """Call ``module_name.name()`` for a ``package.module:factory`` spec."""
+    """Call ``module_name.name()`` for a ``package.module:factory`` (or ``module:factory``) spec."""
     if not name.isidentifier():
         raise ConfigError(f"--model {spec!r}: a model of yours is given as package.module:factory, "
                           f"and {name!r} is not a function name")
     try:
         module = importlib.import_module(module_name)
     except ImportError as e:
+        if "." not in module_name:  # most likely a misspelt family rather than a module of the user's
+            raise ConfigError(f"unknown model family {module_name!r} (and no module of that name to import); use "
+                              f"one of {', '.join(FAMILIES)}, package.module:factory or module:factory "
+                              "(see python -m rannc_py plan --help)") from e
         raise ConfigError(f"--model {spec!r}: cannot import {module_name!r} ({e}); run from the folder "
                           "that holds it or add that folder to PYTHONPATH") from e
     factory = getattr(module, name, None)
@@ -231,7 +235,8 @@ def build_model(spec: str, seq: int) -> Built:
     """
     family, _, rest = spec.partition(":")
     fam = FAMILIES.get(family.lower())
-    if fam is None and "." in family:
+    if fam is None and ("." in family or rest.isidentifier()):
+        # package.module:factory, or a top-level module of the user's (mymodels:make)
         return _user_model(spec, family, rest, seq)
     if fam is None:
         raise ConfigError(f"unknown model family {family!r}; use one of {', '.join(FAMILIES)} "

@@ -145,3 +145,18 @@ def test_factory_of_a_model_with_keyword_inputs_and_a_dict_output(tmp_path, monk
     assert "Plan:" in capsys.readouterr().out
     with pytest.raises(ConfigError, match="zoo.tagger has no function 'missing'"):
         build_model("zoo.tagger:missing", 16)
+
+
+def test_factory_in_a_top_level_module_of_the_user(tmp_path, monkeypatch, capsys):
+    (tmp_path / "mymodels.py").write_text(textwrap.dedent("""
+        import torch
+        from torch import nn
+
+        def make():
+            return nn.Sequential(nn.Embedding(40, 8), nn.Linear(8, 40))
+    """))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert main(["plan", "--model", "mymodels:make", "--seq", "16", "--batch", "8", "--cluster", "a64fx:nodes=2"]) == 0
+    assert "Plan:" in capsys.readouterr().out
+    with pytest.raises(ConfigError, match="unknown model family 'gtp'"):
+        build_model("gtp:small", 16)  # a misspelt family reads as a module that does not exist
