@@ -61,13 +61,20 @@ def measure(name: str) -> dict[str, float]:
             "programs": retraced}
 
 
+def _outside(r: dict[str, float]) -> str:
+    """The retrace cost at a length outside the range, or why there is none."""
+    if r["outside"] != r["outside"]:  # nan: the dynamic trace admitted that length too
+        return "none (the trace covers it)"
+    return f"{r['outside'] * 1e3:.0f} ({r['outside'] / r['train step']:.0f}x)"
+
+
 def main() -> None:
     torch.set_num_threads(1)
     rows = []
     for name in ("gpt", "hf_gpt2"):
         r = measure(name)
         rows.append(f"| {name} | {r['train step'] * 1e3:.1f} | {r['new length'] * 1e3:.1f} | "
-                    f"{r['outside'] * 1e3:.0f} ({r['outside'] / r['train step']:.0f}x) | "
+                    f"{_outside(r)} | "
                     f"{r['first eval'] * 1e3:.0f} ({r['first eval'] / r['train step']:.0f}x) | "
                     f"{r['cached eval'] * 1e3:.1f} | {int(r['programs'])} |")
     text = "\n".join([

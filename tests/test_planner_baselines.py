@@ -83,9 +83,12 @@ def test_tied_weight_counted_in_each_stage_and_synced():
     assert stage_costs(untied, lay)[0].allreduce == pytest.approx(cost.allreduce(2 * w, 2), rel=1e-12)
     # Then it steps its 2w bytes of parameters (every replica all of them).
     assert stage_costs(cost, lay)[0].update == pytest.approx(2 * w * cost.update_cost, rel=1e-12)
-    # The DP's per-stage table charges the sync and the step too (partner assumed to have as many replicas).
+    # The DP's per-stage table charges the sync and the step too (partner assumed to have as many replicas),
+    # and the step's fixed work (per-tensor and per-step runtime costs) as the simulator's costs do.
     tabs = cost.stage_tables(1, 4, (2,), (1,), False, 4)
-    assert tabs[1].ar[0, 2, 0] == pytest.approx(expected + 2 * w * cost.update_cost, rel=1e-9)
+    fixed = stage_costs(cost, lay)[0].fixed
+    assert fixed > 0
+    assert tabs[1].ar[0, 2, 0] == pytest.approx(expected + 2 * w * cost.update_cost + fixed, rel=1e-9)
 
 
 def test_unknown_split_rule_is_a_config_error():

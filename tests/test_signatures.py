@@ -26,6 +26,12 @@ def test_signatures(ranks: int, check: str) -> None:
     assert f"{check}: ok" in out
 
 
+@pytest.mark.parametrize("check", ["dropout_eval", "first_call_eval_and_no_grad"])
+def test_dropout_follows_the_mode_on_four_ranks(check: str) -> None:
+    out = run_mpi(4, SCRIPT, check, timeout=420).stdout
+    assert f"{check}: ok" in out
+
+
 def test_difference_names_the_argument() -> None:
     t = torch.zeros(2, 3)
     first = ((), {"input_ids": t, "labels": t, "use_cache": False}, True)

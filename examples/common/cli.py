@@ -59,4 +59,9 @@ def training_parser(description: str, sizes: list[str]) -> argparse.ArgumentPars
     r.add_argument("--microbatches", type=int, default=None, help="pin the microbatches per step")
     r.add_argument("--memory-limit", type=parse_bytes, default=None,
                    help="memory per rank the plan must fit, e.g. 64MiB; small values force pipeline stages")
+    r.add_argument("--trace", default=None, metavar="FILE.json",
+                   help="record the measured timeline of --trace-steps steps (after the first) into this "
+                        "trace-event JSON (open it in Perfetto or chrome://tracing), with a PNG of it above the "
+                        "predicted timeline beside it")
+    r.add_argument("--trace-steps", type=int, default=3, help="steps to record with --trace")
     return p

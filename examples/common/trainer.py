@@ -121,6 +121,8 @@ def train(args: argparse.Namespace, model: torch.nn.Module, dataset: Dataset, na
 
     if args.save:
         _save(args.save, model, opt, args.steps, losses)
+    if args.trace and not args.eager:
+        model.write_trace()  # collective; a no-op when the steps were recorded and written already
 
     # ru_maxrss is in KiB on Linux: the process's peak resident memory.
     peak = comm.gather(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, root=0)
@@ -142,6 +144,8 @@ def train(args: argparse.Namespace, model: torch.nn.Module, dataset: Dataset, na
             timeline = planned_timeline(plan, graph)  # the plan's fingerprint checks it is the same trace
             summary["simulated_step_time"] = timeline.step_time  # equals the prediction: the same simulation
             summary["timeline"] = str(plot_timeline(plan, timeline, out / "timeline.png", f"{name} plan"))
+    if args.trace and not args.eager:
+        summary["trace"] = str(args.trace)
     (out / "losses.json").write_text(json.dumps(losses))
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary
@@ -168,6 +172,9 @@ def summary_lines(summary: dict[str, Any]) -> list[str]:
         planned = ", ".join(f"{b / 2**20:.1f}" for b in summary["predicted_peak_memory_per_rank"])
         lines[-1] += f"; planned (model state + activations) {planned}"
     lines.append(f"pictures: {summary['loss_curve']}" + (f", {summary['timeline']}" if "timeline" in summary else ""))
+    if "trace" in summary:
+        png = str(Path(summary["trace"]).with_suffix(".png"))
+        lines.append(f"measured timeline: {summary['trace']} (Perfetto, chrome://tracing), {png} (above the predicted)")
     return lines
 
 

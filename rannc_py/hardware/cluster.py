@@ -104,9 +104,14 @@ GiB = 2**30
 # training kernels on SVE (vendor BLAS reaches more on large GEMMs, framework
 # kernels less), 0.8 of the HBM2 peak (STREAM triad on A64FX is reported at
 # roughly 80 % of 1024 GB/s).
+# The runtime's fixed costs are ASSUMPTIONS too (the local preset measures them): its
+# Python-side work per action, per parameter tensor and per step, taken at three times
+# this project's x86 figures (an A64FX core runs scalar Python about that much slower),
+# and 5 us for a rank to post one MPI message from Python.
 _A64FX = Device(name="a64fx", peak_flops=(("float32", 6.76e12), ("float16", 13.5e12), ("bfloat16", 13.5e12)),
-                memory=32 * GiB, memory_bandwidth=1024e9, compute_efficiency=0.7, bandwidth_efficiency=0.8)
-_TOFU_D = Link(6.8e9, 0.49e-6)
+                memory=32 * GiB, memory_bandwidth=1024e9, compute_efficiency=0.7, bandwidth_efficiency=0.8,
+                action_overhead=150e-6, tensor_overhead=30e-6, step_overhead=1.5e-3)
+_TOFU_D = Link(6.8e9, 0.49e-6, 5e-6)
 
 # NVIDIA A100 SXM datasheet: 19.5 TFLOP/s fp32 (156 TF32), 312 bf16/fp16 dense;
 # 40 GB HBM2 at 1555 GB/s, 80 GB HBM2e at 2039 GB/s; NVLink 3: 600 GB/s
@@ -116,20 +121,25 @@ _TOFU_D = Link(6.8e9, 0.49e-6)
 _A100_FLOPS = (("float32", 19.5e12), ("tfloat32", 156e12), ("bfloat16", 312e12), ("float16", 312e12))
 # Efficiencies (ASSUMPTIONS, as for H100 below): 0.8 of peak for large cuBLAS
 # GEMMs, 0.85 of HBM peak (BabelStream-style copy/triad figures).
+# Runtime fixed costs on GPU hosts (ASSUMPTIONS): the x86 host's Python work as measured
+# on this project's CPUs (50 us per action, 10 us per parameter tensor, 0.5 ms per step)
+# and 5 us to post one message.
+_GPU_HOST = {"action_overhead": 50e-6, "tensor_overhead": 10e-6, "step_overhead": 0.5e-3}
 _A100_40 = Device(name="a100-40g", peak_flops=_A100_FLOPS, memory=40 * 10**9, memory_bandwidth=1555e9,
-                  compute_efficiency=0.8, bandwidth_efficiency=0.85)
+                  compute_efficiency=0.8, bandwidth_efficiency=0.85, **_GPU_HOST)
 _A100_80 = Device(name="a100-80g", peak_flops=_A100_FLOPS, memory=80 * 10**9, memory_bandwidth=2039e9,
-                  compute_efficiency=0.8, bandwidth_efficiency=0.85)
-_NVLINK3 = Link(300e9, 2e-6)
-_IB_HDR = Link(25e9, 5e-6)
+                  compute_efficiency=0.8, bandwidth_efficiency=0.85, **_GPU_HOST)
+_NVLINK3 = Link(300e9, 2e-6, 5e-6)
+_IB_HDR = Link(25e9, 5e-6, 5e-6)
 
 # NVIDIA H100 SXM datasheet: 67 TFLOP/s fp32, 989 bf16/fp16 dense; 80 GB HBM3
 # at 3.35 TB/s; NVLink 4: 900 GB/s total = 450 per direction. DGX H100: one
 # 400 Gb/s NDR InfiniBand port per GPU = 50 GB/s.
 _H100 = Device(name="h100", peak_flops=(("float32", 67e12), ("bfloat16", 989e12), ("float16", 989e12)),
-               memory=80 * 10**9, memory_bandwidth=3350e9, compute_efficiency=0.8, bandwidth_efficiency=0.85)
-_NVLINK4 = Link(450e9, 2e-6)
-_IB_NDR = Link(50e9, 5e-6)
+               memory=80 * 10**9, memory_bandwidth=3350e9, compute_efficiency=0.8, bandwidth_efficiency=0.85,
+               **_GPU_HOST)
+_NVLINK4 = Link(450e9, 2e-6, 5e-6)
+_IB_NDR = Link(50e9, 5e-6, 5e-6)
 
 _GPU_PRESETS = {
     "a100-40g": (_A100_40, _NVLINK3, _IB_HDR),
@@ -273,10 +283,12 @@ def local_cluster(ranks: int, *, memory: int | None = None, name: str = "local",
         memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // ranks
     share = core_share(ranks)  # ranks sharing too few cores each run that much slower
     rates = (("float32", data["flops"]), *((n, data.get(f"flops_{n}", data["flops"])) for n in HALF_DTYPES))
+    # The runtime's own fixed costs run on a core too: shared cores stretch them alike.
     dev = Device(name="local", peak_flops=tuple((n, r * share) for n, r in rates), memory=memory,
-                 memory_bandwidth=data["memory_bandwidth"] * share)
+                 memory_bandwidth=data["memory_bandwidth"] * share, action_overhead=data["action_overhead"] / share,
+                 tensor_overhead=data["tensor_overhead"] / share, step_overhead=data["step_overhead"] / share)
     if "latency" in data and "bandwidth" in data:
-        net = Link(data["bandwidth"], data["latency"])
+        net = Link(data["bandwidth"], data["latency"], data.get("message_overhead", 0.0) / share)
     else:
         net = Link(data["memory_bandwidth"], 0.0)
     return Cluster(name=name, device=dev, num_devices=ranks, devices_per_node=ranks, intra_node=net,

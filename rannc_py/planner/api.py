@@ -31,6 +31,8 @@ from rannc_py.planner.search import (
     SearchSpace,
     divisors,
     enumerate_layouts,
+    in_flight,
+    layout_step_time,
     pick_best,
     spread,
     stage_costs,
@@ -191,6 +193,55 @@ def plan_chain(chain: Chain, cluster: Cluster, batch_size: int, options: PlanOpt
     space = build_space(chain, cluster, batch_size, opts)
     lay, step = search_chain(cost, space)
     return layout_to_plan(cost, lay, step, graph_fingerprint, dtype, time.perf_counter() - t0)
+
+
+def predict_plan(graph: Graph, plan: Plan, options: PlanOptions, *, profile: Profile | None = None,
+                 cluster: Cluster | None = None) -> Plan:
+    """``plan`` with the predictions a searched plan carries: stage costs, step time, memory, MPI.
+
+    For a layout given by hand (its stages' ops and ranks fixed): the
+    profile's blocks are the plan's stages, and the same cost model and
+    simulation as the search's give its step time (:meth:`Plan.timeline`
+    works), peak memory per rank and each stage's allreduce algorithm. The
+    stages' ops, parameters, ranks and recompute flags stay as given, and so
+    does the plan when it does not fit the memory (it was asked for).
+
+    Args:
+        graph: the traced model's :class:`~rannc_py.graph.ir.Graph`.
+        plan: the plan to predict (its stages contiguous in the graph's ops).
+        options: the planning options (cluster, optimizer, margins).
+        profile: block costs whose blocks are the plan's stages; default
+            None: the analytic profile of those blocks on the cluster's device.
+        cluster: the cluster already resolved from ``options``; default: resolved here.
+    Raises:
+        PlanError: ``profile`` was made for another graph or other blocks.
+    """
+    t0 = time.perf_counter()
+    cl = plan_cluster(options) if cluster is None else cluster
+    blocks = [tuple(st.ops) for st in plan.stages]
+    if profile is None:
+        profile = analytic_profile(graph, blocks, graph.batch_size, cl.device)
+    elif profile.graph_fingerprint != graph.fingerprint() or [tuple(b) for b in profile.blocks] != blocks:
+        raise PlanError("predicting a plan needs a profile of this graph whose blocks are the plan's stages")
+    cost = CostModel(chain_from_graph(graph, profile), cl, plan.batch_size, options.optimizer,
+                     options.memory_margin, options.return_outputs, options.update_cost)
+    p, m = plan.num_stages, plan.microbatches
+    reps = tuple(st.replicas for st in plan.stages)
+    recompute = tuple(st.recompute for st in plan.stages)
+    rvals = tuple(sorted(set(reps)))
+    flights = tuple(sorted({in_flight(plan.schedule, q, m, p) for q in range(p)}))
+    tabs = {flag: cost.stage_tables(1, m, rvals, flights, flag, plan.world_size) for flag in set(recompute)}
+    memory = tuple(float(tabs[recompute[s]][in_flight(plan.schedule, p - 1 - s, m, p)].mem[s, s + 1, rvals.index(r)])
+                   for s, r in enumerate(reps))
+    lay = Layout(d=1, m=m, schedule=plan.schedule, bounds=tuple(range(p + 1)), replicas=reps, recompute=recompute,
+                 objective=0.0, memory=memory, origin="given")
+    dtype = graph_dtype(graph) if graph.params else torch.float32
+    made = layout_to_plan(cost, lay, layout_step_time(cost, lay), graph.fingerprint(), dtype,
+                          time.perf_counter() - t0)
+    stages = tuple(dataclasses.replace(st, predicted_compute_time=new.predicted_compute_time,
+                                       predicted_peak_memory=new.predicted_peak_memory, allreduce=new.allreduce,
+                                       costs=new.costs) for st, new in zip(plan.stages, made.stages))
+    return dataclasses.replace(made, stages=stages)
 
 
 def search_chain(cost: CostModel, space: SearchSpace) -> tuple[Layout, float]:

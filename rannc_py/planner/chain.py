@@ -76,6 +76,7 @@ class ChainTables:
     Attributes (all (n+1) x (n+1) float arrays, meaningful for j > i):
         fwd_fixed, fwd_ps, bwd_fixed, bwd_ps, act, flops: sums.
         param_bytes: bytes of the distinct parameters of the range.
+        param_count: how many distinct parameter tensors the range has.
         max_param: bytes of the range's largest parameter.
         tied_bytes: bytes of those parameters that blocks outside the range
             also read (tied weights: their gradients need a sum across stages).
@@ -102,6 +103,7 @@ class ChainTables:
         self.cut = np.array([chain.input_bytes] + [b.out_bytes for b in bl[:-1]] + [0.0])
         self.out = float(chain.output_bytes)
         pb = np.zeros((n + 1, n + 1))
+        pcount = np.zeros((n + 1, n + 1))
         pmax = np.zeros((n + 1, n + 1))
         for i in range(n):
             seen: set[str] = set()
@@ -113,8 +115,10 @@ class ChainTables:
                         total += nbytes
                         largest = max(largest, nbytes)
                 pb[i, j + 1] = total
+                pcount[i, j + 1] = len(seen)
                 pmax[i, j + 1] = largest
         self.param_bytes = pb
+        self.param_count = pcount
         self.max_param = pmax
         self.tied_bytes = np.zeros((n + 1, n + 1))
         holders: dict[str, list[int]] = {}

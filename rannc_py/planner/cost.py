@@ -25,6 +25,14 @@ Per replica and microbatch:
   parameter, gradient and states; write the parameter and states), at the
   device's memory bandwidth. ``RaNNCModule`` measures the user's own
   optimizer instead (:func:`rannc_py.runtime.autoplan.job_optimizer`).
+- fixed costs of the runtime (measured on ``local``, assumed in presets:
+  :class:`~rannc_py.hardware.device.Device`, :class:`~rannc_py.hardware.device.Link`):
+  every compute action (F, B) pays ``action_overhead``, every posted send or
+  receive the link's ``overhead`` of the rank's own time; once per step,
+  ``tensor_overhead`` per parameter tensor of the stage and the step's fixed
+  work (:meth:`CostModel.step_fixed`: its bookkeeping, ``STEP_COLLECTIVES``
+  small collectives over all ranks, and moving the inputs in and the
+  returned outputs out).
 Memory per rank: parameters + gradients + optimizer state (SGD 0, SGD with
 momentum 1, Adam/AdamW 2 extra copies of the parameters) + activations of the
 microbatches in flight (GPipe: m; 1F1B: min(p - s, m)); with recompute only
@@ -73,6 +81,10 @@ def _allreduce_lines(cluster: Cluster, ranks: int) -> list[tuple[float, float]]:
         lines.append((t1 - slope, slope))
     return lines
 
+
+# Small collectives over all ranks a step makes outside the schedule: agreeing on the call's
+# signature, gathering the inputs, returning the outputs, and the gradient clip's norm.
+STEP_COLLECTIVES = 4
 
 OPTIMIZER_STATE = {"sgd": 0, "sgd_momentum": 1, "momentum": 1, "adam": 2, "adamw": 2}
 
@@ -174,6 +186,26 @@ class CostModel:
         return best_allreduce(nbytes, ranks, alpha=link.latency, beta=link.bandwidth,
                               torus_shape=shape, concurrent_links=c.concurrent_links)
 
+    def step_fixed(self) -> float:
+        """Seconds per step of the runtime's fixed work outside the actions (see the module docstring).
+
+        The bookkeeping (``step_overhead``), ``STEP_COLLECTIVES`` small
+        collectives (each ``ceil(log2 D)`` rounds of a message's latency and
+        its posting at both ends, over the link of all D ranks), and moving
+        the global batch's inputs to every rank and the returned outputs to
+        their ranks (``(D - 1) / D`` of their bytes over that link).
+        """
+        c = self.cluster
+        fixed = c.device.step_overhead
+        D = c.num_devices
+        if D > 1:
+            link = c.link(D)
+            rounds = math.ceil(math.log2(D))
+            fixed += STEP_COLLECTIVES * rounds * (link.latency + 2 * link.overhead)
+            moved = self.t.cut[0] + (self.t.out if self.return_outputs else 0.0)
+            fixed += (D - 1) / D * moved * self.batch_size / link.bandwidth
+        return float(fixed)
+
     def p2p(self, nbytes: float, pipeline_devices: int) -> float:
         """Seconds for one message of ``nbytes`` between stages of a pipeline of that many devices."""
         if nbytes <= 0:
@@ -227,15 +259,21 @@ class CostModel:
         # this rank's rows of the returned outputs, and how many microbatches' outputs the last stage keeps
         returned = t.out * self.batch_size / self.cluster.num_devices if self.return_outputs else 0.0
         kept = m if self.return_outputs else 1
+        dev = self.cluster.device
+        # per microbatch: F and B, and the posts of RECV_F and SEND_B (not the first stage), SEND_F and RECV_B
+        # (not the last); per step: per-tensor work and the step's fixed work
+        posts = 2 * (not_first.astype(float) + (~is_last).astype(float)) * self.cluster.link(pipeline_devices).overhead
+        per_mb = 2 * dev.action_overhead + posts
+        per_step = t.param_count * dev.tensor_overhead + self.step_fixed()
         for ri, r in enumerate(rvals):
             b = self.rows(m, r * d)
             fwd = t.fwd_fixed + t.fwd_ps * b
             bwd = t.bwd_fixed + t.bwd_ps * b
             comm_t = self._p2p_array(cut_in * b, pipeline_devices) * not_first + self._p2p_array(
                 cut_out * b, pipeline_devices)
-            ar_all[:, :, ri] = self._allreduce_table(r * d) + t.param_bytes * self.update_cost
-            c_plain = np.maximum(fwd + bwd, comm_t)
-            c_rec = np.maximum(2 * fwd + bwd, comm_t)
+            ar_all[:, :, ri] = self._allreduce_table(r * d) + t.param_bytes * self.update_cost + per_step
+            c_plain = np.maximum(fwd + bwd, comm_t) + per_mb
+            c_rec = np.maximum(2 * fwd + bwd, comm_t) + per_mb
             # model state + send/recv buffers + outputs kept to be returned (see the module docstring)
             base = state + 2 * (cut_in + cut_out) * b + t.max_param + returned + is_last * (kept * b * t.out)
             for f, tab in out.items():

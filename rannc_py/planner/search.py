@@ -355,6 +355,10 @@ def stage_costs(cost: CostModel, lay: Layout) -> list[StageCosts]:
     pipe_devices = sum(lay.replicas) // lay.d
     rows = [cost.rows(lay.m, r) for r in lay.replicas]
     names = [_stage_params(cost, lay.bounds[s], lay.bounds[s + 1]) for s in range(p)]
+    dev = cost.cluster.device
+    split = lay.schedule in SPLIT_BACKWARD  # I and W are two actions, each with its fixed cost
+    post = cost.cluster.link(pipe_devices).overhead
+    fixed = cost.step_fixed()
     out = []
     for s in range(p):
         i, j, b = lay.bounds[s], lay.bounds[s + 1], rows[s]
@@ -371,9 +375,12 @@ def stage_costs(cost: CostModel, lay: Layout) -> list[StageCosts]:
                 shared = sum(nb for name, nb in names[s].items() if name in names[s2])
                 ar += cost.allreduce(shared, lay.replicas[s] + lay.replicas[s2])
         update = float(t.param_bytes[i, j]) * cost.update_cost
-        weight = weight_grad_time(cost, i, j, b, float(bwd)) if lay.schedule in SPLIT_BACKWARD else 0.0
+        weight = weight_grad_time(cost, i, j, b, float(bwd)) + dev.action_overhead if split else 0.0
+        fwd += dev.action_overhead
+        bwd += dev.action_overhead * (2 if split else 1)
         out.append(StageCosts(forward=float(fwd), backward=float(bwd), send_act=send_act, send_grad=send_grad,
-                              allreduce=ar, update=update, backward_weight=weight))
+                              allreduce=ar, update=update, backward_weight=weight, post=post,
+                              fixed=fixed + float(t.param_count[i, j]) * dev.tensor_overhead))
     return out
 
 

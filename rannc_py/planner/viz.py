@@ -101,11 +101,47 @@ def plan_figure(plan: Plan, *, timeline: Timeline | None = None, title: str | No
     return fig
 
 
-def _gantt(ax: Any, plan: Plan, tl: Timeline, title: str | None) -> None:
+def draw_measured(plan: Plan, measured: Timeline, path: str | os.PathLike[str]) -> Path:
+    """Write a PNG of a measured step above the plan's predicted one, on one time axis.
+
+    Args:
+        plan: the plan the step ran.
+        measured: the measured step as a :class:`Timeline` (seconds from its
+            start; :func:`rannc_py.runtime.trace.measured_timeline`).
+        path: where to write the PNG.
+    Returns:
+        ``path`` as a :class:`Path`. Without stage costs in the plan only the
+        measured chart is drawn.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    predicted = plan.timeline() if all(st.costs is not None for st in plan.stages) else None
+    p = plan.num_stages
+    h = min(max(0.32 * p + 1.2, 2.4), 11.0)
+    fig, axes = plt.subplots(2 if predicted else 1, 1, figsize=(12, h * (2 if predicted else 1) + 0.6),
+                             squeeze=False)
+    span = max(measured.step_time, predicted.step_time if predicted else 0.0)
+    _gantt(axes[0][0], plan, measured, "measured", what="measured", span=span)
+    if predicted is not None:
+        _gantt(axes[1][0], plan, predicted, "predicted", span=span)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def _gantt(ax: Any, plan: Plan, tl: Timeline, title: str | None, what: str = "predicted",
+           span: float | None = None) -> None:
+    """One Gantt chart of ``tl``; ``span``: the seconds the time axis covers (default the step)."""
     from matplotlib.patches import Patch
 
     p, m = plan.num_stages, plan.microbatches
-    tname, tsize = unit([tl.step_time], _TIME_UNITS)
+    span = tl.step_time if span is None else span
+    tname, tsize = unit([span], _TIME_UNITS)
     bars: dict[tuple[int, ActionKind], list[tuple[float, float]]] = {}
     for e in tl.events:
         if e.end > e.start and e.action.kind not in (K.RECV_ACT, K.RECV_GRAD):
@@ -133,15 +169,15 @@ def _gantt(ax: Any, plan: Plan, tl: Timeline, title: str | None) -> None:
               for st in plan.stages[::every]]
     ax.set_yticks(list(range(0, p, every)), labels, fontsize=8 if p <= 16 else 6)
     ax.set_ylim(p - 0.5, -0.5)
-    if tl.step_time > 0:
-        ax.set_xlim(0, tl.step_time / tsize * 1.01)
+    if span > 0:
+        ax.set_xlim(0, span / tsize * 1.01)
     ax.set_xlabel(f"time in one training step ({tname})")
     ax.grid(axis="x", alpha=0.3)
     busy = sum(tl.busy) / (p * tl.step_time) if tl.step_time > 0 else 0.0
     rows = plan.batch_size // plan.microbatches
     head = f"{title}: " if title else ""
     ax.set_title(f"{head}{p} stage{'s' * (p > 1)} on {plan.world_size} ranks, {plan.schedule}, "
-                 f"{m} microbatches of {rows} row{'s' * (rows > 1)}; predicted step "
+                 f"{m} microbatches of {rows} row{'s' * (rows > 1)}; {what} step "
                  f"{tl.step_time / tsize:.4g} {tname}, stages busy {100 * busy:.0f}%", fontsize=9, loc="left")
     drawn = {kind for _, kind in bars}
     handles = [Patch(facecolor=c, edgecolor="black", linewidth=0.3, label=lab)

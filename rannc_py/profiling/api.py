@@ -31,6 +31,7 @@ def profile(
     inputs: Mapping[str, torch.Tensor] | None = None,
     max_blocks: int = 64,
     repeats: int = 3,
+    blocks: list[tuple[int, ...]] | None = None,
 ) -> Profile:
     """Profile ``graph``'s blocks at ``batch_size`` rows.
 
@@ -43,6 +44,9 @@ def profile(
             resized along dim 0 to ``batch_size`` when the graph has a dynamic batch.
         max_blocks: coarsening bound (see :func:`rannc_py.profiling.coarsen.coarsen`).
         repeats: measured only: timed runs per block after one warm-up (median kept).
+        blocks: the blocks to time, each a tuple of consecutive op indices
+            covering the graph in order (e.g. a plan's stages); default None:
+            :func:`~rannc_py.profiling.coarsen.coarsen`'s.
     Returns:
         The :class:`Profile`.
     Raises:
@@ -55,7 +59,7 @@ def profile(
         raise ConfigError(f"profile() takes a Graph from rannc_py.trace(model, args), got {type(graph).__name__}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
-    blocks = coarsen(graph, max_blocks)
+    blocks = coarsen(graph, max_blocks) if blocks is None else _check_blocks(graph, blocks)
     if device is not None:
         return analytic_profile(graph, blocks, batch_size, _as_device(device))
     from rannc_py.profiling.measure import measure_profile
@@ -82,6 +86,15 @@ def profile(
     prof = measure_profile(graph, blocks, batch_size, dict(inputs), dev, repeats)
     atomic_write(path, prof.to_json())
     return prof
+
+
+def _check_blocks(graph: Graph, blocks: list[tuple[int, ...]]) -> list[tuple[int, ...]]:
+    """``blocks`` as tuples when they are consecutive runs of ops covering the graph in order."""
+    out = [tuple(int(i) for i in b) for b in blocks]
+    if [i for b in out for i in b] != list(range(len(graph.ops))) or not all(out):
+        raise ConfigError(f"blocks must be non-empty runs of consecutive op indices covering the graph's "
+                          f"{len(graph.ops)} ops in order, got {len(out)} blocks")
+    return out
 
 
 def _as_device(device: Cluster | Device | str) -> Device:

@@ -56,10 +56,12 @@ def job_link(cluster: Cluster | str | None, comm: Any) -> Link | None:
     """
     if comm.Get_size() < 2 or not _is_local(cluster):
         return None
-    from rannc_py.hardware.calibrate import cached_link, measure_link
+    from rannc_py.hardware import calibrate
+    from rannc_py.runtime.link_probe import EngineMessenger
 
-    need = comm.bcast(cached_link() is None if comm.Get_rank() == 0 else None, root=0)
-    return measure_link(comm) if need else None
+    need = comm.bcast(calibrate.cached_link() is None if comm.Get_rank() == 0 else None, root=0)
+    # through the engine the pipeline's transfers use, so the figures are theirs
+    return calibrate.measure_link(comm, EngineMessenger(comm)) if need else None
 
 
 def job_cluster(options: PlanOptions, world_size: int, link: Link | None = None) -> Cluster:
@@ -85,7 +87,7 @@ def job_cluster(options: PlanOptions, world_size: int, link: Link | None = None)
 
 
 def job_profile(graph: Any, inputs: Mapping[str, torch.Tensor], cluster: Cluster | str | None,
-                world_size: int, on_meta: bool) -> Profile | None:
+                world_size: int, on_meta: bool, blocks: list[tuple[int, ...]] | None = None) -> Profile | None:
     """The block profile to plan with: measured here for the ``local`` preset, else None (analytic).
 
     Measures ``graph`` at its traced (local) batch on ``inputs``
@@ -93,13 +95,14 @@ def job_profile(graph: Any, inputs: Mapping[str, torch.Tensor], cluster: Cluster
     :func:`rannc_py.profile`, then stretches every time by
     ``1 / core_share(world_size)``. Returns None for other clusters and when
     ``on_meta`` (the model's parameters are on the ``meta`` device: nothing to run).
+    ``blocks``: the blocks to time (a given layout's stages); default the coarsening's.
     """
     if not _is_local(cluster) or on_meta:
         return None
     from rannc_py.hardware.calibrate import core_share
     from rannc_py.profiling.api import profile
 
-    prof = profile(graph, graph.batch_size, inputs=inputs)
+    prof = profile(graph, graph.batch_size, inputs=inputs, blocks=blocks)
     stretch = 1.0 / core_share(world_size)
     if stretch == 1.0:
         return prof

@@ -52,6 +52,7 @@ from rannc_py.runtime.routing import (
     unbatched_source,
 )
 from rannc_py.runtime.stage import StageProgram, WireMeta, describe
+from rannc_py.runtime.trace import StepTracer, clock_ns
 from rannc_py.schedule import Action, ActionKind
 
 K = ActionKind
@@ -195,6 +196,7 @@ class Executor:
         self.last = stage == len(stage_ranks) - 1
         self._in_meta: dict[Hashable, list[WireMeta]] = {}
         self._out_meta_sent: set[Hashable] = set()
+        self.tracer: StepTracer | None = None  # records each action's span when set (RaNNCModule's trace=)
 
     # ----------------------------------------------------------------- step
     def run(self, actions: tuple[Action, ...], step: StepInputs, before_last_backward: Callable[[], None],
@@ -213,12 +215,16 @@ class Executor:
             K.BACKWARD: self._backward,
             K.SEND_GRAD: self._send_grad,
         }
+        tracer = self.tracer
         for a in actions:
+            start = clock_ns() if tracer is not None else 0
             if a.kind is K.ALLREDUCE:
                 on_allreduce()
             else:
                 assert a.microbatch is not None
                 handlers[a.kind](st, a.microbatch)
+            if tracer is not None:
+                tracer.action(a, start)
         wait_all(st.sends)
         return st.result
 

@@ -69,6 +69,7 @@ from rannc_py.runtime.signatures import (
     difference,
     trace_call,
 )
+from rannc_py.runtime.trace import check_trace_arg, clock_ns
 from rannc_py.schedule import by_name, forward_only
 
 OptimizerArg = torch.optim.Optimizer | Callable[[list[nn.Parameter]], torch.optim.Optimizer] | None
@@ -133,6 +134,14 @@ class RaNNCModule(nn.Module):
             schedule action it waits on (a rank that stopped or failed, a
             collective called on only some ranks). The first call's tracing,
             profiling and planning are not timed. Default None (no limit).
+        trace: record a measured timeline of ``trace_steps`` training steps
+            (after the first, which traces and plans) and write it here as a
+            trace-event JSON for Perfetto / ``chrome://tracing``, with a PNG
+            beside it drawing it above the predicted timeline
+            (:mod:`rannc_py.runtime.trace`). Written by rank 0 at the forward
+            call after the last recorded step, or by :meth:`write_trace` /
+            :meth:`close` before that. Default None (off; no cost).
+        trace_steps: training steps to record with ``trace``. Default 3.
         **options: the planning options of :class:`rannc_py.PlanOptions`, each
             with the default documented there: ``cluster`` (default
             ``"local:ranks=<ranks>"``, this machine, measured once and
@@ -164,14 +173,17 @@ class RaNNCModule(nn.Module):
         param_init: Callable[[nn.Module], None] | None = None,
         bucket_bytes: int = 25 * 2**20,
         timeout: float | None = None,
+        trace: str | os.PathLike[str] | None = None,
+        trace_steps: int = 3,
         **options: Any,
     ) -> None:
         super().__init__()
         self._comm = MPI.COMM_WORLD.Dup()
         install_excepthook()  # from now on an uncaught exception on any rank ends every rank
         try:
-            self._options, self._plan_arg = agreed(
-                self._comm, "RaNNCModule()", lambda: _check_args(model, plan, bucket_bytes, timeout, options))
+            self._options, self._plan_arg, self._tracer = agreed(
+                self._comm, "RaNNCModule()", lambda: _check_args(model, plan, bucket_bytes, timeout, options)
+                + (check_trace_arg(trace, trace_steps),))
         except RaNNCError:
             self._comm.Free()
             raise
@@ -212,6 +224,7 @@ class RaNNCModule(nn.Module):
         placement = place(model, graph, self._plan, self._names, comm, self._param_init)
         self._local, self._params, self._owned = placement.local, placement.params, placement.owned
         self._bind_optimizer()  # before release(): the optimizer is matched to the model's parameters
+        self._trace_optimizer()
         P.release(model, keep=set(self._local))
         algorithms = {st.ranks: st.allreduce for st in self._plan.stages}  # a stage's replicas: planned algorithm
         self._sync = GradSync(self._params, placement.holders, placement.grad_order, comm, self._bucket_bytes,
@@ -227,6 +240,7 @@ class RaNNCModule(nn.Module):
             graph=graph, executor=Executor(prog, s, self._layout.stage_ranks, comm, self._layout.recompute,
                                            self._options.return_outputs),
             module=prog.module, training=True, input_dims=placement.input_dims, output_dims=placement.output_dims)
+        first.executor.tracer = self._tracer
         describe_sizes(first)
         key, _ = call_key(args, kwargs, True)
         self._programs: dict[tuple[Any, ...], list[CallProgram]] = {key: [first]}
@@ -239,9 +253,12 @@ class RaNNCModule(nn.Module):
 
     def _make_plan(self, graph: Any, batch: int, inputs: dict[str, Tensor]) -> Plan:
         comm, opts = self._comm, self._options
+        given = None
         if self._plan_arg is not None:
-            return load_plan(self._plan_arg, graph, batch, comm.Get_size())
-        from rannc_py.planner.api import plan_graph
+            given = load_plan(self._plan_arg, graph, batch, comm.Get_size())
+            if not isinstance(self._plan_arg, Mapping):
+                return given  # a saved or made plan carries its own predictions
+        from rannc_py.planner.api import plan_graph, predict_plan
         from rannc_py.runtime.autoplan import job_cluster, job_link, job_optimizer, job_profile, quiet_bcast
 
         link = job_link(opts.cluster, comm)  # collective: the job's ranks measure the local link
@@ -252,10 +269,44 @@ class RaNNCModule(nn.Module):
             if opts.update_cost is not None:  # the user's figure wins over the measured one
                 update_cost = opts.update_cost
             opts = dataclasses.replace(opts, optimizer=states, update_cost=update_cost)
+            # a layout given by hand is profiled stage by stage and predicted as the search predicts
+            blocks = None if given is None else [tuple(st.ops) for st in given.stages]
             profile = job_profile(graph, inputs, opts.cluster, comm.Get_size(),
-                                  any(p.is_meta for p in self._model.parameters()))
-            text = plan_graph(graph.data(), batch, opts, profile=profile, cluster=cluster).to_json()
+                                  any(p.is_meta for p in self._model.parameters()), blocks)
+            if given is None:
+                text = plan_graph(graph.data(), batch, opts, profile=profile, cluster=cluster).to_json()
+            else:
+                text = predict_plan(graph.data(), given, opts, profile=profile, cluster=cluster).to_json()
         return Plan.from_json(quiet_bcast(text, comm))
+
+    def _trace_optimizer(self) -> None:
+        """With ``trace=``: record the optimizer's step, which ends a recorded step."""
+        opt, tracer = self.optimizer, self._tracer
+        if tracer is None or opt is None:
+            return
+        started: list[int] = []
+        opt.register_step_pre_hook(lambda *_: started.append(clock_ns()))
+
+        def after(*_: Any) -> None:
+            if started:
+                tracer.phase("optimizer step", started.pop())
+            tracer.close_step()
+
+        opt.register_step_post_hook(after)
+
+    def write_trace(self) -> str | None:
+        """Write the measured timeline recorded so far (``trace=``) now; collective, call on every rank.
+
+        Returns the JSON's path on rank 0, None elsewhere or when nothing is
+        being traced or it was written already. Recording stops afterwards.
+        """
+        tracer = self._tracer
+        if tracer is None or tracer.written:
+            return None
+        self._need_ready("write_trace")
+        with abort_on_error(self._comm, "write_trace"), self._watchdog.watch("write_trace"):
+            path = tracer.write(self._comm, self._plan)
+        return None if path is None else str(path)
 
     def _bind_optimizer(self) -> None:
         opt = self._optimizer
@@ -287,6 +338,10 @@ class RaNNCModule(nn.Module):
         with abort_on_error(self._comm, "the forward call"):
             if not self._ready:
                 self._setup(args, kwargs)
+            if self._tracer is not None:
+                if self._tracer.done and not self._tracer.written:
+                    self.write_trace()
+                self._tracer.begin_step(self.training and torch.is_grad_enabled())
             with self._watchdog.watch("the forward call"):  # the ranks' agreement on the call waits too
                 program, error = self._program_for(args, kwargs)
         if error is not None:  # agreed by every rank: raised alike on each, so the caller can catch it
@@ -322,14 +377,19 @@ class RaNNCModule(nn.Module):
             return None, error or "another rank could not map this call"
         if found.training:
             found.module.train(self.training)
+        found.executor.tracer = self._tracer
         self._programs.setdefault(key, []).append(found)
         return found, None
 
     def _step(self, program: CallProgram, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         plan, comm = self._plan, self._comm
         graph = program.graph
+        tracer = self._tracer
+        start = clock_ns()
         local = graph.flatten_inputs(args, kwargs)
         inputs, batch = gather_inputs(local, program.input_dims, comm)
+        if tracer is not None:
+            tracer.phase("inputs", start)
         m = plan.microbatches
         rows = batch // m if batch % m == 0 else 0
         widest = max(st.replicas for st in plan.stages)
@@ -349,13 +409,19 @@ class RaNNCModule(nn.Module):
             self._held.begin()
         result = program.executor.run(program.schedules[key], step, self._sync.arm, self._sync.start)
         apply = None
+        start = clock_ns()
         if training:
             self._sync.finish()
             apply = self._held.end()
+            if tracer is not None:
+                tracer.phase("gradient sums", start)
+                start = clock_ns()
         out = return_outputs(
             result, step, graph.output_names, program.output_dims, stage_ranks(plan), comm, program.out_meta,
             self._options.return_outputs,
         )
+        if tracer is not None:
+            tracer.phase("outputs", start)
         values = out.values
         if apply is not None and out.loss_name is not None:
             values[out.loss_name] = _ApplyHeld.apply(self._anchor, values[out.loss_name], apply)
@@ -382,10 +448,14 @@ class RaNNCModule(nn.Module):
         communicator while that duplicate's ``MPI_Comm_idup`` is unfinished,
         which happens only while a collective on it is unfinished; so at exit,
         with anything in flight, nothing is freed and MPI_Finalize is left to
-        clean up. Nothing here starts a collective.
+        clean up. Nothing here starts a collective, except that with
+        ``trace=`` a measured timeline not written yet is written first
+        (:meth:`write_trace`, collective); at exit it is dropped instead.
         """
         if self._closed:
             return
+        if self._ready and self._tracer is not None and not self._tracer.written and not _exiting:
+            self.write_trace()  # closed before the next call would have written it
         self._closed = True
         _open_modules.discard(self)
         if self._ready:
@@ -542,6 +612,7 @@ def _check_args(model: nn.Module, plan: PlanArg | None, bucket_bytes: int, timeo
 
 
 _open_modules: weakref.WeakSet[RaNNCModule] = weakref.WeakSet()  # not closed yet
+_exiting = False  # set at interpreter exit
 
 
 def _close_at_exit() -> None:
@@ -551,6 +622,8 @@ def _close_at_exit() -> None:
     before it (atexit runs last-registered first), and before mpi4py
     finalises MPI (from Py_AtExit, after every atexit hook).
     """
+    global _exiting
+    _exiting = True  # no collectives now: a measured trace not yet written is dropped
     if not MPI.Is_initialized() or MPI.Is_finalized() or in_flight():
         return
     for module in list(_open_modules):

@@ -29,8 +29,8 @@ Program = tuple[tuple[tuple[tuple[int, int, int, int], ...], ...], int, int]
 
 @functools.lru_cache(maxsize=64)
 def compile_schedule(name: str, p: int, m: int, chunks: int | None = None) -> Program:
-    """Per rank ``(code, a, b, c)``: compute (duration slot a), RECV (message a) or SEND
-    (message a on link b, costing send slot c); the link count; the message count.
+    """Per rank ``(code, a, b, c)``: compute (duration slot a), RECV (message a, by stage b) or SEND
+    (message a on link b, costing send slot c, by stage c // 2); the link count; the message count.
 
     Duration slots are ``stage * 5 + kind`` (F, B, I, W, ALLREDUCE); message ids
     ``(receiving stage * 2 + direction) * m + microbatch``; send slots
@@ -52,9 +52,9 @@ def compile_schedule(name: str, p: int, m: int, chunks: int | None = None) -> Pr
             if kind in slot:
                 prog.append((_COMPUTE, s * len(_SLOTS) + slot[kind], 0, 0))
             elif kind is K.RECV_ACT:
-                prog.append((_RECV, (s * 2) * m + mb, 0, 0))
+                prog.append((_RECV, (s * 2) * m + mb, s, 0))
             elif kind is K.RECV_GRAD:
-                prog.append((_RECV, (s * 2 + 1) * m + mb, 0, 0))
+                prog.append((_RECV, (s * 2 + 1) * m + mb, s, 0))
             else:
                 down = kind is K.SEND_ACT
                 dst = s + 1 if down else s - 1
@@ -87,9 +87,12 @@ def step_time(schedule: str, num_microbatches: int, costs: Sequence[StageCosts],
     ranks, nlinks, nmsg = compile_schedule(schedule, p, num_microbatches, v)
     durs: list[float] = []
     sends: list[float] = []
+    posts: list[float] = []
     for c in costs:
-        durs += [c.forward, c.backward, c.backward - c.backward_weight, c.backward_weight, c.allreduce + c.update]
+        durs += [c.forward, c.backward, c.backward - c.backward_weight, c.backward_weight,
+                 c.allreduce + c.update + c.fixed]
         sends += [c.send_act, c.send_grad]
+        posts.append(c.post)
     link_free = [0.0] * nlinks
     arrival = [-1.0] * nmsg
     R = len(ranks)
@@ -110,8 +113,9 @@ def step_time(schedule: str, num_microbatches: int, costs: Sequence[StageCosts],
                     arr = arrival[a]
                     if arr < 0.0:
                         break
-                    t = max(t, arr)
+                    t = max(t + posts[b], arr)
                 else:
+                    t = t + posts[slot // 2]
                     start = max(t, link_free[b])
                     end = start + sends[slot]
                     link_free[b] = end

@@ -37,6 +37,12 @@ class StageCosts:
             gradients, what a split backward's W costs (its I costs the rest).
             Default 0: no split known, so I costs the whole backward and W nothing
             (plans saved before the field existed read so).
+        post: seconds the stage's rank spends posting one send or receive
+            (its own time, where the transfer runs beside it). Default 0.
+        fixed: seconds per step of the runtime's work outside the actions
+            (moving the inputs in and the outputs out, per-tensor optimizer and
+            gradient work, the step's bookkeeping and collectives), charged
+            with ALLREDUCE. Default 0.
     """
 
     forward: float
@@ -46,6 +52,8 @@ class StageCosts:
     allreduce: float = 0.0
     update: float = 0.0
     backward_weight: float = 0.0
+    post: float = 0.0
+    fixed: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -88,7 +96,7 @@ _SEND_TO_RECV = {K.SEND_ACT: K.RECV_ACT, K.SEND_GRAD: K.RECV_GRAD}
 def durations(c: StageCosts) -> dict[ActionKind, float]:
     """Seconds of each compute kind of a stage with costs ``c`` (the fast path reads the same)."""
     return {K.FORWARD: c.forward, K.BACKWARD: c.backward, K.BACKWARD_INPUT: c.backward - c.backward_weight,
-            K.BACKWARD_WEIGHT: c.backward_weight, K.ALLREDUCE: c.allreduce + c.update}
+            K.BACKWARD_WEIGHT: c.backward_weight, K.ALLREDUCE: c.allreduce + c.update + c.fixed}
 
 
 _FREES = (K.BACKWARD, K.BACKWARD_WEIGHT)
@@ -139,7 +147,7 @@ def simulate(schedule: Schedule, costs: Sequence[StageCosts] | None = None) -> T
                     if not box:
                         break  # blocked: try the other ranks
                     arrival = box.pop(0)
-                    end = max(t, arrival)
+                    end = max(t + costs[a.stage].post, arrival)
                 elif a.kind in _SEND_TO_RECV:
                     dst = a.stage + 1 if a.kind is K.SEND_ACT else a.stage - 1
                     if not 0 <= dst < S:
@@ -147,11 +155,13 @@ def simulate(schedule: Schedule, costs: Sequence[StageCosts] | None = None) -> T
                     c = costs[a.stage]
                     cost = c.send_act if a.kind is K.SEND_ACT else c.send_grad
                     link = (r, schedule.rank_of(dst))
+                    t = t + c.post
                     start = max(t, link_free.get(link, 0.0))
                     arrival = start + cost
                     link_free[link] = arrival
                     mailbox.setdefault((dst, _SEND_TO_RECV[a.kind], a.microbatch), []).append(arrival)
                     events.append(Event(r, a, start, arrival))
+                    clock[r] = t
                     ptr[r] += 1
                     progress = True
                     continue
