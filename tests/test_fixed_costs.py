@@ -179,3 +179,16 @@ def test_a_flop_balanced_layout_gets_a_prediction(gpt):
         from rannc_py.profiling.api import profile
 
         predict_plan(gpt.data(), hand, opts, profile=profile(gpt, 4, device="a64fx"))
+
+
+def test_the_users_optimizer_sets_the_per_tensor_cost_on_local():
+    from rannc_py.runtime.autoplan import job_tensor_overhead
+
+    model = torch.nn.Linear(2, 2)
+    adamw = job_tensor_overhead(torch.optim.AdamW(model.parameters()), None, 1)
+    assert adamw is not None and 0 < adamw < 0.01
+    assert job_tensor_overhead(lambda ps: torch.optim.SGD(ps, lr=0.1), "local:ranks=1", 1) > 0
+    assert job_tensor_overhead(None, None, 1) is None
+    assert job_tensor_overhead(torch.optim.AdamW(model.parameters()), "a64fx:nodes=1", 1) is None
+    before = [p.detach().clone() for p in model.parameters()]
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # the user's model is untouched

@@ -163,6 +163,58 @@ def job_optimizer(optimizer: Any, cluster: Cluster | str | None, world_size: int
     return states, seconds / (probe.numel() * probe.element_size())
 
 
+# Parameter tensors the per-tensor probe steps (one element each: only the per-tensor work counts).
+_PROBE_TENSORS = 64
+
+
+def job_tensor_overhead(optimizer: Any, cluster: Cluster | str | None, world_size: int) -> float | None:
+    """Seconds per parameter tensor per step of the runtime's and the user's per-tensor work, on ``local``.
+
+    A fresh optimizer of the user's kind steps ``_PROBE_TENSORS`` one-element
+    parameters after the runtime hands them their gradients (the held
+    gradients applied at ``loss.backward()``) and clips them by their global
+    norm (:func:`rannc_py.runtime.grads.clip_grad_norm_`, as a training loop
+    that clips does), then zeroes them; the median of five rounds over the
+    tensor count, stretched by ``1 / core_share(world_size)``. Returns None
+    off ``local``, without an optimizer, or when one cannot be built (the
+    device's calibrated figure then stands).
+    """
+    if optimizer is None or not _is_local(cluster):
+        return None
+    from mpi4py import MPI
+
+    from rannc_py._util import median_time
+    from rannc_py.hardware.calibrate import core_share
+    from rannc_py.runtime.grads import HeldGrads, clip_grad_norm_
+
+    params = [torch.nn.Parameter(torch.zeros(1)) for _ in range(_PROBE_TENSORS)]
+    grads = [torch.full((1,), 1e-3) for _ in params]
+    try:
+        if isinstance(optimizer, torch.optim.Optimizer):
+            opt = type(optimizer)(params, **_constructor_args(type(optimizer), optimizer.defaults))
+        else:
+            opt = optimizer(params)
+    except Exception:  # noqa: BLE001 - job_optimizer has warned already; keep the calibrated figure
+        return None
+    held = HeldGrads(params)
+    named = {str(k): p for k, p in enumerate(params)}
+    one = torch.ones(())
+
+    def step() -> None:
+        held.begin()
+        for p, g in zip(params, grads):
+            p.grad = g.clone()
+        held.end()(one)
+        clip_grad_norm_(named, set(named), MPI.COMM_SELF, 1.0)
+        with torch.no_grad():
+            opt.step()
+        opt.zero_grad()
+
+    with torch.random.fork_rng():
+        seconds = median_time(step, repeats=5)
+    return seconds / _PROBE_TENSORS / core_share(world_size)
+
+
 def _constructor_args(cls: type, defaults: Mapping[str, Any]) -> dict[str, Any]:
     """The entries of an optimizer's ``defaults`` its constructor takes (some record derived flags)."""
     params = inspect.signature(cls).parameters

@@ -259,12 +259,23 @@ class RaNNCModule(nn.Module):
             if not isinstance(self._plan_arg, Mapping):
                 return given  # a saved or made plan carries its own predictions
         from rannc_py.planner.api import plan_graph, predict_plan
-        from rannc_py.runtime.autoplan import job_cluster, job_link, job_optimizer, job_profile, quiet_bcast
+        from rannc_py.runtime.autoplan import (
+            job_cluster,
+            job_link,
+            job_optimizer,
+            job_profile,
+            job_tensor_overhead,
+            quiet_bcast,
+        )
 
         link = job_link(opts.cluster, comm)  # collective: the job's ranks measure the local link
         text = None
         if comm.Get_rank() == 0:
             cluster = job_cluster(opts, comm.Get_size(), link)
+            per_tensor = job_tensor_overhead(self._optimizer, opts.cluster, comm.Get_size())
+            if per_tensor is not None:  # the user's optimizer's own per-tensor work, measured
+                cluster = dataclasses.replace(
+                    cluster, device=dataclasses.replace(cluster.device, tensor_overhead=per_tensor))
             states, update_cost = job_optimizer(self._optimizer, opts.cluster, comm.Get_size())
             if opts.update_cost is not None:  # the user's figure wins over the measured one
                 update_cost = opts.update_cost
