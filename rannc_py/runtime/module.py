@@ -58,6 +58,7 @@ from rannc_py.runtime.grads import GradSync, HeldGrads, clip_grad_norm_
 from rannc_py.runtime.io import gather_inputs, return_outputs
 from rannc_py.runtime.layout import PlanArg, check_plan_arg, load_plan, stage_ranks
 from rannc_py.runtime.placement import place
+from rannc_py.runtime.sharding import ShardedStep, stage_levels
 from rannc_py.runtime.signatures import (
     CallProgram,
     Layout,
@@ -214,9 +215,14 @@ class RaNNCModule(nn.Module):
         self._bind_optimizer()  # before release(): the optimizer is matched to the model's parameters
         P.release(model, keep=set(self._local))
         algorithms = {st.ranks: st.allreduce for st in self._plan.stages}  # a stage's replicas: planned algorithm
+        levels = stage_levels([(st.ranks, st.shard_level) for st in self._plan.stages], self.optimizer,
+                              self._params, comm)
         self._sync = GradSync(self._params, placement.holders, placement.grad_order, comm, self._bucket_bytes,
-                              algorithms)
-        self._held = HeldGrads(list(self._params.values()))
+                              algorithms, levels)
+        self._shards = ShardedStep(self._sync.sharded)
+        if self.optimizer is not None and self._sync.sharded:
+            self._shards.attach(self.optimizer)
+        self._held = HeldGrads([*self._params.values(), *self._shards.shard_params()])
         s = placement.stage
         self._layout = Layout(graph=graph, assignment=self._plan.assignment(), stage=s,
                               stage_ranks=stage_ranks(self._plan), names=self._names, local=self._local,
@@ -389,6 +395,7 @@ class RaNNCModule(nn.Module):
         self._closed = True
         _open_modules.discard(self)
         if self._ready:
+            self._shards.detach()
             self._sync.free()
         self._comm.Free()
 
@@ -428,7 +435,14 @@ class RaNNCModule(nn.Module):
         """
         self._need_ready("clip_grad_norm_")
         with abort_on_error(self._comm, "clip_grad_norm_"), self._watchdog.watch("clip_grad_norm_"):
-            return clip_grad_norm_(self._params, self._owned, self._comm, max_norm, norm_type)
+            return clip_grad_norm_(self._params, self._owned, self._comm, max_norm, norm_type,
+                                   self._shards.shard_params())
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """As ``nn.Module.zero_grad``, reaching the gradient shards of a sharded stage too."""
+        super().zero_grad(set_to_none)
+        if self._ready:
+            self._shards.zero_grad(set_to_none)
 
     def state_dict(self, *args: Any, rank0_only: bool = True, **kwargs: Any) -> dict[str, Tensor]:  # type: ignore[override]
         """The full state with the original names; collective after the first call.
