@@ -121,7 +121,7 @@ def test_slice_state_cuts_param_shaped_tensors_only() -> None:
     bucket = BucketShard([p], 2, 1, level=1)
     (pc,) = bucket.pieces
     state = {"step": torch.tensor(3.0), "exp_avg": torch.arange(20.0).reshape(4, 5), "note": "x"}
-    cut = slice_state(state, pc)
+    cut = slice_state(state, p.shape, pc.lo, pc.hi)
     assert torch.equal(cut["exp_avg"], torch.arange(16.0, 20.0)) and float(cut["step"]) == 3.0
     assert cut["note"] == "x" and cut["step"] is not state["step"]
 
@@ -179,3 +179,50 @@ def test_sharded_training_matches_eager(ranks: int) -> None:
     cases = SHARD_MATRIX[ranks]
     out = run_mpi(ranks, EQUIV, *cases, timeout=600).stdout
     assert out.count(": ok") == len(cases), out
+
+
+def test_optimizer_state_dict_on_one_process_is_torchs_for_the_unwrapped_model() -> None:
+    """Keyed as torch numbers the unwrapped model's parameters; load checks the groups and shapes."""
+    import sys
+
+    import rannc_py
+
+    sys.path.insert(0, str(REPO / "tests/mpi_scripts"))
+    from runtime_models import build_model, make_batch
+
+    torch.manual_seed(0)
+    model, ref = build_model("gpt"), build_model("gpt")
+    ref.load_state_dict(model.state_dict())
+    groups = lambda m: [{"params": [p for p in m.parameters() if p.dim() > 1]},
+                        {"params": [p for p in m.parameters() if p.dim() <= 1], "lr": 2e-3}]
+    opt, ropt = torch.optim.Adam(groups(model)), torch.optim.Adam(groups(ref))
+    factory = rannc_py.RaNNCModule(build_model("gpt"), lambda ps: torch.optim.SGD(ps))
+    with pytest.raises(ConfigError, match="needs the optimizer"):
+        factory.optimizer_state_dict()
+    wrapped = rannc_py.RaNNCModule(model, opt, plan={"stages": 1, "shard_optimizer": 1})
+    assert wrapped.optimizer_state_dict() == opt.state_dict()  # before the first call: the optimizer's own
+    batch = make_batch("gpt", 4, seed=0)
+    wrapped(**batch).loss.backward()
+    ref(**batch).loss.backward()
+    opt.step()
+    ropt.step()
+    got, want = wrapped.optimizer_state_dict(), ropt.state_dict()
+    assert got["param_groups"] == want["param_groups"] and sorted(got["state"]) == sorted(want["state"])
+    for i, st in want["state"].items():
+        for k, v in st.items():
+            torch.testing.assert_close(got["state"][i][k], v)
+    wrapped.load_optimizer_state_dict(want)
+    with pytest.raises(ConfigError, match="param groups hold"):
+        wrapped.load_optimizer_state_dict({"state": {}, "param_groups": want["param_groups"][:1]})
+    bad = {"state": {0: {"exp_avg": torch.zeros(3)}}, "param_groups": want["param_groups"]}
+    with pytest.raises(ConfigError, match="has shape"):
+        wrapped.load_optimizer_state_dict(bad)
+    with pytest.raises(ConfigError, match="'state' and 'param_groups'"):
+        wrapped.load_optimizer_state_dict({"x": 1})
+    wrapped.close()
+
+
+def test_optimizer_state_moves_between_layouts() -> None:
+    checks = ["pp2_level0", "uneven_level2", "eager"]
+    out = run_mpi(4, REPO / "tests/mpi_scripts/shard_resume.py", *checks, timeout=600).stdout
+    assert out.count(": ok") == len(checks), out

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -183,7 +183,7 @@ class ShardedStep:
                 for pc in self.pieces.get(id(p), []):
                     new.append(pc.shard)
                     if state:
-                        opt.state[pc.shard] = slice_state(state, pc)
+                        opt.state[pc.shard] = slice_state(state, p.shape, pc.lo, pc.hi)
             group["params"] = new
         self._hook = opt.register_step_post_hook(lambda *_: self.allgather())
 
@@ -240,13 +240,14 @@ def stage_levels(stages: Sequence[tuple[tuple[int, ...], int]], opt: torch.optim
     return wanted
 
 
-def slice_state(state: dict[str, Any], pc: Piece) -> dict[str, Any]:
-    """A whole parameter's optimizer state cut to piece ``pc``: tensors shaped like
-    the parameter are sliced (copies), everything else (a step count) is copied."""
+def slice_state(state: Mapping[str, Any], shape: torch.Size, lo: int, hi: int) -> dict[str, Any]:
+    """A whole parameter's optimizer state cut to elements ``[lo, hi)`` of the flattened
+    parameter (of ``shape``): tensors of that shape are sliced (copies), everything else
+    (a step count) is copied."""
     out: dict[str, Any] = {}
     for k, v in state.items():
-        if isinstance(v, Tensor) and v.shape == pc.param.shape and v.dim() > 0:
-            out[k] = v.detach().reshape(-1)[pc.lo : pc.hi].clone()
+        if isinstance(v, Tensor) and v.shape == shape and v.dim() > 0:
+            out[k] = v.detach().reshape(-1)[lo:hi].clone()
         else:
             out[k] = v.clone() if isinstance(v, Tensor) else v
     return out

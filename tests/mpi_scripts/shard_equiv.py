@@ -8,8 +8,9 @@ groups, a LambdaLR scheduler), ``sgdm`` (SGD with momentum), ``fused``
 (rannc_py's FusedAdamW), ``normsgd`` (a per-tensor normalised update, which
 must fall back to level 0 with a warning); options: ``accum`` (two calls
 per step), ``clip`` (``clip_grad_norm_``). After STEPS steps, losses (every
-rank), the gathered state dict (rank 0) and the shards' optimizer state
-bytes (summed over a stage's replicas, the unsharded state's) are checked.
+rank), the gathered state dict and optimizer state dict (rank 0, against
+the eager optimizer's) and each rank's optimizer state bytes (its whole
+parameters' and its pieces' share of eager's) are checked.
 """
 
 from __future__ import annotations
@@ -96,10 +97,23 @@ def run_case(case: str) -> None:
     assert sharded == (len(ranks) > 1 and int(level) > 0 and kind != "normsgd"), f"{case}: sharded={sharded}"
     check_state_bytes(opt, ref, ropt, wrapped, case)
     sd = wrapped.state_dict()
+    osd = wrapped.optimizer_state_dict()
     if rank == 0:
         for k, v in ref.state_dict().items():
             torch.testing.assert_close(sd[k], v, rtol=1e-5, atol=1e-6, msg=lambda e, k=k: f"{case}: {k}\n{e}")
+        assert_same_optimizer_state(osd, ropt.state_dict(), case)
         print(f"case {case}: ok", flush=True)
+
+
+def assert_same_optimizer_state(got: dict, want: dict, case: str) -> None:
+    """Two torch-format optimizer state dicts agree: groups exactly, state tensors to fp32 rounding."""
+    assert got["param_groups"] == want["param_groups"], f"{case}: {got['param_groups']} != {want['param_groups']}"
+    assert sorted(got["state"]) == sorted(want["state"]), f"{case}: state of {sorted(got['state'])}"
+    for i, st in want["state"].items():
+        assert sorted(got["state"][i]) == sorted(st), f"{case}: parameter {i} state keys {sorted(got['state'][i])}"
+        for k, v in st.items():
+            torch.testing.assert_close(got["state"][i][k], v, rtol=1e-5, atol=1e-6,
+                                       msg=lambda e, i=i, k=k: f"{case}: optimizer state {i}.{k}\n{e}")
 
 
 def train(wrapped, ref, opt, ropt, scheds, name, const, layout, calls, opts, case) -> None:
