@@ -226,3 +226,17 @@ def test_optimizer_state_moves_between_layouts() -> None:
     checks = ["pp2_level0", "uneven_level2", "eager"]
     out = run_mpi(4, REPO / "tests/mpi_scripts/shard_resume.py", *checks, timeout=600).stdout
     assert out.count(": ok") == len(checks), out
+
+
+def test_level_one_backward_accumulates_into_the_kept_buffer() -> None:
+    ps = params((4, 5), (3,))
+    bucket = BucketShard(ps, 2, 0, level=1)
+    bucket.prepare()
+    grads = bucket._grads  # the kept buffer
+    ((ps[0] ** 2).sum() + ps[1].sum()).backward()
+    (ps[0] ** 2).sum().backward()  # a second microbatch adds in place
+    assert ps[0].grad.data_ptr() == grads.data_ptr()
+    flat = bucket.take_grads()
+    assert flat is grads and ps[0].grad is None
+    torch.testing.assert_close(flat[:20], 4 * ps[0].detach().reshape(-1))
+    assert torch.equal(flat[20:23], torch.ones(3)) and not flat[23:].any()

@@ -116,6 +116,13 @@ class GradSync:
             self._shards[(g, b)] = shard
         self.sharded.append((sub, gather_algorithm(self._algorithm[g]), shards))
 
+    def prepare(self) -> None:
+        """Before a step's schedule (with the user's gradients set aside): level-1 buckets
+        give their parameters ``.grad`` views of their kept flat buffers."""
+        for _, _, shards in self.sharded:
+            for shard in shards:
+                shard.prepare()
+
     def arm(self) -> None:
         """The next backward is the step's last: start each bucket once its gradients are final."""
         self._armed = True

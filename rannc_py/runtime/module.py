@@ -360,6 +360,7 @@ class RaNNCModule(nn.Module):
             program.schedules[key] = gen.actions[self._layout.stage]
         if training:
             self._held.begin()
+            self._sync.prepare()
         result = program.executor.run(program.schedules[key], step, self._sync.arm, self._sync.start)
         apply = None
         if training:

@@ -19,9 +19,14 @@ each a 1-D parameter viewing the flat buffer. Then, per step:
 
 A ring allreduce is a reduce-scatter followed by an allgather, so the bytes
 moved are those of level 0, while the optimizer's state and step shrink by r.
-Level 1 keeps each bucket's full flat gradient buffer from step to step;
-level 2 allocates it when the bucket starts and frees it once reduce-scattered,
-so between steps a replica holds only its gradient shard.
+Level 1 keeps each bucket's full flat gradient buffer from step to step and
+points the parameters' ``.grad`` into it before the schedule, so backward
+accumulates there (as PyTorch DDP's ``gradient_as_bucket_view``); level 2
+lets backward allocate the gradients, copies them into a flat buffer when
+the bucket starts and frees it once reduce-scattered, so between steps a
+replica holds only its gradient shard. Either way the schedule accumulates
+every microbatch's gradients in full, so both hold the full gradients while
+it runs: level 2 lowers the memory between steps, not the step's peak.
 
 Only an optimizer whose update is element-wise gives the same result on
 pieces as on whole parameters; :func:`elementwise_problem` probes that once
@@ -119,9 +124,29 @@ class BucketShard:
         """This replica's shard of the flat parameter buffer."""
         return self.flat[self.index * self.block : (self.index + 1) * self.block]
 
+    def prepare(self) -> None:
+        """Level 1, before a step's schedule: each parameter's ``.grad`` becomes a zeroed view of
+        the kept flat gradient buffer, so backward accumulates into it in place (no copy later)."""
+        if not self._keep:
+            return
+        if self._grads is None:
+            self._grads = torch.empty_like(self.flat)
+        self._grads.zero_()
+        offset = 0
+        for p in self.params:
+            n = p.numel()
+            if p.requires_grad:
+                p.grad = self._grads[offset : offset + n].view_as(p)
+            offset += n
+
     def take_grads(self) -> Tensor:
-        """The bucket's gradients in one flat buffer (missing ones zero); the parameters' ``.grad`` are dropped."""
-        flat = self._grads if self._grads is not None else torch.empty_like(self.flat)
+        """The bucket's gradients in one flat buffer (missing ones zero); the parameters' ``.grad`` are dropped.
+
+        Level 1 returns the kept buffer, which backward filled in place where
+        :meth:`prepare` ran (other gradients are copied in); level 2 a new
+        one, freed once reduce-scattered.
+        """
+        flat = self._grads if self._keep and self._grads is not None else torch.empty_like(self.flat)
         if self._keep:
             self._grads = flat
         offset = 0
@@ -130,9 +155,9 @@ class BucketShard:
             piece = flat[offset : offset + n]
             if p.grad is None:
                 piece.zero_()
-            else:
+            elif p.grad.data_ptr() != piece.data_ptr():
                 piece.copy_(p.grad.reshape(-1))
-                p.grad = None  # final: the bucket holds it now
+            p.grad = None  # final: the bucket holds it now
             offset += n
         flat[offset:].zero_()  # the padding
         return flat
