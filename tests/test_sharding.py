@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from mpi_launch import run_mpi
@@ -127,12 +128,16 @@ def test_slice_state_cuts_param_shaped_tensors_only() -> None:
 
 
 def test_shard_optimizer_option_values() -> None:
-    assert PlanOptions().shard_optimizer is None
-    assert PlanOptions(shard_optimizer=[0, 2]).shard_optimizer == (0, 2)
+    assert PlanOptions().shard_optimizer is False and PlanOptions(shard_optimizer=None).shard_optimizer is None
+    assert PlanOptions(shard_optimizer=2).shard_optimizer == 2
+    with pytest.raises(ConfigError, match="explicit layout"):
+        PlanOptions(shard_optimizer=[0, 2])
     assert shard_levels(True, 3) == (1, 1, 1) and shard_levels(False, 2) == (0, 0) and shard_levels(2, 1) == (2,)
     for bad in ("yes", 3, -1, [1, 5], [], [True]):
         with pytest.raises(ConfigError, match="shard_optimizer"):
             PlanOptions(shard_optimizer=bad)
+        with pytest.raises(ConfigError, match="shard_optimizer"):
+            shard_levels(bad, 2)
     with pytest.raises(ConfigError, match="one level per stage"):
         shard_levels((1, 2), 3)
 
@@ -163,6 +168,90 @@ def test_plan_records_the_level_per_stage() -> None:
     assert header.split()[-1] == "shard" and row0.split()[-1] == "2"
     with pytest.raises(PlanError, match="shard_level"):
         dataclasses.replace(p, stages=(dataclasses.replace(p.stages[0], shard_level=3), p.stages[1]))
+
+
+# ------------------------------------------------------------------ the planner
+def planned(chain, cluster: str, batch: int, **options):
+    """The plan rannc_py.plan makes of ``chain`` with ``options``, and its cost model."""
+    from rannc_py.hardware.cluster import as_cluster
+    from rannc_py.planner.api import build_space, layout_to_plan, search_chain
+    from rannc_py.planner.cost import CostModel
+
+    cl = as_cluster(cluster)
+    opts = PlanOptions(**options)
+    cost = CostModel(chain, cl, batch, shard_optimizer=opts.shard_optimizer)
+    lay, step = search_chain(cost, build_space(chain, cl, batch, opts))
+    return layout_to_plan(cost, lay, step, "fp", torch.float32, 0.0), cost
+
+
+def test_cost_model_charges_state_over_replicas_and_step_over_them() -> None:
+    from test_plan_data import synthetic_chain
+
+    from rannc_py.hardware.cluster import as_cluster
+    from rannc_py.planner.cost import CostModel
+
+    chain = synthetic_chain(4, tied=True)
+    cl = as_cluster("a100-80g:gpus=8")
+    plain, sharded = (CostModel(chain, cl, 64, shard_optimizer=v) for v in (False, True))
+    tp, ts = (c.stage_tables(1, 2, (4,), (1,), False, 4)[1] for c in (plain, sharded))
+    t = plain.t
+    for i, j in ((0, 1), (1, 3), (0, 4)):
+        P, T = t.param_bytes[i, j], t.tied_bytes[i, j]
+        own = P - T
+        assert tp.mem[i, j, 0] - ts.mem[i, j, 0] == pytest.approx(P * 4 - (2 * P + own * 3 / 4 + T * 2))
+        assert ts.shard[i, j, 0] == 1 and tp.shard[i, j, 0] == 0
+        gather, update = sharded.sharded_step(P, T, 4)
+        assert update == pytest.approx((own / 4 + T) * plain.update_cost) and gather > 0
+        assert sharded.state_bytes(P, T, 4, 1) == pytest.approx((own / 4 + T) * 2)
+        assert plain.state_bytes(P, T, 4, 0) == pytest.approx(P * 2)
+    assert ts.ar[0, 4, 0] < tp.ar[0, 4, 0]  # the step on a quarter of the parameters
+    # None: the faster level per entry, the same arrays as forcing it where sharding wins
+    free = CostModel(chain, cl, 64, shard_optimizer=None).stage_tables(1, 2, (4,), (1,), False, 4)[1]
+    assert np.array_equal(free.ar, np.minimum(tp.ar, ts.ar))
+    with pytest.raises(ConfigError, match="explicit layout"):
+        CostModel(chain, cl, 64, shard_optimizer=(1, 0))
+
+
+def test_plans_record_and_simulate_the_levels_they_chose() -> None:
+    from test_plan_data import synthetic_chain
+
+    from rannc_py.planner.api import NoFeasiblePlanError
+
+    chain = synthetic_chain(6, tied=True)
+    plan, _ = planned(chain, "a100-80g:gpus=8", 64, shard_optimizer=None, replicas=(4, 4))
+    assert [st.shard_level for st in plan.stages] == [1, 1]
+    assert plan.timeline().step_time == pytest.approx(plan.step_time, rel=1e-9)  # simulated with the levels
+    assert all(st.allreduce in ("mpi", "ring") for st in plan.stages)
+    assert Plan.from_json(plan.to_json()) == plan and "shard" in plan.summary()
+    forced, _ = planned(chain, "a100-80g:gpus=8", 64, shard_optimizer=2, replicas=(4, 4))
+    assert [st.shard_level for st in forced.stages] == [2, 2]
+    unsharded, _ = planned(chain, "a100-80g:gpus=8", 64, replicas=(4, 4))
+    assert [st.shard_level for st in unsharded.stages] == [0, 0]
+    assert unsharded.step_time > plan.step_time
+    # On Tofu's torus the dimension-wise allreduce beats a ring reduce-scatter + allgather, so the planner
+    # shards only where the unsharded state does not fit.
+    torus, _ = planned(chain, "a64fx:nodes=8", 64, shard_optimizer=None, replicas=(4, 4))
+    whole, _ = planned(chain, "a64fx:nodes=8", 64, replicas=(4, 4))
+    assert [st.shard_level for st in torus.stages] == [0, 0]
+    sharded, _ = planned(chain, "a64fx:nodes=8", 64, shard_optimizer=True, replicas=(4, 4))
+    assert max(sharded.peak_memory_per_rank) < max(whole.peak_memory_per_rank)
+    # parameters dominate (activations cannot be recomputed away): only the sharded state fits
+    heavy = param_heavy_chain()
+    sharded, _ = planned(heavy, "a64fx:nodes=8", 64, shard_optimizer=True, replicas=(4, 4))
+    limit = int(max(sharded.peak_memory_per_rank) * 1.01 / 0.9)
+    fit, _ = planned(heavy, f"a64fx:nodes=8,memory={limit}", 64, shard_optimizer=None, replicas=(4, 4))
+    assert [st.shard_level for st in fit.stages] == [1, 1] and max(fit.peak_memory_per_rank) <= limit * 0.9
+    with pytest.raises(NoFeasiblePlanError):
+        planned(heavy, f"a64fx:nodes=8,memory={limit}", 64, replicas=(4, 4))
+
+
+def param_heavy_chain():
+    """Four blocks of 400 MB of parameters each and next to no activations."""
+    from rannc_py.planner.chain import Block, Chain
+
+    blocks = tuple(Block(ops=(k,), fwd_fixed=1e-5, fwd_per_sample=1e-4, bwd_fixed=2e-5, bwd_per_sample=2e-4,
+                         act_bytes=1e3, out_bytes=1e3, params=((f"w{k}", 400_000_000),), flops=1e8) for k in range(4))
+    return Chain(blocks=blocks, input_bytes=1e3, param_names=tuple((f"w{k}",) for k in range(4)), output_bytes=1e3)
 
 
 SHARD_MATRIX = {

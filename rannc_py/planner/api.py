@@ -187,7 +187,7 @@ def plan_chain(chain: Chain, cluster: Cluster, batch_size: int, options: PlanOpt
     opts = PlanOptions.from_kwargs(overrides, base=options)
     positive_int("batch_size", batch_size)
     cost = CostModel(chain, cluster, batch_size, opts.optimizer, opts.memory_margin, opts.return_outputs,
-                     opts.update_cost)
+                     opts.update_cost, shard_optimizer=opts.shard_optimizer)
     space = build_space(chain, cluster, batch_size, opts)
     lay, step = search_chain(cost, space)
     return layout_to_plan(cost, lay, step, graph_fingerprint, dtype, time.perf_counter() - t0)
@@ -251,9 +251,12 @@ def layout_to_plan(cost: CostModel, lay: Layout, step_time: float, fingerprint: 
         mem_per_rank += [mem] * len(ranks)
         # The runtime sums the stage's own (untied) gradients over its replicas with this algorithm.
         algorithm = cost.allreduce_choice(float(cost.t.param_bytes[i, j]), lay.replicas[s])[0]
+        level = lay.shard[s] if lay.shard and lay.replicas[s] > 1 else 0
+        if level:  # reduce-scatter and allgather instead (see rannc_py.runtime.sharding)
+            algorithm = cost.gather_choice(float(cost.t.param_bytes[i, j]), lay.replicas[s])[0]
         stages.append(StagePlan(index=s, ops=ops, param_fqns=tuple(fqns), ranks=ranks, recompute=lay.recompute[s],
                                 predicted_compute_time=lay.m * (sc[s].forward + sc[s].backward),
-                                predicted_peak_memory=mem, allreduce=algorithm, costs=sc[s]))
+                                predicted_peak_memory=mem, allreduce=algorithm, costs=sc[s], shard_level=level))
     flops = 3 * float(cost.t.flops[0, chain.n]) * cost.batch_size
     peak = cost.cluster.device.flops(dtype) * cost.cluster.num_devices
     return Plan(batch_size=cost.batch_size, microbatches=lay.m, schedule=lay.schedule, stages=tuple(stages),

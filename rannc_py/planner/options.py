@@ -70,13 +70,15 @@ class PlanOptions:
             level 0 (every replica steps everything), 1 (optimizer state
             sharded over the replicas: gradients reduce-scattered, each
             replica steps its shard, parameters allgathered) or 2 (as 1, and
-            only the gradient shard is kept between steps). None (default):
-            the planner chooses per stage; False or 0: level 0 everywhere;
-            True: level 1 on every replicated stage; 1 or 2: that level on
-            every replicated stage; a tuple: one level per stage (stages with
+            only the gradient shard is kept between steps). None: the
+            planner chooses level 0 or 1 per stage (level 2 needs as much
+            memory at the step's peak, see :mod:`rannc_py.planner.cost`);
+            False or 0 (default, as before the option existed): level 0
+            everywhere; True: level 1 on every replicated
+            stage; 1 or 2: that level on every replicated stage (stages with
             one replica run level 0 whatever is given). The same key in an
             explicit layout dict (``plan=dict(..., shard_optimizer=True)``)
-            takes the same values, absent meaning 0.
+            takes these values or one level per stage, absent meaning 0.
 
     Raises:
         ConfigError: (on construction) a value of the wrong type or out of range.
@@ -94,7 +96,7 @@ class PlanOptions:
     optimizer: str | int = "adam"
     update_cost: float | None = None
     return_outputs: bool = True
-    shard_optimizer: bool | int | tuple[int, ...] | None = None
+    shard_optimizer: bool | int | None = False
 
     def __post_init__(self) -> None:
         if self.cluster is not None and not isinstance(self.cluster, (Cluster, str)):
@@ -140,9 +142,11 @@ class PlanOptions:
         if not isinstance(self.return_outputs, bool):
             raise ConfigError(f"return_outputs must be True or False, got {self.return_outputs!r}")
         if self.shard_optimizer is not None:
-            levels = shard_levels(self.shard_optimizer, None)
-            if isinstance(self.shard_optimizer, (list, tuple)):
-                object.__setattr__(self, "shard_optimizer", levels)
+            if isinstance(self.shard_optimizer, Sequence) and not isinstance(self.shard_optimizer, str):
+                raise ConfigError(f"shard_optimizer={self.shard_optimizer!r}: the planner takes one bool or level "
+                                  "for every stage; a level per stage is for an explicit layout, "
+                                  "plan=dict(stages=..., shard_optimizer=[...])")
+            shard_levels(self.shard_optimizer, None)
 
     @classmethod
     def from_kwargs(cls, options: Mapping[str, Any], *, base: PlanOptions | None = None) -> PlanOptions:
@@ -164,7 +168,7 @@ def shard_levels(value: Any, stages: int | None) -> tuple[int, ...]:
     (``shard_optimizer``: a bool, a level, or a level per stage; see :class:`PlanOptions`).
 
     With ``stages`` None, only the value is checked and a single level is
-    returned as a one-element tuple (a per-stage tuple as it is).
+    returned as a one-element tuple (a per-stage sequence as a tuple).
 
     Raises:
         ConfigError: not a bool, a level in (0, 1, 2) or a sequence of them, or
