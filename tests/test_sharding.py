@@ -311,8 +311,8 @@ def test_optimizer_state_dict_on_one_process_is_torchs_for_the_unwrapped_model()
     wrapped.close()
 
 
-def test_optimizer_state_moves_between_layouts() -> None:
-    checks = ["pp2_level0", "uneven_level2", "eager"]
+def test_optimizer_state_moves_between_layouts_and_matches_the_plan() -> None:
+    checks = ["pp2_level0", "uneven_level2", "eager", "planned_state"]
     out = run_mpi(4, REPO / "tests/mpi_scripts/shard_resume.py", *checks, timeout=600).stdout
     assert out.count(": ok") == len(checks), out
 

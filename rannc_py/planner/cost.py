@@ -103,6 +103,16 @@ def _allowed_levels(shard_optimizer: bool | int | None) -> tuple[int, ...]:
                       f"{shard_optimizer!r}; a level per stage is for an explicit layout (plan=dict(...))")
 
 
+def optimizer_state_bytes(nbytes: float, tied: float, ranks: int, level: int, buffers: int) -> float:
+    """Optimizer-state bytes per rank of a stage whose parameters take ``nbytes`` (``tied`` of
+    them shared with other stages, kept whole) over ``ranks`` replicas at sharding ``level``, for
+    an optimizer keeping ``buffers`` parameter-sized state buffers (the shards' alignment
+    moves a rank's share by at most a few vectors; the stage's total is exact)."""
+    if level == 0 or ranks <= 1:
+        return nbytes * buffers
+    return (max(nbytes - tied, 0.0) / ranks + tied) * buffers
+
+
 def _keep_better(tab: StageTables, ri: int, level: int, m: int, c: np.ndarray, ar: np.ndarray, mem: np.ndarray,
                  mem_min: np.ndarray, rec: np.ndarray) -> None:
     """Enter one sharding level's costs into column ``ri`` of ``tab`` where they beat what is
@@ -307,12 +317,8 @@ class CostModel:
         return self.gather_choice(own, ranks)[1], (own / ranks + tied) * self.update_cost
 
     def state_bytes(self, nbytes: float, tied: float, ranks: int, level: int) -> float:
-        """Optimizer-state bytes per rank of a stage whose parameters take ``nbytes``
-        (``tied`` of them shared with other stages) over ``ranks`` replicas at sharding ``level``."""
-        k = self.state_factor - 2
-        if level == 0 or ranks <= 1:
-            return nbytes * k
-        return (max(nbytes - tied, 0.0) / ranks + tied) * k
+        """:func:`optimizer_state_bytes` with this model's optimizer."""
+        return optimizer_state_bytes(nbytes, tied, ranks, level, self.state_factor - 2)
 
     def _p2p_array(self, nbytes: np.ndarray, pipeline_devices: int) -> np.ndarray:
         link = self.cluster.link(pipeline_devices)

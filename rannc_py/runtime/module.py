@@ -144,9 +144,12 @@ class RaNNCModule(nn.Module):
             ``replicas``, and ``return_outputs`` (also read by the runtime:
             True returns outputs other than scalars, e.g. logits, on every
             rank for its local rows; False returns None for them and saves
-            moving them), and ``update_cost`` (measured from the user's
+            moving them), ``update_cost`` (measured from the user's
             optimizer when not given; its state buffers are always counted
-            from it).
+            from it), and ``shard_optimizer`` (the sharding level per stage:
+            gradients reduce-scattered, each replica stepping its shard of
+            the optimizer state, parameters allgathered after
+            ``optimizer.step()``; see :mod:`rannc_py.runtime.sharding`).
 
     Raises:
         ConfigError: an argument or option cannot be used (checked here, on

@@ -20,14 +20,13 @@ import warnings
 
 import torch
 from mpi4py import MPI
-from runtime_equiv import eager_loss_scaled, parse_layout
-from runtime_models import build_model, call_kwargs, local_slice, make_batch
+from runtime_equiv import parse_layout, run_cases, step_gradients
+from runtime_models import build_model, call_kwargs
 
 import rannc_py
 from rannc_py.optim import FusedAdamW
 
 STEPS = 5
-LOCAL = 4  # rows per rank per call
 comm = MPI.COMM_WORLD
 rank, world = comm.Get_rank(), comm.Get_size()
 
@@ -118,16 +117,7 @@ def assert_same_optimizer_state(got: dict, want: dict, case: str) -> None:
 
 def train(wrapped, ref, opt, ropt, scheds, name, const, layout, calls, opts, case) -> None:
     for step in range(STEPS):
-        for c in range(calls):
-            batch = make_batch(name, LOCAL * world, seed=100 * step + c)
-            out = wrapped(**local_slice(batch, rank, LOCAL), **const)
-            (out["loss"] / calls).backward()
-            want = eager_loss_scaled(ref, batch, const, layout, calls)
-            torch.testing.assert_close(out["loss"].detach(), want, rtol=1e-5, atol=1e-6, msg=lambda e: f"{case} step {step} loss\n{e}")  # noqa: B023 - called at once
-        if "clip" in opts:
-            norm = wrapped.clip_grad_norm_(0.05)
-            rnorm = torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.05)
-            torch.testing.assert_close(norm, rnorm, rtol=1e-5, atol=1e-6, msg=lambda e: f"{case} step {step} norm\n{e}")  # noqa: B023 - called at once
+        step_gradients(wrapped, ref, name, const, layout, calls, opts, step, case)
         opt.step()
         ropt.step()
         for s in scheds:
@@ -160,12 +150,4 @@ def state_bytes_of(opt, p) -> int:
 
 
 if __name__ == "__main__":
-    for case in sys.argv[1:]:
-        try:
-            run_case(case)
-        except BaseException:  # noqa: BLE001 - any failure must abort every rank
-            import traceback
-
-            traceback.print_exc()
-            sys.stderr.flush()
-            comm.Abort(1)
+    run_cases(run_case, sys.argv[1:])

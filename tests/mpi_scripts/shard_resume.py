@@ -11,6 +11,11 @@ dict and optimizer state dict (both gathered on every rank) to:
 
 each trains the remaining steps and must match the eager reference that
 trained every step without interruption.
+
+``planned_state``: the planner (``shard_optimizer=True``, 2 stages x 2
+replicas on an A64FX preset) places GPT with its tied embedding split; each
+rank's measured optimizer-state bytes equal the cost model's prediction (to
+the shards' alignment; the stage's total exactly).
 """
 
 from __future__ import annotations
@@ -112,6 +117,34 @@ def check_eager() -> None:
     for k, v in want.items():
         torch.testing.assert_close(model.state_dict()[k], v, rtol=1e-5, atol=1e-6)
     assert len(opt.state_dict()["state"]) == len(want_opt["state"])
+
+
+def check_planned_state() -> None:
+    from shard_equiv import state_bytes
+
+    from rannc_py.planner.cost import optimizer_state_bytes
+    from rannc_py.runtime.sharding import ALIGN
+
+    model, _ = fresh(3)
+    sizes = {n: p.numel() * 4 for n, p in model.named_parameters()}
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    wrapped = rannc_py.RaNNCModule(model, opt, cluster="a64fx:nodes=4", shard_optimizer=True, replicas=(2, 2))
+    wrapped(**local_slice(make_batch("gpt", LOCAL * world, seed=0), rank, LOCAL)).loss.backward()
+    opt.step()
+    plan = wrapped.plan
+    st = plan.stages[plan.stage_of_rank(rank)]
+    assert st.shard_level == 1 and all(s.shard_level == 1 for s in plan.stages), plan.summary()
+    mine = {f for f in st.param_fqns if f in sizes}
+    others = {f for s in plan.stages if s is not st for f in s.param_fqns}
+    tied = sum(sizes[f] for f in mine & others)
+    assert tied > 0, "the embedding should be read by both stages"
+    want = optimizer_state_bytes(sum(sizes[f] for f in mine), tied, st.replicas, st.shard_level, 2)
+    got = state_bytes(opt)
+    sub = comm.Split(st.index, rank)
+    assert sub.allreduce(got) == st.replicas * want, (sub.allreduce(got), st.replicas * want)
+    assert abs(got - want) <= 2 * 4 * ALIGN * st.replicas, (rank, got, want)
+    sub.Free()
+    wrapped.close()
 
 
 if __name__ == "__main__":
