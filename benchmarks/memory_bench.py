@@ -27,6 +27,11 @@ holds no model state), then trains; its peak RSS (``getrusage`` maxrss, gathered
 minus that baseline is compared with the limit, since the limit applies to
 the model state the planner counts, not to the Python/torch runtime. Raw
 peak RSS is reported too. Writes ``benchmarks/results/memory.md``.
+
+``--shard``: the planner may shard each stage's optimizer state over its
+replicas (``shard_optimizer=None``, :mod:`rannc_py.runtime.sharding`), so
+data-parallel layouts keep params + grads + (Adam moments and the gradient shard) / R,
+8 + 12 / R bytes per parameter rather than 16; writes ``benchmarks/results/memory_sharded.md``.
 """
 
 from __future__ import annotations
@@ -87,7 +92,7 @@ def worker(args: argparse.Namespace) -> None:
     with torch.device("meta"):
         model = GPT(config(args.layers, args.hidden))
     wrapped = rannc_py.RaNNCModule(model, lambda ps: torch.optim.AdamW(ps, lr=1e-4), memory_limit=args.limit,
-                                   return_outputs=False)
+                                   return_outputs=False, shard_optimizer=None if args.shard else False)
     rows = args.batch // world
     losses = []
     for step in range(args.steps):
@@ -111,7 +116,7 @@ def train(layers: int, ranks: int, args: argparse.Namespace) -> dict[str, Any]:
     """Launch the worker on ``ranks`` ranks; its result, or ``{"error": ...}``."""
     cmd = [MPIEXEC, "-n", str(ranks), sys.executable, __file__, "--worker", "--layers", str(layers),
            "--hidden", str(args.hidden), "--limit", args.limit, "--steps", str(args.steps),
-           "--batch", str(args.batch)]
+           "--batch", str(args.batch), *(["--shard"] if args.shard else [])]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     try:
         out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=1200, check=False)
@@ -142,7 +147,8 @@ def feasible(layers: int, ranks: int, args: argparse.Namespace) -> bool:
         _GRAPHS[layers] = rannc_py.trace(model, (), {"input_ids": ids, "labels": ids})
     graph = _GRAPHS[layers]
     try:
-        rannc_py.plan(graph, batch_size=args.batch, cluster=f"local:ranks={ranks},memory={args.limit}")
+        rannc_py.plan(graph, batch_size=args.batch, cluster=f"local:ranks={ranks},memory={args.limit}",
+                      shard_optimizer=None if args.shard else False)
     except NoFeasiblePlanError:
         return False
     return True
@@ -165,6 +171,7 @@ def main() -> None:
     ap.add_argument("--hidden", type=int, default=512, help="GPT width; default 512")
     ap.add_argument("--batch", type=int, default=8, help="global batch (rows of 128 tokens); default 8")
     ap.add_argument("--steps", type=int, default=2, help="training steps (Adam state exists after the first); default 2")
+    ap.add_argument("--shard", action="store_true", help="let the planner shard optimizer state over replicas")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--layers", type=int, default=0, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -251,7 +258,7 @@ def write(args: argparse.Namespace, limit: int, state: dict[int, int], big: int,
         L += [f"### {n} layers on {ranks} ranks", ""] + rank_table(res, limit) + [""]
     text = "\n".join(L) + "\n"
     print(text)
-    out = REPO / "benchmarks/results/memory.md"
+    out = REPO / f"benchmarks/results/memory{'_sharded' if args.shard else ''}.md"
     out.write_text(text)
     print(f"wrote {out.relative_to(REPO)}")
 

@@ -14,6 +14,11 @@ stage, "the best replica count"), every microbatch count and schedule the
 planner considers, recompute where needed, and the same final pick (simulate
 the best by T). Writes ``benchmarks/results/plan.md``.
 
+A row that does not fit with every replica keeping its whole optimizer state
+is planned again with ``shard_optimizer=None`` (each stage's replicas may
+shard the state, :mod:`rannc_py.runtime.sharding`); the last column says
+whether that fits, and the layout (``sN`` = stages at sharding level N).
+
 Usage: python benchmarks/plan_bench.py [--sizes 8,64,512,4096] [--models gpt-1.3b,...]
 """
 
@@ -92,10 +97,25 @@ def main() -> None:
                     layout = f"infeasible (needs {float(need) / 2**30:.1f} GiB/device)"
                 picks = baseline_picks(cost, space)
                 base = {rule: None if pk is None else batch / pk[1] for rule, pk in picks.items()}
-                row = (name, preset, size, search, cpu, ours, mfu, base, layout)
+                sharded = "-" if ours is not None else _with_sharding(chain, cl, batch, space)
+                row = (name, preset, size, search, cpu, ours, mfu, base, layout, sharded)
                 rows.append(row)
                 print(_fmt_row(row), flush=True)
     _write(ns.out, rows)
+
+
+def _with_sharding(chain, cl, batch: int, space) -> str:
+    """What the planner finds for an infeasible row when stages may shard their optimizer state."""
+    cost = CostModel(chain, cl, batch, return_outputs=False, shard_optimizer=None)
+    try:
+        lay, step = search_chain(cost, space)
+    except NoFeasiblePlanError as e:
+        need = float(str(e).split("fits is ")[1].split(" bytes")[0])
+        return f"infeasible (needs {need / 2**30:.1f} GiB/device)"
+    levels = sorted(set(lay.shard))
+    return (f"{batch / step:.4g} samples/s, {lay.num_stages}st x{'/'.join(str(r) for r in lay.replicas[:4])}"
+            f"{'...' if lay.num_stages > 4 else ''} m={lay.m} {lay.schedule} "
+            f"{'+'.join(f's{v}' for v in levels)}{' rc' if any(lay.recompute) else ''}")
 
 
 def _f(x: float | None) -> str:
@@ -108,11 +128,11 @@ def _beats_all(row) -> bool:
 
 
 def _fmt_row(row) -> str:
-    name, preset, size, search, cpu, ours, mfu, base, layout = row
+    name, preset, size, search, cpu, ours, mfu, base, layout, sharded = row
     ok = _beats_all(row)
     return (f"| {name} | {preset} | {size} | {search:.2f} | {cpu:.2f} | {_f(ours)} | "
             f"{'-' if mfu is None else f'{100 * mfu:.1f}%'} | {_f(base['uniform'])} | {_f(base['params'])} | "
-            f"{_f(base['time'])} | {'yes' if ok else 'NO'} | {layout} |")
+            f"{_f(base['time'])} | {'yes' if ok else 'NO'} | {layout} | {sharded} |")
 
 
 def _write(path: str, rows) -> None:
@@ -156,9 +176,13 @@ def _write(path: str, rows) -> None:
         "  model's outputs for one microbatch on the last stage (training uses only the loss, as with",
         "  RaNNCModule(return_outputs=False)); 10 % margin.",
         "",
+        "- Last column, for rows that do not fit: the planner again with sharded optimizer state allowed",
+        "  (`shard_optimizer=None`: state / R and a gradient shard per rank, reduce-scatter + allgather;",
+        "  `sN` the levels used). Tensor parallelism is not in this planner yet, so its columns are absent.",
+        "",
         ("| model | cluster | devices | search s (wall) | search s (CPU) | ours | MFU | uniform | params | time "
-         "| ours >= all | layout (origin) |"),
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+         "| ours >= all | layout (origin) | with sharding |"),
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         *(_fmt_row(r) for r in rows),
     ]
     Path(path).write_text("\n".join(lines) + "\n")

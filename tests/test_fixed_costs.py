@@ -192,3 +192,13 @@ def test_the_users_optimizer_sets_the_per_tensor_cost_on_local():
     assert job_tensor_overhead(torch.optim.AdamW(model.parameters()), "a64fx:nodes=1", 1) is None
     before = [p.detach().clone() for p in model.parameters()]
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # the user's model is untouched
+
+
+def test_a_given_layout_keeps_its_sharding_level_in_the_prediction(gpt):
+    opts = PlanOptions(cluster="a64fx:nodes=2")
+    whole = explicit_plan(gpt.data(), {"stages": 1, "replicas": [2], "microbatches": 2}, 8, 2)
+    sharded = explicit_plan(gpt.data(), {"stages": 1, "replicas": [2], "microbatches": 2, "shard_optimizer": 1}, 8, 2)
+    a, b = predict_plan(gpt.data(), whole, opts), predict_plan(gpt.data(), sharded, opts)
+    assert [s.shard_level for s in a.stages] == [0] and [s.shard_level for s in b.stages] == [1]
+    assert b.peak_memory_per_rank[0] < a.peak_memory_per_rank[0]  # the optimizer state is split over 2
+    assert b.timeline().step_time == b.step_time > 0

@@ -189,7 +189,7 @@ def plan_chain(chain: Chain, cluster: Cluster, batch_size: int, options: PlanOpt
     opts = PlanOptions.from_kwargs(overrides, base=options)
     positive_int("batch_size", batch_size)
     cost = CostModel(chain, cluster, batch_size, opts.optimizer, opts.memory_margin, opts.return_outputs,
-                     opts.update_cost)
+                     opts.update_cost, shard_optimizer=opts.shard_optimizer)
     space = build_space(chain, cluster, batch_size, opts)
     lay, step = search_chain(cost, space)
     return layout_to_plan(cost, lay, step, graph_fingerprint, dtype, time.perf_counter() - t0)
@@ -223,24 +223,30 @@ def predict_plan(graph: Graph, plan: Plan, options: PlanOptions, *, profile: Pro
         profile = analytic_profile(graph, blocks, graph.batch_size, cl.device)
     elif profile.graph_fingerprint != graph.fingerprint() or [tuple(b) for b in profile.blocks] != blocks:
         raise PlanError("predicting a plan needs a profile of this graph whose blocks are the plan's stages")
-    cost = CostModel(chain_from_graph(graph, profile), cl, plan.batch_size, options.optimizer,
-                     options.memory_margin, options.return_outputs, options.update_cost)
+    chain = chain_from_graph(graph, profile)
+    levels = tuple(st.shard_level for st in plan.stages)
+    # one cost model per sharding level the stages use, so each stage's memory is its own level's
+    costs = {lvl: CostModel(chain, cl, plan.batch_size, options.optimizer, options.memory_margin,
+                            options.return_outputs, options.update_cost, shard_optimizer=lvl) for lvl in set(levels)}
     p, m = plan.num_stages, plan.microbatches
     reps = tuple(st.replicas for st in plan.stages)
     recompute = tuple(st.recompute for st in plan.stages)
     rvals = tuple(sorted(set(reps)))
     flights = tuple(sorted({in_flight(plan.schedule, q, m, p) for q in range(p)}))
-    tabs = {flag: cost.stage_tables(1, m, rvals, flights, flag, plan.world_size) for flag in set(recompute)}
-    memory = tuple(float(tabs[recompute[s]][in_flight(plan.schedule, p - 1 - s, m, p)].mem[s, s + 1, rvals.index(r)])
-                   for s, r in enumerate(reps))
+    tabs = {(lvl, flag): costs[lvl].stage_tables(1, m, rvals, flights, flag, plan.world_size)
+            for lvl, flag in set(zip(levels, recompute))}
+    memory = tuple(float(tabs[levels[s], recompute[s]][in_flight(plan.schedule, p - 1 - s, m, p)]
+                         .mem[s, s + 1, rvals.index(r)]) for s, r in enumerate(reps))
     lay = Layout(d=1, m=m, schedule=plan.schedule, bounds=tuple(range(p + 1)), replicas=reps, recompute=recompute,
-                 objective=0.0, memory=memory, origin="given")
+                 objective=0.0, memory=memory, origin="given", shard=levels)
+    cost = costs[levels[0]]  # the simulated step reads each stage's level from the layout
     dtype = graph_dtype(graph) if graph.params else torch.float32
     made = layout_to_plan(cost, lay, layout_step_time(cost, lay), graph.fingerprint(), dtype,
                           time.perf_counter() - t0)
     stages = tuple(dataclasses.replace(st, predicted_compute_time=new.predicted_compute_time,
                                        predicted_peak_memory=new.predicted_peak_memory, allreduce=new.allreduce,
-                                       costs=new.costs) for st, new in zip(plan.stages, made.stages))
+                                       costs=new.costs, shard_level=new.shard_level)
+                   for st, new in zip(plan.stages, made.stages))
     return dataclasses.replace(made, stages=stages)
 
 
@@ -302,9 +308,12 @@ def layout_to_plan(cost: CostModel, lay: Layout, step_time: float, fingerprint: 
         mem_per_rank += [mem] * len(ranks)
         # The runtime sums the stage's own (untied) gradients over its replicas with this algorithm.
         algorithm = cost.allreduce_choice(float(cost.t.param_bytes[i, j]), lay.replicas[s])[0]
+        level = lay.shard[s] if lay.shard and lay.replicas[s] > 1 else 0
+        if level:  # reduce-scatter and allgather instead (see rannc_py.runtime.sharding)
+            algorithm = cost.gather_choice(float(cost.t.param_bytes[i, j]), lay.replicas[s])[0]
         stages.append(StagePlan(index=s, ops=ops, param_fqns=tuple(fqns), ranks=ranks, recompute=lay.recompute[s],
                                 predicted_compute_time=lay.m * (sc[s].forward + sc[s].backward),
-                                predicted_peak_memory=mem, allreduce=algorithm, costs=sc[s]))
+                                predicted_peak_memory=mem, allreduce=algorithm, costs=sc[s], shard_level=level))
     flops = 3 * float(cost.t.flops[0, chain.n]) * cost.batch_size
     peak = cost.cluster.device.flops(dtype) * cost.cluster.num_devices
     return Plan(batch_size=cost.batch_size, microbatches=lay.m, schedule=lay.schedule, stages=tuple(stages),

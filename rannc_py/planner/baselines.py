@@ -25,6 +25,7 @@ from rannc_py.planner.search import (
     SearchSpace,
     divisors,
     in_flight,
+    level_of,
     microbatch_candidates,
     pick_best,
     ranked,
@@ -110,12 +111,13 @@ def _layout(tabs: dict, bounds: tuple[int, ...], R: int, m: int, sched: str, rul
         ars.append(float(tab.ar[i, j, 0]))
         mems.append(float(tab.mem[i, j, 0]))
         recs.append(bool(tab.recompute[i, j, 0]))
+    shard = tuple(level_of(tabs[in_flight(sched, p - 1 - s, m)], bounds[s], bounds[s + 1], 0) for s in range(p))
     if not np.isfinite(max(cs)):
         return None
     # Ranked by the same estimate T as the search's own candidates.
     est = sum(cs) + (m - 1) * max(cs) + max(ars)
     return Layout(d=R, m=m, schedule=sched, bounds=tuple(bounds), replicas=(R,) * p, recompute=tuple(recs),
-                  objective=est, memory=tuple(mems), origin=rule)
+                  objective=est, memory=tuple(mems), origin=rule, shard=shard)
 
 
 def seed_layouts(cost: CostModel, space: SearchSpace) -> list[Layout]:

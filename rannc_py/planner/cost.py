@@ -33,6 +33,15 @@ Per replica and microbatch:
   work (:meth:`CostModel.step_fixed`: its bookkeeping, ``STEP_COLLECTIVES``
   small collectives over all ranks, and moving the inputs in and the
   returned outputs out).
+- sharding (``shard_optimizer``, per stage of R > 1 replicas, level 1 or 2,
+  :mod:`rannc_py.runtime.sharding`): the stage's own parameters (bytes
+  ``P - T``, T those another stage also reads, which stay whole) are
+  reduce-scattered and allgathered instead of allreduced (the fastest of
+  :data:`rannc_py.comm.cost.GATHER_ALGORITHMS`; a ring allreduce is exactly
+  that pair) and their optimizer step runs on ``1/R`` of them, so
+  ``a = rs(P - T) + ag(P - T) + tied sum + ((P - T) / R + T) · update_cost``;
+  the level per stage is the faster one of those allowed (less memory on a
+  tie), the same choice in the tables and the simulated step.
 Memory per rank: parameters + gradients + optimizer state (SGD 0, SGD with
 momentum 1, Adam/AdamW 2 extra copies of the parameters) + activations of the
 microbatches in flight (GPipe: m; 1F1B: min(p - s, m)); with recompute only
@@ -45,7 +54,11 @@ with temporaries of that size) + the model's batch-carrying outputs
 microbatch's outputs until the step ends (m·b rows), and every rank holds its
 own local rows of them (B / D rows) while the caller keeps the previous step's
 outputs. A plan fits when every rank's memory is at most
-``device memory * (1 - margin)``.
+``device memory * (1 - margin)``. A sharded stage keeps the state of its own
+parameters' shard, ``(P - T) · k / R`` (k state buffers) plus the tied ``T · k``,
+and the summed gradient shard ``(P - T) / R``; its full gradients stay
+(the schedule accumulates every microbatch's in full, at level 2 too, which
+frees them only between steps).
 """
 
 from __future__ import annotations
@@ -57,10 +70,13 @@ import numpy as np
 
 from rannc_py.comm.cost import (
     ALGORITHMS,
+    GATHER_ALGORITHMS,
+    allgather_time,
     allreduce_time,
     best_allreduce,
     grid_shape,
     p2p_time,
+    reduce_scatter_time,
 )
 from rannc_py.errors import ConfigError
 from rannc_py.hardware.cluster import Cluster, Device
@@ -87,6 +103,46 @@ def _allreduce_lines(cluster: Cluster, ranks: int) -> list[tuple[float, float]]:
 STEP_COLLECTIVES = 4
 
 OPTIMIZER_STATE = {"sgd": 0, "sgd_momentum": 1, "momentum": 1, "adam": 2, "adamw": 2}
+
+
+def _allowed_levels(shard_optimizer: bool | int | None) -> tuple[int, ...]:
+    """The sharding levels a stage may take for the ``shard_optimizer`` option (see :class:`CostModel`)."""
+    if shard_optimizer is None:
+        return (0, 1)
+    if isinstance(shard_optimizer, bool) or shard_optimizer in (0, 1, 2):
+        return (int(shard_optimizer),)
+    raise ConfigError(f"the planner takes shard_optimizer None, True/False or a level 0, 1 or 2, got "
+                      f"{shard_optimizer!r}; a level per stage is for an explicit layout (plan=dict(...))")
+
+
+def optimizer_state_bytes(nbytes: float, tied: float, ranks: int, level: int, buffers: int) -> float:
+    """Optimizer-state bytes per rank of a stage whose parameters take ``nbytes`` (``tied`` of
+    them shared with other stages, kept whole) over ``ranks`` replicas at sharding ``level``, for
+    an optimizer keeping ``buffers`` parameter-sized state buffers (the shards' alignment
+    moves a rank's share by at most a few vectors; the stage's total is exact)."""
+    if level == 0 or ranks <= 1:
+        return nbytes * buffers
+    return (max(nbytes - tied, 0.0) / ranks + tied) * buffers
+
+
+def _keep_better(tab: StageTables, ri: int, level: int, m: int, c: np.ndarray, ar: np.ndarray, mem: np.ndarray,
+                 mem_min: np.ndarray, rec: np.ndarray) -> None:
+    """Enter one sharding level's costs into column ``ri`` of ``tab`` where they beat what is
+    there: fitting where it did not, else the faster stage step ``m·c + ar`` (a recompute the
+    other level needs counts; the smaller memory on a tie); where nothing fits, the least
+    memory (what the memory objective reads)."""
+    old_ok = np.isfinite(tab.c[:, :, ri])
+    ok = np.isfinite(c)
+    first = np.isinf(tab.mem[:, :, ri])
+    with np.errstate(invalid="ignore"):
+        step, old_step = m * c + ar, m * tab.c[:, :, ri] + tab.ar[:, :, ri]
+    old_mem = tab.mem[:, :, ri]
+    better = first | (ok & ~old_ok) | (ok & old_ok & ((step < old_step) | ((step == old_step) & (mem < old_mem))))
+    better |= ~ok & ~old_ok & (mem_min < tab.mem_min[:, :, ri])
+    for name, value in (("c", c), ("ar", ar), ("mem", mem), ("mem_min", mem_min), ("recompute", rec)):
+        getattr(tab, name)[:, :, ri] = np.where(better, value, getattr(tab, name)[:, :, ri])
+    assert tab.shard is not None
+    tab.shard[:, :, ri] = np.where(better, level, tab.shard[:, :, ri])
 
 
 def optimizer_state_factor(optimizer: str | int) -> int:
@@ -127,6 +183,7 @@ class StageTables:
     mem: np.ndarray
     recompute: np.ndarray
     mem_min: np.ndarray
+    shard: np.ndarray | None = None  # the sharding level chosen per entry (None: 0 everywhere)
 
 
 class CostModel:
@@ -146,12 +203,17 @@ class CostModel:
             keeps to describe them. Default True, as in RaNNCModule.
         update_cost: seconds per parameter byte of one optimizer step; default
             :func:`fused_update_cost` of ``optimizer`` on the cluster's device.
+        shard_optimizer: the sharding levels a stage may use
+            (:class:`~rannc_py.planner.options.PlanOptions`): None chooses
+            between 0 and 1 per stage (level 2 costs what level 1 does at the
+            step's peak); False/0 (default), True/1 or 2 fixes it.
     Raises:
-        ConfigError: bad optimizer, margin or update cost.
+        ConfigError: bad optimizer, margin, update cost or sharding level.
     """
 
     def __init__(self, chain: Chain, cluster: Cluster, batch_size: int, optimizer: str | int = "adam",
-                 memory_margin: float = 0.1, return_outputs: bool = True, update_cost: float | None = None) -> None:
+                 memory_margin: float = 0.1, return_outputs: bool = True, update_cost: float | None = None,
+                 shard_optimizer: bool | int | None = False) -> None:
         if not isinstance(memory_margin, (int, float, np.floating)) or not 0 <= memory_margin < 1:
             raise ConfigError(f"memory_margin must be a number in [0, 1), got {memory_margin!r}")
         if update_cost is not None and not (isinstance(update_cost, (int, float, np.floating)) and math.isfinite(update_cost)
@@ -166,6 +228,7 @@ class CostModel:
         self.limit = cluster.device.memory * (1 - memory_margin)
         self.margin = memory_margin
         self.return_outputs = return_outputs
+        self.shard_levels = _allowed_levels(shard_optimizer)
 
     def rows(self, m: int, replicas: int) -> int:
         """Rows per replica per microbatch (the largest chunk)."""
@@ -232,6 +295,63 @@ class CostModel:
         best = np.min([a + b * nbytes for a, b in lines], axis=0)
         return np.where(nbytes > 0, best, 0.0)
 
+    def _shard_candidates(self, ranks: int) -> list[tuple[int, np.ndarray, np.ndarray]]:
+        """The sharding levels a range over ``ranks`` replicas may take, each with the model
+        state's bytes per rank (parameters, gradients, optimizer state) and the once-per-step
+        seconds (gradient sync and optimizer step) of every range; see the module docstring."""
+        cache = self.__dict__.setdefault("_shard_cache", {})
+        if ranks in cache:
+            return cache[ranks]
+        t = self.t
+        k = self.state_factor - 2
+        out = []
+        if 0 in self.shard_levels or ranks <= 1:
+            out.append((0, t.param_bytes * self.state_factor, self._allreduce_table(ranks)
+                        + t.param_bytes * self.update_cost))
+        if ranks > 1 and self.shard_levels != (0,):
+            own = np.maximum(t.param_bytes - t.tied_bytes, 0.0)
+            state = 2 * t.param_bytes + own * (1 + k) / ranks + t.tied_bytes * k
+            sync = (self._gather_table(own, ranks) + self._sync_table(t.tied_bytes, 2 * ranks)
+                    + (own / ranks + t.tied_bytes) * self.update_cost)
+            out.append((max(self.shard_levels), state, sync))
+        cache[ranks] = out
+        return out
+
+    def _gather_table(self, nbytes: np.ndarray, ranks: int) -> np.ndarray:
+        """Reduce-scatter plus allgather seconds of ``nbytes`` over ``ranks`` (the faster algorithm)."""
+        lines = [self._gather_line(algo, ranks) for algo in GATHER_ALGORITHMS]
+        best = np.min([a + b * nbytes for a, b in lines], axis=0)
+        return np.where(nbytes > 0, best, 0.0)
+
+    def _gather_line(self, algorithm: str, ranks: int) -> tuple[float, float]:
+        link = self.cluster.link(ranks)
+
+        def seconds(n: float) -> float:
+            return (reduce_scatter_time(n, ranks, alpha=link.latency, beta=link.bandwidth, algorithm=algorithm)
+                    + allgather_time(n, ranks, alpha=link.latency, beta=link.bandwidth, algorithm=algorithm))
+
+        t1, t2 = seconds(1.0), seconds(2.0**30)
+        slope = (t2 - t1) / (2.0**30 - 1.0)
+        return t1 - slope, slope
+
+    def gather_choice(self, nbytes: float, ranks: int) -> tuple[str, float]:
+        """The faster reduce-scatter + allgather algorithm for ``nbytes`` over ``ranks``, and its seconds."""
+        if ranks <= 1 or nbytes <= 0:
+            return "mpi", 0.0
+        times = {algo: a + b * nbytes for algo in GATHER_ALGORITHMS for a, b in [self._gather_line(algo, ranks)]}
+        algo = min(times, key=times.__getitem__)
+        return algo, times[algo]
+
+    def sharded_step(self, nbytes: float, tied: float, ranks: int) -> tuple[float, float]:
+        """(reduce-scatter + allgather seconds, optimizer step seconds) of a sharded stage whose
+        parameters take ``nbytes``, ``tied`` of them shared with other stages (kept whole)."""
+        own = max(nbytes - tied, 0.0)
+        return self.gather_choice(own, ranks)[1], (own / ranks + tied) * self.update_cost
+
+    def state_bytes(self, nbytes: float, tied: float, ranks: int, level: int) -> float:
+        """:func:`optimizer_state_bytes` with this model's optimizer."""
+        return optimizer_state_bytes(nbytes, tied, ranks, level, self.state_factor - 2)
+
     def _p2p_array(self, nbytes: np.ndarray, pipeline_devices: int) -> np.ndarray:
         link = self.cluster.link(pipeline_devices)
         return np.where(nbytes > 0, link.latency + nbytes / link.bandwidth, 0.0)
@@ -247,11 +367,10 @@ class CostModel:
         t = self.t
         n = t.n
         shape = (n + 1, n + 1, len(rvals))
-        ar_all = np.zeros(shape)
-        out = {f: StageTables(np.full(shape, np.inf), ar_all, np.full(shape, np.inf), np.zeros(shape, dtype=bool),
-                              np.full(shape, np.inf)) for f in in_flights}
+        out = {f: StageTables(np.full(shape, np.inf), np.zeros(shape), np.full(shape, np.inf),
+                              np.zeros(shape, dtype=bool), np.full(shape, np.inf), np.zeros(shape, dtype=np.int8))
+               for f in in_flights}
         valid = np.triu(np.ones((n + 1, n + 1), dtype=bool), 1)
-        state = t.param_bytes * self.state_factor
         cut_in = np.broadcast_to(t.cut[:, None], (n + 1, n + 1))
         cut_out = np.broadcast_to(t.cut[None, :], (n + 1, n + 1))
         not_first = (np.arange(n + 1) > 0)[:, None]
@@ -271,20 +390,18 @@ class CostModel:
             bwd = t.bwd_fixed + t.bwd_ps * b
             comm_t = self._p2p_array(cut_in * b, pipeline_devices) * not_first + self._p2p_array(
                 cut_out * b, pipeline_devices)
-            ar_all[:, :, ri] = self._allreduce_table(r * d) + t.param_bytes * self.update_cost + per_step
             c_plain = np.maximum(fwd + bwd, comm_t) + per_mb
             c_rec = np.maximum(2 * fwd + bwd, comm_t) + per_mb
-            # model state + send/recv buffers + outputs kept to be returned (see the module docstring)
-            base = state + 2 * (cut_in + cut_out) * b + t.max_param + returned + is_last * (kept * b * t.out)
-            for f, tab in out.items():
-                mem_plain = base + f * t.act * b
-                mem_rec = base + (f * cut_in + t.act) * b
-                use_rec = mem_plain > self.limit if recompute is None else np.full(shape[:2], recompute)
-                m_sel = np.where(use_rec, mem_rec, mem_plain)
-                ok = valid & (m_sel <= self.limit)
-                tab.c[:, :, ri] = np.where(ok, np.where(use_rec, c_rec, c_plain), np.inf)
-                m_min = m_sel if recompute is not None else np.minimum(mem_plain, mem_rec)
-                tab.mem[:, :, ri] = np.where(valid, m_sel, np.inf)
-                tab.mem_min[:, :, ri] = np.where(valid, m_min, np.inf)
-                tab.recompute[:, :, ri] = use_rec & valid
+            for level, state, sync in self._shard_candidates(r * d):
+                # model state + send/recv buffers + outputs kept to be returned (see the module docstring)
+                base = state + 2 * (cut_in + cut_out) * b + t.max_param + returned + is_last * (kept * b * t.out)
+                for f, tab in out.items():
+                    mem_plain = base + f * t.act * b
+                    mem_rec = base + (f * cut_in + t.act) * b
+                    use_rec = mem_plain > self.limit if recompute is None else np.full(shape[:2], recompute)
+                    m_sel = np.where(use_rec, mem_rec, mem_plain)
+                    ok = valid & (m_sel <= self.limit)
+                    m_min = m_sel if recompute is not None else np.minimum(mem_plain, mem_rec)
+                    _keep_better(tab, ri, level, m, np.where(ok, np.where(use_rec, c_rec, c_plain), np.inf), sync + per_step,
+                                 np.where(valid, m_sel, np.inf), np.where(valid, m_min, np.inf), use_rec & valid)
         return out

@@ -18,6 +18,7 @@ from typing import Any
 from rannc_py.errors import ConfigError
 from rannc_py.hardware.cluster import Cluster, parse_size
 from rannc_py.planner.cost import optimizer_state_factor
+from rannc_py.planner.plan import SHARD_LEVELS
 
 TRAINING_SCHEDULES: tuple[str, ...] = ("1f1b", "gpipe")
 """The schedules a training plan uses by default (``forward_only`` runs no backward, so it never trains)."""
@@ -64,6 +65,20 @@ class PlanOptions:
             outputs (logits) to every rank, as ``RaNNCModule(return_outputs=True)``
             does; False for training that uses only the loss (the runtime
             then frees those outputs as it goes). Default True.
+        shard_optimizer: how each replicated stage's replicas share the
+            optimizer step (:attr:`rannc_py.planner.plan.StagePlan.shard_level`):
+            level 0 (every replica steps everything), 1 (optimizer state
+            sharded over the replicas: gradients reduce-scattered, each
+            replica steps its shard, parameters allgathered) or 2 (as 1, and
+            only the gradient shard is kept between steps). None: the
+            planner chooses level 0 or 1 per stage (level 2 needs as much
+            memory at the step's peak, see :mod:`rannc_py.planner.cost`);
+            False or 0 (default, as before the option existed): level 0
+            everywhere; True: level 1 on every replicated
+            stage; 1 or 2: that level on every replicated stage (stages with
+            one replica run level 0 whatever is given). The same key in an
+            explicit layout dict (``plan=dict(..., shard_optimizer=True)``)
+            takes these values or one level per stage, absent meaning 0.
 
     Raises:
         ConfigError: (on construction) a value of the wrong type or out of range.
@@ -81,6 +96,7 @@ class PlanOptions:
     optimizer: str | int = "adam"
     update_cost: float | None = None
     return_outputs: bool = True
+    shard_optimizer: bool | int | None = False
 
     def __post_init__(self) -> None:
         if self.cluster is not None and not isinstance(self.cluster, (Cluster, str)):
@@ -125,6 +141,12 @@ class PlanOptions:
             raise ConfigError(f"update_cost must be a finite number of seconds >= 0, got {cost!r}")
         if not isinstance(self.return_outputs, bool):
             raise ConfigError(f"return_outputs must be True or False, got {self.return_outputs!r}")
+        if self.shard_optimizer is not None:
+            if isinstance(self.shard_optimizer, Sequence) and not isinstance(self.shard_optimizer, str):
+                raise ConfigError(f"shard_optimizer={self.shard_optimizer!r}: the planner takes one bool or level "
+                                  "for every stage; a level per stage is for an explicit layout, "
+                                  "plan=dict(stages=..., shard_optimizer=[...])")
+            shard_levels(self.shard_optimizer, None)
 
     @classmethod
     def from_kwargs(cls, options: Mapping[str, Any], *, base: PlanOptions | None = None) -> PlanOptions:
@@ -139,6 +161,34 @@ class PlanOptions:
         if unknown:
             raise ConfigError(f"unknown option(s) {unknown}; the planning options are {sorted(known)}")
         return dataclasses.replace(base or cls(), **options)
+
+
+def shard_levels(value: Any, stages: int | None) -> tuple[int, ...]:
+    """The sharding level of each of ``stages`` stages that ``value`` asks for
+    (``shard_optimizer``: a bool, a level, or a level per stage; see :class:`PlanOptions`).
+
+    With ``stages`` None, only the value is checked and a single level is
+    returned as a one-element tuple (a per-stage sequence as a tuple).
+
+    Raises:
+        ConfigError: not a bool, a level in (0, 1, 2) or a sequence of them, or
+            a sequence whose length is not ``stages``.
+    """
+    if isinstance(value, bool):
+        one: tuple[int, ...] = (int(value),)
+    elif isinstance(value, int) and value in SHARD_LEVELS:
+        one = (value,)
+    elif isinstance(value, Sequence) and not isinstance(value, (str, bytes)) and value and all(
+            not isinstance(v, bool) and isinstance(v, int) and v in SHARD_LEVELS for v in value):
+        levels = tuple(int(v) for v in value)
+        if stages is not None and len(levels) != stages:
+            raise ConfigError(f"shard_optimizer={list(levels)} gives {len(levels)} levels for {stages} stages; "
+                              "give one level per stage, or one bool/level for all")
+        return levels
+    else:
+        raise ConfigError(f"shard_optimizer must be True/False, a level 0, 1 or 2, or one level per stage, "
+                          f"got {value!r}")
+    return one if stages is None else one * stages
 
 
 def positive_int(name: str, v: Any) -> int:

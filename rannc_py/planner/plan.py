@@ -33,6 +33,9 @@ from rannc_py.schedule import (
 )
 from rannc_py.schedule.generators import chunks_of
 
+SHARD_LEVELS: tuple[int, ...] = (0, 1, 2)
+"""A stage's sharding levels (:attr:`StagePlan.shard_level`)."""
+
 
 def split_sizes(n: int, parts: int) -> list[int]:
     """Sizes of ``parts`` consecutive chunks of ``n`` rows, as equal as possible, larger first.
@@ -70,6 +73,16 @@ class StagePlan:
             after it, 0 in plans saved before it was counted), what
             :meth:`Plan.timeline` replays. None for a plan the planner did
             not make (a hand-written layout) or saved before the field existed.
+        shard_level: how the stage's replicas share its optimizer step
+            (:data:`SHARD_LEVELS`): 0 every replica keeps all gradients and
+            optimizer state and steps every parameter; 1 the gradients are
+            reduce-scattered and each replica keeps the optimizer state of,
+            and steps, only its shard (a contiguous range of the flat
+            parameter buckets), the parameters being allgathered after the
+            step; 2 as 1, and the full gradient buffers are released once
+            reduce-scattered, so between steps a replica holds only its
+            gradient shard. Default 0 (plans written before the field
+            existed read as 0; the JSON carries it only when it is not 0).
     """
 
     index: int
@@ -81,6 +94,7 @@ class StagePlan:
     predicted_peak_memory: int
     allreduce: str = "mpi"
     costs: StageCosts | None = None
+    shard_level: int = 0
 
     @property
     def replicas(self) -> int:
@@ -155,6 +169,9 @@ class Plan:
                     math.isfinite(v) and v >= 0 for v in dataclasses.astuple(st.costs)):
                 raise PlanError(f"stage {i} has costs {st.costs}; every cost must be a finite number of "
                                 "seconds >= 0")
+            if isinstance(st.shard_level, bool) or st.shard_level not in SHARD_LEVELS:
+                raise PlanError(f"stage {i} has shard_level {st.shard_level!r}; it must be one of "
+                                f"{list(SHARD_LEVELS)}")
             if st.allreduce not in ALGORITHMS:
                 raise PlanError(f"stage {i} names unknown allreduce algorithm {st.allreduce!r}; "
                                 f"known: {list(ALGORITHMS)}")
@@ -236,7 +253,7 @@ class Plan:
         return simulate(self.make_schedule(), [st.costs for st in self.stages if st.costs is not None])
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict (``chunks`` and a stage's ``costs.backward_weight`` only when set,
+        """A JSON-ready dict (``chunks``, a stage's ``shard_level`` and ``costs.backward_weight`` only when set,
         so plans without them write as before)."""
         d = dataclasses.asdict(self)
         if d["chunks"] == 1:
@@ -244,6 +261,8 @@ class Plan:
         for st in d["stages"]:
             if st["costs"] is not None and st["costs"]["backward_weight"] == 0.0:
                 del st["costs"]["backward_weight"]
+            if st["shard_level"] == 0:
+                del st["shard_level"]
         return d
 
     @classmethod
@@ -260,6 +279,7 @@ class Plan:
                     predicted_compute_time=float(s["predicted_compute_time"]),
                     predicted_peak_memory=int(s["predicted_peak_memory"]),
                     allreduce=str(s.get("allreduce", "mpi")),
+                    shard_level=int(s.get("shard_level", 0)),
                     costs=None if s.get("costs") is None else StageCosts(**{
                         f.name: float(s["costs"].get(f.name, f.default)) for f in dataclasses.fields(StageCosts)}),
                 )
@@ -319,7 +339,7 @@ class Plan:
              f"batch {self.batch_size} = {self.microbatches} microbatches x {mb_rows}"),
             f"cluster: {self.cluster}",
             (f"{'stage':>5} {'ops':>11} {'params':>7} {'ranks':>13} {'recomp':>6} "
-             f"{'compute/step':>12} {'peak mem':>10} {'allreduce':>9}"),
+             f"{'compute/step':>12} {'peak mem':>10} {'allreduce':>9} {'shard':>5}"),
         ]
         for st in self.stages:
             ops = f"{st.ops[0]}-{st.ops[-1]}" if st.ops else "-"
@@ -327,7 +347,8 @@ class Plan:
             lines.append(
                 f"{st.index:>5} {ops:>11} {len(st.param_fqns):>7} {ranks:>13} "
                 f"{'yes' if st.recompute else 'no':>6} {format_seconds(st.predicted_compute_time):>12} "
-                f"{format_bytes(st.predicted_peak_memory):>10} {st.allreduce if st.replicas > 1 else '-':>9}"
+                f"{format_bytes(st.predicted_peak_memory):>10} {st.allreduce if st.replicas > 1 else '-':>9} "
+                f"{st.shard_level if st.replicas > 1 else '-':>5}"
             )
         lines.append(
             f"predicted: step {format_seconds(self.step_time)}, {self.samples_per_second:.4g} samples/s, "

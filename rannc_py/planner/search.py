@@ -53,7 +53,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from rannc_py.errors import ConfigError
-from rannc_py.planner.cost import CostModel
+from rannc_py.planner.cost import CostModel, StageTables
 from rannc_py.schedule import StageCosts, Timeline, by_name, simulate
 from rannc_py.schedule.fast import step_time
 
@@ -82,6 +82,8 @@ class Layout:
         weight: the allreduce weight w of that DP pass.
         origin: "dp" for the search's own candidates, else the baseline rule
             that proposed it (:mod:`rannc_py.planner.baselines`).
+        shard: per stage, its sharding level (:attr:`rannc_py.planner.plan.StagePlan.shard_level`);
+            empty: 0 everywhere.
     """
 
     d: int
@@ -95,6 +97,7 @@ class Layout:
     dp_objective: float = 0.0
     weight: float = 0.0
     origin: str = "dp"
+    shard: tuple[int, ...] = ()
 
     @property
     def num_stages(self) -> int:
@@ -305,9 +308,11 @@ def _collect(tabs, obj_by_q, rvals, P, allowed, space, d, m, schedule, w, memory
         val = best[p - 1, 0, P]
         bounds, reps = reconstruct(best, obj_by_q, rvals, p, P, allowed)
         rec, mem, cs, ars = [], [], [], []
+        shard = []
         for s in range(p):
             tab = tabs[in_flight(schedule, p - 1 - s, m, p)]
             i, j, ri = bounds[s], bounds[s + 1], rvals.index(reps[s])
+            shard.append(level_of(tab, i, j, ri))
             cs.append(float(tab.c[i, j, ri]))
             ars.append(float(tab.ar[i, j, ri]))
             if memory:  # the least-memory choice
@@ -323,8 +328,14 @@ def _collect(tabs, obj_by_q, rvals, P, allowed, space, d, m, schedule, w, memory
             est = sum(cs) + (m - 1) * max(cs) + max(ars)
             dp_val = (m + p - 1) * float(val)
         out.append(Layout(d=d, m=m, schedule=schedule, bounds=tuple(bounds), replicas=tuple(r * d for r in reps),
-                          recompute=tuple(rec), objective=est, memory=tuple(mem), dp_objective=dp_val, weight=w))
+                          recompute=tuple(rec), objective=est, memory=tuple(mem), dp_objective=dp_val, weight=w,
+                          shard=tuple(shard)))
     return out
+
+
+def level_of(tab: StageTables, i: int, j: int, ri: int) -> int:
+    """The sharding level the tables chose for stage [i, j) at replica index ``ri``."""
+    return 0 if tab.shard is None else int(tab.shard[i, j, ri])
 
 
 MAX_MICROBATCH_COUNTS = 6
@@ -375,6 +386,8 @@ def stage_costs(cost: CostModel, lay: Layout) -> list[StageCosts]:
                 shared = sum(nb for name, nb in names[s].items() if name in names[s2])
                 ar += cost.allreduce(shared, lay.replicas[s] + lay.replicas[s2])
         update = float(t.param_bytes[i, j]) * cost.update_cost
+        if lay.shard and lay.shard[s]:
+            ar, update = _sharded_sync(cost, lay, names, s)
         weight = weight_grad_time(cost, i, j, b, float(bwd)) + dev.action_overhead if split else 0.0
         fwd += dev.action_overhead
         bwd += dev.action_overhead * (2 if split else 1)
@@ -382,6 +395,21 @@ def stage_costs(cost: CostModel, lay: Layout) -> list[StageCosts]:
                               allreduce=ar, update=update, backward_weight=weight, post=post,
                               fixed=fixed + float(t.param_count[i, j]) * dev.tensor_overhead))
     return out
+
+
+def _sharded_sync(cost: CostModel, lay: Layout, names: list[dict[str, int]], s: int) -> tuple[float, float]:
+    """(gradient sync, optimizer step) seconds of sharded stage ``s``: its own parameters
+    reduce-scattered and allgathered over its replicas, those shared with another stage
+    summed across both stages' replicas and kept whole (as the runtime does)."""
+    tied: dict[str, int] = {}
+    shared_sync = 0.0
+    for s2 in range(lay.num_stages):
+        if s2 != s:
+            both = {name: nb for name, nb in names[s].items() if name in names[s2]}
+            tied.update(both)
+            shared_sync += cost.allreduce(sum(both.values()), lay.replicas[s] + lay.replicas[s2])
+    gather, update = cost.sharded_step(float(sum(names[s].values())), float(sum(tied.values())), lay.replicas[s])
+    return gather + shared_sync, update
 
 
 def weight_grad_time(cost: CostModel, i: int, j: int, rows: int, backward: float) -> float:

@@ -4,7 +4,8 @@ Every parameter lives on a set of ranks: the replicas of its stage, plus the
 replicas of every other stage that reads it when it is tied (GPT-2's
 ``wte``/``lm_head``). Its gradient is the sum over that set, so one bucketed
 allreduce per distinct set does both the data-parallel sync and the tied-weight
-sum. Sets are visited in one global order on every rank, so collectives on
+sum (a stage's own replica set, when the plan shards it, is reduce-scattered
+instead: :mod:`rannc_py.runtime.sharding`). Sets are visited in one global order on every rank, so collectives on
 different communicators cannot wait on each other in a cycle.
 """
 
@@ -20,6 +21,7 @@ from torch import Tensor, nn
 
 from rannc_py.comm import collectives
 from rannc_py.comm.work import Work
+from rannc_py.runtime.sharding import BucketShard, gather_algorithm
 
 
 class GradSync:
@@ -53,6 +55,10 @@ class GradSync:
         algorithms: holder set -> the allreduce algorithm to sum its
             gradients with (:data:`rannc_py.comm.cost.ALGORITHMS`); sets not
             listed use ``"mpi"``. Default None: ``"mpi"`` for every set.
+        levels: holder set -> its sharding level (a stage's replicas, see
+            :mod:`rannc_py.runtime.sharding`); at 1 or 2 its buckets are
+            reduce-scattered and only this rank's shard of each sum comes
+            back (as the pieces' ``.grad``). Sets not listed: level 0.
     """
 
     def __init__(
@@ -63,15 +69,19 @@ class GradSync:
         comm: MPI.Comm,
         bucket_bytes: int,
         algorithms: Mapping[tuple[int, ...], str] | None = None,
+        levels: Mapping[tuple[int, ...], int] | None = None,
     ) -> None:
         me = comm.Get_rank()
         algorithms = algorithms or {}
+        levels = levels or {}
         # Per communicator: its buckets in launch order, and its allreduce algorithm.
         self._groups: list[tuple[MPI.Comm, list[list[nn.Parameter]]]] = []
         self._algorithm: list[str] = []
         self._bucket_of: dict[int, tuple[int, int]] = {}  # id(param) -> (group, bucket)
-        self._works: list[tuple[Work, Tensor, list[nn.Parameter]]] = []
+        self._works: list[tuple[Work, Callable[[], None]]] = []
         self._hooks: list[Any] = []
+        self._shards: dict[tuple[int, int], BucketShard] = {}  # (group, bucket) -> its shard, when sharded
+        self.sharded: list[tuple[MPI.Comm, str, list[BucketShard]]] = []  # per sharded group, for ShardedStep
         self.started_in_backward = 0  # buckets started before ALLREDUCE in the last step
         for group in sorted({h for h in holders.values() if len(h) > 1}):
             sub = comm.Split(0 if me in group else MPI.UNDEFINED, me)
@@ -89,6 +99,8 @@ class GradSync:
             g = len(self._groups)
             self._groups.append((sub, buckets))
             self._algorithm.append(algorithms.get(group, "mpi"))
+            if levels.get(group, 0):
+                self._shard_group(g, levels[group])
             for b, ps in enumerate(buckets):
                 for p in ps:
                     self._bucket_of[id(p)] = (g, b)
@@ -96,6 +108,20 @@ class GradSync:
         self._armed = False
         self._ready: list[list[int]] = []
         self._next: list[int] = []
+
+    def _shard_group(self, g: int, level: int) -> None:
+        sub, buckets = self._groups[g]
+        shards = [BucketShard(ps, sub.Get_size(), sub.Get_rank(), level) for ps in buckets]
+        for b, shard in enumerate(shards):
+            self._shards[(g, b)] = shard
+        self.sharded.append((sub, gather_algorithm(self._algorithm[g]), shards))
+
+    def prepare(self) -> None:
+        """Before a step's schedule (with the user's gradients set aside): level-1 buckets
+        give their parameters ``.grad`` views of their kept flat buffers."""
+        for _, _, shards in self.sharded:
+            for shard in shards:
+                shard.prepare()
 
     def arm(self) -> None:
         """The next backward is the step's last: start each bucket once its gradients are final."""
@@ -111,11 +137,19 @@ class GradSync:
         self._ready[g][b] += 1
         buckets = self._groups[g][1]
         while self._next[g] < len(buckets) and self._ready[g][self._next[g]] == len(buckets[self._next[g]]):
-            self._start(g, buckets[self._next[g]])
+            self._start(g, self._next[g])
             self._next[g] += 1
             self.started_in_backward += 1
 
-    def _start(self, g: int, ps: list[nn.Parameter]) -> None:
+    def _start(self, g: int, b: int) -> None:
+        sub, buckets = self._groups[g]
+        shard = self._shards.get((g, b))
+        if shard is not None:
+            summed = torch.empty(shard.block, dtype=torch.float32)
+            work = collectives.reduce_scatter(shard.take_grads(), summed, sub, gather_algorithm(self._algorithm[g]))
+            self._works.append((work, lambda: shard.set_grads(summed)))
+            return
+        ps = buckets[b]
         flat = torch.empty(sum(p.numel() for p in ps), dtype=torch.float32)
         offset = 0
         for p in ps:
@@ -126,26 +160,24 @@ class GradSync:
                 piece.copy_(p.grad.reshape(-1))
                 p.grad = None  # final: the bucket holds it now, finish() points .grad back at it
             offset += p.numel()
-        self._works.append((collectives.allreduce(flat, self._groups[g][0], self._algorithm[g]), flat, ps))
+        self._works.append((collectives.allreduce(flat, sub, self._algorithm[g]), lambda: _view_grads(flat, ps)))
 
     def start(self) -> None:
         """Start summing every bucket not yet started (missing gradients count as zero)."""
         if not self._armed:
             self._next = [0] * len(self._groups)
         for g, (_, buckets) in enumerate(self._groups):
-            for ps in buckets[self._next[g] :]:
-                self._start(g, ps)
+            for b in range(self._next[g], len(buckets)):
+                self._start(g, b)
             self._next[g] = len(buckets)
         self._armed = False
 
     def finish(self) -> None:
-        """Wait for the sums; each ``.grad`` becomes a view of its bucket's summed flat tensor."""
-        for work, flat, ps in self._works:
+        """Wait for the sums; each ``.grad`` becomes a view of its bucket's summed flat tensor
+        (a sharded bucket's: each of this rank's pieces', of the summed shard)."""
+        for work, done in self._works:
             work.wait()
-            offset = 0
-            for p in ps:
-                p.grad = flat[offset : offset + p.numel()].view_as(p)
-                offset += p.numel()
+            done()
         self._works.clear()
 
     def free(self) -> None:
@@ -162,6 +194,16 @@ class GradSync:
         self._groups.clear()
         self._algorithm.clear()
         self._bucket_of.clear()
+        self._shards.clear()
+        self.sharded.clear()
+
+
+def _view_grads(flat: Tensor, ps: list[nn.Parameter]) -> None:
+    """Point each parameter's ``.grad`` at its slice of the summed bucket ``flat``."""
+    offset = 0
+    for p in ps:
+        p.grad = flat[offset : offset + p.numel()].view_as(p)
+        offset += p.numel()
 
 
 class HeldGrads:
@@ -212,16 +254,20 @@ def clip_grad_norm_(
     comm: MPI.Comm,
     max_norm: float,
     norm_type: float = 2.0,
+    shards: Sequence[nn.Parameter] = (),
 ) -> Tensor:
     """Clip local gradients by the global norm over every parameter of the model.
 
     Each parameter counts once, on the rank in ``owned`` (its lowest holder),
-    though replicas and tied copies hold equal gradients. Returns the total
+    though replicas and tied copies hold equal gradients; a sharded
+    parameter's gradient lives only in its pieces (``shards``), each element
+    on one replica, so every piece counts where it is. Returns the total
     norm (the same on every rank), like ``torch.nn.utils.clip_grad_norm_``.
     """
     norm_type = float(norm_type)
     grads = {f: p.grad for f, p in params.items() if p.grad is not None}
-    mine = [g for f, g in grads.items() if f in owned]
+    pieces = [p.grad for p in shards if p.grad is not None]
+    mine = [g for f, g in grads.items() if f in owned] + pieces
     if math.isinf(norm_type):
         local = max((float(g.abs().max()) for g in mine), default=0.0)
         total = comm.allreduce(local, op=MPI.MAX)
@@ -232,6 +278,6 @@ def clip_grad_norm_(
     total_t = torch.tensor(total, dtype=torch.float32)
     coef = max_norm / (total + 1e-6)
     if coef < 1.0:
-        for g in grads.values():
+        for g in [*grads.values(), *pieces]:
             g.mul_(coef)
     return total_t

@@ -2,7 +2,7 @@
 
 Accepted: a ``Plan``; a path to a plan saved with ``Plan.save``; or an
 explicit layout ``dict(stages=S, replicas=[r0, ...], microbatches=M,
-schedule="1f1b", recompute=False)`` whose stage boundaries are placed by
+schedule="1f1b", recompute=False, shard_optimizer=0)`` whose stage boundaries are placed by
 balancing the graph's FLOPs. With ``None`` the planner searches.
 
 What needs neither the model nor the world size is checked when the module
@@ -21,10 +21,10 @@ from typing import Any
 from rannc_py.errors import ConfigError, PlanError
 from rannc_py.graph.ir import Graph, TensorMeta
 from rannc_py.graph.partition import balanced_assignment
-from rannc_py.planner.options import TRAINING_SCHEDULES
+from rannc_py.planner.options import TRAINING_SCHEDULES, shard_levels
 from rannc_py.planner.plan import Plan, StagePlan
 
-_LAYOUT_KEYS = {"stages", "replicas", "microbatches", "schedule", "recompute"}
+_LAYOUT_KEYS = {"stages", "replicas", "microbatches", "schedule", "recompute", "shard_optimizer"}
 # The runtime trains with planner.options.TRAINING_SCHEDULES: forward_only has no backward and no
 # ALLREDUCE (a plan with it would never learn), and the split-backward and multi-chunk schedules are
 # planned but not executed yet.
@@ -94,6 +94,7 @@ def check_layout(layout: Mapping[str, Any]) -> list[bool]:
     flags = [bool(recompute)] * stages if isinstance(recompute, bool) else [bool(r) for r in recompute]
     if len(flags) != stages:
         raise ConfigError(f"recompute={recompute!r} must be a bool or one bool per stage ({stages})")
+    shard_levels(layout.get("shard_optimizer", 0), stages)
     return flags
 
 
@@ -126,12 +127,15 @@ def explicit_plan(graph: Graph, layout: Mapping[str, Any], batch_size: int, worl
 
     Defaults: ``stages=1``, ``replicas`` = an equal share of the ranks per
     stage, ``microbatches=1``, ``schedule="1f1b"``, ``recompute=False`` (a bool
-    for every stage, or one per stage).
+    for every stage, or one per stage), ``shard_optimizer=0`` (as the planning
+    option of :class:`~rannc_py.planner.options.PlanOptions`; stages with one
+    replica run level 0).
 
     Raises:
         ConfigError: the layout cannot be used (see :func:`layout_stages`).
     """
     stages, replicas, flags = layout_stages(layout, world_size)
+    levels = shard_levels(layout.get("shard_optimizer", 0), stages)
     assignment = balanced_assignment(graph, stages)
     first = 0
     stage_plans = []
@@ -141,7 +145,8 @@ def explicit_plan(graph: Graph, layout: Mapping[str, Any], batch_size: int, worl
         ranks = tuple(range(first, first + replicas[s]))
         first += replicas[s]
         stage_plans.append(StagePlan(index=s, ops=ops, param_fqns=tuple(fqns), ranks=ranks, recompute=flags[s],
-                                     predicted_compute_time=0.0, predicted_peak_memory=0))
+                                     predicted_compute_time=0.0, predicted_peak_memory=0,
+                                     shard_level=levels[s] if replicas[s] > 1 else 0))
     try:
         return Plan(
             batch_size=batch_size,

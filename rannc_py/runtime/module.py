@@ -33,6 +33,7 @@ mode gets a program of its own on the same layout (:mod:`signatures`).
 from __future__ import annotations
 
 import atexit
+import copy
 import dataclasses
 import os
 import weakref
@@ -57,7 +58,9 @@ from rannc_py.runtime.failure import Watchdog, abort_on_error, agreed, install_e
 from rannc_py.runtime.grads import GradSync, HeldGrads, clip_grad_norm_
 from rannc_py.runtime.io import gather_inputs, return_outputs
 from rannc_py.runtime.layout import PlanArg, check_plan_arg, load_plan, stage_ranks
+from rannc_py.runtime.optim_state import OptimizerState, original_groups
 from rannc_py.runtime.placement import place
+from rannc_py.runtime.sharding import ShardedStep, stage_levels
 from rannc_py.runtime.signatures import (
     CallProgram,
     Layout,
@@ -150,9 +153,12 @@ class RaNNCModule(nn.Module):
             ``replicas``, and ``return_outputs`` (also read by the runtime:
             True returns outputs other than scalars, e.g. logits, on every
             rank for its local rows; False returns None for them and saves
-            moving them), and ``update_cost`` (measured from the user's
+            moving them), ``update_cost`` (measured from the user's
             optimizer when not given; its state buffers are always counted
-            from it).
+            from it), and ``shard_optimizer`` (the sharding level per stage:
+            gradients reduce-scattered, each replica stepping its shard of
+            the optimizer state, parameters allgathered after
+            ``optimizer.step()``; see :mod:`rannc_py.runtime.sharding`).
 
     Raises:
         ConfigError: an argument or option cannot be used (checked here, on
@@ -223,13 +229,23 @@ class RaNNCModule(nn.Module):
             self._plan.save(self._save_plan)
         placement = place(model, graph, self._plan, self._names, comm, self._param_init)
         self._local, self._params, self._owned = placement.local, placement.params, placement.owned
+        groups = original_groups(self._optimizer, model)  # before rebinding: torch's numbering of the params
         self._bind_optimizer()  # before release(): the optimizer is matched to the model's parameters
         self._trace_optimizer()
         P.release(model, keep=set(self._local))
         algorithms = {st.ranks: st.allreduce for st in self._plan.stages}  # a stage's replicas: planned algorithm
+        levels = stage_levels([(st.ranks, st.shard_level) for st in self._plan.stages], self.optimizer,
+                              self._params, comm)
         self._sync = GradSync(self._params, placement.holders, placement.grad_order, comm, self._bucket_bytes,
-                              algorithms)
-        self._held = HeldGrads(list(self._params.values()))
+                              algorithms, levels)
+        self._shards = ShardedStep(self._sync.sharded)
+        if self.optimizer is not None and self._sync.sharded:
+            self._shards.attach(self.optimizer)
+        self._opt_state = None if self.optimizer is None else OptimizerState(
+            self.optimizer, groups, {id(p): f for f, p in self._params.items()},
+            [pc for pcs in self._shards.pieces.values() for pc in pcs], lambda f: P.get_tensor(model, f).shape,
+            self._owned, [f for f in dict.fromkeys(self._names.values()) if f in placement.holders], comm)
+        self._held = HeldGrads([*self._params.values(), *self._shards.shard_params()])
         s = placement.stage
         self._layout = Layout(graph=graph, assignment=self._plan.assignment(), stage=s,
                               stage_ranks=stage_ranks(self._plan), names=self._names, local=self._local,
@@ -418,6 +434,7 @@ class RaNNCModule(nn.Module):
             program.schedules[key] = gen.actions[self._layout.stage]
         if training:
             self._held.begin()
+            self._sync.prepare()
         result = program.executor.run(program.schedules[key], step, self._sync.arm, self._sync.start)
         apply = None
         start = clock_ns()
@@ -470,6 +487,7 @@ class RaNNCModule(nn.Module):
         self._closed = True
         _open_modules.discard(self)
         if self._ready:
+            self._shards.detach()
             self._sync.free()
         self._comm.Free()
 
@@ -509,7 +527,14 @@ class RaNNCModule(nn.Module):
         """
         self._need_ready("clip_grad_norm_")
         with abort_on_error(self._comm, "clip_grad_norm_"), self._watchdog.watch("clip_grad_norm_"):
-            return clip_grad_norm_(self._params, self._owned, self._comm, max_norm, norm_type)
+            return clip_grad_norm_(self._params, self._owned, self._comm, max_norm, norm_type,
+                                   self._shards.shard_params())
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """As ``nn.Module.zero_grad``, reaching the gradient shards of a sharded stage too."""
+        super().zero_grad(set_to_none)
+        if self._ready:
+            self._shards.zero_grad(set_to_none)
 
     def state_dict(self, *args: Any, rank0_only: bool = True, **kwargs: Any) -> dict[str, Tensor]:  # type: ignore[override]
         """The full state with the original names; collective after the first call.
@@ -534,6 +559,61 @@ class RaNNCModule(nn.Module):
             with abort_on_error(self._comm, "state_dict"):
                 return P.gather_state_dict(self._model, self._names, self._local, self._owned, self._comm,
                                            rank0_only=bool(rank0_only))
+
+    def optimizer_state_dict(self, rank0_only: bool = True) -> dict[str, Any]:
+        """The optimizer's state in torch's format for the unwrapped model; collective after the first call.
+
+        Loadable into the same optimizer class built on the unwrapped model's
+        parameters as it was given here (e.g. ``torch.optim.AdamW(unwrapped
+        .parameters())``) and into :meth:`load_optimizer_state_dict` on any
+        layout. Every rank must call it; returns the state on rank 0 and
+        ``{}`` elsewhere, or on every rank with ``rank0_only=False``. Before
+        the first call: the optimizer's own ``state_dict()``.
+
+        Raises:
+            ConfigError: the module has no optimizer (none was given, or its
+                factory has not run yet).
+        """
+        opt = self._need_optimizer("optimizer_state_dict")
+        if not self._ready or self._opt_state is None:
+            return opt.state_dict()
+        state = self._opt_state
+        with self._watchdog.watch("optimizer_state_dict"):
+            agreed(self._comm, f"optimizer_state_dict(rank0_only={bool(rank0_only)})", lambda: None)
+            with abort_on_error(self._comm, "optimizer_state_dict"):
+                return state.gather(rank0_only=bool(rank0_only))
+
+    def load_optimizer_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Load an optimizer state dict of the unwrapped model (:meth:`optimizer_state_dict`'s, from
+        any layout, or torch's); collective after the first call: every rank passes the same dict.
+
+        Each rank keeps the state of the parameters it holds (of a sharded
+        parameter, its piece's slice); hyperparameters come from the dict, as
+        in ``Optimizer.load_state_dict``. Before the first call it is the
+        optimizer's own ``load_state_dict``. The state is copied (torch's own
+        load keeps the dict's tensors, which training would then change).
+
+        Raises:
+            ConfigError: the module has no optimizer, or the dict does not
+                fit its param groups or the model's parameter shapes (raised on
+                every rank, with the lowest failing rank's message).
+        """
+        opt = self._need_optimizer("load_optimizer_state_dict")
+        if not self._ready or self._opt_state is None:
+            opt.load_state_dict(copy.deepcopy(dict(state_dict)))
+            return
+        state = self._opt_state
+        with self._watchdog.watch("load_optimizer_state_dict"):
+            agreed(self._comm, "load_optimizer_state_dict", lambda: state.check(state_dict))
+            with abort_on_error(self._comm, "load_optimizer_state_dict"):
+                state.scatter(state_dict)
+
+    def _need_optimizer(self, what: str) -> torch.optim.Optimizer:
+        opt = self.optimizer
+        if opt is None:
+            raise ConfigError(f"{what}() needs the optimizer: pass it to RaNNCModule (a factory's runs at the "
+                              "first call)")
+        return opt
 
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True,  # type: ignore[override]
                         assign: bool = False) -> _IncompatibleKeys:

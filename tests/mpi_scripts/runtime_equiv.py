@@ -14,6 +14,7 @@ by its rows (the eager model runs the same chunks in the same order).
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 
 import torch
 from mpi4py import MPI
@@ -52,16 +53,7 @@ def run_case(case: str) -> None:
     const = call_kwargs(name)
     calls = 2 if "accum" in opts else 1
     for step in range(STEPS):
-        for c in range(calls):
-            batch = make_batch(name, LOCAL * world, seed=100 * step + c)
-            out = wrapped(**local_slice(batch, rank, LOCAL), **const)
-            (out["loss"] / calls).backward()
-            want = eager_loss_scaled(ref, batch, const, layout, calls)
-            torch.testing.assert_close(out["loss"].detach(), want, rtol=1e-5, atol=1e-6, msg=lambda e: f"{case} step {step} loss\n{e}")  # noqa: B023 - called at once
-        if "clip" in opts:
-            norm = wrapped.clip_grad_norm_(0.05)
-            rnorm = torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.05)
-            torch.testing.assert_close(norm, rnorm, rtol=1e-5, atol=1e-6, msg=lambda e: f"{case} step {step} norm\n{e}")  # noqa: B023 - called at once
+        step_gradients(wrapped, ref, name, const, layout, calls, opts, step, case)
         opt.step()
         opt.zero_grad()
         ropt.step()
@@ -71,6 +63,21 @@ def run_case(case: str) -> None:
         for k, v in ref.state_dict().items():
             torch.testing.assert_close(sd[k], v, rtol=1e-5, atol=1e-6, msg=lambda e, k=k: f"{case}: {k}\n{e}")
         print(f"case {case}: ok", flush=True)
+
+
+def step_gradients(wrapped, ref, name, const, layout, calls, opts, step, case) -> None:
+    """One step's ``calls`` forward calls and backwards on ``wrapped`` and on the eager ``ref``, the
+    losses compared; with ``clip`` in ``opts`` both clipped and the norms compared."""
+    for c in range(calls):
+        batch = make_batch(name, LOCAL * world, seed=100 * step + c)
+        out = wrapped(**local_slice(batch, rank, LOCAL), **const)
+        (out["loss"] / calls).backward()
+        want = eager_loss_scaled(ref, batch, const, layout, calls)
+        torch.testing.assert_close(out["loss"].detach(), want, rtol=1e-5, atol=1e-6, msg=lambda e: f"{case} step {step} loss\n{e}")
+    if "clip" in opts:
+        norm = wrapped.clip_grad_norm_(0.05)
+        rnorm = torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.05)
+        torch.testing.assert_close(norm, rnorm, rtol=1e-5, atol=1e-6, msg=lambda e: f"{case} step {step} norm\n{e}")
 
 
 def eager_loss_scaled(ref, batch, const, layout, calls) -> torch.Tensor:
@@ -86,10 +93,11 @@ def eager_loss_scaled(ref, batch, const, layout, calls) -> torch.Tensor:
     return total
 
 
-if __name__ == "__main__":
-    for case in sys.argv[1:]:
+def run_cases(run: Callable[[str], None], cases: list[str]) -> None:
+    """``run(case)`` for each case; a failure prints its traceback and aborts every rank."""
+    for case in cases:
         try:
-            run_case(case)
+            run(case)
         except BaseException:  # noqa: BLE001 - any failure must abort every rank
             # One rank's mismatch must end the job, not leave the others waiting.
             import traceback
@@ -97,3 +105,7 @@ if __name__ == "__main__":
             traceback.print_exc()
             sys.stderr.flush()
             comm.Abort(1)
+
+
+if __name__ == "__main__":
+    run_cases(run_case, sys.argv[1:])

@@ -1,0 +1,160 @@
+"""The optimizer's state in torch's format for the unwrapped model, gathered from and scattered onto any layout.
+
+torch's ``Optimizer.state_dict()`` numbers the parameters 0, 1, ... in the
+order of its param groups and keys each one's state by that number. After
+the first call a rank's optimizer holds only its parameters, and on a
+sharded stage (:mod:`rannc_py.runtime.sharding`) only its pieces of them, so
+that numbering is kept from the optimizer the user built on the unwrapped
+model: each group's parameters by canonical name. Gathering joins every
+rank's entries under those numbers (a sharded parameter's pieces end to end,
+tensors shaped like the parameter rebuilt to its shape); scattering gives
+each rank the entries of what it holds (a piece's the slice of each tensor).
+So a state dict gathered on one layout loads on any other, and into
+``torch.optim.AdamW(unwrapped.parameters())``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from mpi4py import MPI
+from torch import Tensor, nn
+
+from rannc_py.errors import ConfigError
+from rannc_py.runtime.params import canonical_names
+from rannc_py.runtime.sharding import Piece, slice_state
+
+Where = tuple[str, int | None, int | None]  # canonical name, and a piece's element range (None: whole)
+
+
+def original_groups(opt: Any, model: nn.Module) -> list[list[str]] | None:
+    """Each param group's parameters by canonical name, for an optimizer built on ``model``
+    (None for a factory, or anything else, whose groups are known only once it has run)."""
+    if not isinstance(opt, torch.optim.Optimizer):
+        return None
+    names = canonical_names(model)
+    by_id = {id(p): names[n] for n, p in model.named_parameters(remove_duplicate=False)}
+    return [list(dict.fromkeys(by_id[id(p)] for p in g["params"] if id(p) in by_id)) for g in opt.param_groups]
+
+
+class OptimizerState:
+    """Gather and scatter one optimizer's state over the ranks (each call collective on ``comm``).
+
+    Args:
+        opt: the optimizer over this rank's parameters and pieces.
+        groups: :func:`original_groups` of it before the first call rebound
+            it; None (an optimizer made by a factory on each rank's share):
+            every rank's groups joined, in ``order`` (collective).
+        names: ``id(parameter)`` -> canonical name of this rank's parameters.
+        pieces: this rank's pieces of sharded parameters.
+        shape: canonical name -> the parameter's shape (any rank's, held or not).
+        owned: the names whose whole state this rank speaks for (its lowest holder).
+        order: every canonical parameter name of the model, in model order.
+        comm: the runtime's communicator.
+    """
+
+    def __init__(self, opt: torch.optim.Optimizer, groups: list[list[str]] | None, names: dict[int, str],
+                 pieces: list[Piece], shape: Callable[[str], torch.Size], owned: set[str], order: list[str],
+                 comm: MPI.Comm) -> None:
+        self._opt, self._shape, self._owned, self._comm = opt, shape, owned, comm
+        self._where: dict[int, Where] = {i: (n, None, None) for i, n in names.items()}
+        for pc in pieces:
+            self._where[id(pc.shard)] = (names[id(pc.param)], pc.lo, pc.hi)
+        if groups is None:
+            mine = [[self._where[id(p)][0] for p in g["params"]] for g in opt.param_groups]
+            everyone = comm.allgather(mine)
+            if len({len(gs) for gs in everyone}) > 1:
+                raise ConfigError(f"the optimizer factory made {sorted({len(gs) for gs in everyone})} param groups "
+                                  "on different ranks; it must make the same groups on every rank")
+            rank_of = {n: i for i, n in enumerate(order)}
+            groups = [sorted({n for gs in everyone for n in gs[g]}, key=rank_of.__getitem__)
+                      for g in range(len(mine))]
+        self.groups = groups
+        self._index: dict[str, int] = {}
+        for g in groups:
+            for n in g:
+                self._index.setdefault(n, len(self._index))
+
+    def gather(self, rank0_only: bool = True) -> dict[str, Any]:
+        """The optimizer's torch-format state dict for the unwrapped model, on rank 0 ({} elsewhere),
+        or on every rank when not ``rank0_only``."""
+        mine: list[tuple[str, int | None, int | None, dict[str, Any]]] = []
+        for group in self._opt.param_groups:
+            for p in group["params"]:
+                state = self._opt.state.get(p)
+                name, lo, hi = self._where[id(p)]
+                if state and (lo is not None or name in self._owned):
+                    mine.append((name, lo, hi, {k: v.detach().clone() if isinstance(v, Tensor) else v
+                                                for k, v in state.items()}))
+        parts = self._comm.gather(mine, root=0) if rank0_only else self._comm.allgather(mine)
+        if parts is None:
+            return {}
+        entries: dict[str, list[tuple[int | None, int | None, dict[str, Any]]]] = {}
+        for part in parts:
+            for name, lo, hi, state in part:
+                entries.setdefault(name, []).append((lo, hi, state))
+        states = {self._index[n]: self._join(n, es) for n, es in entries.items() if n in self._index}
+        groups = [dict({k: v for k, v in g.items() if k != "params"}, params=[self._index[n] for n in names])
+                  for g, names in zip(self._opt.param_groups, self.groups)]
+        return {"state": dict(sorted(states.items())), "param_groups": groups}
+
+    def _join(self, name: str, entries: list[tuple[int | None, int | None, dict[str, Any]]]) -> dict[str, Any]:
+        """One parameter's state from its whole entry, or from its pieces' end to end."""
+        whole = [st for lo, _, st in entries if lo is None]
+        if whole:
+            return whole[0]
+        entries = sorted(entries, key=lambda e: e[0] or 0)
+        shape = self._shape(name)
+        first = entries[0][2]
+        out: dict[str, Any] = {}
+        for k, v in first.items():
+            split = all(isinstance(st.get(k), Tensor) and st[k].dim() == 1 and st[k].numel() == (hi or 0) - (lo or 0)
+                        for lo, hi, st in entries)
+            out[k] = torch.cat([st[k] for _, _, st in entries]).reshape(shape) if split else v
+        return out
+
+    def check(self, sd: Mapping[str, Any]) -> None:
+        """Raise ConfigError unless ``sd`` is a state dict of this optimizer's groups over the unwrapped model."""
+        groups = sd.get("param_groups") if isinstance(sd, Mapping) else None
+        if not isinstance(groups, list) or not isinstance(sd.get("state"), Mapping):
+            raise ConfigError(f"an optimizer state dict has 'state' and 'param_groups', got {type(sd).__name__} "
+                              f"with keys {sorted(sd) if isinstance(sd, Mapping) else '-'}; pass "
+                              "optimizer_state_dict() or torch's optimizer.state_dict()")
+        want = [len(g) for g in self.groups]
+        got = [len(g.get("params", ())) for g in groups]
+        if got != want:
+            raise ConfigError(f"the state dict's param groups hold {got} parameters, this optimizer's {want}; "
+                              "load a state dict of an optimizer built the same way on this model")
+        for index, state in sd["state"].items():
+            name = self._name_of(sd).get(int(index))
+            if name is None:
+                raise ConfigError(f"the state dict has state for parameter {index}, which no param group lists")
+            numel = self._shape(name).numel()
+            for k, v in state.items():
+                if isinstance(v, Tensor) and v.dim() > 0 and v.numel() != numel:
+                    raise ConfigError(f"state {k!r} of {name!r} has shape {tuple(v.shape)}, the parameter "
+                                      f"{tuple(self._shape(name))}; load a state dict saved for this model")
+
+    def _name_of(self, sd: Mapping[str, Any]) -> dict[int, str]:
+        return {int(i): n for g, names in zip(sd["param_groups"], self.groups) for i, n in zip(g["params"], names)}
+
+    def scatter(self, sd: Mapping[str, Any]) -> None:
+        """Load ``sd`` (checked with :meth:`check`): each rank takes the state of what it holds."""
+        full = {self._name_of(sd)[int(i)]: st for i, st in sd["state"].items()}
+        state: dict[int, dict[str, Any]] = {}
+        groups = []
+        j = 0
+        for saved, group in zip(sd["param_groups"], self._opt.param_groups):
+            ids = []
+            for p in group["params"]:
+                name, lo, hi = self._where[id(p)]
+                if name in full:
+                    st = full[name]
+                    state[j] = (slice_state(st, self._shape(name), lo, hi) if lo is not None and hi is not None
+                                else {k: v.clone() if isinstance(v, Tensor) else v for k, v in st.items()})
+                ids.append(j)
+                j += 1
+            groups.append(dict({k: v for k, v in saved.items() if k != "params"}, params=ids))
+        self._opt.load_state_dict({"state": state, "param_groups": groups})
