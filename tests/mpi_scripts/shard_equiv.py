@@ -94,6 +94,8 @@ def run_case(case: str) -> None:
     ranks = wrapped.plan.stages[stage].ranks
     sharded = bool(wrapped._shards.shard_params())
     assert sharded == (len(ranks) > 1 and int(level) > 0 and kind != "normsgd"), f"{case}: sharded={sharded}"
+    if sharded:  # the reduce-scatters overlap the last backward as the allreduces do
+        assert wrapped._sync.started_in_backward > 0, f"{case}: no bucket started during backward"
     check_state_bytes(opt, ref, ropt, wrapped, case)
     sd = wrapped.state_dict()
     osd = wrapped.optimizer_state_dict()
