@@ -40,6 +40,7 @@ from rannc_py.planner.api import (
 )
 from rannc_py.planner.baselines import baseline_picks
 from rannc_py.planner.cost import CostModel
+from rannc_py.planner.options import PlanOptions
 from rannc_py.profiling import profile
 from rannc_py.profiling.analytic import graph_dtype
 
@@ -80,8 +81,7 @@ def main() -> None:
                 chain = chain_from_graph(graph, prof)
                 # Large-scale training uses only the loss: outputs are not returned to every rank.
                 cost = CostModel(chain, cl, batch, return_outputs=False)
-                space = build_space(chain, cl, batch, schedules=("1f1b", "gpipe"), max_stages=None,
-                                    num_stages=None, replicas=None, microbatches=None, recompute=None)
+                space = build_space(chain, cl, batch, PlanOptions(schedules=("1f1b", "gpipe")))
                 try:
                     lay, step = search_chain(cost, space)
                     plan = layout_to_plan(cost, lay, step, graph.fingerprint(), dtype, time.perf_counter() - t1)

@@ -4,8 +4,9 @@ The multi-rank cases (tests/mpi_scripts/shard_equiv.py) train against an
 eager reference for 5 steps: dp2, dp4, replicas [2, 1] and [1, 3], pp2 x
 dp2; AdamW, Adam with two param groups and a LambdaLR scheduler, SGD with
 momentum, FusedAdamW, a non-element-wise optimizer that falls back; with
-clip_grad_norm_, gradient accumulation, and GPT-2's tied embedding split
-across stages; a grouped-query-attention Llama and BERT besides GPT.
+clip_grad_norm_, gradient accumulation, an optimizer factory, and GPT-2's
+tied embedding split across stages; a grouped-query-attention Llama and
+BERT besides GPT.
 """
 
 from __future__ import annotations
@@ -259,7 +260,8 @@ SHARD_MATRIX = {
         "gpt:p1_r2_m2_1f1b:2:fused:accum", "gpt:p1_r2_m1_1f1b:1:normsgd"],
     3: ["gpt:p2_r2x1_m2_1f1b:1:adamw:clip", "hf_gpt2:p2_r2x1_m2_gpipe:2:adam2:accum", "bert:p2_r2x1_m2_1f1b:2:sgdm"],
     4: ["gpt:p1_r4_m1_gpipe:2:adamw:clip", "gpt:p2_r2x2_m2_1f1b:2:adam2:accum,clip", "gpt:p2_r1x3_m2_1f1b:1:sgdm",
-        "hf_gpt2:p2_r1x3_m2_1f1b:2:fused:clip", "hf_llama:p2_r2x2_m2_1f1b:1:adamw", "gpt:p1_r4_m1_1f1b:1:normsgd"],
+        "hf_gpt2:p2_r1x3_m2_1f1b:2:fused:clip", "gpt:p2_r2x2_m2_gpipe:1:factory-adamw",
+        "hf_llama:p2_r2x2_m2_1f1b:1:adamw", "gpt:p1_r4_m1_1f1b:1:normsgd"],
 }
 
 

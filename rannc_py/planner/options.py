@@ -79,6 +79,10 @@ class PlanOptions:
             one replica run level 0 whatever is given). The same key in an
             explicit layout dict (``plan=dict(..., shard_optimizer=True)``)
             takes these values or one level per stage, absent meaning 0.
+            A sharded stage needs the optimizer given to ``RaNNCModule``
+            (or made by its factory), whose param groups then hold the
+            shards; the runtime falls back to level 0, with a warning,
+            without one or when its update is not element-wise.
 
     Raises:
         ConfigError: (on construction) a value of the wrong type or out of range.

@@ -6,7 +6,8 @@ level: the ``shard_optimizer`` of the layout (one level for every stage);
 optimizers (:func:`make_optimizer`): ``adamw``, ``adam2`` (Adam, two param
 groups, a LambdaLR scheduler), ``sgdm`` (SGD with momentum), ``fused``
 (rannc_py's FusedAdamW), ``normsgd`` (a per-tensor normalised update, which
-must fall back to level 0 with a warning); options: ``accum`` (two calls
+must fall back to level 0 with a warning), each also as ``factory-KIND``
+(RaNNCModule makes it on each rank's parameters); options: ``accum`` (two calls
 per step), ``clip`` (``clip_grad_norm_``). After STEPS steps, losses (every
 rank), the gathered state dict and optimizer state dict (rank 0, against
 the eager optimizer's) and each rank's optimizer state bytes (its whole
@@ -45,9 +46,9 @@ class NormalisedSGD(torch.optim.Optimizer):
                     p.add_(p.grad / (p.grad.norm() + 1e-6), alpha=-group["lr"])
 
 
-def make_optimizer(kind: str, model: torch.nn.Module):
-    """``(optimizer, scheduler or None)`` of kind ``kind`` over ``model``'s parameters."""
-    params = list(model.parameters())
+def make_optimizer(kind: str, model):
+    """``(optimizer, scheduler or None)`` of kind ``kind`` over ``model``'s parameters (or a parameter list)."""
+    params = list(model.parameters()) if isinstance(model, torch.nn.Module) else list(model)
     if kind == "adamw":
         return torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01, eps=1e-6), None
     if kind == "adam2":
@@ -80,9 +81,11 @@ def run_case(case: str) -> None:
     model = build_model(name, dropout=0.0)
     ref = build_model(name, dropout=0.0)
     ref.load_state_dict(model.state_dict())
-    opt, sched = make_optimizer(kind, model)
+    factory = kind.startswith("factory-")  # the optimizer made by RaNNCModule on this rank's parameters
+    kind = kind.removeprefix("factory-")
+    opt, sched = (None, None) if factory else make_optimizer(kind, model)
     ropt, rsched = make_optimizer(kind, ref)
-    wrapped = rannc_py.RaNNCModule(model, opt, plan=layout)
+    wrapped = rannc_py.RaNNCModule(model, (lambda ps: make_optimizer(kind, ps)[0]) if factory else opt, plan=layout)
     const = call_kwargs(name)
     calls = 2 if "accum" in opts else 1
     with warnings.catch_warnings(record=True) as seen:
@@ -94,7 +97,9 @@ def run_case(case: str) -> None:
     ranks = wrapped.plan.stages[stage].ranks
     sharded = bool(wrapped._shards.shard_params())
     assert sharded == (len(ranks) > 1 and int(level) > 0 and kind != "normsgd"), f"{case}: sharded={sharded}"
-    check_state_bytes(opt, ref, ropt, wrapped, case)
+    if sharded:  # the reduce-scatters overlap the last backward as the allreduces do
+        assert wrapped._sync.started_in_backward > 0, f"{case}: no bucket started during backward"
+    check_state_bytes(wrapped.optimizer, ref, ropt, wrapped, case)
     sd = wrapped.state_dict()
     osd = wrapped.optimizer_state_dict()
     if rank == 0:
@@ -118,7 +123,7 @@ def assert_same_optimizer_state(got: dict, want: dict, case: str) -> None:
 def train(wrapped, ref, opt, ropt, scheds, name, const, layout, calls, opts, case) -> None:
     for step in range(STEPS):
         step_gradients(wrapped, ref, name, const, layout, calls, opts, step, case)
-        opt.step()
+        wrapped.optimizer.step()  # opt, or the one its factory made at the first call
         ropt.step()
         for s in scheds:
             if s is not None:
@@ -126,7 +131,7 @@ def train(wrapped, ref, opt, ropt, scheds, name, const, layout, calls, opts, cas
         if step % 2:
             wrapped.zero_grad()  # the module's zero_grad reaches the shards as the optimizer's does
         else:
-            opt.zero_grad()
+            wrapped.optimizer.zero_grad()
         ropt.zero_grad()
 
 
