@@ -314,7 +314,7 @@ def test_optimizer_state_dict_on_one_process_is_torchs_for_the_unwrapped_model()
 
 
 def test_optimizer_state_moves_between_layouts_and_matches_the_plan() -> None:
-    checks = ["pp2_level0", "uneven_level2", "eager", "planned_state"]
+    checks = ["pp2_level0", "uneven_level2", "eager", "planned_state", "checkpoint_refuses_sharded_state"]
     out = run_mpi(4, REPO / "tests/mpi_scripts/shard_resume.py", *checks, timeout=600).stdout
     assert out.count(": ok") == len(checks), out
 

@@ -115,6 +115,20 @@ def _holdings(model: nn.Module) -> _Holdings:
     )
 
 
+def _refuse_sharded(model: nn.Module, optimizer: torch.optim.Optimizer | None, comm: MPI.Comm, what: str) -> None:
+    """ConfigError on every rank when ``optimizer``'s state is sharded over replicas (collective:
+    a stage with one replica is never sharded, so the ranks agree first)."""
+    from rannc_py.runtime.module import RaNNCModule
+
+    if optimizer is None or not isinstance(model, RaNNCModule) or not model._ready:
+        return
+    if comm.allreduce(bool(model._shards.pieces), op=MPI.LOR):
+        raise ConfigError(
+            f"{what}() does not handle an optimizer whose state is sharded over its stage's replicas "
+            "(shard_optimizer) yet: pass only the model here, and keep the optimizer's state with "
+            "model.optimizer_state_dict() / model.load_optimizer_state_dict(), or train with shard_optimizer=False")
+
+
 def _whole(model: nn.Module, comm: MPI.Comm) -> _Holdings:
     """Every rank holds the whole model (a plain module, or before the first call); rank 0 writes it."""
     names = P.canonical_names(model)
@@ -151,6 +165,7 @@ def save_checkpoint(path: PathArg, model: nn.Module, optimizer: torch.optim.Opti
     """
     h = _holdings(model)
     comm, rank = h.comm, h.comm.Get_rank()
+    _refuse_sharded(model, optimizer, h.comm, "save_checkpoint")
     try:
         json.dumps(extra)
     except (TypeError, ValueError) as e:
@@ -445,6 +460,7 @@ def load_checkpoint(path: PathArg, model: nn.Module, optimizer: torch.optim.Opti
             on every rank).
     """
     h = _holdings(model)
+    _refuse_sharded(model, optimizer, h.comm, "load_checkpoint")
     root = Path(path)
     index = read_index(root)
     _check_keys(root, index, h)
