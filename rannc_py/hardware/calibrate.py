@@ -111,10 +111,10 @@ _TENSORS = 64
 def measure_overheads() -> dict[str, float]:
     """The runtime's fixed costs on this machine, by :data:`OVERHEADS` name (seconds, CPU time).
 
-    - ``action_overhead``: half of one forward and backward of a one-element
-      linear layer (what every compute action pays whatever its size: module
-      calls, autograd's graph and engine start) plus the executor's own
-      bookkeeping, taken as one more such call;
+    - ``action_overhead``: what every compute action pays whatever its size
+      (module calls, autograd's graph and engine start): half of one forward
+      and backward of a one-element linear layer, plus the executor's own
+      bookkeeping per action, taken as one whole such pair; so 1.5 pairs;
     - ``tensor_overhead``: per parameter tensor, an AdamW step, a gradient
       accumulation, a norm and a zeroing of ``_TENSORS`` one-element tensors,
       over their count (the per-tensor work of a step besides bytes);
