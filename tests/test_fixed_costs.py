@@ -202,3 +202,41 @@ def test_a_given_layout_keeps_its_sharding_level_in_the_prediction(gpt):
     assert [s.shard_level for s in a.stages] == [0] and [s.shard_level for s in b.stages] == [1]
     assert b.peak_memory_per_rank[0] < a.peak_memory_per_rank[0]  # the optimizer state is split over 2
     assert b.timeline().step_time == b.step_time > 0
+
+
+def test_a_measured_profile_records_the_weight_gradient_share(tmp_path, monkeypatch):
+    import json
+
+    from rannc_py.models.gpt import GPT, gpt_config
+    from rannc_py.profiling.api import profile
+    from rannc_py.profiling.record import Profile
+
+    monkeypatch.setenv("RANNC_CACHE_DIR", str(tmp_path))
+    torch.manual_seed(0)
+    ids = torch.randint(0, 256, (4, 16))
+    gpt = rannc_py.trace(GPT(gpt_config("tiny", n_layer=2)), (ids,), {"labels": ids})
+    prof = profile(gpt, 4, inputs=gpt.flatten_inputs((ids,), {"labels": ids}))
+    assert len(prof.bwd_weight_fraction) == len(prof.blocks)
+    assert all(0.0 <= f <= 1.0 for f in prof.bwd_weight_fraction)
+    for f, nbytes in zip(prof.bwd_weight_fraction, prof.param_bytes):
+        if nbytes == 0:
+            assert f == 0.0  # nothing to differentiate but the inputs
+    assert max(prof.bwd_weight_fraction) > 0.2  # the layers' matmuls have weight gradients
+    assert Profile.from_json(prof.to_json()) == prof
+    old = json.loads(prof.to_json())
+    del old["bwd_weight_fraction"]
+    assert Profile.from_json(json.dumps(old)).bwd_weight_fraction == ()  # saved before: unknown
+    assert profile(gpt, 4, device="a64fx").bwd_weight_fraction == ()  # analytic: estimated instead
+
+
+def test_split_backward_uses_the_measured_share():
+    from rannc_py.planner.search import weight_grad_time
+
+    chain = _chain()
+    measured = Chain(blocks=tuple(dataclasses.replace(b, weight_fraction=0.25) for b in chain.blocks),
+                     input_bytes=0.0, output_bytes=512.0)
+    cost, est = CostModel(measured, _cluster(2), 8), CostModel(chain, _cluster(2), 8)
+    bwd = 2 * (2e-4 + 2e-4 * 4)  # blocks 0 and 1 at 4 rows
+    assert weight_grad_time(cost, 0, 2, 4, 1.0) == pytest.approx(0.25 * bwd)
+    # without a measurement: each parameter block's forward time
+    assert weight_grad_time(est, 0, 2, 4, 1.0) == pytest.approx(2 * (1e-4 + 1e-4 * 4))

@@ -69,7 +69,8 @@ def chain_from_graph(graph: Graph, prof: Profile) -> Chain:
             ops=tuple(ops), fwd_fixed=prof.fwd_fixed[b], fwd_per_sample=prof.fwd_per_sample[b],
             bwd_fixed=prof.bwd_fixed[b], bwd_per_sample=prof.bwd_per_sample[b],
             act_bytes=prof.act_bytes_per_sample[b], out_bytes=cuts[ops[-1]],
-            params=tuple(sorted(block_params(graph, ops).items())), flops=flops))
+            params=tuple(sorted(block_params(graph, ops).items())), flops=flops,
+            weight_fraction=prof.bwd_weight_fraction[b] if prof.bwd_weight_fraction else None))
         names.append(tuple(fqns))
     return Chain(blocks=tuple(blocks), input_bytes=0.0, param_names=tuple(names),
                  output_bytes=model_output_bytes(graph))

@@ -27,6 +27,10 @@ class Block:
             tied weights carry their group's canonical name so a stage counts
             them once.
         flops: forward FLOPs per sample.
+        weight_fraction: the measured share of the backward that computes
+            weight gradients (:attr:`Profile.bwd_weight_fraction`), or None
+            when unknown (then estimated; see
+            :func:`rannc_py.planner.search.weight_grad_time`).
     """
 
     ops: tuple[int, ...]
@@ -38,6 +42,7 @@ class Block:
     out_bytes: float
     params: tuple[tuple[str, int], ...]
     flops: float
+    weight_fraction: float | None = None
 
 
 @dataclass(frozen=True, kw_only=True)

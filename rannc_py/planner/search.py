@@ -416,15 +416,18 @@ def weight_grad_time(cost: CostModel, i: int, j: int, rows: int, backward: float
     """Seconds of the backward of blocks [i, j) at ``rows`` rows that compute weight gradients
     (what a split backward's W costs).
 
-    The profile does not separate the two parts of a backward, so this is
-    estimated: a block that reads parameters spends on its weight gradients
-    about what its forward spends (each weight-gradient product mirrors one
-    forward product, ``dW = x^T dy`` against ``y = x W``, same FLOPs); a block
-    without parameters spends nothing on them. Capped at ``backward``.
+    A measured profile gives each block's share (:attr:`Block.weight_fraction`):
+    that share of the block's backward at ``rows``. Otherwise it is estimated:
+    a block that reads parameters spends on its weight gradients about what
+    its forward spends (each weight-gradient product mirrors one forward
+    product, ``dW = x^T dy`` against ``y = x W``, same FLOPs); a block without
+    parameters spends nothing on them. Capped at ``backward``.
     """
     total = 0.0
     for blk in cost.chain.blocks[i:j]:
-        if blk.params:
+        if blk.weight_fraction is not None:
+            total += blk.weight_fraction * (blk.bwd_fixed + blk.bwd_per_sample * rows)
+        elif blk.params:
             total += blk.fwd_fixed + blk.fwd_per_sample * rows
     return min(float(total), backward)
 

@@ -77,9 +77,9 @@ def profile(
                           "(e.g. read from JSON); pass the graph rannc_py.trace() returned, or device='<preset>' "
                           "for an analytic profile")
     dev = f"{platform.node()}-cpu-t{torch.get_num_threads()}"
-    # "fit3": two-point fixed + per-sample fit, timed on CPU time at one thread
-    # (older entries: fixed = 0, or wall-clock times that other load may have inflated).
-    key = hashlib.sha256(f"fit3|{graph.fingerprint()}|{batch_size}|{dev}|{blocks}|{repeats}".encode()).hexdigest()[:24]
+    # "fit4": two-point fixed + per-sample fit, timed on CPU time at one thread, with the
+    # weight-gradient share (older entries: without it; fixed = 0; or wall-clock times).
+    key = hashlib.sha256(f"fit4|{graph.fingerprint()}|{batch_size}|{dev}|{blocks}|{repeats}".encode()).hexdigest()[:24]
     path = cache_dir() / f"profile-{key}.json"
     if path.exists():
         return Profile.from_json(path.read_text())

@@ -26,6 +26,7 @@ threads CPU time would add up the threads, so the wall clock is used.
 from __future__ import annotations
 
 import contextlib
+import functools
 import statistics
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
@@ -73,6 +74,8 @@ def measure_profile(graph: TracedGraph, blocks: list[tuple[int, ...]], batch_siz
     sizes = [batch_size] + ([batch_size // 2] if graph.dynamic_batch and batch_size >= 2 else [])
     with _untouched(graph.model):
         timed = [_time_blocks(staged, _resize(inputs, graph.batch_size, rows), repeats, rows) for rows in sizes]
+    # the weight-gradient share at the full batch: backward without the input gradients' part
+    weight = tuple(min(1.0, max(0.0, w / b)) if b > 0 else 0.0 for w, b in zip(timed[0][2], timed[0][1]))
     fits = [_fit(sizes, [t[0][k] for t in timed]) for k in range(len(blocks))]
     fits_b = [_fit(sizes, [t[1][k] for t in timed]) for k in range(len(blocks))]
     return Profile(
@@ -82,6 +85,7 @@ def measure_profile(graph: TracedGraph, blocks: list[tuple[int, ...]], batch_siz
         bwd_fixed=tuple(f for f, _ in fits_b), bwd_per_sample=tuple(p for _, p in fits_b),
         act_bytes_per_sample=tuple(act_bytes_per_sample(graph, b) for b in blocks),
         param_bytes=tuple(block_param_bytes(graph, b) for b in blocks),
+        bwd_weight_fraction=weight,
     )
 
 
@@ -112,10 +116,13 @@ def _fit(rows: list[int], times: list[float]) -> tuple[float, float]:
     return fixed, slope
 
 
-def _time_blocks(staged, values: dict[str, torch.Tensor], repeats: int, rows: int) -> tuple[list[float], list[float]]:
-    """Median forward and backward seconds of every stage of ``staged`` at ``rows`` rows."""
+def _time_blocks(staged, values: dict[str, torch.Tensor], repeats: int,
+                 rows: int) -> tuple[list[float], list[float], list[float]]:
+    """Median forward and backward seconds of every stage of ``staged`` at ``rows`` rows, and of
+    the backward's weight-gradient part (the full backward less one computing only the
+    gradients of the stage's activation inputs; all of it for a stage without such inputs)."""
     values = dict(values)
-    fwd, bwd = [], []
+    fwd, bwd, weight = [], [], []
     for stage in tqdm(staged.stages, desc=f"profiling blocks at {rows} rows", leave=False):
         args = []
         for name in stage.input_names:
@@ -142,10 +149,21 @@ def _time_blocks(staged, values: dict[str, torch.Tensor], repeats: int, rows: in
                 torch.autograd.grad(outs, wrt, [torch.ones_like(o) for o in outs], allow_unused=True)
             return clock() - t0
 
+        acts = [a for a in args if a.requires_grad]
+        has_params = any(p.requires_grad for p in stage.module.parameters())
         if grads_needed:
             run_bwd()
             bwd.append(statistics.median(run_bwd() for _ in range(repeats)))
+            if not has_params:
+                weight.append(0.0)
+            elif not acts:
+                weight.append(bwd[-1])
+            else:
+                run_input = functools.partial(run_bwd, wrt=acts)
+                run_input()
+                weight.append(max(0.0, bwd[-1] - statistics.median(run_input() for _ in range(repeats))))
         else:
             bwd.append(0.0)
+            weight.append(0.0)
         values.update(zip(stage.output_names, (o.detach() for o in outs)))
-    return fwd, bwd
+    return fwd, bwd, weight

@@ -22,6 +22,10 @@ class Profile:
         act_bytes_per_sample: per block, activation bytes kept for backward per sample.
         param_bytes: per block, bytes of the parameters and buffers it reads
             (gradients take as much again).
+        bwd_weight_fraction: per block, the measured share of its backward
+            that computes weight gradients (what a split backward's W costs;
+            the rest is I). Empty when unknown (analytic profiles, profiles
+            saved before it was measured): the planner then estimates it.
     """
 
     graph_fingerprint: str
@@ -35,6 +39,7 @@ class Profile:
     bwd_per_sample: tuple[float, ...]
     act_bytes_per_sample: tuple[float, ...]
     param_bytes: tuple[int, ...]
+    bwd_weight_fraction: tuple[float, ...] = ()
 
     def forward_time(self, block: int, rows: int) -> float:
         """Forward seconds of ``block`` at ``rows`` rows."""
@@ -57,6 +62,7 @@ class Profile:
             for k in ("fwd_fixed", "fwd_per_sample", "bwd_fixed", "bwd_per_sample", "act_bytes_per_sample"):
                 d[k] = tuple(float(x) for x in d[k])
             d["param_bytes"] = tuple(int(x) for x in d["param_bytes"])
+            d["bwd_weight_fraction"] = tuple(float(x) for x in d.get("bwd_weight_fraction", ()))
             return cls(**d)
         except (ValueError, KeyError, TypeError) as e:
             raise ConfigError(f"malformed profile JSON ({e!r}); write it with Profile.to_json()") from e
