@@ -141,10 +141,7 @@ def job_optimizer(optimizer: Any, cluster: Cluster | str | None, world_size: int
     probe = torch.nn.Parameter(torch.zeros(_PROBE_NUMEL if local else 1024))
     probe.grad = torch.randn(probe.shape, generator=torch.Generator().manual_seed(0)) * 1e-3
     try:
-        if isinstance(optimizer, torch.optim.Optimizer):
-            opt = type(optimizer)([probe], **_constructor_args(type(optimizer), optimizer.defaults))
-        else:
-            opt = optimizer([probe])
+        opt = _fresh_optimizer(optimizer, [probe])
         with torch.no_grad():
             opt.step()  # creates the state
     except Exception as e:  # noqa: BLE001 - an optimizer that cannot be rebuilt is planned as Adam, said aloud
@@ -190,10 +187,7 @@ def job_tensor_overhead(optimizer: Any, cluster: Cluster | str | None, world_siz
     params = [torch.nn.Parameter(torch.zeros(1)) for _ in range(_PROBE_TENSORS)]
     grads = [torch.full((1,), 1e-3) for _ in params]
     try:
-        if isinstance(optimizer, torch.optim.Optimizer):
-            opt = type(optimizer)(params, **_constructor_args(type(optimizer), optimizer.defaults))
-        else:
-            opt = optimizer(params)
+        opt = _fresh_optimizer(optimizer, params)
     except Exception:  # noqa: BLE001 - job_optimizer has warned already; keep the calibrated figure
         return None
     held = HeldGrads(params)
@@ -213,6 +207,13 @@ def job_tensor_overhead(optimizer: Any, cluster: Cluster | str | None, world_siz
     with torch.random.fork_rng():
         seconds = median_time(step, repeats=5)
     return seconds / _PROBE_TENSORS / core_share(world_size)
+
+
+def _fresh_optimizer(optimizer: Any, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    """A new optimizer of the user's kind (an instance's class and hyperparameters, or the factory) on ``params``."""
+    if isinstance(optimizer, torch.optim.Optimizer):
+        return type(optimizer)(params, **_constructor_args(type(optimizer), optimizer.defaults))
+    return optimizer(params)
 
 
 def _constructor_args(cls: type, defaults: Mapping[str, Any]) -> dict[str, Any]:

@@ -42,6 +42,8 @@ clock_ns = time.perf_counter_ns
 OFFSET_ROUNDS = 16
 # Spans that are not schedule actions, and how they show in the trace.
 PHASES = ("inputs", "gradient sums", "outputs", "optimizer step")
+# The phases the picture draws, as the ALLREDUCE they stand for in the prediction.
+_DRAWN = (PHASES[1], PHASES[3])
 
 
 @dataclass
@@ -73,7 +75,6 @@ class StepTracer:
     recording: bool = False
     written: bool = False
     _step_start: int = 0
-    _open: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not isinstance(self.steps, int) or isinstance(self.steps, bool) or self.steps < 1:
@@ -222,7 +223,7 @@ def measured_timeline(per_rank: list[list[Record]], plan: Any) -> Timeline:
     busy = [0.0] * plan.num_stages
     for rank, (name, cat, start, end, _, st, mb) in steps[chosen]:
         stage = plan.stage_of_rank(rank)
-        if stage is None or cat == "step" or (cat == "phase" and name not in ("gradient sums", "optimizer step")):
+        if stage is None or cat == "step" or (cat == "phase" and name not in _DRAWN):
             continue
         if rank != plan.stages[stage].ranks[0]:
             continue  # one row per stage, as the prediction draws it: the stage's first replica
