@@ -2,7 +2,7 @@
 
 Run from the repository root (it launches ``mpiexec`` itself):
 
-    python benchmarks/predict_bench.py [--steps 12] [--rounds 2] [--models tiny,bench]
+    python benchmarks/predict_bench.py [--steps 12] [--rounds 2] [--models tiny,bench] [--cached]
         [--out benchmarks/results/prediction.md]
 
 Each row is one run of ``examples/gpt/train.py`` (the example training
@@ -64,12 +64,16 @@ def configurations(models: list[str]) -> list[tuple[str, str, int, list[str]]]:
     return rows
 
 
-def run_once(model: str, ranks: int, flags: list[str], steps: int) -> dict[str, Any]:
-    """One training run; its summary (plan, predicted and measured step)."""
+def run_once(model: str, ranks: int, flags: list[str], steps: int, cached: bool) -> dict[str, Any]:
+    """One training run; its summary (plan, predicted and measured step). Unless ``cached``, the
+    run gets an empty cache folder, so its profile and calibration are measured in the run's own
+    conditions (a machine whose speed drifts makes an hour-old profile wrong by as much)."""
     with tempfile.TemporaryDirectory() as out:
         cmd = [MPIEXEC, "-n", str(ranks), sys.executable, str(TRAIN), *MODELS[model], *flags,
                "--steps", str(steps), "--warmup", "1", "--docs", "400", "--out", out]
         env = dict(os.environ, OMP_NUM_THREADS="1")
+        if not cached:
+            env["RANNC_CACHE_DIR"] = str(Path(out) / "cache")
         done = subprocess.run(cmd, check=False, capture_output=True, text=True, env=env, timeout=1800)
         if done.returncode != 0:
             raise SystemExit(f"{' '.join(cmd)} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
@@ -81,6 +85,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--models", default="tiny,bench")
+    ap.add_argument("--cached", action="store_true",
+                    help="plan from this machine's cached profiles and calibration instead of measuring afresh")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "prediction.md"))
     args = ap.parse_args()
     rows = configurations(args.models.split(","))
@@ -88,7 +94,7 @@ def main() -> None:
     runs: dict[int, list[dict[str, Any]]] = {k: [] for k in range(len(rows))}
     for rnd in range(args.rounds):
         for k, (model, label, ranks, flags) in enumerate(rows):
-            s = run_once(model, ranks, flags, args.steps)
+            s = run_once(model, ranks, flags, args.steps, args.cached)
             runs[k].append(s)
             print(f"round {rnd + 1}: {model}, {label}: measured {s['measured_step_time'] * 1e3:.1f} ms, predicted "
                   f"{s['predicted_step_time'] * 1e3:.1f} ms (m={s['microbatches']}, stages {s['stages']})", flush=True)
@@ -135,7 +141,8 @@ def report(results: list[dict[str, Any]], args: argparse.Namespace, before: tupl
     return "\n".join([
         "# Predicted against measured step time", "",
         (f"Command: `python benchmarks/predict_bench.py --steps {args.steps} --rounds {args.rounds} "
-        f"--models {args.models}`. One torch thread per rank; this machine has {os.cpu_count()} cores "
+        f"--models {args.models}{' --cached' * args.cached}`. Every run {'plans from the cached' if args.cached else 'measures its own'} "
+        "profile and calibration. One torch thread per rank; this machine has {os.cpu_count()} cores "
         f"(4 ranks share them). Load average (1/5/15 min) {'/'.join(f'{x:.1f}' for x in before)} at the start, "
         f"{'/'.join(f'{x:.1f}' for x in after)} at the end."), "",
         ("| model | configuration | ranks | microbatches | replicas per stage | measured step (ms) | "

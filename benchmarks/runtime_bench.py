@@ -4,7 +4,7 @@ Run from the repository root (it launches ``mpiexec`` itself, and installs
 DeepSpeed 0.19.8 into the environment first if it is missing):
 
     python benchmarks/runtime_bench.py [--steps 3] [--warmup 2] [--rounds 2] [--vocab 50257]
-        [--out benchmarks/results/runtime.md] [--gpipe]
+        [--out benchmarks/results/runtime.md] [--gpipe] [--schedules]
 
 Model: the project's GPT (``rannc_py.models.gpt``), 6 layers x 512 hidden,
 seq 128, vocab 50257 (GPT-2's; ``--vocab``), no dropout, head untied (see
@@ -26,6 +26,13 @@ Configurations:
     3-5 + head); when the planner's boundary differs from the middle, rannc_py
     on the middle split too, which separates the balance gain from the
     runtime's own;
+  * with ``--schedules``, schedules beyond 1F1B at the same 2 ranks and
+    microbatches: torch.distributed.pipelining's ``ScheduleInterleaved1F1B``,
+    ``ScheduleInterleavedZeroBubble`` and ``ScheduleZBVZeroBubble`` (two stages
+    of whole layers per rank), and rannc_py's 2-stage pipeline with ZB-H1 and
+    with the planner choosing among every schedule it runs; the ratios
+    compare rannc_py's fastest schedule with torch's ``Schedule1F1B`` and with
+    the fastest of torch's three;
   * rannc_py on 2 ranks with the planner free (its default plan);
   * per-stage forward+backward time of one microbatch for each split (the
     stage-time imbalance), measured in one process.
@@ -143,6 +150,8 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/results/runtime.md",
                     help="results file, relative to the repository; default benchmarks/results/runtime.md")
     ap.add_argument("--gpipe", action="store_true", help="also compare at equal layout with GPipe")
+    ap.add_argument("--schedules", action="store_true",
+                    help="also compare schedules beyond 1F1B (interleaved, zero-bubble) with torch's")
     args = ap.parse_args()
     ensure_deepspeed()
     if args.warmup < 1:
@@ -179,6 +188,8 @@ def main() -> None:
             configs.append((e["ours_middle"], 2, "", "rannc_worker.py",
                             ["rannc", "--plan", "middle", "--microbatches", m, "--schedule", sched], {}))
         equal[sched] = e
+    zb = schedule_configs(args, m) if args.schedules else {}
+    configs += [(label, 2, layout, script, flags, {}) for label, (layout, script, flags) in zb.items()]
     free = "rannc_py, 2 ranks, planner free (default plan)"
     configs.append((free, 2, "", "rannc_worker.py", ["rannc"], {}))
     for rnd in range(args.rounds):
@@ -187,15 +198,48 @@ def main() -> None:
             b.run(label, ranks, layout, script, flags, **kw)
     load1 = os.getloadavg()
     lines = report(args, b, equal, stage, free, (load0, load1))
+    if zb:
+        lines += schedule_report(b, equal["1f1b"], zb)
     print("\n".join(lines))
     out = REPO / args.out
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines) + "\n")
-    print(f"wrote {out.relative_to(REPO)}")
+    print(f"wrote {args.out}")
     failed = [label for label, (_, _, r) in b.rows.items() if "step" not in r]
     if failed or "error" in stage:
         raise SystemExit(f"could not run: {', '.join(failed + (['per-stage timing'] if 'error' in stage else []))}; "
                          "their messages are above and in the results file")
+
+
+# rannc_py's schedules at 2 stages beyond 1F1B (--plan pinned: the planner places the boundary), and
+# torch's with two stages per rank. The labels' prefixes tell the report which side a row is on.
+RANNC_SCHEDULES = {"ZB-H1": "zb-h1", "planner's choice of schedule": "1f1b,gpipe,zb-h1"}
+TORCH_SCHEDULES = {"ScheduleInterleaved1F1B": "interleaved-1f1b",
+                   "ScheduleInterleavedZeroBubble": "interleaved-zb", "ScheduleZBVZeroBubble": "zbv"}
+
+
+def schedule_configs(args: argparse.Namespace, m: str) -> dict[str, tuple[str, str, list[str]]]:
+    """label -> (layout, worker script, flags) of the ``--schedules`` configurations."""
+    out = {f"rannc_py, 2 ranks, 2 stages, m={m}, {name}": ("", "rannc_worker.py",
+           ["rannc", "--plan", "pinned", "--microbatches", m, "--schedule", sched])
+           for name, sched in RANNC_SCHEDULES.items()}
+    out.update({f"torch.distributed.pipelining, 2 ranks, m={m}, {name}": (
+        "4 stages of whole layers, 2 per rank", "pipelining_peer.py", ["--microbatches", m, "--schedule", sched])
+        for name, sched in TORCH_SCHEDULES.items()})
+    return out
+
+
+def schedule_report(b: Bench, one_f_one_b: dict[str, str], zb: dict[str, Any]) -> list[str]:
+    """The ``--schedules`` ratios: rannc_py's fastest schedule against torch's 1F1B and its fastest other."""
+    ours = [b.get(label) for label in [one_f_one_b["ours"], *zb] if label.startswith("rannc_py")]
+    theirs = [b.get(label) for label in zb if label.startswith("torch")]
+    best = min((r for r in ours if "step" in r), key=lambda r: r["step"], default={})
+    best_torch = min((r for r in theirs if "step" in r), key=lambda r: r["step"], default={})
+    return ["", "## Schedules beyond 1F1B", "", "| comparison | rannc_py speed-up | target |", "|---|---|---|",
+            (f"| rannc_py's fastest schedule vs torch Schedule1F1B | "
+             f"{fx(ratio(best, b.get(one_f_one_b['pipelining'])))} | >= 1.1x |"),
+            (f"| rannc_py's fastest schedule vs torch's fastest interleaved / zero-bubble | "
+             f"{fx(ratio(best, best_torch))} | >= 1.0x |")]
 
 
 def ratio(a: dict[str, Any], b: dict[str, Any]) -> float | None:
@@ -218,7 +262,8 @@ def report(args: argparse.Namespace, b: Bench, equal: dict[str, dict[str, str]],
                                           ("microbatches", args.microbatches, 4), ("layers", args.layers, 6),
                                           ("hidden", args.hidden, 512), ("vocab", args.vocab, 50257)) if v != d]
     out = [] if args.out == "benchmarks/results/runtime.md" else [f"--out {args.out}"]
-    cmd = " ".join(["python benchmarks/runtime_bench.py", *flags, *out, *(["--gpipe"] if args.gpipe else [])])
+    cmd = " ".join(["python benchmarks/runtime_bench.py", *flags, *out, *(["--gpipe"] if args.gpipe else []),
+                    *(["--schedules"] if args.schedules else [])])
     L = [
         "# Runtime benchmark", "",
         (f"GPT {args.layers} layers x {args.hidden} hidden, seq 128, vocab {args.vocab}, head untied, no dropout, AdamW; "

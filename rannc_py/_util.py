@@ -38,6 +38,14 @@ def median_time(fn: Callable[[], Any], repeats: int = 5) -> float:
     return statistics.median(times)
 
 
+def usable_cores() -> int:
+    """Cores this process may run on (its CPU affinity; ``os.cpu_count()`` where that is unknown)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not on Linux
+        return os.cpu_count() or 1
+
+
 def cache_dir() -> Path:
     """The on-disk cache folder: ``$RANNC_CACHE_DIR`` or ``~/.cache/rannc_py`` (created)."""
     d = Path(os.environ.get("RANNC_CACHE_DIR") or Path.home() / ".cache" / "rannc_py")

@@ -87,6 +87,25 @@ def hand_stages(gpt: GPT, boundary: int) -> tuple[nn.Sequential, nn.Sequential]:
     return nn.Sequential(*layers[: 1 + boundary]), nn.Sequential(*layers[1 + boundary:])
 
 
+def chunk_stages(gpt: GPT, chunks: int) -> list[nn.Sequential]:
+    """The GPT cut into ``chunks`` consecutive stages of whole layers (embed first, head last), the
+    blocks shared out as evenly as possible with the extra ones in the middle chunks (the embed and
+    the head make the end chunks heavier)."""
+    layers = gpt_layers(gpt)
+    blocks = len(layers) - 2
+    if not 1 <= chunks <= blocks:
+        raise SystemExit(f"cannot cut {blocks} blocks into {chunks} stages")
+    base, extra = divmod(blocks, chunks)
+    middle_first = sorted(range(chunks), key=lambda c: abs(c - (chunks - 1) / 2))
+    sizes = [base + (c in middle_first[:extra]) for c in range(chunks)]
+    out, start = [], 1
+    for c, n in enumerate(sizes):
+        stop = start + n + (c == chunks - 1)  # the head goes with the last chunk
+        out.append(nn.Sequential(*layers[(0 if c == 0 else start):stop]))
+        start = stop
+    return out
+
+
 def worker_parser(description: str) -> argparse.ArgumentParser:
     """An argument parser with the flags every worker takes: the GPT's shape, the batch and the timing."""
     ap = argparse.ArgumentParser(description=description)

@@ -60,7 +60,8 @@ def forced_plan(pinned: Any, graph: Any, assignment: list[int]) -> Any:
 
 
 def pinned_plan(graph: Any, args: argparse.Namespace, ranks: int, inputs: dict[str, torch.Tensor]) -> Any:
-    """The planner's plan with 2 stages x 1 replica, ``--microbatches`` and ``--schedule`` pinned.
+    """The planner's plan with 2 stages x 1 replica, ``--microbatches`` and ``--schedule`` pinned
+    (a comma-separated list: the planner picks the fastest of them).
 
     The same search the runtime runs by default (the model's measured
     profile on the local device and the optimizer's measured step, see
@@ -73,7 +74,7 @@ def pinned_plan(graph: Any, args: argparse.Namespace, ranks: int, inputs: dict[s
     cluster = f"local:ranks={ranks}"
     optimizer, update_cost = job_optimizer(lambda ps: torch.optim.AdamW(ps, lr=1e-4), cluster, ranks)
     plan = rannc_py.plan(graph, batch_size=args.batch, cluster=cluster, num_stages=2,
-                         replicas=[1] * 2, microbatches=args.microbatches, schedules=(args.schedule,),
+                         replicas=[1] * 2, microbatches=args.microbatches, schedules=tuple(args.schedule.split(",")),
                          optimizer=optimizer, update_cost=update_cost,
                          profile=job_profile(graph, graph.flatten_inputs((), inputs), cluster, ranks, False))
     if args.plan == "middle":
@@ -228,7 +229,8 @@ def main() -> None:
     """Parse the flags and run one kind."""
     ap = worker_parser(__doc__.splitlines()[0])
     ap.add_argument("kind", choices=("eager", "rannc", "stagetime"))
-    ap.add_argument("--schedule", default="1f1b")
+    ap.add_argument("--schedule", default="1f1b",
+                    help="with --plan pinned/middle: the schedule, or a comma-separated list to choose from")
     ap.add_argument("--plan", choices=("auto", "pinned", "middle"), default="auto")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()

@@ -7,7 +7,9 @@
 // while a rank waiting for a long computation elsewhere wakes only about
 // every millisecond instead of tens of thousands of times a second (which
 // matters when ranks share cores). A thread that starts waiting on an
-// operation pokes the engine, which polls tightly again.
+// operation pokes the engine, which polls tightly again; on a rank with a core
+// to itself (set_dedicated) it keeps polling, yielding, for as long as any
+// thread waits, since the waiter leaves the core to it.
 #include "comm/engine.h"
 
 #include <algorithm>
@@ -20,7 +22,12 @@ namespace rannc::comm {
 
 void Op::wait() {
   if (completed()) return;
-  Engine::get().poke();
+  Engine& engine = Engine::get();
+  engine.begin_wait();
+  struct Done {
+    Engine& e;
+    ~Done() { e.end_wait(); }
+  } done{engine};
   // Poll briefly first: most small operations finish within microseconds,
   // and sleeping on the condition variable costs a scheduler wake-up.
   auto until = std::chrono::steady_clock::now() + std::chrono::microseconds(200);
@@ -67,6 +74,11 @@ void Engine::submit(std::shared_ptr<Op> op) {
   }
   incoming_.push_back(std::move(op));
   cv_.notify_one();
+}
+
+void Engine::begin_wait() {
+  waiters_.fetch_add(1, std::memory_order_relaxed);
+  poke();
 }
 
 void Engine::poke() {
@@ -169,7 +181,7 @@ void Engine::run() {
     }
     auto idle = now - idle_since;
     if (idle < kSpin) continue;
-    if (idle < kYield) {
+    if (idle < kYield || (dedicated() && waiters_.load(std::memory_order_relaxed) > 0)) {
       std::this_thread::yield();
       continue;
     }

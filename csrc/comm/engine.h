@@ -79,6 +79,16 @@ class Engine {
   // A thread is about to block on an operation in flight: poll promptly
   // again (the idle back-off restarts from zero).
   void poke();
+  // Whether this rank has a core to itself (ranks x torch threads within the
+  // machine's cores). Then, while a thread is blocked on an operation, the
+  // progress thread polls without napping: the waiting thread leaves the core
+  // free, and a nap would make every message arriving during a long wait
+  // (a pipeline stage waiting for its neighbour) late by up to the nap.
+  void set_dedicated(bool dedicated) { dedicated_.store(dedicated, std::memory_order_relaxed); }
+  bool dedicated() const { return dedicated_.load(std::memory_order_relaxed); }
+  // A thread starts or stops blocking in Op::wait.
+  void begin_wait();
+  void end_wait() { waiters_.fetch_sub(1, std::memory_order_relaxed); }
 
  private:
   Engine() = default;
@@ -92,6 +102,8 @@ class Engine {
   bool stop_ = false;
   bool poked_ = false;
   std::thread thread_;
+  std::atomic<int> waiters_{0};
+  std::atomic<bool> dedicated_{false};
 
   // Touched only by the progress thread.
   std::vector<std::shared_ptr<Op>> active_;

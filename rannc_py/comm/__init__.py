@@ -21,6 +21,7 @@ from rannc_py._lazy import lazy_attributes
 
 _LAZY = {
     "Work": "rannc_py.comm.work",
+    "dedicate_cores": "rannc_py.comm._mpi",
     "wait_all": "rannc_py.comm.work",
     "isend": "rannc_py.comm.p2p",
     "irecv": "rannc_py.comm.p2p",

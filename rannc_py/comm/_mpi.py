@@ -19,6 +19,7 @@ if "mpi4py.MPI" not in sys.modules:
 from mpi4py import MPI  # must follow the rc setting
 
 from rannc_py import _core
+from rannc_py._util import usable_cores
 
 # Stop the progress thread before mpi4py finalises MPI (it does so after the
 # atexit handlers have run).
@@ -39,6 +40,26 @@ def require_thread_multiple() -> None:
             "import rannc_py.comm before mpi4py.MPI, or set mpi4py.rc.thread_level = 'multiple'"
         )
     _thread_ok = True
+
+
+def dedicate_cores(comm: Any) -> bool:
+    """Tell the engine whether this rank has a core of its own (collective over ``comm``).
+
+    True when this node's ranks of ``comm`` times this process's torch threads
+    fit the cores it may use. Then the engine's progress thread keeps polling
+    while a thread waits on an operation instead of backing off, so a message
+    that ends a long wait (a pipeline stage waiting for its neighbour, a
+    collective waiting for the last rank) is noticed at once; on shared cores
+    it backs off, leaving them to the ranks that compute. Returns the choice.
+    """
+    import torch
+
+    node = comm.Split_type(MPI.COMM_TYPE_SHARED)
+    ranks_here = node.Get_size()
+    node.Free()
+    dedicated = ranks_here * torch.get_num_threads() <= usable_cores()
+    _core.comm_set_dedicated(dedicated)
+    return dedicated
 
 
 def comm_handle(comm: Any) -> int:

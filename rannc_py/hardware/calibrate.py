@@ -37,7 +37,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from rannc_py._util import atomic_write, cache_dir, median_time
+from rannc_py._util import atomic_write, cache_dir, median_time, usable_cores
 from rannc_py.errors import ConfigError
 from rannc_py.hardware.device import Link
 
@@ -64,14 +64,6 @@ def _read_cache() -> dict[str, float]:
 
 def _write_cache(data: dict[str, float]) -> None:
     atomic_write(_cache_path(), json.dumps(data))  # concurrent jobs on one host never read half a file
-
-
-def usable_cores() -> int:
-    """Cores this process may run on (its CPU affinity; ``os.cpu_count()`` where that is unknown)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):  # not on Linux
-        return os.cpu_count() or 1
 
 
 def core_share(ranks: int, threads: int | None = None) -> float:

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from rannc_py.comm import p2p
+from rannc_py.comm import dedicate_cores, p2p
 from rannc_py.comm.work import Work
 from rannc_py.hardware.calibrate import measure_link
 from rannc_py.hardware.device import Link
@@ -44,6 +44,7 @@ def main() -> None:
     from mpi4py import MPI
 
     comm = MPI.COMM_WORLD.Dup()
+    dedicate_cores(comm)  # the engine waits as it will in a job on these ranks
     link = engine_link(comm)
     if comm.Get_rank() == 0:
         print(json.dumps({"latency": link.latency, "bandwidth": link.bandwidth, "overhead": link.overhead}))

@@ -48,6 +48,7 @@ from torch import Tensor, nn
 from torch.nn.modules.module import _IncompatibleKeys
 from typing_extensions import Self  # Python 3.10 has no typing.Self; torch depends on typing_extensions
 
+from rannc_py.comm import dedicate_cores
 from rannc_py.comm.work import in_flight
 from rannc_py.errors import ConfigError, RaNNCError
 from rannc_py.planner.options import TRAINING_SCHEDULES, PlanOptions
@@ -219,6 +220,7 @@ class RaNNCModule(nn.Module):
     def _setup(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         model, comm = self._model, self._comm
         rank = comm.Get_rank()
+        dedicate_cores(comm)  # collective: how the engine waits, before the link is measured
         self._names = P.canonical_names(model)
         # Planned from a training-mode trace whatever the first call's mode: the layout is for training.
         graph = trace_call(model, args, kwargs, True, self._names)

@@ -1,9 +1,14 @@
 """Point-to-point through rannc_py.comm on 2+ ranks: dtypes, sizes, tags, order, errors."""
 
+import time
+
 import torch
 
+from rannc_py import _core
+from rannc_py._util import usable_cores
 from rannc_py.comm import (  # sets the MPI thread level first
     allreduce,
+    dedicate_cores,
     irecv,
     isend,
     wait_all,
@@ -103,5 +108,26 @@ while not w.is_completed():
     pass
 w.wait()
 assert torch.equal(x, torch.full((1000,), float(sum(range(size)))))
+
+# The engine's two ways of waiting (a core of its own: polling while a thread
+# waits; shared cores: backing off) both deliver a message that ends a long
+# wait, and a collective whose last rank is late. The choice follows this
+# node's ranks and torch threads against the cores.
+torch.set_num_threads(1)
+assert dedicate_cores(comm) == (size <= usable_cores())
+for dedicated in (True, False):
+    _core.comm_set_dedicated(dedicated)
+    got = torch.zeros(1000)
+    w = irecv(got, left, 11, comm)
+    if rank == 0:
+        time.sleep(0.05)  # every other rank is blocked in wait() meanwhile
+    isend(torch.full((1000,), float(rank)), right, 11, comm).wait()
+    w.wait()
+    assert torch.equal(got, torch.full((1000,), float(left)))
+    late = torch.full((1000,), float(rank))
+    if rank == size - 1:
+        time.sleep(0.05)
+    allreduce(late, comm, "ring").wait()
+    assert torch.equal(late, torch.full((1000,), float(sum(range(size)))))
 comm.Barrier()
 print(f"rank {rank}: ok")
