@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from mpi_launch import REPO, run_mpi
 
 import rannc_py
 from rannc_py.errors import ConfigError
@@ -70,6 +71,30 @@ def test_job_link_skips_what_needs_no_measurement(tmp_path, monkeypatch):
     monkeypatch.setenv("RANNC_CACHE_DIR", str(tmp_path))
     assert job_link(None, OneRank()) is None  # one rank: no link at all
     assert job_link("a64fx:nodes=4", FourRanks()) is None  # a preset carries its own figures
+
+
+def test_contention_is_measured_only_for_ranks_sharing_cores():
+    from rannc_py.hardware.cluster import parse_cluster
+    from rannc_py.runtime.autoplan import job_contention, with_contention
+
+    class FourRanks:
+        def Get_size(self):
+            return 4  # any measurement would need a real communicator and fail
+
+    assert job_contention(None, FourRanks(), dedicated=True) is None  # a core each: nothing to add
+    assert job_contention("a64fx:nodes=4", FourRanks(), dedicated=False) is None  # a preset's own links
+    c = parse_cluster("a64fx:nodes=4")
+    assert with_contention(c, None) is c
+    slow = with_contention(c, 1e-3)
+    assert slow.intra_node.latency == 1e-3 and slow.inter_node.latency == 1e-3
+    assert slow.inter_node.bandwidth == c.inter_node.bandwidth
+    fast = with_contention(c, 1e-9)  # never lowers a latency
+    assert fast.intra_node.latency == c.intra_node.latency and fast.inter_node.latency == c.inter_node.latency
+
+
+def test_contention_probe_on_four_ranks():
+    proc = run_mpi(4, REPO / "tests/mpi_scripts/contention.py", timeout=240)
+    assert proc.stdout.count(": ok") == 4, proc.stdout + proc.stderr
 
 
 @pytest.mark.parametrize(

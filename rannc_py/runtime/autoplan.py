@@ -64,6 +64,33 @@ def job_link(cluster: Cluster | str | None, comm: Any) -> Link | None:
     return calibrate.measure_link(comm, EngineMessenger(comm)) if need else None
 
 
+def job_contention(cluster: Cluster | str | None, comm: Any, dedicated: bool) -> float | None:
+    """Per-message cost of the ranks sharing cores, for the ``local`` preset (collective over ``comm``).
+
+    Measured (:func:`rannc_py.runtime.link_probe.contended_latency`) when the
+    job has several ranks on the ``local`` preset and this node's ranks do not
+    each have a core (``dedicated`` False, from :func:`rannc_py.comm.dedicate_cores`);
+    never cached, since it depends on the job. None otherwise.
+    """
+    if comm.Get_size() < 2 or not _is_local(cluster) or dedicated:
+        return None
+    from rannc_py.runtime.link_probe import contended_latency
+
+    with torch.random.fork_rng(devices=[]):  # the probe draws its operands; the caller's stream stays
+        return contended_latency(comm)
+
+
+def with_contention(cluster: Cluster, latency: float | None) -> Cluster:
+    """``cluster`` with its links' latency at least ``latency`` (:func:`job_contention`; None: as it is)."""
+    if latency is None:
+        return cluster
+
+    def slower(link: Link) -> Link:
+        return dataclasses.replace(link, latency=max(link.latency, latency))
+
+    return dataclasses.replace(cluster, intra_node=slower(cluster.intra_node), inter_node=slower(cluster.inter_node))
+
+
 def job_cluster(options: PlanOptions, world_size: int, link: Link | None = None) -> Cluster:
     """The cluster the planner plans for: ``options.cluster`` (a Cluster or preset string),
     or by default ``"local:ranks=<world_size>"`` (this machine, calibrated), with

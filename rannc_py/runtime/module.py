@@ -220,7 +220,7 @@ class RaNNCModule(nn.Module):
     def _setup(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         model, comm = self._model, self._comm
         rank = comm.Get_rank()
-        dedicate_cores(comm)  # collective: how the engine waits, before the link is measured
+        self._dedicated = dedicate_cores(comm)  # collective: how the engine waits, before the link is measured
         self._names = P.canonical_names(model)
         # Planned from a training-mode trace whatever the first call's mode: the layout is for training.
         graph = trace_call(model, args, kwargs, True, self._names)
@@ -279,17 +279,20 @@ class RaNNCModule(nn.Module):
         from rannc_py.planner.api import plan_graph, predict_plan
         from rannc_py.runtime.autoplan import (
             job_cluster,
+            job_contention,
             job_link,
             job_optimizer,
             job_profile,
             job_tensor_overhead,
             quiet_bcast,
+            with_contention,
         )
 
         link = job_link(opts.cluster, comm)  # collective: the job's ranks measure the local link
+        contention = job_contention(opts.cluster, comm, self._dedicated)  # collective too
         text = None
         if comm.Get_rank() == 0:
-            cluster = job_cluster(opts, comm.Get_size(), link)
+            cluster = with_contention(job_cluster(opts, comm.Get_size(), link), contention)
             per_tensor = job_tensor_overhead(self._optimizer, opts.cluster, comm.Get_size())
             if per_tensor is not None:  # the user's optimizer's own per-tensor work, measured
                 cluster = dataclasses.replace(
