@@ -10,7 +10,9 @@ The modules, bottom to top (each imports only those below it):
 ``symbolic``    recomputing symbolic sizes inside a stage
 ``lowered``     the exported program classified (:class:`Program`) and the
                 Graph built from it (``lower``); ``tied_groups`` of a model
+``tensor_split``  which ops of a Program run split over a tensor group (:class:`TensorSplit`)
 ``staged``      stage modules cut from a Program (:class:`Stage`, :class:`StagedModule`)
+``tensor_program``  per-rank programs of a tensor split, collectives through a group object
 ``traced``      :class:`TracedGraph`: a Graph plus its Program
 ``trace``       ``trace(model, args, kwargs)`` -> TracedGraph
 
