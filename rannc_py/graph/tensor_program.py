@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from rannc_py.graph.lowered import Program
+from rannc_py.graph.tensor_rules import aten_name
 from rannc_py.graph.tensor_split import Shard, TensorSplit
 
 
@@ -216,7 +217,7 @@ def _divided(sizes: Any, dim: int, degree: int) -> Any:
 
 def _local_args(node: fx.Node, args: tuple[Any, ...], split: TensorSplit, in_dim: int | None) -> tuple[Any, ...]:
     """``args`` of a split op with its size arguments along the split dimension made local."""
-    name = str(node.target).split(".")[1] if str(node.target).startswith("aten.") else ""
+    name = aten_name(node)
     out = split.ops[node.name].outputs[0]
     if name in ("view", "reshape", "_unsafe_view", "expand") and out is not None:
         return (args[0], _divided(args[1], out.dim, split.degree), *args[2:])
@@ -276,7 +277,7 @@ class _Rewriter:
             setattr(self.root, str(node.target), getattr(self.prog.gm, str(node.target)))
         mode = self.split.mode(node.name)
         args, kwargs = self.mapped(node)
-        packet = str(node.target).split(".")[1] if str(node.target).startswith("aten.") else ""
+        packet = aten_name(node)
         if mode == "row":
             new = self.call(RowMatmul(self.group, packet), args, node.name)
         elif mode == "vocab_embedding":

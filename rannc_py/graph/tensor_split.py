@@ -48,7 +48,7 @@ the ``getitem`` aliases of multi-output ops);
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
@@ -57,24 +57,18 @@ from torch import fx
 
 from rannc_py.errors import ConfigError
 from rannc_py.graph.lowered import Program
-
-
-@dataclass(frozen=True)
-class Shard:
-    """How a tensor is split across the group: along ``dim``, block by block.
-
-    ``blocks`` are the full sizes of consecutive blocks along ``dim`` (they
-    sum to the dimension's size); rank ``r`` of ``t`` holds the ``r``-th
-    contiguous ``1/t`` of every block, concatenated. One block is a plain
-    contiguous shard; several are the blocked shard of a fused projection.
-    """
-
-    dim: int
-    blocks: tuple[int, ...]
-
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict."""
-        return {"dim": self.dim, "blocks": list(self.blocks)}
+from rannc_py.graph.tensor_rules import (
+    ELEMENTWISE,
+    RULES,
+    Restart,
+    Shard,
+    SplitValue,
+    args_of,
+    aten_name,
+    elementwise,
+    kwargs_of,
+    nodes_in,
+)
 
 
 @dataclass(frozen=True)
@@ -152,18 +146,6 @@ class TensorSplit:
         }
 
 
-class _Restart(Exception):
-    """The propagation changed a decision (a candidate rejected, blocks refined): run it again."""
-
-
-@dataclass
-class _Split:
-    """A split value during propagation: its shard and the column matmuls it comes from."""
-
-    shard: Shard
-    seeds: frozenset[str]
-
-
 @dataclass
 class _State:
     """Decisions that survive a restart."""
@@ -189,25 +171,8 @@ def find_tensor_split(program: Program, degree: int) -> TensorSplit:
     while True:
         try:
             return _Pass(program, degree, state).run()
-        except _Restart:
+        except Restart:
             continue
-
-
-def _packet(node: fx.Node) -> str:
-    """The ATen op name without namespace and overload (``"add"`` for ``aten.add.Tensor``)."""
-    text = str(node.target)
-    return text.split(".")[1] if text.startswith("aten.") else text
-
-
-_ELEMENTWISE = {
-    "add", "sub", "mul", "div", "neg", "gelu", "silu", "relu", "tanh", "sigmoid", "exp", "log", "pow", "rsqrt",
-    "sqrt", "erf", "abs", "clamp", "dropout", "to", "_to_copy", "contiguous", "clone", "alias", "detach",
-    "type_as", "where", "masked_fill", "reciprocal", "square", "maximum", "minimum", "eq", "ne", "lt", "le", "gt",
-    "ge", "logical_not", "bitwise_not", "__and__", "__or__",
-}
-_VIEWS = {"view", "reshape", "_unsafe_view"}
-_REDUCTIONS = {"mean", "sum", "amax", "amin"}
-_SOFTMAX = {"softmax", "_softmax", "log_softmax", "_log_softmax"}
 
 
 class _Pass:
@@ -217,7 +182,7 @@ class _Pass:
         self.prog = program
         self.t = degree
         self.state = state
-        self.value: dict[fx.Node, _Split | list[_Split | None] | None] = {}
+        self.value: dict[fx.Node, SplitValue | list[SplitValue | None] | None] = {}
         self.ops: dict[str, OpSplit] = {}
         self.param_uses: dict[str, list[tuple[Shard | None, frozenset[str]]]] = {}
 
@@ -229,8 +194,8 @@ class _Pass:
             if node.op == "output":
                 self.output(node)
             elif kind == "alias":
-                src = self.value.get(_args(node)[0])
-                self.value[node] = src[_args(node)[1]] if isinstance(src, list) else None
+                src = self.value.get(args_of(node)[0])
+                self.value[node] = src[args_of(node)[1]] if isinstance(src, list) else None
             elif kind in ("op", "sym"):
                 self.visit(node, kind)
         params = self.check_params()
@@ -238,9 +203,9 @@ class _Pass:
 
     def visit(self, node: fx.Node, kind: str) -> None:
         split_inputs = [x for x in self.tensor_inputs(node) if self.split_of(x) is not None]
-        name = _packet(node)
+        name = aten_name(node)
         if kind == "sym" or not isinstance(node.target, torch._ops.OpOverload):
-            for x in _nodes_in(node):
+            for x in nodes_in(node):
                 self.use_param(x, None, frozenset())
             if split_inputs:
                 self.reject(split_inputs, f"{node.name} ({node.target}) reads a split tensor")
@@ -255,7 +220,7 @@ class _Pass:
             self.use_param(x, None, frozenset())
         if not split_inputs:
             return
-        rule = _RULES.get(name) or (_elementwise if name in _ELEMENTWISE else None)
+        rule = RULES.get(name) or (elementwise if name in ELEMENTWISE else None)
         result = rule(self, node) if rule is not None else None
         if result is None:
             # Inputs split differently: keep the first operand's split, take back the others'.
@@ -275,14 +240,14 @@ class _Pass:
 
     def tensor_inputs(self, node: fx.Node) -> list[fx.Node]:
         seen: dict[fx.Node, None] = {}
-        for x in _nodes_in(node):
+        for x in nodes_in(node):
             if isinstance(x.meta.get("val"), torch.Tensor):
                 seen[x] = None
         return list(seen)
 
-    def split_of(self, x: Any) -> _Split | None:
+    def split_of(self, x: Any) -> SplitValue | None:
         v = self.value.get(x) if isinstance(x, fx.Node) else None
-        return v if isinstance(v, _Split) else None
+        return v if isinstance(v, SplitValue) else None
 
     def shape(self, x: Any) -> tuple[int, ...]:
         return self.prog.tensor_meta(x.meta["val"]).shape
@@ -296,7 +261,7 @@ class _Pass:
             raise RuntimeError(f"tensor split: nothing left to reject for {reason}")  # would loop forever
         for seed in seeds:
             self.state.rejected.setdefault(seed, reason)
-        raise _Restart
+        raise Restart
 
     def record(self, node: fx.Node, mode: str, result: tuple[Any, dict[str, tuple[Any, ...]]]) -> None:
         out, inputs = result
@@ -342,8 +307,8 @@ class _Pass:
 
     def matmul(self, node: fx.Node, name: str) -> bool:
         """Column, row or pass-through rule of a matmul by a weight parameter; False if it is none."""
-        x, w, b = _matmul_args(node, name)
-        if not (isinstance(w, fx.Node) and self.prog.kind.get(w) == "param") or _kwargs(node):
+        x, w, b = _matmulargs_of(node, name)
+        if not (isinstance(w, fx.Node) and self.prog.kind.get(w) == "param") or kwargs_of(node):
             return False
         w_out, w_in = (0, 1) if name == "linear" else (1, 0)
         xs = self.split_of(x)
@@ -376,13 +341,13 @@ class _Pass:
         seeds = frozenset({node.name})
         self.use_param(w, shard, seeds)
         self.use_param(b, Shard(dim=0, blocks=blocks), seeds)
-        out = _Split(Shard(dim=len(self.shape(node)) - 1, blocks=blocks), seeds)
+        out = SplitValue(Shard(dim=len(self.shape(node)) - 1, blocks=blocks), seeds)
         self.record(node, "column", (out, {x.name: ("copy",)} if isinstance(x, fx.Node) else {}))
         return True
 
     def embedding(self, node: fx.Node) -> bool:
         """Vocab-parallel rule of an embedding of a parameter table by ids from a model input."""
-        w, ids = _args(node)[0], _args(node)[1]
+        w, ids = args_of(node)[0], args_of(node)[1]
         if not (isinstance(w, fx.Node) and self.prog.kind.get(w) == "param" and isinstance(ids, fx.Node)):
             return False
         rows, cols = self.shape(w)
@@ -399,10 +364,10 @@ class _Pass:
 
     def cross_entropy(self, node: fx.Node) -> bool:
         """Vocab-parallel rule of a cross-entropy over logits split on the class dimension."""
-        logits, target, *rest = _args(node)
+        logits, target, *rest = args_of(node)
         xs = self.split_of(logits)
-        weight = rest[0] if rest else _kwargs(node).get("weight")
-        smoothing = rest[3] if len(rest) > 3 else _kwargs(node).get("label_smoothing", 0.0)
+        weight = rest[0] if rest else kwargs_of(node).get("weight")
+        smoothing = rest[3] if len(rest) > 3 else kwargs_of(node).get("label_smoothing", 0.0)
         if xs is None or len(self.shape(logits)) != 2 or xs.shard.dim != 1 or len(xs.shard.blocks) > 1:
             return False
         if weight is not None or smoothing or self.split_of(target) is not None:
@@ -412,25 +377,9 @@ class _Pass:
         return True
 
 
-def _args(node: fx.Node) -> Any:
-    """A node's positional arguments, untyped: the rules check what they read."""
-    return node.args
-
-
-def _kwargs(node: fx.Node) -> Any:
-    return node.kwargs
-
-
-def _nodes_in(node: fx.Node) -> Iterator[fx.Node]:
-    """The fx nodes among a node's args and kwargs, nested lists included, in order."""
-    found: list[fx.Node] = []
-    fx.node.map_arg((node.args, node.kwargs), found.append)
-    return iter(found)
-
-
-def _matmul_args(node: fx.Node, name: str) -> tuple[Any, Any, Any]:
+def _matmulargs_of(node: fx.Node, name: str) -> tuple[Any, Any, Any]:
     """(input, weight, bias) of ``linear(x, w, b)``, ``addmm(b, x, w)`` or ``mm(x, w)``."""
-    args = list(_args(node))
+    args = list(args_of(node))
     if name == "linear":
         return args[0], args[1], args[2] if len(args) > 2 else None
     if name == "addmm":
@@ -448,232 +397,6 @@ def _reads_input(node: fx.Node, program: Program) -> bool:
         seen.add(x)
         if program.kind.get(x) == "input":
             return True
-        stack.extend(_nodes_in(x))
+        stack.extend(nodes_in(x))
     return False
 
-
-def _dim(d: int, ndim: int) -> int:
-    return d + ndim if d < 0 else d
-
-
-# -- rules: (pass, node) -> (the output's split, input actions), or None when the op cannot run split --
-
-_Result = tuple[Any, dict[str, tuple[Any, ...]]] | None
-
-
-def _seeds(p: _Pass, node: fx.Node) -> frozenset[str]:
-    return frozenset().union(*(s.seeds for x in p.tensor_inputs(node) if (s := p.split_of(x)) is not None))
-
-
-def _moved(p: _Pass, node: fx.Node, dim: int | None, blocks: tuple[int, ...] | None = None) -> _Result:
-    """The single input's split moved to output ``dim`` (None: the op cannot keep it). One block
-    becomes the new dim's size; several are kept (the callers keep that dim's size)."""
-    xs = p.split_of(_args(node)[0])
-    if dim is None or xs is None:
-        return None
-    if blocks is None:
-        blocks = xs.shard.blocks if len(xs.shard.blocks) > 1 else (p.shape(node)[dim],)
-    return _Split(Shard(dim=dim, blocks=blocks), xs.seeds), {}
-
-
-def _elementwise(p: _Pass, node: fx.Node) -> _Result:
-    """Broadcasting ops: every split operand split on the same output dim, replicated ones narrowed."""
-    out_ndim = len(p.shape(node))
-    dims, blocks = set(), set()
-    for x in p.tensor_inputs(node):
-        if (s := p.split_of(x)) is not None:
-            dims.add(s.shard.dim + out_ndim - len(p.shape(x)))
-            blocks.add(s.shard.blocks)
-    if len(dims) != 1 or len(blocks) != 1:
-        return None
-    d, b = dims.pop(), blocks.pop()
-    operands: dict[fx.Node, int | None] = {}
-    for x in p.tensor_inputs(node):
-        aligned = d - (out_ndim - len(p.shape(x)))
-        operands[x] = aligned if aligned >= 0 and p.shape(x)[aligned] > 1 else None
-    inputs = p.narrow_inputs(node, operands, b)
-    if inputs is None:
-        return None
-    return _Split(Shard(dim=d, blocks=b), _seeds(p, node)), inputs
-
-
-def _groups(src: tuple[int, ...], dst: tuple[int, ...]) -> list[tuple[list[int], list[int]]] | None:
-    """Pair runs of dims of ``src`` and ``dst`` with equal products (size-1 dims left out)."""
-    a = [i for i, n in enumerate(src) if n != 1]
-    b = [j for j, n in enumerate(dst) if n != 1]
-    out: list[tuple[list[int], list[int]]] = []
-    i = j = 0
-    while i < len(a) and j < len(b):
-        ga, gb = [a[i]], [b[j]]
-        pa, pb = src[a[i]], dst[b[j]]
-        i, j = i + 1, j + 1
-        while pa != pb:
-            if pa < pb and i < len(a):
-                ga.append(a[i])
-                pa *= src[a[i]]
-                i += 1
-            elif pb < pa and j < len(b):
-                gb.append(b[j])
-                pb *= dst[b[j]]
-                j += 1
-            else:
-                return None
-        out.append((ga, gb))
-    return out if i == len(a) and j == len(b) else None
-
-
-def _view(p: _Pass, node: fx.Node) -> _Result:
-    """A view keeps a split whose dim is the outermost of its group on both sides (heads x head_dim)."""
-    xs = p.split_of(_args(node)[0])
-    assert xs is not None
-    groups = _groups(p.shape(_args(node)[0]), p.shape(node))
-    group = next((g for g in groups or [] if xs.shard.dim in g[0]), None)
-    if group is None or group[0][0] != xs.shard.dim:
-        return None
-    dim = group[1][0]
-    size = p.shape(node)[dim]
-    if size % p.t or (len(xs.shard.blocks) > 1 and size != p.shape(_args(node)[0])[xs.shard.dim]):
-        return None
-    return _moved(p, node, dim)
-
-
-def _transpose(p: _Pass, node: fx.Node) -> _Result:
-    xs = p.split_of(_args(node)[0])
-    assert xs is not None
-    ndim = len(p.shape(node))
-    a, b = (_dim(int(d), ndim) for d in _args(node)[1:3])
-    d = xs.shard.dim
-    return _moved(p, node, b if d == a else a if d == b else d)
-
-
-def _permute(p: _Pass, node: fx.Node) -> _Result:
-    xs = p.split_of(_args(node)[0])
-    assert xs is not None
-    ndim = len(p.shape(node))
-    order = [_dim(int(d), ndim) for d in _args(node)[1]]
-    return _moved(p, node, order.index(xs.shard.dim))
-
-
-def _unsqueeze(p: _Pass, node: fx.Node) -> _Result:
-    xs = p.split_of(_args(node)[0])
-    assert xs is not None
-    d = _dim(int(_args(node)[1]), len(p.shape(node)))
-    return _moved(p, node, xs.shard.dim + (1 if d <= xs.shard.dim else 0))
-
-
-def _expand(p: _Pass, node: fx.Node) -> _Result:
-    xs = p.split_of(_args(node)[0])
-    assert xs is not None
-    return _moved(p, node, xs.shard.dim + len(p.shape(node)) - len(p.shape(_args(node)[0])))
-
-
-def _split(p: _Pass, node: fx.Node) -> _Result:
-    """``split`` / ``split_with_sizes``: along another dim every piece keeps the split; along the
-    split dim the pieces must be its blocks (a fused projection, refined here)."""
-    x = _args(node)[0]
-    xs = p.split_of(x)
-    assert xs is not None
-    shape = p.shape(x)
-    dim = _dim(int(_args(node)[2]) if len(_args(node)) > 2 else 0, len(shape))
-    size = _args(node)[1]
-    sizes = tuple(size) if isinstance(size, (list, tuple)) else _chunks(shape[dim], int(size))
-    if dim != xs.shard.dim:
-        return [_Split(xs.shard, xs.seeds) for _ in sizes], {}
-    if xs.shard.blocks != sizes:
-        if len(xs.shard.blocks) == 1 and len(xs.seeds) == 1 and all(s % p.t == 0 for s in sizes):
-            (seed,) = xs.seeds
-            if seed not in p.state.blocks:
-                p.state.blocks[seed] = sizes
-                raise _Restart
-        return None
-    return [_Split(Shard(dim=dim, blocks=(s,)), xs.seeds) for s in sizes], {}
-
-
-def _chunks(n: int, size: int) -> tuple[int, ...]:
-    return tuple(min(size, n - i) for i in range(0, n, size))
-
-
-def _slice(p: _Pass, node: fx.Node) -> _Result:
-    """``slice`` / ``select`` / ``narrow`` along a dim other than the split one."""
-    x = _args(node)[0]
-    xs = p.split_of(x)
-    assert xs is not None
-    d = _dim(int(_args(node)[1]) if len(_args(node)) > 1 else 0, len(p.shape(x)))
-    if d == xs.shard.dim:
-        return None
-    drops = _packet(node) == "select"
-    return _moved(p, node, xs.shard.dim - (1 if drops and d < xs.shard.dim else 0))
-
-
-def _cat(p: _Pass, node: fx.Node) -> _Result:
-    parts = _args(node)[0]
-    d = _dim(int(_args(node)[1]) if len(_args(node)) > 1 else 0, len(p.shape(node)))
-    splits = {(s.shard.dim, s.shard.blocks) for x in parts if (s := p.split_of(x)) is not None}
-    if len(splits) != 1:
-        return None
-    (dim, blocks), = splits
-    if dim == d:
-        return None
-    inputs = p.narrow_inputs(node, {x: dim for x in parts}, blocks)
-    if inputs is None:
-        return None
-    return _Split(Shard(dim=dim, blocks=blocks), _seeds(p, node)), inputs
-
-
-def _attention(p: _Pass, node: fx.Node) -> _Result:
-    """Scaled-dot-product attention over heads (dim 1 of (B, H, T, D)): q, k, v split on heads or
-    narrowed to the rank's heads, the mask narrowed where it does not broadcast over heads."""
-    q, k, v = _args(node)[:3]
-    mask = _args(node)[3] if len(_args(node)) > 3 else _kwargs(node).get("attn_mask")
-    if _kwargs(node).get("enable_gqa") or len(p.shape(q)) != 4:
-        return None
-    tensors = [x for x in (q, k, v, mask) if isinstance(x, fx.Node)]
-    splits = {(s.shard.dim, s.shard.blocks) for x in tensors if (s := p.split_of(x)) is not None}
-    if splits != {(1, (p.shape(q)[1],))} or any(p.shape(x)[1] != p.shape(q)[1] for x in (k, v)):
-        return None
-    operands: dict[fx.Node, int | None] = {x: 1 for x in (q, k, v)}
-    if isinstance(mask, fx.Node):
-        ndim = len(p.shape(mask))
-        operands[mask] = ndim - 3 if ndim >= 3 and p.shape(mask)[ndim - 3] > 1 else None
-    inputs = p.narrow_inputs(node, operands, (1,))
-    return _Split(Shard(dim=1, blocks=(p.shape(q)[1],)), _seeds(p, node)), inputs or {}
-
-
-def _softmax(p: _Pass, node: fx.Node) -> _Result:
-    xs = p.split_of(_args(node)[0])
-    assert xs is not None
-    d = _dim(int(_args(node)[1]), len(p.shape(node)))
-    return None if d == xs.shard.dim else _moved(p, node, xs.shard.dim)
-
-
-def _reduction(p: _Pass, node: fx.Node) -> _Result:
-    """``mean`` / ``sum`` / ``amax`` over dims other than the split one."""
-    x = _args(node)[0]
-    xs = p.split_of(x)
-    if xs is None or len(_args(node)) < 2 or _args(node)[1] is None:
-        return None
-    ndim = len(p.shape(x))
-    dims = [_args(node)[1]] if isinstance(_args(node)[1], int) else list(_args(node)[1])
-    dims = [_dim(int(d), ndim) for d in dims]
-    keep = bool(_args(node)[2]) if len(_args(node)) > 2 else bool(_kwargs(node).get("keepdim", False))
-    if xs.shard.dim in dims:
-        return None
-    return _moved(p, node, xs.shard.dim - (0 if keep else sum(d < xs.shard.dim for d in dims)))
-
-
-_RULES: dict[str, Any] = {
-    **{name: _view for name in _VIEWS},
-    **{name: _softmax for name in _SOFTMAX},
-    **{name: _reduction for name in _REDUCTIONS},
-    "transpose": _transpose,
-    "permute": _permute,
-    "unsqueeze": _unsqueeze,
-    "expand": _expand,
-    "split": _split,
-    "split_with_sizes": _split,
-    "slice": _slice,
-    "select": _slice,
-    "narrow": _slice,
-    "cat": _cat,
-    "scaled_dot_product_attention": _attention,
-}
