@@ -8,7 +8,7 @@ SCRIPT = REPO / "tests/mpi_scripts/tp_equiv.py"
 
 
 def test_two_rank_tensor_group_trains_like_eager() -> None:
-    models = ["gpt", "hf_gpt2", "hf_llama", "hf_bert"]
+    models = ["gpt", "hf_gpt2", "hf_llama", "hf_bert", "gpt:clip", "hf_llama:clip"]
     out = run_mpi(2, SCRIPT, *models, timeout=900).stdout
     for name in models:
         assert f"{name}: ok" in out

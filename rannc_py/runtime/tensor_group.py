@@ -90,6 +90,21 @@ class TensorParallelModule(nn.Module):
         outs = self.program(params, self.traced.flatten_inputs(args, kwargs))
         return self.traced.unflatten_outputs(outs)
 
+    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
+        """Scale the gradients so that their total 2-norm is at most ``max_norm``, as
+        ``torch.nn.utils.clip_grad_norm_`` on the unsplit model: each split parameter's shards
+        count once (summed over the group), each replicated one once. Returns the total norm
+        before clipping; raises nothing."""
+        grads = [(name, p.grad) for name, p in zip(self.names, self.shards) if p.grad is not None]
+        zero = torch.zeros((), dtype=torch.float32)
+        split = sum((g.detach().float().pow(2).sum() for n, g in grads if n in self.split.params), zero)
+        whole = sum((g.detach().float().pow(2).sum() for n, g in grads if n not in self.split.params), zero)
+        total = (self.group.all_reduce(split.reshape(1))[0] + whole).sqrt()
+        coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+        for _, g in grads:
+            g.mul_(coef.to(g.dtype))
+        return total
+
     def full_parameters(self) -> dict[str, torch.Tensor]:
         """Every parameter whole, under its canonical name, on every rank (split ones allgathered)."""
         out: dict[str, torch.Tensor] = {}

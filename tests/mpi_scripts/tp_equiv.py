@@ -1,6 +1,7 @@
 """A model run by a tensor group of all ranks trains as eager PyTorch does.
 
-Usage: tp_equiv.py MODEL [MODEL ...] (names of runtime_models.py). Each rank
+Usage: tp_equiv.py MODEL[:clip] [...] (names of runtime_models.py; ``clip``:
+``clip_grad_norm_`` to 0.1 before each step, the group's against torch's). Each rank
 builds the model from one seed, wraps a copy in TensorParallelModule over
 COMM_WORLD and trains both with AdamW for STEPS steps on the same batches:
 the losses must match every step and every parameter (gathered) after the
@@ -35,7 +36,8 @@ def optimizer(params: object) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=1e-2, eps=1e-6)  # type: ignore[arg-type]
 
 
-def check(name: str) -> None:
+def check(case: str) -> None:
+    name, _, option = case.partition(":")
     torch.manual_seed(0)
     eager = build_model(name)
     extra = call_kwargs(name)
@@ -49,9 +51,15 @@ def check(name: str) -> None:
             opt.zero_grad()
             loss = model(**batch)["loss"]
             loss.backward()
+            if option == "clip":
+                norm = tp.clip_grad_norm_(0.1) if model is tp else torch.nn.utils.clip_grad_norm_(eager.parameters(), 0.1)
+                losses.append(norm.detach())
             opt.step()
             losses.append(loss.detach())
-        assert torch.allclose(losses[0], losses[1], rtol=1e-5, atol=1e-6), f"{name} step {step}: losses {losses}"
+        half = len(losses) // 2
+        assert option != "clip" or losses[0] > 0.1, f"{case}: the norm {losses[0]} is not clipped; lower max_norm"
+        for want, got in zip(losses[:half], losses[half:]):  # the loss, and the gradient norm with clip
+            assert torch.allclose(want, got, rtol=1e-5, atol=1e-6), f"{case} step {step}: {losses}"
     full = tp.full_parameters()
     for fqn, p in eager.named_parameters():
         got = full[fqn]
