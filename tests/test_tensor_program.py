@@ -112,3 +112,20 @@ def test_a_contiguous_fused_shard_fails_the_comparison() -> None:
     assert wrong != split.params
     bad = TensorSplit(degree=2, ops=split.ops, params=wrong, rejected=split.rejected)
     assert any("output loss" in m for m in mismatches(run_split(case, 2, split=bad)))
+
+
+def test_rank_programs_run_at_another_batch_size() -> None:
+    """Traced with 4 rows, run with 2: the split keeps the traced program's symbolic batch."""
+    model, args, kwargs = gpt_vocab96()
+    graph = trace(model, args, kwargs)
+    split = find_tensor_split(graph.program, 2)
+    small = {k: v[:2] for k, v in kwargs.items()}
+    want = model(**small).loss
+
+    def rank(r: int, group: Any) -> torch.Tensor:
+        outs = build_rank_program(graph.program, split, group)(shard_parameters(graph.program, split, r),
+                                                               graph.flatten_inputs((), small))
+        return outs[0].detach()
+
+    for got in run_ranks(2, rank):
+        assert torch.allclose(got, want, rtol=1e-5, atol=1e-6)

@@ -354,7 +354,8 @@ class _Pass:
         key = node.name
         if self.split_of(ids) is not None or key in self.state.rejected:
             return False
-        if rows % self.t or rows <= cols or not _reads_input(ids, self.prog):
+        by_freq = len(args_of(node)) > 3 and bool(args_of(node)[3])  # counts would be per rank's range
+        if rows % self.t or rows <= cols or by_freq or not _reads_input(ids, self.prog):
             self.use_param(w, None, frozenset())
             return True
         self.use_param(w, Shard(dim=0, blocks=(rows,)), frozenset({key}))
