@@ -152,3 +152,38 @@ def test_the_split_is_json_data() -> None:
     d = json.loads(json.dumps(split.to_dict()))
     assert d["params"]["qkv.weight"] == {"dim": 0, "blocks": [16, 16, 16]}
     assert d["ops"]["linear_1"]["mode"] == "row"
+
+
+class SplitTwice(nn.Module):
+    """A fused projection cut in two pieces; one piece is cut again along the sequence (the split
+    stays) and, with ``again_features``, the other along its features (a nested fusion, which is
+    left replicated)."""
+
+    def __init__(self, again_features: bool) -> None:
+        super().__init__()
+        self.again_features = again_features
+        self.fused, self.out_a, self.out_b = nn.Linear(8, 32), nn.Linear(16, 8), nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # a scalar, to call backward on
+        a, b = self.fused(x).split(16, dim=-1)
+        first, second = a.split(3, dim=1)
+        a = torch.cat([second, first], dim=1)
+        if self.again_features:
+            c, d = b.split(8, dim=-1)
+            return (self.out_a(a) + self.out_b(c * d)).square().mean()
+        return (self.out_a(a) + self.out_a(b)).square().mean()
+
+
+@pytest.mark.parametrize("again_features", [False, True])
+def test_pieces_of_a_fused_projection_split_again(again_features: bool) -> None:
+    from test_tensor_program import mismatches, run_split
+
+    model = SplitTwice(again_features)
+    x = torch.randn(4, 6, 8)
+    split = split_of(model, x)
+    if again_features:
+        assert "fused.weight" not in split.params and "split" in split.rejected["linear"]
+    else:
+        assert split.params["fused.weight"] == Shard(0, (16, 16))
+        assert split.mode("cat") == "split"
+    assert mismatches(run_split((model, (x,), {}), 2)) == []

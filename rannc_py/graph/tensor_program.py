@@ -240,7 +240,6 @@ class _Rewriter:
         self.root = nn.Module()
         self.env: dict[fx.Node, fx.Node] = {}
         self.done: dict[tuple[Any, ...], fx.Node] = {}  # (source node, action) -> its new node
-        self.shard_in: dict[fx.Node, Shard] = {}
 
     def call(self, module: nn.Module, args: tuple[Any, ...], name: str) -> fx.Node:
         target = f"tp_{name}"

@@ -195,7 +195,10 @@ class _Pass:
                 self.output(node)
             elif kind == "alias":
                 src = self.value.get(args_of(node)[0])
-                self.value[node] = src[args_of(node)[1]] if isinstance(src, list) else None
+                piece = src[args_of(node)[1]] if isinstance(src, list) else None
+                self.value[node] = piece
+                if piece is not None:  # listed, so that the ops reading it see its shard
+                    self.ops[node.name] = OpSplit(mode="split", outputs=(piece.shard,))
             elif kind in ("op", "sym"):
                 self.visit(node, kind)
         params = self.check_params()
