@@ -8,9 +8,12 @@ The modules, bottom to top (each imports only those below it):
 ``layout``      how a call's arguments and the model's output flatten
 ``flops``       FLOP estimates per ATen op
 ``symbolic``    recomputing symbolic sizes inside a stage
+``tensor_rules``  how each kind of op carries a tensor split (:class:`Shard`)
 ``lowered``     the exported program classified (:class:`Program`) and the
                 Graph built from it (``lower``); ``tied_groups`` of a model
+``tensor_split``  which ops of a Program run split over a tensor group (:class:`TensorSplit`)
 ``staged``      stage modules cut from a Program (:class:`Stage`, :class:`StagedModule`)
+``tensor_program``  per-rank programs of a tensor split, collectives through a group object
 ``traced``      :class:`TracedGraph`: a Graph plus its Program
 ``trace``       ``trace(model, args, kwargs)`` -> TracedGraph
 

@@ -9,5 +9,6 @@ gathering and loading state), ``executor`` (one stage's action list over a
 step), ``stage`` (a stage program with its wire formats), ``routing`` (which
 rows go to which replica, message tags), ``io`` (inputs in, outputs back),
 ``grads`` (bucketed gradient sums, held gradients, clipping), ``failure``
-(one failing rank ends every rank).
+(one failing rank ends every rank), ``tensor_group`` (a model run by the
+ranks of a tensor group over MPI; not planned yet).
 """

@@ -1,0 +1,323 @@
+"""The propagation rules of the tensor split: how each kind of op carries a split through.
+
+Used by :mod:`rannc_py.graph.tensor_split` (see its docstring for the
+method). A rule takes the propagation and an op whose inputs include a split
+tensor, and returns the split of its output (a list for a multi-output op)
+with what to do to its replicated inputs first, or None when the op cannot
+run on split inputs (then the split is taken back). Shapes are the traced
+example's (symbolic sizes at their hints).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from torch import fx
+
+
+@dataclass(frozen=True)
+class Shard:
+    """How a tensor is split across the group: along ``dim``, block by block.
+
+    ``blocks`` are the full sizes of consecutive blocks along ``dim`` (they
+    sum to the dimension's size); rank ``r`` of ``t`` holds the ``r``-th
+    contiguous ``1/t`` of every block, concatenated. One block is a plain
+    contiguous shard; several are the blocked shard of a fused projection.
+    """
+
+    dim: int
+    blocks: tuple[int, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict."""
+        return {"dim": self.dim, "blocks": list(self.blocks)}
+
+
+class Restart(Exception):
+    """The propagation changed a decision (a candidate rejected, blocks refined): run it again."""
+
+
+@dataclass
+class SplitValue:
+    """A split value during propagation: its shard and the column matmuls it comes from."""
+
+    shard: Shard
+    seeds: frozenset[str]
+
+
+class Propagation(Protocol):
+    """What the rules read of a propagation pass (:class:`rannc_py.graph.tensor_split._Pass`)."""
+
+    t: int
+    state: Any
+
+    def split_of(self, x: Any) -> SplitValue | None: ...
+
+    def shape(self, x: Any) -> tuple[int, ...]: ...
+
+    def tensor_inputs(self, node: fx.Node) -> list[fx.Node]: ...
+
+    def narrow_inputs(self, node: fx.Node, operands: dict[fx.Node, int | None],
+                      blocks: tuple[int, ...]) -> dict[str, tuple[Any, ...]] | None: ...
+
+
+def aten_name(node: fx.Node) -> str:
+    """The ATen op name without namespace and overload (``"add"`` for ``aten.add.Tensor``)."""
+    text = str(node.target)
+    return text.split(".")[1] if text.startswith("aten.") else text
+
+
+ELEMENTWISE = {
+    "add", "sub", "mul", "div", "neg", "gelu", "silu", "relu", "tanh", "sigmoid", "exp", "log", "pow", "rsqrt",
+    "sqrt", "erf", "abs", "clamp", "dropout", "to", "_to_copy", "contiguous", "clone", "alias", "detach",
+    "type_as", "where", "masked_fill", "reciprocal", "square", "maximum", "minimum", "eq", "ne", "lt", "le", "gt",
+    "ge", "logical_not", "bitwise_not", "__and__", "__or__",
+}
+_VIEWS = {"view", "reshape", "_unsafe_view"}
+_REDUCTIONS = {"mean", "sum", "amax", "amin"}
+_SOFTMAX = {"softmax", "_softmax", "log_softmax", "_log_softmax"}
+
+
+def args_of(node: fx.Node) -> Any:
+    """A node's positional arguments, untyped: the rules check what they read."""
+    return node.args
+
+
+def kwargs_of(node: fx.Node) -> Any:
+    return node.kwargs
+
+
+def nodes_in(node: fx.Node) -> Iterator[fx.Node]:
+    """The fx nodes among a node's args and kwargs, nested lists included, in order."""
+    found: list[fx.Node] = []
+    fx.node.map_arg((node.args, node.kwargs), found.append)
+    return iter(found)
+
+
+def norm_dim(d: int, ndim: int) -> int:
+    return d + ndim if d < 0 else d
+
+
+# -- rules: (pass, node) -> (the output's split, input actions), or None when the op cannot run split --
+
+_Result = tuple[Any, dict[str, tuple[Any, ...]]] | None
+
+
+def _seeds(p: Propagation, node: fx.Node) -> frozenset[str]:
+    return frozenset().union(*(s.seeds for x in p.tensor_inputs(node) if (s := p.split_of(x)) is not None))
+
+
+def _moved(p: Propagation, node: fx.Node, dim: int | None, blocks: tuple[int, ...] | None = None) -> _Result:
+    """The single input's split moved to output ``dim`` (None: the op cannot keep it). One block
+    becomes the new dim's size; several are kept (the callers keep that dim's size)."""
+    xs = p.split_of(args_of(node)[0])
+    if dim is None or xs is None:
+        return None
+    if blocks is None:
+        blocks = xs.shard.blocks if len(xs.shard.blocks) > 1 else (p.shape(node)[dim],)
+    return SplitValue(Shard(dim=dim, blocks=blocks), xs.seeds), {}
+
+
+def elementwise(p: Propagation, node: fx.Node) -> _Result:
+    """Broadcasting ops: every split operand split on the same output dim, replicated ones narrowed."""
+    out_ndim = len(p.shape(node))
+    dims, blocks = set(), set()
+    for x in p.tensor_inputs(node):
+        if (s := p.split_of(x)) is not None:
+            dims.add(s.shard.dim + out_ndim - len(p.shape(x)))
+            blocks.add(s.shard.blocks)
+    if len(dims) != 1 or len(blocks) != 1:
+        return None
+    d, b = dims.pop(), blocks.pop()
+    operands: dict[fx.Node, int | None] = {}
+    for x in p.tensor_inputs(node):
+        aligned = d - (out_ndim - len(p.shape(x)))
+        operands[x] = aligned if aligned >= 0 and p.shape(x)[aligned] > 1 else None
+    inputs = p.narrow_inputs(node, operands, b)
+    if inputs is None:
+        return None
+    return SplitValue(Shard(dim=d, blocks=b), _seeds(p, node)), inputs
+
+
+def _groups(src: tuple[int, ...], dst: tuple[int, ...]) -> list[tuple[list[int], list[int]]] | None:
+    """Pair runs of dims of ``src`` and ``dst`` with equal products (size-1 dims left out)."""
+    a = [i for i, n in enumerate(src) if n != 1]
+    b = [j for j, n in enumerate(dst) if n != 1]
+    out: list[tuple[list[int], list[int]]] = []
+    i = j = 0
+    while i < len(a) and j < len(b):
+        ga, gb = [a[i]], [b[j]]
+        pa, pb = src[a[i]], dst[b[j]]
+        i, j = i + 1, j + 1
+        while pa != pb:
+            if pa < pb and i < len(a):
+                ga.append(a[i])
+                pa *= src[a[i]]
+                i += 1
+            elif pb < pa and j < len(b):
+                gb.append(b[j])
+                pb *= dst[b[j]]
+                j += 1
+            else:
+                return None
+        out.append((ga, gb))
+    return out if i == len(a) and j == len(b) else None
+
+
+def _view(p: Propagation, node: fx.Node) -> _Result:
+    """A view keeps a split whose dim is the outermost of its group on both sides (heads x head_dim)."""
+    xs = p.split_of(args_of(node)[0])
+    assert xs is not None
+    groups = _groups(p.shape(args_of(node)[0]), p.shape(node))
+    group = next((g for g in groups or [] if xs.shard.dim in g[0]), None)
+    if group is None or group[0][0] != xs.shard.dim:
+        return None
+    dim = group[1][0]
+    size = p.shape(node)[dim]
+    if size % p.t or (len(xs.shard.blocks) > 1 and size != p.shape(args_of(node)[0])[xs.shard.dim]):
+        return None
+    return _moved(p, node, dim)
+
+
+def _transpose(p: Propagation, node: fx.Node) -> _Result:
+    xs = p.split_of(args_of(node)[0])
+    assert xs is not None
+    ndim = len(p.shape(node))
+    a, b = (norm_dim(int(d), ndim) for d in args_of(node)[1:3])
+    d = xs.shard.dim
+    return _moved(p, node, b if d == a else a if d == b else d)
+
+
+def _permute(p: Propagation, node: fx.Node) -> _Result:
+    xs = p.split_of(args_of(node)[0])
+    assert xs is not None
+    ndim = len(p.shape(node))
+    order = [norm_dim(int(d), ndim) for d in args_of(node)[1]]
+    return _moved(p, node, order.index(xs.shard.dim))
+
+
+def _unsqueeze(p: Propagation, node: fx.Node) -> _Result:
+    xs = p.split_of(args_of(node)[0])
+    assert xs is not None
+    d = norm_dim(int(args_of(node)[1]), len(p.shape(node)))
+    return _moved(p, node, xs.shard.dim + (1 if d <= xs.shard.dim else 0))
+
+
+def _expand(p: Propagation, node: fx.Node) -> _Result:
+    xs = p.split_of(args_of(node)[0])
+    assert xs is not None
+    return _moved(p, node, xs.shard.dim + len(p.shape(node)) - len(p.shape(args_of(node)[0])))
+
+
+def _split(p: Propagation, node: fx.Node) -> _Result:
+    """``split`` / ``split_with_sizes``: along another dim every piece keeps the split; along the
+    split dim the pieces must be its blocks (a fused projection, refined here)."""
+    x = args_of(node)[0]
+    xs = p.split_of(x)
+    assert xs is not None
+    shape = p.shape(x)
+    dim = norm_dim(int(args_of(node)[2]) if len(args_of(node)) > 2 else 0, len(shape))
+    size = args_of(node)[1]
+    sizes = tuple(size) if isinstance(size, (list, tuple)) else _chunks(shape[dim], int(size))
+    if dim != xs.shard.dim:
+        return [SplitValue(xs.shard, xs.seeds) for _ in sizes], {}
+    if xs.shard.blocks != sizes:
+        if len(xs.shard.blocks) == 1 and len(xs.seeds) == 1 and all(s % p.t == 0 for s in sizes):
+            (seed,) = xs.seeds
+            if seed not in p.state.blocks:
+                p.state.blocks[seed] = sizes
+                raise Restart
+        return None
+    return [SplitValue(Shard(dim=dim, blocks=(s,)), xs.seeds) for s in sizes], {}
+
+
+def _chunks(n: int, size: int) -> tuple[int, ...]:
+    return tuple(min(size, n - i) for i in range(0, n, size))
+
+
+def _slice(p: Propagation, node: fx.Node) -> _Result:
+    """``slice`` / ``select`` / ``narrow`` along a dim other than the split one."""
+    x = args_of(node)[0]
+    xs = p.split_of(x)
+    assert xs is not None
+    d = norm_dim(int(args_of(node)[1]) if len(args_of(node)) > 1 else 0, len(p.shape(x)))
+    if d == xs.shard.dim:
+        return None
+    drops = aten_name(node) == "select"
+    return _moved(p, node, xs.shard.dim - (1 if drops and d < xs.shard.dim else 0))
+
+
+def _cat(p: Propagation, node: fx.Node) -> _Result:
+    parts = args_of(node)[0]
+    d = norm_dim(int(args_of(node)[1]) if len(args_of(node)) > 1 else 0, len(p.shape(node)))
+    splits = {(s.shard.dim, s.shard.blocks) for x in parts if (s := p.split_of(x)) is not None}
+    if len(splits) != 1:
+        return None
+    (dim, blocks), = splits
+    if dim == d:
+        return None
+    inputs = p.narrow_inputs(node, {x: dim for x in parts}, blocks)
+    if inputs is None:
+        return None
+    return SplitValue(Shard(dim=dim, blocks=blocks), _seeds(p, node)), inputs
+
+
+def _attention(p: Propagation, node: fx.Node) -> _Result:
+    """Scaled-dot-product attention over heads (dim 1 of (B, H, T, D)): q, k, v split on heads or
+    narrowed to the rank's heads, the mask narrowed where it does not broadcast over heads."""
+    q, k, v = args_of(node)[:3]
+    mask = args_of(node)[3] if len(args_of(node)) > 3 else kwargs_of(node).get("attn_mask")
+    if kwargs_of(node).get("enable_gqa") or len(p.shape(q)) != 4:
+        return None
+    tensors = [x for x in (q, k, v, mask) if isinstance(x, fx.Node)]
+    splits = {(s.shard.dim, s.shard.blocks) for x in tensors if (s := p.split_of(x)) is not None}
+    if splits != {(1, (p.shape(q)[1],))} or any(p.shape(x)[1] != p.shape(q)[1] for x in (k, v)):
+        return None
+    operands: dict[fx.Node, int | None] = {x: 1 for x in (q, k, v)}
+    if isinstance(mask, fx.Node):
+        ndim = len(p.shape(mask))
+        operands[mask] = ndim - 3 if ndim >= 3 and p.shape(mask)[ndim - 3] > 1 else None
+    inputs = p.narrow_inputs(node, operands, (1,))
+    return SplitValue(Shard(dim=1, blocks=(p.shape(q)[1],)), _seeds(p, node)), inputs or {}
+
+
+def _softmax(p: Propagation, node: fx.Node) -> _Result:
+    xs = p.split_of(args_of(node)[0])
+    assert xs is not None
+    d = norm_dim(int(args_of(node)[1]), len(p.shape(node)))
+    return None if d == xs.shard.dim else _moved(p, node, xs.shard.dim)
+
+
+def _reduction(p: Propagation, node: fx.Node) -> _Result:
+    """``mean`` / ``sum`` / ``amax`` over dims other than the split one."""
+    x = args_of(node)[0]
+    xs = p.split_of(x)
+    if xs is None or len(args_of(node)) < 2 or args_of(node)[1] is None:
+        return None
+    ndim = len(p.shape(x))
+    dims = [args_of(node)[1]] if isinstance(args_of(node)[1], int) else list(args_of(node)[1])
+    dims = [norm_dim(int(d), ndim) for d in dims]
+    keep = bool(args_of(node)[2]) if len(args_of(node)) > 2 else bool(kwargs_of(node).get("keepdim", False))
+    if xs.shard.dim in dims:
+        return None
+    return _moved(p, node, xs.shard.dim - (0 if keep else sum(d < xs.shard.dim for d in dims)))
+
+
+RULES: dict[str, Any] = {
+    **{name: _view for name in _VIEWS},
+    **{name: _softmax for name in _SOFTMAX},
+    **{name: _reduction for name in _REDUCTIONS},
+    "transpose": _transpose,
+    "permute": _permute,
+    "unsqueeze": _unsqueeze,
+    "expand": _expand,
+    "split": _split,
+    "split_with_sizes": _split,
+    "slice": _slice,
+    "select": _slice,
+    "narrow": _slice,
+    "cat": _cat,
+    "scaled_dot_product_attention": _attention,
+}

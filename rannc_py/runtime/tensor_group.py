@@ -1,0 +1,114 @@
+"""One stage run by a tensor group over MPI: the ranks of a communicator share its ops' shards.
+
+:class:`MPITensorGroup` is the :class:`~rannc_py.graph.tensor_program.TensorGroup`
+of one rank: sums of float32 tensors go through the C++ engine's allreduce
+(``rannc_py.comm.allreduce``, the MPI library's own algorithm: the messages
+are small and on the critical path, so latency matters more than bandwidth),
+gathers through the engine's allgather, and the cross-entropy's group max
+(a few floats per row) through mpi4py. It works on a communicator of its own
+(a duplicate of the one given), so its collectives never interleave with
+other traffic of the ranks.
+
+:class:`TensorParallelModule` runs a whole model as one stage whose ranks
+form the tensor group: it traces the model, splits it
+(:func:`~rannc_py.graph.tensor_split.find_tensor_split`), keeps this rank's
+shards as its parameters and runs the rank program. Not wired into the
+planner or ``RaNNCModule`` yet; every rank still holds the traced model's
+full parameters (the rank program reads its buffers from it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from rannc_py.comm import allgather, allreduce
+from rannc_py.graph.tensor_program import build_rank_program, shard_parameters, unshard
+from rannc_py.graph.tensor_split import TensorSplit, find_tensor_split
+from rannc_py.graph.trace import trace
+
+# isort: split
+from mpi4py import MPI  # after rannc_py.comm, which sets the MPI thread level
+
+
+class MPITensorGroup:
+    """A tensor group over the ranks of an mpi4py communicator (see the module docstring).
+
+    Takes the communicator; every rank of it must create the group, in the
+    same order as any other communicator.
+    """
+
+    def __init__(self, comm: Any) -> None:
+        self.comm = comm.Dup()
+        self.rank: int = self.comm.Get_rank()
+        self.size: int = self.comm.Get_size()
+
+    def all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
+        """The element-wise sum (``"sum"``) or maximum (``"max"``) over the group, as a new tensor."""
+        out = tensor.detach().contiguous().clone()
+        if op == "sum" and out.dtype == torch.float32:
+            allreduce(out, self.comm, check=False).wait()
+        else:
+            self.comm.Allreduce(MPI.IN_PLACE, out.numpy(), op=MPI.MAX if op == "max" else MPI.SUM)
+        return out
+
+    def all_gather(self, tensor: torch.Tensor) -> list[torch.Tensor]:
+        """Every rank's tensor (same shape on every rank), in rank order."""
+        x = tensor.detach().contiguous()
+        out = torch.empty((self.size, *x.shape), dtype=x.dtype)
+        allgather(x, out, self.comm, check=False).wait()
+        return list(out.unbind(0))
+
+
+class TensorParallelModule(nn.Module):
+    """``model`` run by the ranks of ``comm`` as one tensor group.
+
+    Takes the model, an example call (``args``, ``kwargs``, traced once) and
+    the group's communicator. Call it like the model; it returns the model's
+    output (split outputs allgathered). ``parameters()`` are this rank's
+    shards and replicated parameters, so an optimizer built on them steps
+    the rank's part; :meth:`full_parameters` gathers them back. Raises
+    TraceError when the model cannot be traced.
+    """
+
+    def __init__(self, model: nn.Module, args: tuple[Any, ...] = (), kwargs: Mapping[str, Any] | None = None,
+                 *, comm: Any) -> None:
+        super().__init__()
+        self.group = MPITensorGroup(comm)
+        self.traced = trace(model, args, dict(kwargs or {}))
+        self.split: TensorSplit = find_tensor_split(self.traced.program, self.group.size)
+        self.program = build_rank_program(self.traced.program, self.split, self.group)
+        local = shard_parameters(self.traced.program, self.split, self.group.rank)
+        self.names = list(local)
+        self.shards = nn.ParameterList([nn.Parameter(t, requires_grad=t.requires_grad) for t in local.values()])
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        params = dict(zip(self.names, self.shards))
+        outs = self.program(params, self.traced.flatten_inputs(args, kwargs))
+        return self.traced.unflatten_outputs(outs)
+
+    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
+        """Scale the gradients so that their total 2-norm is at most ``max_norm``, as
+        ``torch.nn.utils.clip_grad_norm_`` on the unsplit model: each split parameter's shards
+        count once (summed over the group), each replicated one once. Returns the total norm
+        before clipping; raises nothing."""
+        grads = [(name, p.grad) for name, p in zip(self.names, self.shards) if p.grad is not None]
+        zero = torch.zeros((), dtype=torch.float32)
+        split = sum((g.detach().float().pow(2).sum() for n, g in grads if n in self.split.params), zero)
+        whole = sum((g.detach().float().pow(2).sum() for n, g in grads if n not in self.split.params), zero)
+        total = (self.group.all_reduce(split.reshape(1))[0] + whole).sqrt()
+        coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+        for _, g in grads:
+            g.mul_(coef.to(g.dtype))
+        return total
+
+    def full_parameters(self) -> dict[str, torch.Tensor]:
+        """Every parameter whole, under its canonical name, on every rank (split ones allgathered)."""
+        out: dict[str, torch.Tensor] = {}
+        for name, p in zip(self.names, self.shards):
+            shard = self.split.params.get(name)
+            out[name] = p.detach().clone() if shard is None else unshard(self.group.all_gather(p.detach()), shard)
+        return out
