@@ -50,6 +50,17 @@ void check_int_count(int64_t count, const char* what) {
                                 "use another algorithm or split the tensor");
 }
 
+// The torus algorithm's grid (its product must be the rank count); empty for the other algorithms.
+std::vector<int> grid_of(const char* what, int code, std::vector<int> torus_shape, int size) {
+  if (code != 3) return {};
+  long long prod = 1;
+  for (int d : torus_shape) prod *= d;
+  if (torus_shape.empty() || prod != size)
+    throw std::invalid_argument(std::string(what) + ": torus_shape's product must equal the rank count " +
+                                std::to_string(size));
+  return torus_shape;
+}
+
 struct CommInfo {
   MPI_Comm user;
   std::shared_ptr<comm::CommState> state;
@@ -81,15 +92,7 @@ std::shared_ptr<Op> allreduce(uintptr_t ptr, int64_t count, long long comm_f, co
   const int code = algorithm_code(algorithm);
   py::gil_scoped_release release;
   CommInfo ci = open_collective(comm_f);
-  if (code == 3) {
-    long long prod = 1;
-    for (int d : torus_shape) prod *= d;
-    if (torus_shape.empty() || prod != ci.size)
-      throw std::invalid_argument("allreduce: torus_shape's product must equal the rank count " +
-                                  std::to_string(ci.size));
-  } else {
-    torus_shape.clear();
-  }
+  torus_shape = grid_of("allreduce", code, std::move(torus_shape), ci.size);
   Agreement ag{"allreduce", count, code, fingerprint(torus_shape)};
   float* buf = reinterpret_cast<float*>(ptr);
   std::shared_ptr<Op> op;
@@ -113,13 +116,15 @@ std::shared_ptr<Op> allreduce(uintptr_t ptr, int64_t count, long long comm_f, co
 }
 
 std::shared_ptr<Op> reduce_scatter(uintptr_t in_ptr, uintptr_t out_ptr, int64_t block, long long comm_f,
-                                   const std::string& algorithm, bool check, size_t segment_bytes) {
+                                   const std::string& algorithm, std::vector<int> torus_shape, bool check,
+                                   size_t segment_bytes) {
   const int code = algorithm_code(algorithm);
-  if (code != 0 && code != 1)
-    throw std::invalid_argument("reduce_scatter: algorithm must be 'mpi' or 'ring', got '" + algorithm + "'");
+  if (code == 2)
+    throw std::invalid_argument("reduce_scatter: algorithm must be 'mpi', 'ring' or 'torus', got '" + algorithm + "'");
   py::gil_scoped_release release;
   CommInfo ci = open_collective(comm_f);
-  Agreement ag{"reduce_scatter", block, code, 0};
+  torus_shape = grid_of("reduce_scatter", code, std::move(torus_shape), ci.size);
+  Agreement ag{"reduce_scatter", block, code, fingerprint(torus_shape)};
   const float* in = reinterpret_cast<const float*>(in_ptr);
   float* out = reinterpret_cast<float*>(out_ptr);
   if (code == 0) {
@@ -131,25 +136,28 @@ std::shared_ptr<Op> reduce_scatter(uintptr_t in_ptr, uintptr_t out_ptr, int64_t 
         },
         nullptr, nullptr));
   }
-  // The ring reduces in place, so it works on a copy and leaves the input intact.
+  // The ring and the torus reduce in place, so they work on a copy and leave the input intact.
   size_t b = static_cast<size_t>(block), total = b * ci.size;
   auto work = std::make_shared<std::vector<float>>(total);
   float* w = work->data();
   int rank = ci.rank;
+  std::vector<comm::Step> steps = code == 3 ? comm::torus_reduce_scatter(b, rank, torus_shape)
+                                            : comm::ring_reduce_scatter(b, rank, ci.size);
   return submit(std::make_shared<CollectiveOp>(
-      ci.user, ci.state, ag, check, reinterpret_cast<char*>(w), sizeof(float), comm::ring_reduce_scatter(b, rank, ci.size),
-      segment_bytes, [w, in, total] { std::memcpy(w, in, total * sizeof(float)); },
+      ci.user, ci.state, ag, check, reinterpret_cast<char*>(w), sizeof(float), std::move(steps), segment_bytes, [w, in, total] { std::memcpy(w, in, total * sizeof(float)); },
       [work, out, b, rank] { std::memcpy(out, work->data() + b * rank, b * sizeof(float)); }));
 }
 
 std::shared_ptr<Op> allgather(uintptr_t in_ptr, uintptr_t out_ptr, int64_t block_bytes, long long comm_f,
-                              const std::string& algorithm, bool check, size_t segment_bytes) {
+                              const std::string& algorithm, std::vector<int> torus_shape, bool check,
+                              size_t segment_bytes) {
   const int code = algorithm_code(algorithm);
-  if (code != 0 && code != 1)
-    throw std::invalid_argument("allgather: algorithm must be 'mpi' or 'ring', got '" + algorithm + "'");
+  if (code == 2)
+    throw std::invalid_argument("allgather: algorithm must be 'mpi', 'ring' or 'torus', got '" + algorithm + "'");
   py::gil_scoped_release release;
   CommInfo ci = open_collective(comm_f);
-  Agreement ag{"allgather", block_bytes, code, 0};
+  torus_shape = grid_of("allgather", code, std::move(torus_shape), ci.size);
+  Agreement ag{"allgather", block_bytes, code, fingerprint(torus_shape)};
   const char* in = reinterpret_cast<const char*>(in_ptr);
   char* out = reinterpret_cast<char*>(out_ptr);
   if (code == 0) {
@@ -166,8 +174,10 @@ std::shared_ptr<Op> allgather(uintptr_t in_ptr, uintptr_t out_ptr, int64_t block
   }
   size_t b = static_cast<size_t>(block_bytes);
   char* mine = out + b * ci.rank;
+  std::vector<comm::Step> steps = code == 3 ? comm::torus_allgather(b, ci.rank, torus_shape)
+                                            : comm::ring_allgather(b, ci.rank, ci.size);
   return submit(std::make_shared<CollectiveOp>(
-      ci.user, ci.state, ag, check, out, 1, comm::ring_allgather(b, ci.rank, ci.size), segment_bytes,
+      ci.user, ci.state, ag, check, out, 1, std::move(steps), segment_bytes,
       [mine, in, b] {
         if (mine != in) std::memmove(mine, in, b);
       },
@@ -202,10 +212,10 @@ void register_comm(py::module_& m) {
         py::arg("torus_shape"), py::arg("check"), py::arg("segment_bytes"),
         "Start a float32 sum allreduce in place.");
   m.def("comm_reduce_scatter", &reduce_scatter, py::arg("in_ptr"), py::arg("out_ptr"), py::arg("block"),
-        py::arg("comm"), py::arg("algorithm"), py::arg("check"), py::arg("segment_bytes"),
+        py::arg("comm"), py::arg("algorithm"), py::arg("torus_shape"), py::arg("check"), py::arg("segment_bytes"),
         "Start a float32 sum reduce-scatter of size*block elements into block elements.");
   m.def("comm_allgather", &allgather, py::arg("in_ptr"), py::arg("out_ptr"), py::arg("block_bytes"),
-        py::arg("comm"), py::arg("algorithm"), py::arg("check"), py::arg("segment_bytes"),
+        py::arg("comm"), py::arg("algorithm"), py::arg("torus_shape"), py::arg("check"), py::arg("segment_bytes"),
         "Start an allgather of block_bytes per rank.");
   m.def(
       "comm_tag_ub", [](long long comm_f) { return comm::tag_upper_bound(comm_from_fortran(comm_f)); },

@@ -62,41 +62,92 @@ std::vector<Step> ring_allreduce(size_t n, int rank, int size) {
   return torus_allreduce(n, rank, {size});
 }
 
-std::vector<Step> torus_allreduce(size_t n, int rank, const std::vector<int>& shape) {
-  int ndims = static_cast<int>(shape.size());
-  long long prod = 1;
-  for (int d : shape) {
-    if (d < 1) throw std::invalid_argument("torus shape sides must be >= 1, got " + std::to_string(d));
-    prod *= d;
+namespace {
+
+// A rank's place on a row-major grid: its coordinate and stride per dimension.
+struct Grid {
+  std::vector<int> shape, stride, coord;
+  int rank = 0;
+
+  Grid(int r, const std::vector<int>& sides) : shape(sides), stride(sides.size()), coord(sides.size()), rank(r) {
+    long long prod = 1;
+    for (int d : shape) {
+      if (d < 1) throw std::invalid_argument("torus shape sides must be >= 1, got " + std::to_string(d));
+      prod *= d;
+    }
+    if (rank < 0 || rank >= prod) throw std::invalid_argument("rank outside the torus shape");
+    for (int i = static_cast<int>(shape.size()) - 1, s = 1; i >= 0; --i) {
+      stride[i] = s;
+      coord[i] = (rank / s) % shape[i];
+      s *= shape[i];
+    }
   }
-  if (rank < 0 || rank >= prod) throw std::invalid_argument("rank outside the torus shape");
-  std::vector<int> stride(ndims), coord(ndims);
-  for (int i = ndims - 1, s = 1; i >= 0; --i) {
-    stride[i] = s;
-    coord[i] = (rank / s) % shape[i];
-    s *= shape[i];
-  }
-  auto group_of = [&](int i) {
+
+  int size() const { return shape.empty() ? 1 : stride[0] * shape[0]; }
+
+  // The ranks in this rank's line along dimension i, by coordinate.
+  std::vector<int> line(int i) const {
     std::vector<int> g(shape[i]);
     for (int x = 0; x < shape[i]; ++x) g[x] = rank + (x - coord[i]) * stride[i];
     return g;
-  };
+  }
+
+  // The region split along each dimension of side > 1, first dimension first:
+  // the whole, then this rank's part of it, and so on (the last split leaves
+  // this rank's final part).
+  std::vector<Region> parents(Region whole) const {
+    std::vector<Region> out;
+    for (size_t i = 0; i < shape.size(); ++i) {
+      if (shape[i] == 1) continue;
+      out.push_back(whole);
+      whole = split_region(whole, shape[i])[coord[i]];
+    }
+    return out;
+  }
+};
+
+// Ring reduce-scatters along each dimension in turn, each on the part the
+// previous one left this rank.
+void append_torus_rs(std::vector<Step>& steps, const std::vector<Region>& parents, const Grid& g) {
+  size_t j = 0;
+  for (size_t i = 0; i < g.shape.size(); ++i) {
+    if (g.shape[i] == 1) continue;
+    append_ring_rs(steps, split_region(parents[j++], g.shape[i]), g.line(static_cast<int>(i)), g.coord[i]);
+  }
+}
+
+// Ring allgathers in the reverse order, each widening this rank's part to its parent.
+void append_torus_ag(std::vector<Step>& steps, const std::vector<Region>& parents, const Grid& g) {
+  size_t j = parents.size();
+  for (int i = static_cast<int>(g.shape.size()) - 1; i >= 0; --i) {
+    if (g.shape[i] == 1) continue;
+    append_ring_ag(steps, split_region(parents[--j], g.shape[i]), g.line(i), g.coord[i]);
+  }
+}
+
+}  // namespace
+
+std::vector<Step> torus_allreduce(size_t n, int rank, const std::vector<int>& shape) {
+  Grid g(rank, shape);
+  std::vector<Region> parents = g.parents({0, n});
   std::vector<Step> steps;
-  std::vector<Region> parents;
-  Region cur{0, n};
-  for (int i = 0; i < ndims; ++i) {
-    if (shape[i] == 1) continue;
-    std::vector<Region> chunks = split_region(cur, shape[i]);
-    append_ring_rs(steps, chunks, group_of(i), coord[i]);
-    parents.push_back(cur);
-    cur = chunks[coord[i]];
-  }
-  for (int i = ndims - 1; i >= 0; --i) {
-    if (shape[i] == 1) continue;
-    cur = parents.back();
-    parents.pop_back();
-    append_ring_ag(steps, split_region(cur, shape[i]), group_of(i), coord[i]);
-  }
+  append_torus_rs(steps, parents, g);
+  append_torus_ag(steps, parents, g);
+  return steps;
+}
+
+std::vector<Step> torus_reduce_scatter(size_t block, int rank, const std::vector<int>& shape) {
+  Grid g(rank, shape);
+  std::vector<Step> steps;
+  // `size` blocks split evenly at every dimension: this rank's last part is its own block (row-major order).
+  append_torus_rs(steps, g.parents({0, block * static_cast<size_t>(g.size())}), g);
+  return steps;
+}
+
+std::vector<Step> torus_allgather(size_t block, int rank, const std::vector<int>& shape) {
+  Grid g(rank, shape);
+  std::vector<Step> steps;
+  append_torus_ag(steps, g.parents({0, block * static_cast<size_t>(g.size())}), g);
   return steps;
 }
 

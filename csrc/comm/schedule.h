@@ -54,4 +54,12 @@ std::vector<Step> ring_reduce_scatter(size_t block, int rank, int size);
 // with its block i in place, and ends with every block.
 std::vector<Step> ring_allgather(size_t block, int rank, int size);
 
+// Reduce-scatter of `size` blocks of `block` elements on the grid `shape`: the
+// first half of torus_allreduce; rank i ends with the sum of block i in place.
+std::vector<Step> torus_reduce_scatter(size_t block, int rank, const std::vector<int>& shape);
+
+// Allgather of `size` blocks on the grid `shape`: the second half of
+// torus_allreduce; rank i starts with block i in place and ends with all.
+std::vector<Step> torus_allgather(size_t block, int rank, const std::vector<int>& shape);
+
 }  // namespace rannc::comm

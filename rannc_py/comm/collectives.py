@@ -16,6 +16,11 @@ Algorithms (``ALGORITHMS``), all summing float32 in place:
   a ring reduce-scatter along each dimension in turn on a shrinking part, then
   allgathers in reverse order, the dimension-wise scheme used on Tofu.
 
+``reduce_scatter`` and ``allgather`` take ``GATHER_ALGORITHMS``: ``"mpi"``,
+``"ring"`` and ``"torus"``, whose reduce-scatter is the torus allreduce's
+first half (rank i's last part is its block i: the blocks split evenly at
+every dimension, row-major) and whose allgather is its second half.
+
 Agreement check (``check=True``, the default): before moving data, the ranks
 compare element count, algorithm and torus shape with one small
 ``MPI_Iallreduce`` of six integers (one extra latency, a few microseconds on
@@ -30,6 +35,7 @@ transfer of the next ones.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -82,6 +88,24 @@ def _check_blocks(what: str, names: tuple[str, str], whole: torch.Tensor, block:
     return handle
 
 
+def _torus_grid(algorithm: str, torus_shape: Sequence[int] | None, size: int) -> list[int]:
+    """The torus algorithm's grid over ``size`` ranks (default :func:`grid_shape`); [] for the others."""
+    if algorithm != "torus":
+        if torus_shape is not None:
+            raise ConfigError(f"torus_shape is only used by algorithm='torus', got it with {algorithm!r}")
+        return []
+    shape = list(torus_shape) if torus_shape is not None else list(grid_shape(size))
+    if any(not isinstance(d, int) or d < 1 for d in shape):
+        raise ConfigError(f"torus_shape sides must be positive integers, got {tuple(shape)}")
+    prod = math.prod(shape)
+    if not shape or prod != size:
+        raise ConfigError(
+            f"torus_shape {tuple(shape)} has {prod} cells but the communicator has {size} ranks; "
+            "give a shape whose product is the rank count"
+        )
+    return shape
+
+
 def _overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
     a0, b0 = a.data_ptr(), b.data_ptr()
     return a0 < b0 + nbytes(b) and b0 < a0 + nbytes(a) and nbytes(a) > 0 and nbytes(b) > 0
@@ -113,22 +137,7 @@ def allreduce(
     _check_segment(segment_bytes)
     _check_mpi_count(algorithm, t.numel(), "allreduce")
     handle = comm_handle(comm)
-    shape: list[int] = []
-    if algorithm == "torus":
-        size = comm.Get_size()
-        shape = list(torus_shape) if torus_shape is not None else list(grid_shape(size))
-        prod = 1
-        for d in shape:
-            if not isinstance(d, int) or d < 1:
-                raise ConfigError(f"torus_shape sides must be positive integers, got {tuple(shape)}")
-            prod *= d
-        if not shape or prod != size:
-            raise ConfigError(
-                f"torus_shape {tuple(shape)} has {prod} cells but the communicator has {size} ranks; "
-                "give a shape whose product is the rank count"
-            )
-    elif torus_shape is not None:
-        raise ConfigError(f"torus_shape is only used by algorithm='torus', got it with {algorithm!r}")
+    shape = _torus_grid(algorithm, torus_shape, comm.Get_size())
     h = start(_core.comm_allreduce, t.data_ptr(), t.numel(), handle, algorithm, shape, check, segment_bytes)
     return Work(h, (t,), f"allreduce ({algorithm}, {t.numel()} elements)")
 
@@ -138,6 +147,7 @@ def reduce_scatter(
     output: torch.Tensor,
     comm: Any,
     algorithm: str = "mpi",
+    torus_shape: Sequence[int] | None = None,
     *,
     check: bool = True,
     segment_bytes: int = DEFAULT_SEGMENT_BYTES,
@@ -148,11 +158,13 @@ def reduce_scatter(
     viewed as p consecutive blocks of m (p = ranks of ``comm``), left
     unchanged; ``output``, a contiguous CPU float32 tensor of m elements; an
     algorithm from ``GATHER_ALGORITHMS`` (``"mpi"``: MPI_Ireduce_scatter_block,
-    ``"ring"``: a ring, working on a copy of ``input``).
+    ``"ring"``: a ring, ``"torus"``: a ring along each dimension of
+    ``torus_shape`` in turn (default as for :func:`allreduce`); the last two
+    work on a copy of ``input``).
     Returns: a :class:`Work`; afterwards ``output`` on rank i equals
     ``sum over ranks of input.view(p, m)[i]``.
-    Raises: ConfigError for bad tensors or sizes (at once) or ranks that
-    disagree on m (from ``wait()``); CommError if MPI fails.
+    Raises: ConfigError for bad tensors, sizes or torus shape (at once) or
+    ranks that disagree on m or the shape (from ``wait()``); CommError if MPI fails.
     """
     i = check_tensor(input, "reduce_scatter input", torch.float32)
     o = check_tensor(output, "reduce_scatter output", torch.float32)
@@ -160,9 +172,9 @@ def reduce_scatter(
     if _overlap(i, o):
         raise ConfigError("reduce_scatter: output overlaps input; pass separate tensors")
     _check_mpi_count(algorithm, o.numel(), "reduce_scatter")
-    h = start(
-        _core.comm_reduce_scatter, i.data_ptr(), o.data_ptr(), o.numel(), handle, algorithm, check, segment_bytes
-    )
+    shape = _torus_grid(algorithm, torus_shape, comm.Get_size())
+    h = start(_core.comm_reduce_scatter, i.data_ptr(), o.data_ptr(), o.numel(), handle, algorithm, shape, check,
+              segment_bytes)
     return Work(h, (i, o), f"reduce_scatter ({algorithm}, {o.numel()} elements per rank)")
 
 
@@ -171,6 +183,7 @@ def allgather(
     output: torch.Tensor,
     comm: Any,
     algorithm: str = "mpi",
+    torus_shape: Sequence[int] | None = None,
     *,
     check: bool = True,
     segment_bytes: int = DEFAULT_SEGMENT_BYTES,
@@ -180,10 +193,11 @@ def allgather(
     Takes: ``input``, a contiguous CPU tensor of m elements of any dtype;
     ``output``, a contiguous CPU tensor of the same dtype with ``p * m``
     elements (``input`` may be the rank's own block of ``output``); an
-    algorithm from ``GATHER_ALGORITHMS``.
+    algorithm from ``GATHER_ALGORITHMS`` and, for ``"torus"``, its
+    ``torus_shape`` (as for :func:`reduce_scatter`).
     Returns: a :class:`Work`; afterwards ``output.view(p, m)[i]`` is rank i's input.
-    Raises: ConfigError for bad tensors or sizes (at once) or ranks that
-    disagree on m (from ``wait()``); CommError if MPI fails.
+    Raises: ConfigError for bad tensors, sizes or torus shape (at once) or
+    ranks that disagree on m or the shape (from ``wait()``); CommError if MPI fails.
     """
     i = check_tensor(input, "allgather input")
     o = check_tensor(output, "allgather output", i.dtype)
@@ -192,5 +206,7 @@ def allgather(
     if _overlap(i, o) and i.data_ptr() != own_block:
         raise ConfigError("allgather: input overlaps output other than as this rank's own block")
     _check_mpi_count(algorithm, nbytes(i), "allgather")
-    h = start(_core.comm_allgather, i.data_ptr(), o.data_ptr(), nbytes(i), handle, algorithm, check, segment_bytes)
+    shape = _torus_grid(algorithm, torus_shape, comm.Get_size())
+    h = start(_core.comm_allgather, i.data_ptr(), o.data_ptr(), nbytes(i), handle, algorithm, shape, check,
+              segment_bytes)
     return Work(h, (i, o), f"allgather ({algorithm}, {i.numel()} elements per rank)")

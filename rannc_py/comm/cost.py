@@ -23,6 +23,10 @@ Yuan 2009):
   rotated order at the same time, dividing the bandwidth terms by ``min(c, k)``;
 - ``"mpi"`` (the library's MPI_Allreduce): the faster of ring and
   halving-doubling, since MPI libraries choose between them by size.
+
+A reduce-scatter and an allgather are each one half of the same algorithm's
+allreduce (ring, recursive halving / doubling, dimension-wise torus), the
+reduction's ``gamma`` all in the reduce-scatter.
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ from rannc_py.errors import ConfigError
 ALGORITHMS: tuple[str, ...] = ("mpi", "ring", "halving_doubling", "torus")
 """Allreduce algorithms of :func:`rannc_py.comm.allreduce`."""
 
-GATHER_ALGORITHMS: tuple[str, ...] = ("mpi", "ring")
+GATHER_ALGORITHMS: tuple[str, ...] = ("mpi", "ring", "torus")
 """Algorithms of :func:`rannc_py.comm.reduce_scatter` and :func:`rannc_py.comm.allgather`."""
 
 _HOP_SAMPLES = 1024  # ranks sampled when measuring a step's hop distance on a torus
@@ -96,9 +100,11 @@ def _halving_doubling(
     return t
 
 
-def _torus(
+def _torus_half(
     nbytes: float, shape: Sequence[int], alpha: float, beta: float, gamma: float, concurrent_links: int
 ) -> float:
+    """One half of the dimension-wise torus allreduce: its reduce-scatter (``gamma`` charging the
+    sums) or its allgather (``gamma`` 0); the module docstring's per-dimension terms, halved."""
     dims = [d for d in shape if d > 1]
     if not dims:
         return 0.0
@@ -106,9 +112,24 @@ def _torus(
     t, n = 0.0, float(nbytes)
     for d in dims:
         frac = (d - 1) / d
-        t += 2 * (d - 1) * alpha + 2 * frac * n / (beta * lanes) + gamma * frac * n
+        t += (d - 1) * alpha + frac * n / (beta * lanes) + gamma * frac * n
         n /= d
     return t
+
+
+def _torus(
+    nbytes: float, shape: Sequence[int], alpha: float, beta: float, gamma: float, concurrent_links: int
+) -> float:
+    return (_torus_half(nbytes, shape, alpha, beta, gamma, concurrent_links)
+            + _torus_half(nbytes, shape, alpha, beta, 0.0, concurrent_links))
+
+
+def _grid(torus_shape: Sequence[int] | None, ranks: int) -> tuple[int, ...] | None:
+    """``torus_shape`` as a tuple, checked against ``ranks``."""
+    shape = tuple(torus_shape) if torus_shape is not None else None
+    if shape is not None and math.prod(shape) != ranks:
+        raise ConfigError(f"torus_shape {shape} has {math.prod(shape)} cells, expected ranks = {ranks}")
+    return shape
 
 
 def allreduce_time(
@@ -134,9 +155,7 @@ def allreduce_time(
     whose product is not ``ranks``.
     """
     _check(nbytes, ranks, alpha, beta)
-    shape = tuple(torus_shape) if torus_shape is not None else None
-    if shape is not None and math.prod(shape) != ranks:
-        raise ConfigError(f"torus_shape {shape} has {math.prod(shape)} cells, expected ranks = {ranks}")
+    shape = _grid(torus_shape, ranks)
     if ranks == 1:
         return 0.0
     if algorithm == "ring":
@@ -151,40 +170,71 @@ def allreduce_time(
 
 
 def reduce_scatter_time(
-    nbytes: float, ranks: int, *, alpha: float, beta: float, algorithm: str = "ring", gamma: float = 0.0
+    nbytes: float,
+    ranks: int,
+    *,
+    alpha: float,
+    beta: float,
+    algorithm: str = "ring",
+    gamma: float = 0.0,
+    torus_shape: Sequence[int] | None = None,
+    concurrent_links: int = 1,
 ) -> float:
     """Predicted seconds of a reduce-scatter of ``nbytes`` of input per rank (output nbytes/ranks).
 
     Ring: ``(p−1)·α + (p−1)/p · n/β``; ``"mpi"``: the faster of that and
-    recursive halving (half of the halving-doubling allreduce).
-    Raises: ConfigError for an unknown algorithm or bad numbers.
+    recursive halving (half of the halving-doubling allreduce, hop distances
+    charged on ``torus_shape`` as there); ``"torus"``: the torus allreduce's
+    reduce-scatter half, ``Σ_i (d_i−1)·α + (d_i−1)/d_i · n_i/β`` over the
+    dimensions of ``torus_shape`` (default :func:`grid_shape`), the bandwidth
+    terms divided by ``min(concurrent_links, k)`` as for the allreduce. The
+    sums cost ``gamma`` per byte reduced.
+    Raises: ConfigError for an unknown algorithm, bad numbers, or a torus
+    shape whose product is not ``ranks``.
     """
     _check(nbytes, ranks, alpha, beta)
+    shape = _grid(torus_shape, ranks)
     if ranks == 1:
         return 0.0
     ring = _ring(nbytes, ranks, alpha, beta, gamma) / 2 + gamma * (ranks - 1) / ranks * nbytes / 2
     if algorithm == "ring":
         return ring
     if algorithm == "mpi":
-        return min(ring, _halving_doubling(nbytes, ranks, alpha, beta, 2 * gamma, None) / 2)
+        return min(ring, _halving_doubling(nbytes, ranks, alpha, beta, 2 * gamma, shape) / 2)
+    if algorithm == "torus":
+        return _torus_half(nbytes, shape or grid_shape(ranks), alpha, beta, gamma, concurrent_links)
     raise ConfigError(f"unknown reduce_scatter algorithm {algorithm!r}; choose one of {list(GATHER_ALGORITHMS)}")
 
 
-def allgather_time(nbytes: float, ranks: int, *, alpha: float, beta: float, algorithm: str = "ring") -> float:
+def allgather_time(
+    nbytes: float,
+    ranks: int,
+    *,
+    alpha: float,
+    beta: float,
+    algorithm: str = "ring",
+    torus_shape: Sequence[int] | None = None,
+    concurrent_links: int = 1,
+) -> float:
     """Predicted seconds of an allgather producing ``nbytes`` per rank (input nbytes/ranks).
 
     Ring: ``(p−1)·α + (p−1)/p · n/β``; ``"mpi"``: the faster of that and
-    recursive doubling.
-    Raises: ConfigError for an unknown algorithm or bad numbers.
+    recursive doubling; ``"torus"``: the torus allreduce's allgather half
+    (the same terms as :func:`reduce_scatter_time`'s, without the sums).
+    Raises: ConfigError for an unknown algorithm, bad numbers, or a torus
+    shape whose product is not ``ranks``.
     """
     _check(nbytes, ranks, alpha, beta)
+    shape = _grid(torus_shape, ranks)
     if ranks == 1:
         return 0.0
     ring = _ring(nbytes, ranks, alpha, beta, 0.0) / 2
     if algorithm == "ring":
         return ring
     if algorithm == "mpi":
-        return min(ring, _halving_doubling(nbytes, ranks, alpha, beta, 0.0, None) / 2)
+        return min(ring, _halving_doubling(nbytes, ranks, alpha, beta, 0.0, shape) / 2)
+    if algorithm == "torus":
+        return _torus_half(nbytes, shape or grid_shape(ranks), alpha, beta, 0.0, concurrent_links)
     raise ConfigError(f"unknown allgather algorithm {algorithm!r}; choose one of {list(GATHER_ALGORITHMS)}")
 
 

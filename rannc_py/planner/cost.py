@@ -37,8 +37,9 @@ Per replica and microbatch:
   :mod:`rannc_py.runtime.sharding`): the stage's own parameters (bytes
   ``P - T``, T those another stage also reads, which stay whole) are
   reduce-scattered and allgathered instead of allreduced (the fastest of
-  :data:`rannc_py.comm.cost.GATHER_ALGORITHMS`; a ring allreduce is exactly
-  that pair) and their optimizer step runs on ``1/R`` of them, so
+  :data:`rannc_py.comm.cost.GATHER_ALGORITHMS`, the torus one on a torus
+  network; a ring or torus allreduce is exactly that pair) and their
+  optimizer step runs on ``1/R`` of them, so
   ``a = rs(P - T) + ag(P - T) + tied sum + ((P - T) / R + T) · update_cost``;
   the level per stage is the faster one of those allowed (less memory on a
   tie), the same choice in the tables and the simulated step.
@@ -319,26 +320,34 @@ class CostModel:
 
     def _gather_table(self, nbytes: np.ndarray, ranks: int) -> np.ndarray:
         """Reduce-scatter plus allgather seconds of ``nbytes`` over ``ranks`` (the faster algorithm)."""
-        lines = [self._gather_line(algo, ranks) for algo in GATHER_ALGORITHMS]
-        best = np.min([a + b * nbytes for a, b in lines], axis=0)
+        best = np.min([a + b * nbytes for a, b in self._gather_lines(ranks).values()], axis=0)
         return np.where(nbytes > 0, best, 0.0)
 
-    def _gather_line(self, algorithm: str, ranks: int) -> tuple[float, float]:
-        link = self.cluster.link(ranks)
-
-        def seconds(n: float) -> float:
-            return (reduce_scatter_time(n, ranks, alpha=link.latency, beta=link.bandwidth, algorithm=algorithm)
-                    + allgather_time(n, ranks, alpha=link.latency, beta=link.bandwidth, algorithm=algorithm))
-
-        t1, t2 = seconds(1.0), seconds(2.0**30)
-        slope = (t2 - t1) / (2.0**30 - 1.0)
-        return t1 - slope, slope
+    def _gather_lines(self, ranks: int) -> dict[str, tuple[float, float]]:
+        """(intercept, seconds per byte) of reduce-scatter plus allgather over ``ranks`` for each
+        algorithm of :data:`GATHER_ALGORITHMS` the network offers (``"torus"`` only on a torus,
+        on the grid the runtime lays the ranks on)."""
+        c = self.cluster
+        link = c.link(ranks)
+        shape = grid_shape(ranks) if c.topology == "torus" else None
+        lines = {}
+        for algo in GATHER_ALGORITHMS:
+            if algo == "torus" and shape is None:
+                continue
+            t1, t2 = (reduce_scatter_time(n, ranks, alpha=link.latency, beta=link.bandwidth, algorithm=algo,
+                                          torus_shape=shape, concurrent_links=c.concurrent_links)
+                      + allgather_time(n, ranks, alpha=link.latency, beta=link.bandwidth, algorithm=algo,
+                                       torus_shape=shape, concurrent_links=c.concurrent_links)
+                      for n in (1.0, 2.0**30))
+            slope = (t2 - t1) / (2.0**30 - 1.0)
+            lines[algo] = (t1 - slope, slope)
+        return lines
 
     def gather_choice(self, nbytes: float, ranks: int) -> tuple[str, float]:
         """The faster reduce-scatter + allgather algorithm for ``nbytes`` over ``ranks``, and its seconds."""
         if ranks <= 1 or nbytes <= 0:
             return "mpi", 0.0
-        times = {algo: a + b * nbytes for algo in GATHER_ALGORITHMS for a, b in [self._gather_line(algo, ranks)]}
+        times = {algo: a + b * nbytes for algo, (a, b) in self._gather_lines(ranks).items()}
         algo = min(times, key=times.__getitem__)
         return algo, times[algo]
 

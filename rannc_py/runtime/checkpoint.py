@@ -14,11 +14,15 @@ safetensors, so loading never unpickles anything. ``index.json`` maps every
 name of the unwrapped model's ``state_dict()`` to its canonical tensor and
 records each tensor's shape, dtype and *shards*: ``{file, key, slice}``
 pieces whose ``slice = [start, stop)`` ranges over the flattened tensor.
-Today every tensor is one shard ``[0, numel)``; optimizer state split in
-contiguous slices over ranks (sharded optimizer state) is several shards of
-the same record, and the reader already joins them. Optimizer state that is
-not a tensor of rank >= 1 (Adam's ``step``) and the param groups'
-hyperparameters are JSON values in the index; so is the user's ``extra``.
+A tensor written whole is one shard ``[0, numel)``. On a stage whose
+optimizer state is sharded over its replicas
+(:mod:`rannc_py.runtime.sharding`) every replica writes the state of its
+*pieces* -- elements ``[lo, hi)`` of a parameter -- so a sharded parameter's
+state record has one shard per replica holding a piece of it, and no rank
+ever holds or writes another's share. Optimizer state that is not a tensor
+of rank >= 1 (Adam's ``step``, the same in every piece) and the param
+groups' hyperparameters are JSON values in the index; so is the user's
+``extra``.
 
 Atomicity: the ranks write into a temporary directory beside the target,
 each fsyncs its file, and rank 0 -- after every rank has reported success --
@@ -30,21 +34,26 @@ marker, or whose files do not match it, is refused by the loader.
 
 Loading reads the index (JSON), checks every key and shape against the model
 on every rank (the same answer everywhere, as all ranks read the same
-files), and reads with ``safe_open`` only the tensors this rank holds. Before
-the wrapped model's first call nothing is partitioned yet: the whole state
-goes into the unwrapped model and the optimizer, and the first call's
-placement and optimizer rebinding carry it to each rank's share.
+files), and reads with ``safe_open`` only the tensors this rank holds; of a
+parameter it holds a piece of, only the elements of its piece, from
+whichever shards overlap them (so any layout, at any sharding level, loads
+a checkpoint written by any other). Before the wrapped model's first call
+nothing is partitioned yet: the whole state goes into the unwrapped model
+and the optimizer, and the first call's placement and optimizer rebinding
+carry it to each rank's share.
 """
 
 from __future__ import annotations
 
 import ctypes
 import json
+import math
 import os
 import shutil
 import signal
 import uuid
 from collections import defaultdict
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -59,6 +68,7 @@ from torch import Tensor, nn
 
 from rannc_py.errors import CommError, ConfigError
 from rannc_py.runtime import params as P
+from rannc_py.runtime.optim_state import Where
 
 FORMAT, VERSION = "rannc_py.checkpoint", 1
 INDEX, MARKER = "index.json", "COMMITTED"
@@ -81,6 +91,8 @@ class _Holdings:
         param_names: ``id(parameter)`` -> canonical name, for the optimizer.
         partitioned: False before the first call (the model holds everything).
         layout: each stage's replica count, or None before the first call.
+        pieces: ``id(piece parameter)`` -> its parameter's canonical name and
+            element range, for the pieces a sharded stage's optimizer steps.
     """
 
     comm: MPI.Comm
@@ -91,6 +103,7 @@ class _Holdings:
     param_names: dict[int, str]
     partitioned: bool
     layout: list[int] | None
+    pieces: dict[int, Where]
 
 
 def _holdings(model: nn.Module) -> _Holdings:
@@ -107,26 +120,15 @@ def _holdings(model: nn.Module) -> _Holdings:
     inner = model._model
     keys = {k: model._names.get(k, k) for k in inner.state_dict(keep_vars=True)}
     persistent = set(keys.values())
+    param_names = {id(p): f for f, p in model._params.items()}
     return _Holdings(
         comm=model._comm, model=inner, keys=keys,
         tensors={f: t for f, t in model._local.items() if f in persistent},
-        owned=model._owned & persistent, param_names={id(p): f for f, p in model._params.items()},
+        owned=model._owned & persistent, param_names=param_names,
         partitioned=True, layout=[st.replicas for st in model._plan.stages],
+        pieces={id(pc.shard): (param_names[id(pc.param)], pc.lo, pc.hi)
+                for pcs in model._shards.pieces.values() for pc in pcs},
     )
-
-
-def _refuse_sharded(model: nn.Module, optimizer: torch.optim.Optimizer | None, comm: MPI.Comm, what: str) -> None:
-    """ConfigError on every rank when ``optimizer``'s state is sharded over replicas (collective:
-    a stage with one replica is never sharded, so the ranks agree first)."""
-    from rannc_py.runtime.module import RaNNCModule
-
-    if optimizer is None or not isinstance(model, RaNNCModule) or not model._ready:
-        return
-    if comm.allreduce(bool(model._shards.pieces), op=MPI.LOR):
-        raise ConfigError(
-            f"{what}() does not handle an optimizer whose state is sharded over its stage's replicas "
-            "(shard_optimizer) yet: pass only the model here, and keep the optimizer's state with "
-            "model.optimizer_state_dict() / model.load_optimizer_state_dict(), or train with shard_optimizer=False")
 
 
 def _whole(model: nn.Module, comm: MPI.Comm) -> _Holdings:
@@ -138,7 +140,7 @@ def _whole(model: nn.Module, comm: MPI.Comm) -> _Holdings:
         comm=comm, model=model, keys=keys, tensors={f: P.get_tensor(model, f) for f in persistent},
         owned=persistent if comm.Get_rank() == 0 else set(),
         param_names={id(p): names[n] for n, p in model.named_parameters(remove_duplicate=False)},
-        partitioned=False, layout=None,
+        partitioned=False, layout=None, pieces={},
     )
 
 
@@ -151,6 +153,8 @@ def save_checkpoint(path: PathArg, model: nn.Module, optimizer: torch.optim.Opti
     plain ``nn.Module``, ``MPI.COMM_WORLD``, where rank 0 writes it all).
     Before or after the first call. The previous checkpoint at ``path``, if
     any, stays until the new one is complete (see the module docstring).
+    Optimizer state sharded over a stage's replicas is written by each
+    replica for its own shard.
 
     Args:
         path: the checkpoint directory (created; its parent must be shared by all ranks).
@@ -165,7 +169,6 @@ def save_checkpoint(path: PathArg, model: nn.Module, optimizer: torch.optim.Opti
     """
     h = _holdings(model)
     comm, rank = h.comm, h.comm.Get_rank()
-    _refuse_sharded(model, optimizer, h.comm, "save_checkpoint")
     try:
         json.dumps(extra)
     except (TypeError, ValueError) as e:
@@ -254,12 +257,13 @@ def _fsync(path: Path) -> None:
 
 def _optimizer_part(opt: torch.optim.Optimizer, h: _Holdings, file: str,
                     tensors: dict[str, Tensor]) -> dict[str, Any]:
-    """This rank's optimizer records; its state tensors are added to ``tensors``."""
+    """This rank's optimizer records: the state of the whole parameters it owns and of every
+    piece it steps; its state tensors are added to ``tensors``."""
     sd = opt.state_dict()
-    names = _optimizer_names(opt, h)
+    where = _optimizer_where(opt, h)
     state: dict[str, Any] = {}
-    for i, name in enumerate(names):
-        if name not in h.owned or i not in sd["state"]:
+    for i, (name, lo, hi) in enumerate(where):
+        if i not in sd["state"] or (lo is None and name not in h.owned):
             continue
         rec: dict[str, Any] = {}
         for k, v in sd["state"][i].items():
@@ -267,33 +271,41 @@ def _optimizer_part(opt: torch.optim.Optimizer, h: _Holdings, file: str,
                 key = f"optimizer/{name}/{k}"
                 tensors[key] = v.detach().cpu().contiguous()
                 rec[k] = _record(tensors[key], file, key)
+                if lo is not None and hi is not None and v.dim() == 1 and v.numel() == hi - lo:
+                    # a piece's slice of a parameter-shaped tensor: a shard of the whole one
+                    rec[k]["shape"] = list(h.tensors[name].shape)
+                    rec[k]["shards"][0]["slice"] = [lo, hi]
             else:
                 rec[k] = _encode(v, f"optimizer state {k!r} of {name}")
         state[name] = rec
     groups, start = [], 0
     for g in opt.param_groups:
-        mine = names[start:start + len(g["params"])]
+        mine = where[start:start + len(g["params"])]
         start += len(g["params"])
-        groups.append([n for n in mine if n in h.owned])
+        groups.append(list(dict.fromkeys(n for n, lo, _ in mine if lo is not None or n in h.owned)))
     hyper = [{k: _encode(v, f"param group option {k!r}") for k, v in g.items() if k != "params"}
              for g in sd["param_groups"]]
     return {"state": state, "group_params": groups, "hyper": hyper}
 
 
-def _optimizer_names(opt: torch.optim.Optimizer, h: _Holdings) -> list[str]:
-    """The canonical name of each of ``opt``'s parameters, in its state-dict order."""
-    names = []
+def _optimizer_where(opt: torch.optim.Optimizer, h: _Holdings) -> list[Where]:
+    """Where each of ``opt``'s parameters is in the model, in its state-dict order: the
+    canonical name, and for a piece of a sharded parameter its element range."""
+    where: list[Where] = []
     for g, group in enumerate(opt.param_groups):
         for p in group["params"]:
             name = h.param_names.get(id(p))
-            if name is None:
+            if name is not None:
+                where.append((name, None, None))
+            elif id(p) in h.pieces:
+                where.append(h.pieces[id(p)])
+            else:
                 raise ConfigError(
                     f"optimizer param group {g} holds a tensor of shape {tuple(p.shape)} that is not a "
                     "parameter this rank holds of the model; pass the optimizer given to RaNNCModule "
                     "(or built on model.parameters())"
                 )
-            names.append(name)
-    return names
+    return where
 
 
 def _encode(v: Any, what: str) -> dict[str, Any]:
@@ -328,14 +340,29 @@ def _index(h: _Holdings, optimizer: torch.optim.Optimizer | None, parts: list[di
         state: dict[str, Any] = {}
         groups: list[list[str]] = [[] for _ in parts[0]["optimizer"]["hyper"]]
         for part in parts:
-            state.update(part["optimizer"]["state"])
+            for name, rec in part["optimizer"]["state"].items():
+                _merge_state(state.setdefault(name, {}), rec)
             for g, names in enumerate(part["optimizer"]["group_params"]):
-                groups[g] += names
+                groups[g] = list(dict.fromkeys(groups[g] + names))
+        order = {f: i for i, f in enumerate(dict.fromkeys(h.keys.values()))}  # the model's, whatever the layout
+        groups = [sorted(names, key=lambda f: order.get(f, len(order))) for names in groups]
         index["optimizer"] = {
             "param_groups": [{**hyper, "params": names} for hyper, names in zip(parts[0]["optimizer"]["hyper"], groups)],
             "state": state,
         }
     return index
+
+
+def _merge_state(into: dict[str, Any], rec: dict[str, Any]) -> None:
+    """Add one rank's state record of a parameter to the index's: the shards of a sharded
+    parameter's pieces are joined in element order; values (a step count, the same in
+    every piece) are taken from the first rank."""
+    for k, r in rec.items():
+        have = into.get(k)
+        if have is None:
+            into[k] = r
+        elif "shards" in have and "shards" in r and r["shards"][0]["slice"] != [0, math.prod(r["shape"])]:
+            have["shards"] = sorted(have["shards"] + r["shards"], key=lambda sh: sh["slice"][0])
 
 
 def _hf_config(model: nn.Module) -> dict[str, Any] | None:
@@ -417,32 +444,64 @@ def read_index(path: PathArg) -> dict[str, Any]:
     return index
 
 
-def read_tensors(root: Path, records: dict[str, dict[str, Any]]) -> dict[str, Tensor]:
-    """Read each record's tensor (joining its shards), opening each file once."""
-    by_file: dict[str, list[tuple[str, dict[str, Any]]]] = defaultdict(list)
+def read_tensors(root: Path, records: dict[str, dict[str, Any]],
+                 ranges: Mapping[str, tuple[int, int]] | None = None) -> dict[str, Tensor]:
+    """Read each record's tensor, joining its shards, opening each file once.
+
+    With ``ranges``, a record named there is read as elements ``[lo, hi)`` of
+    the flattened tensor only (a 1-D tensor), from the shards that overlap them.
+
+    Raises:
+        ConfigError: a record's shards do not cover it (or its range) exactly.
+    """
+    ranges = ranges or {}
+    span = {name: ranges.get(name, (0, math.prod(rec["shape"]))) for name, rec in records.items()}
+    by_file: dict[str, list[tuple[str, str, int, int, int]]] = defaultdict(list)
     for name, rec in records.items():
+        lo, hi = span[name]
         for shard in rec["shards"]:
-            by_file[shard["file"]].append((name, shard))
+            start, stop = shard["slice"]
+            a, b = max(start, lo), min(stop, hi)
+            if a < b:
+                by_file[shard["file"]].append((name, shard["key"], start, a, b))
     pieces: dict[str, list[tuple[int, int, Tensor]]] = defaultdict(list)
     for file, wanted in sorted(by_file.items()):
         with safe_open(str(root / file), framework="pt") as f:
-            for name, shard in wanted:
-                start, stop = shard["slice"]
-                pieces[name].append((start, stop, f.get_tensor(shard["key"]).reshape(-1)))
+            for name, key, start, a, b in wanted:
+                pieces[name].append((a, b, _read_range(f, key, a - start, b - start)))
     out = {}
     for name, rec in records.items():
+        lo, hi = span[name]
         parts = sorted(pieces[name], key=lambda p: p[0])
-        numel, at = int(np.prod(rec["shape"], dtype=np.int64)), 0
+        at = lo
         for start, stop, t in parts:
             if start != at or t.numel() != stop - start:
                 raise ConfigError(f"checkpoint {root}: the shards of {name} do not cover it "
                                   f"(slice {[start, stop]} at element {at})")
             at = stop
-        if at != numel:
-            raise ConfigError(f"checkpoint {root}: the shards of {name} cover {at} of {numel} elements")
-        joined = parts[0][2] if len(parts) == 1 else torch.cat([p[2] for p in parts])
-        out[name] = joined.reshape(rec["shape"])
+        if at != hi:
+            raise ConfigError(f"checkpoint {root}: the shards of {name} cover {at - lo} of {hi - lo} elements")
+        if not parts:
+            joined = torch.empty(0, dtype=getattr(torch, rec["dtype"]))
+        else:
+            joined = parts[0][2] if len(parts) == 1 else torch.cat([p[2] for p in parts])
+        out[name] = joined if name in ranges else joined.reshape(rec["shape"])
     return out
+
+
+def _read_range(f: Any, key: str, a: int, b: int) -> Tensor:
+    """Elements ``[a, b)`` of the flattened tensor ``key`` of the open file ``f``, reading
+    only the rows of its first dimension that hold them."""
+    sl = f.get_slice(key)
+    shape = sl.get_shape()
+    numel = math.prod(shape)
+    if len(shape) == 0 or (a == 0 and b == numel):
+        t: Tensor = f.get_tensor(key).reshape(-1)
+        return t[a:b]
+    row = numel // shape[0]
+    first, last = a // row, -(-b // row)
+    rows: Tensor = sl[first:last]
+    return rows.reshape(-1)[a - first * row : b - first * row]
 
 
 def load_checkpoint(path: PathArg, model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> Any:
@@ -460,7 +519,6 @@ def load_checkpoint(path: PathArg, model: nn.Module, optimizer: torch.optim.Opti
             on every rank).
     """
     h = _holdings(model)
-    _refuse_sharded(model, optimizer, h.comm, "load_checkpoint")
     root = Path(path)
     index = read_index(root)
     _check_keys(root, index, h)
@@ -504,11 +562,19 @@ def _read_optimizer(root: Path, index: dict[str, Any], opt: torch.optim.Optimize
     if len(saved["param_groups"]) != len(current["param_groups"]):
         raise ConfigError(f"checkpoint {root} has {len(saved['param_groups'])} param groups, the optimizer "
                           f"{len(current['param_groups'])}")
-    names = _optimizer_names(opt, h)
-    records = {f"{n}\0{k}": rec for n in names for k, rec in saved["state"].get(n, {}).items() if "shards" in rec}
-    tensors = read_tensors(root, records)
+    where = _optimizer_where(opt, h)
+    records: dict[str, dict[str, Any]] = {}
+    ranges: dict[str, tuple[int, int]] = {}
+    for n, lo, hi in where:
+        for k, rec in saved["state"].get(n, {}).items():
+            if "shards" in rec:
+                records[f"{n}\0{k}"] = rec
+                # a piece reads its slice of the parameter-shaped state, whatever layout wrote it
+                if lo is not None and hi is not None and rec["shape"] == list(h.tensors[n].shape):
+                    ranges[f"{n}\0{k}"] = (lo, hi)
+    tensors = read_tensors(root, records, ranges)
     state = {}
-    for i, n in enumerate(names):
+    for i, (n, _, _) in enumerate(where):
         if n in saved["state"]:
             state[i] = {k: tensors[f"{n}\0{k}"] if "shards" in rec else _decode(rec)
                         for k, rec in saved["state"][n].items()}

@@ -17,8 +17,10 @@ each a 1-D parameter viewing the flat buffer. Then, per step:
 - an optimizer step post-hook allgathers every bucket's flat buffer from
   its shards, so each replica holds the updated parameters again.
 
-A ring allreduce is a reduce-scatter followed by an allgather, so the bytes
-moved are those of level 0, while the optimizer's state and step shrink by r.
+A ring allreduce is a reduce-scatter followed by an allgather (so is the
+dimension-wise torus one, whose halves run here when the plan names it), so
+the bytes moved are those of level 0, while the optimizer's state and step
+shrink by r.
 Level 1 keeps each bucket's full flat gradient buffer from step to step and
 points the parameters' ``.grad`` into it before the schedule, so backward
 accumulates there (as PyTorch DDP's ``gradient_as_bucket_view``); level 2
@@ -60,7 +62,8 @@ def shard_size(numel: int, ranks: int) -> int:
 
 def gather_algorithm(allreduce: str) -> str:
     """The reduce-scatter/allgather algorithm for a stage whose plan names ``allreduce``
-    (the ring where the planned algorithm has no reduce-scatter of its own)."""
+    (the ring where the planned algorithm has no reduce-scatter of its own: halving-doubling;
+    the torus one on the default grid of the stage's replicas, as the planner costs it)."""
     return allreduce if allreduce in GATHER_ALGORITHMS else "ring"
 
 

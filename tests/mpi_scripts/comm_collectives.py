@@ -2,7 +2,7 @@
 
 COMM_WORLD is split into groups of sizes (8), (7, 1), (6, 2), (5, 3), (4, 4);
 each group checks every algorithm against MPI_Allreduce, reduce-scatter and
-allgather against their definitions, while the other group of the same split
+allgather (mpi, ring, torus on each grid) against their definitions, while the other group of the same split
 runs concurrently. Then: many collectives in flight at once on several
 communicators, and bad input failing on every rank without a hang.
 """
@@ -55,25 +55,25 @@ def check_group(comm: MPI.Intracomm, salt: int) -> None:
             where = f"{algo} {shape} p={p} n={n}"
             torch.testing.assert_close(t, ref, rtol=1e-6, atol=0, msg=lambda m, where=where: f"{where}: {m}")
             count += 1
-        for algo in ("mpi", "ring"):
+        for algo, shape in [("mpi", None), ("ring", None)] + [("torus", s) for s in SHAPES[p]]:
             m = n // 3
             full = data(p * m, r, salt + 7 * n)
             out = torch.full((m,), -1.0)
             keep = full.clone()
-            reduce_scatter(full, out, comm, algo, segment_bytes=seg_small or 20).wait()
+            reduce_scatter(full, out, comm, algo, shape, segment_bytes=seg_small or 20).wait()
             expect = mpi_reference(full, comm).view(p, m)[r]
             torch.testing.assert_close(out, expect, rtol=1e-6, atol=0)
             assert torch.equal(full, keep), "reduce_scatter must leave its input intact"
             for dtype in (torch.float32, torch.int16):
                 mine = (torch.arange(m) * (r + 1) + r).to(dtype)
                 gathered = torch.empty(p * m, dtype=dtype)
-                allgather(mine, gathered, comm, algo, segment_bytes=seg_small or 6).wait()
+                allgather(mine, gathered, comm, algo, shape, segment_bytes=seg_small or 6).wait()
                 expect = torch.cat([(torch.arange(m) * (q + 1) + q).to(dtype) for q in range(p)])
                 assert torch.equal(gathered, expect), (algo, p, m, gathered, expect)
                 # In place: the input is this rank's own block of the output.
                 inplace = torch.zeros(p * m, dtype=dtype)
                 inplace.view(p, m)[r] = mine
-                allgather(inplace.view(p, m)[r], inplace, comm, algo).wait()
+                allgather(inplace.view(p, m)[r], inplace, comm, algo, shape).wait()
                 assert torch.equal(inplace, expect), (algo, "in place")
                 count += 3
 

@@ -99,26 +99,6 @@ def continue_on(layout: dict, load_first: bool) -> None:
     wrapped.close()
 
 
-def check_checkpoint_refuses_sharded_state() -> None:
-    import tempfile
-
-    model, opt = fresh(1)
-    layout = {**parse_layout("p1_r4_m1_1f1b"), "shard_optimizer": 1}
-    wrapped = rannc_py.RaNNCModule(model, opt, plan=layout)
-    wrapped(**local_slice(make_batch("gpt", LOCAL * world, seed=0), rank, LOCAL)).loss.backward()
-    opt.step()
-    folder = comm.bcast(tempfile.mkdtemp() if rank == 0 else None, root=0)
-    try:
-        rannc_py.save_checkpoint(f"{folder}/ckpt", wrapped, opt)
-    except rannc_py.ConfigError as e:
-        assert "optimizer_state_dict" in str(e), e
-    else:
-        raise AssertionError("save_checkpoint wrote a sharded optimizer's state")
-    rannc_py.save_checkpoint(f"{folder}/ckpt", wrapped)  # the model alone is fine, and the job goes on
-    rannc_py.load_checkpoint(f"{folder}/ckpt", wrapped)
-    wrapped.close()
-
-
 def check_pp2_level0() -> None:
     continue_on({**parse_layout("p2_r2x2_m2_1f1b"), "shard_optimizer": 0}, load_first=True)
 
