@@ -30,6 +30,7 @@ from runtime_models import build_model, call_kwargs, make_batch
 
 EQUIV = REPO / "tests/mpi_scripts/runtime_equiv.py"
 SPLIT = REPO / "tests/mpi_scripts/split_backward.py"
+SHARD = REPO / "tests/mpi_scripts/shard_equiv.py"
 MATMULS = ("aten.mm", "aten.bmm", "aten.addmm")
 
 
@@ -136,7 +137,8 @@ def test_zb_h1_on_one_rank_equals_1f1b_bitwise(name: str, recompute: bool) -> No
 
 # zb-h1 against eager (losses every step and all parameters after 5 AdamW steps, fp32 rtol 1e-5):
 # own GPT, HF GPT-2 and Llama, own BERT; pp 2-4 with m below, equal to and above the depth;
-# with recompute, replicas on one stage, gradient accumulation and clip_grad_norm_.
+# with recompute, replicas on one stage, gradient accumulation and clip_grad_norm_; a residual CNN
+# with BatchNorm under recompute.
 MATRIX = {
     2: [
         "gpt:p2_r1x1_m4_zb-h1",
@@ -144,6 +146,7 @@ MATRIX = {
         "hf_gpt2:p2_r1x1_m2_zb-h1:rc",
         "hf_llama:p2_r1x1_m4_zb-h1:rc,clip",
         "bert:p2_r1x1_m2_zb-h1",
+        "cnn:p2_r1x1_m2_zb-h1:rc",
     ],
     3: [
         "gpt:p3_r1x1x1_m4_zb-h1:clip",
@@ -172,3 +175,10 @@ def test_zb_h1_equals_eager(ranks: int) -> None:
 def test_split_backward_in_the_runtime(ranks: int, checks: list[str]) -> None:
     out = run_mpi(ranks, SPLIT, *checks, timeout=1200).stdout
     assert out.count(": ok") == len(checks), out
+
+
+def test_zb_h1_with_sharded_optimizer_state() -> None:
+    # the replicated first stage's gradients reduce-scattered from the last W (levels 1 and 2)
+    cases = ["gpt:p2_r2x1_m2_zb-h1:1:adamw:accum,clip", "gpt:p2_r2x1_m4_zb-h1:2:adam2"]
+    out = run_mpi(3, SHARD, *cases, timeout=1200).stdout
+    assert out.count(": ok") == len(cases), out
