@@ -24,8 +24,7 @@ TRAINING_SCHEDULES: tuple[str, ...] = ("1f1b", "gpipe")
 """The schedules a training plan uses by default (``forward_only`` runs no backward, so it never trains)."""
 
 EXPERIMENTAL_SCHEDULES: tuple[str, ...] = ("zb-h1",)
-"""Schedules the planner searches only when named in ``schedules``: the simulator and the
-memory model know them, the runtime does not run them yet."""
+"""Schedules the planner searches only when named in ``schedules`` (RaNNCModule runs them too)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -44,8 +43,8 @@ class PlanOptions:
         microbatches: pin the number of microbatches per step. Default None (searched).
         schedules: the schedules the planner may pick, a non-empty subset of
             ``("1f1b", "gpipe")`` plus, only when named, the experimental
-            ``("zb-h1",)`` (:data:`EXPERIMENTAL_SCHEDULES`, not yet run by the
-            runtime). Default ``("1f1b", "gpipe")``.
+            ``("zb-h1",)`` (:data:`EXPERIMENTAL_SCHEDULES`, split backward).
+            Default ``("1f1b", "gpipe")``.
         recompute: True/False forces activation recompute on every stage;
             None (default) turns it on only for stages that do not fit otherwise.
         max_stages: upper bound on the pipeline depth. Default None (the number of blocks).

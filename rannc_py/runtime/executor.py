@@ -13,6 +13,12 @@ For every action of :mod:`rannc_py.schedule` the executor does one thing:
   counts once) backpropagate, keep the inputs' gradients, free i. Before the
   last backward the gradient synchroniser is told, so it can start summing
   each bucket as soon as its gradients are final.
+- ``I i`` / ``W i``: the backward of i in two parts (zero-bubble schedules,
+  :mod:`rannc_py.runtime.backward`): I computes the inputs' gradients, which
+  SEND_B sends at once, and keeps the graph; W later accumulates the
+  weight gradients and frees i. Bitwise the gradients of B. The gradient
+  synchroniser is told before the last W (the weight gradients become final
+  there, not at the last I).
 - ``SEND_B i``: post sends of the inputs' gradients.
 - ``ALLREDUCE``: hand over to the gradient synchroniser.
 
@@ -42,6 +48,7 @@ from torch import Tensor
 from rannc_py.comm import p2p
 from rannc_py.comm.work import Work, wait_all
 from rannc_py.errors import ConfigError
+from rannc_py.runtime.backward import WeightWork, backward_input, backward_weight
 from rannc_py.runtime.routing import (
     ACTIVATION,
     GRADIENT,
@@ -121,7 +128,8 @@ class _StepState:
         n: rows of that chunk.
         prev: partners in the previous stage (None on the first stage).
         next: partners in the next stage (None on the last stage).
-        last_backward: the microbatch whose backward is the step's last (None: no backward).
+        last_backward: the microbatch whose backward (B, or W when split) is the step's last
+            (None: no backward).
         before_last_backward: called just before that backward.
         result: what the last stage returns.
         incoming: receives posted, by microbatch.
@@ -129,6 +137,7 @@ class _StepState:
         outs: outputs kept for sending and backward, by microbatch.
         rng: CPU RNG state and updated buffers before a recomputed forward, by microbatch.
         in_grads: gradients of the inputs received from the previous stage, by microbatch.
+        weights: what W still has to do after I, by microbatch.
         sends: sends in flight.
     """
 
@@ -146,6 +155,7 @@ class _StepState:
     outs: dict[int, dict[str, Tensor]] = field(default_factory=dict)
     rng: dict[int, tuple[Tensor, list[Tensor]]] = field(default_factory=dict)
     in_grads: dict[int, list[Tensor]] = field(default_factory=dict)
+    weights: dict[int, WeightWork] = field(default_factory=dict)
     sends: list[Work] = field(default_factory=list)
 
 
@@ -213,6 +223,8 @@ class Executor:
             K.SEND_ACT: self._send_act,
             K.RECV_GRAD: self._recv_grad,
             K.BACKWARD: self._backward,
+            K.BACKWARD_INPUT: self._backward_input,
+            K.BACKWARD_WEIGHT: self._backward_weight,
             K.SEND_GRAD: self._send_grad,
         }
         tracer = self.tracer
@@ -232,7 +244,7 @@ class Executor:
                before_last_backward: Callable[[], None]) -> _StepState:
         rows = step.batch // step.microbatches
         lo, hi = chunks(rows, len(self.ranks[self.stage]))[self.replica]
-        backwards = [a.microbatch for a in actions if a.kind is K.BACKWARD]
+        backwards = [a.microbatch for a in actions if a.kind in (K.BACKWARD, K.BACKWARD_WEIGHT)]
         return _StepState(
             step=step,
             rows=rows,
@@ -368,6 +380,39 @@ class Executor:
         st.incoming[mb] = self._post_recvs(specs, st.next, GRADIENT, mb)
 
     def _backward(self, st: _StepState, mb: int) -> None:
+        values, tensors, grads = self._backward_roots(st, mb)
+        if mb == st.last_backward:
+            st.before_last_backward()
+        if tensors:
+            torch.autograd.backward(tensors, grads)
+        if self.stage > 0:
+            received = self._received(values)
+            st.in_grads[mb] = [torch.zeros_like(t) if t.grad is None else t.grad for t in received]
+
+    def _backward_input(self, st: _StepState, mb: int) -> None:
+        values, tensors, grads = self._backward_roots(st, mb)
+        received = self._received(values) if self.stage > 0 else []
+        found: list[Tensor | None] = [None] * len(received)
+        if tensors:
+            params = [p for p in self.prog.module.parameters() if p.requires_grad]
+            found, st.weights[mb] = backward_input(tensors, grads, received, params)
+        if self.stage > 0:
+            st.in_grads[mb] = [torch.zeros_like(t) if g is None else g for t, g in zip(received, found)]
+
+    def _backward_weight(self, st: _StepState, mb: int) -> None:
+        if mb == st.last_backward:
+            st.before_last_backward()
+        work = st.weights.pop(mb, None)
+        if work is not None:
+            backward_weight(work)
+
+    def _received(self, values: dict[str, Tensor]) -> list[Tensor]:
+        """The floating-point inputs received from the previous stage (those with a gradient to send)."""
+        return [values[n] for n in self.prog.recv_names if values[n].is_floating_point()]
+
+    def _backward_roots(self, st: _StepState, mb: int) -> tuple[dict[str, Tensor], list[Tensor], list[Tensor]]:
+        """Microbatch ``mb``'s inputs (freed from the step state), and the outputs to back-propagate
+        from with their gradients (the weighted loss, or the gradients from the next stage)."""
         values = st.ins.pop(mb)
         outs = st.outs.pop(mb)
         if self.recompute:
@@ -375,20 +420,12 @@ class Executor:
         if self.last:
             assert st.result.loss_name is not None  # checked when the forward recorded it
             loss = outs[st.result.loss_name]
-            tensors, grads = [loss], [torch.full_like(loss, st.result.weight)]
-        else:
-            incoming = st.incoming.pop(mb)
-            wait_all(incoming.works)
-            pairs = [(outs[name], _join(pieces, meta)) for name, meta, pieces in incoming.tensors
-                     if outs[name].requires_grad]
-            tensors, grads = [t for t, _ in pairs], [g for _, g in pairs]
-        if mb == st.last_backward:
-            st.before_last_backward()
-        if tensors:
-            torch.autograd.backward(tensors, grads)
-        if self.stage > 0:
-            received = [values[n] for n in self.prog.recv_names if values[n].is_floating_point()]
-            st.in_grads[mb] = [torch.zeros_like(t) if t.grad is None else t.grad for t in received]
+            return values, [loss], [torch.full_like(loss, st.result.weight)]
+        incoming = st.incoming.pop(mb)
+        wait_all(incoming.works)
+        pairs = [(outs[name], _join(pieces, meta)) for name, meta, pieces in incoming.tensors
+                 if outs[name].requires_grad]
+        return values, [t for t, _ in pairs], [g for _, g in pairs]
 
     def _recompute(self, st: _StepState, mb: int, values: dict[str, Tensor]) -> dict[str, Tensor]:
         """Re-run microbatch ``mb``'s forward as it first ran: same RNG draws, same running statistics."""

@@ -2,8 +2,9 @@
 
 Accepted: a ``Plan``; a path to a plan saved with ``Plan.save``; or an
 explicit layout ``dict(stages=S, replicas=[r0, ...], microbatches=M,
-schedule="1f1b", recompute=False, shard_optimizer=0)`` whose stage boundaries are placed by
-balancing the graph's FLOPs. With ``None`` the planner searches.
+schedule="1f1b", recompute=False, shard_optimizer=0)`` (a schedule of
+:data:`RUN_SCHEDULES`) whose stage boundaries are placed by balancing the
+graph's FLOPs. With ``None`` the planner searches.
 
 What needs neither the model nor the world size is checked when the module
 is built (:func:`check_plan_arg`); the rest (the world size, the plan's ops
@@ -21,13 +22,14 @@ from typing import Any
 from rannc_py.errors import ConfigError, PlanError
 from rannc_py.graph.ir import Graph, TensorMeta
 from rannc_py.graph.partition import balanced_assignment
-from rannc_py.planner.options import TRAINING_SCHEDULES, shard_levels
+from rannc_py.planner.options import EXPERIMENTAL_SCHEDULES, TRAINING_SCHEDULES, shard_levels
 from rannc_py.planner.plan import Plan, StagePlan
 
 _LAYOUT_KEYS = {"stages", "replicas", "microbatches", "schedule", "recompute", "shard_optimizer"}
-# The runtime trains with planner.options.TRAINING_SCHEDULES: forward_only has no backward and no
-# ALLREDUCE (a plan with it would never learn), and the split-backward and multi-chunk schedules are
-# planned but not executed yet.
+RUN_SCHEDULES: tuple[str, ...] = TRAINING_SCHEDULES + EXPERIMENTAL_SCHEDULES
+"""The schedules RaNNCModule trains with: the planner's defaults and the split-backward ``zb-h1``
+(searched only when named). forward_only has no backward and no ALLREDUCE (a plan with it would
+never learn); the schedules with several model chunks per rank are planned but not executed yet."""
 # Batch sizes at which a plan's graph may have been traced (the CLI traces at 2) when the model's
 # traced batch differs; see check_plan.
 _TRACE_BATCHES = range(1, 65)
@@ -69,9 +71,9 @@ def _positive_int(layout: Mapping[str, Any], key: str, default: int) -> int:
 
 
 def _check_training_schedule(name: object, whose: str, error: type[Exception] = ConfigError) -> None:
-    if name not in TRAINING_SCHEDULES:
+    if name not in RUN_SCHEDULES:
         raise error(
-            f"{whose} schedule {name!r} is not a training schedule; use one of {list(TRAINING_SCHEDULES)} "
+            f"{whose} schedule {name!r} is not a training schedule; use one of {list(RUN_SCHEDULES)} "
             "(evaluation, model.eval() or torch.no_grad(), runs forward-only on any plan)"
         )
 

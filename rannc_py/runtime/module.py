@@ -7,7 +7,7 @@ per-microbatch losses (each replica's share of a microbatch weighted by its
 rows, which is the plain mean when microbatches hold equal token counts).
 
 How ``loss.backward()`` works: the whole schedule (every microbatch's forward
-and backward, in 1F1B or GPipe order, so 1F1B keeps its memory advantage)
+and backward, in 1F1B, GPipe or ZB-H1 order, so 1F1B keeps its memory advantage)
 runs inside the forward call, and the gradient allreduce ends it. The
 gradients are held aside; the returned loss is attached to a tiny autograd
 function whose backward adds ``incoming gradient x held gradients`` to
@@ -51,14 +51,14 @@ from typing_extensions import Self  # Python 3.10 has no typing.Self; torch depe
 from rannc_py.comm import dedicate_cores
 from rannc_py.comm.work import in_flight
 from rannc_py.errors import ConfigError, RaNNCError
-from rannc_py.planner.options import TRAINING_SCHEDULES, PlanOptions
+from rannc_py.planner.options import PlanOptions
 from rannc_py.planner.plan import Plan
 from rannc_py.runtime import params as P
 from rannc_py.runtime.executor import Executor, StepInputs
 from rannc_py.runtime.failure import Watchdog, abort_on_error, agreed, install_excepthook
 from rannc_py.runtime.grads import GradSync, HeldGrads, clip_grad_norm_
 from rannc_py.runtime.io import gather_inputs, return_outputs
-from rannc_py.runtime.layout import PlanArg, check_plan_arg, load_plan, stage_ranks
+from rannc_py.runtime.layout import RUN_SCHEDULES, PlanArg, check_plan_arg, load_plan, stage_ranks
 from rannc_py.runtime.optim_state import OptimizerState, original_groups
 from rannc_py.runtime.placement import place
 from rannc_py.runtime.sharding import ShardedStep, stage_levels
@@ -123,7 +123,8 @@ class RaNNCModule(nn.Module):
             meta models), or None. Default None.
         plan: a :class:`rannc_py.Plan`, a path to a saved plan, or a layout
             dict ``dict(stages=2, replicas=[2, 1], microbatches=4,
-            schedule="1f1b", recompute=False)``. Default None: the planner
+            schedule="1f1b", recompute=False)`` (schedule "1f1b", "gpipe" or
+            "zb-h1"). Default None: the planner
             searches on rank 0 on the first call, with ``options``.
             A layout dict's keys and values and a plan file are checked here;
             the fit to the world size and to the traced model (ops, graph
@@ -701,9 +702,9 @@ def _check_args(model: nn.Module, plan: PlanArg | None, bucket_bytes: int, timeo
                                 or not timeout > 0):
         raise ConfigError(f"timeout must be a positive number of seconds or None (no limit), got {timeout!r}")
     opts = PlanOptions.from_kwargs(options)
-    if untrained := [s for s in opts.schedules if s not in TRAINING_SCHEDULES]:
+    if untrained := [s for s in opts.schedules if s not in RUN_SCHEDULES]:
         raise ConfigError(f"schedules {untrained} can be planned (rannc_py.plan) but RaNNCModule does not run "
-                          f"them yet; train with {list(TRAINING_SCHEDULES)}")
+                          f"them yet; train with {list(RUN_SCHEDULES)}")
     return opts, check_plan_arg(plan)
 
 

@@ -41,6 +41,15 @@ def run_case(case: str) -> None:
     opts = set(opts[0].split(",")) if opts else set()
     layout = parse_layout(layout_text)
     layout["recompute"] = "rc" in opts
+    model, opt, ref, ropt = eager_pair(name)
+    wrapped = rannc_py.RaNNCModule(model, opt, plan=layout)
+    train_like_eager(wrapped, opt, ref, ropt, name, layout, case, opts)
+    if rank == 0:
+        print(f"case {case}: ok", flush=True)
+
+
+def eager_pair(name: str) -> tuple[torch.nn.Module, torch.optim.Optimizer, torch.nn.Module, torch.optim.Optimizer]:
+    """A model and an equal eager reference (fixed seed), each with its AdamW."""
     torch.manual_seed(1234)
     model = build_model(name, dropout=0.0)
     ref = build_model(name, dropout=0.0)
@@ -49,10 +58,15 @@ def run_case(case: str) -> None:
     # zero in exact arithmetic, and Adam would otherwise scale their rounding noise up to lr.
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01, eps=1e-6)
     ropt = torch.optim.AdamW(ref.parameters(), lr=1e-3, weight_decay=0.01, eps=1e-6)
-    wrapped = rannc_py.RaNNCModule(model, opt, plan=layout)
+    return model, opt, ref, ropt
+
+
+def train_like_eager(wrapped, opt, ref, ropt, name, layout, case, opts, steps=STEPS) -> None:
+    """``steps`` AdamW steps of ``wrapped`` and of the eager ``ref`` (options as in the module
+    docstring); losses compared every step, the gathered state dict at the end (rank 0)."""
     const = call_kwargs(name)
     calls = 2 if "accum" in opts else 1
-    for step in range(STEPS):
+    for step in range(steps):
         step_gradients(wrapped, ref, name, const, layout, calls, opts, step, case)
         opt.step()
         opt.zero_grad()
@@ -62,7 +76,6 @@ def run_case(case: str) -> None:
     if rank == 0:
         for k, v in ref.state_dict().items():
             torch.testing.assert_close(sd[k], v, rtol=1e-5, atol=1e-6, msg=lambda e, k=k: f"{case}: {k}\n{e}")
-        print(f"case {case}: ok", flush=True)
 
 
 def step_gradients(wrapped, ref, name, const, layout, calls, opts, step, case) -> None:
