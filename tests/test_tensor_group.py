@@ -30,3 +30,12 @@ def test_two_rank_state_dict_is_full_and_loads_full() -> None:
     out = run_mpi(2, SCRIPT, *models, timeout=900).stdout
     for name in models:
         assert f"{name}: ok" in out
+
+
+def test_four_rank_tensor_times_data_parallel() -> None:
+    """Tensor groups {0, 1} and {2, 3}, each a replica fed half of every batch, gradients of every
+    shard averaged over the replicas: trains as eager on the whole batch (with clip_grad_norm_ too)."""
+    models = ["gpt:dp", "gpt:dp+clip", "hf_llama:dp"]
+    out = run_mpi(4, SCRIPT, *models, timeout=900).stdout
+    for name in models:
+        assert f"{name}: ok" in out

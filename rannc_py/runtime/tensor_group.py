@@ -12,9 +12,12 @@ other traffic of the ranks.
 :class:`TensorParallelModule` runs a whole model as one stage whose ranks
 form the tensor group: it traces the model, splits it
 (:func:`~rannc_py.graph.tensor_split.find_tensor_split`), keeps this rank's
-shards as its parameters and runs the rank program. Not wired into the
-planner or ``RaNNCModule`` yet; every rank still holds the traced model's
-full parameters (the rank program reads its buffers from it).
+shards as its parameters and runs the rank program; its
+``state_dict()`` / ``load_state_dict()`` take the unwrapped model's full
+state. With a second communicator over the replicas of each rank's shards it
+runs tensor x data parallelism (gradients averaged over the replicas). Not
+wired into the planner or ``RaNNCModule`` yet; every rank still holds the
+traced model's full parameters (the rank program reads its buffers from it).
 """
 
 from __future__ import annotations
@@ -79,12 +82,19 @@ class TensorParallelModule(nn.Module):
     ``train()`` / ``eval()``; the ranks' torch generators are set to rank 0's
     state here so that they draw alike. Raises TraceError when the model
     cannot be traced.
+
+    Tensor x data parallelism: ``data_comm`` joins this rank with the ranks
+    holding the same shards in the other tensor groups (the replicas), each
+    fed its own rows; :meth:`average_gradients`, called after backward,
+    averages every shard's gradient over them, as DDP does.
     """
 
     def __init__(self, model: nn.Module, args: tuple[Any, ...] = (), kwargs: Mapping[str, Any] | None = None,
-                 *, comm: Any) -> None:
+                 *, comm: Any, data_comm: Any = None) -> None:
         super().__init__()
         self.group = MPITensorGroup(comm)
+        # the same rank's counterparts in the other replicas: sums over a communicator of their own
+        self.replicas = None if data_comm is None else MPITensorGroup(data_comm)
         # Replicated dropout draws one mask on every rank, split dropout every rank's part of it:
         # both need the group's ranks in one generator state (rank 0's, as a per-rank seed may differ).
         torch.set_rng_state(self.group.comm.bcast(torch.get_rng_state(), root=0))
@@ -99,6 +109,25 @@ class TensorParallelModule(nn.Module):
         params = dict(zip(self.names, self.shards))
         outs = self.program(params, self.traced.flatten_inputs(args, kwargs))
         return self.traced.unflatten_outputs(outs)
+
+    def average_gradients(self) -> None:
+        """Average this rank's gradients over the data-parallel replicas (``data_comm``), in place.
+
+        Call it on every rank after backward, before clipping and the step:
+        each replica's gradient is of the loss over its rows, so the mean is
+        the gradient of the mean loss over all rows (equal row counts). One
+        allreduce of all gradients joined. Without ``data_comm``: nothing.
+        Raises nothing.
+        """
+        if self.replicas is None or self.replicas.size == 1:
+            return
+        grads = [p.grad for p in self.shards if p.grad is not None]
+        if not grads:
+            return
+        flat = self.replicas.all_reduce(torch.cat([g.detach().reshape(-1).float() for g in grads]))
+        flat /= self.replicas.size
+        for g, part in zip(grads, flat.split([g.numel() for g in grads])):
+            g.copy_(part.view_as(g))
 
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
         """Scale the gradients so that their total 2-norm is at most ``max_norm``, as

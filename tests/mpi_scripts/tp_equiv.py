@@ -1,11 +1,12 @@
 """A model run by a tensor group of all ranks trains as eager PyTorch does.
 
-Usage: tp_equiv.py MODEL[:clip|:drop|:state] [...] (names of runtime_models.py; ``clip``:
+Usage: tp_equiv.py MODEL[:OPTION[+OPTION]] [...] (names of runtime_models.py; ``clip``:
 ``clip_grad_norm_`` to 0.1 before each step, the group's against torch's; ``drop``:
 every dropout of the model at 0.1, each step of the group run from the generator
 state eager's step started in and ending in the state eager's ended in, then one
 evaluation (``eval()``, dropout off) compared as well; ``state``: state_dict /
-load_state_dict, see :func:`check_state`). Each rank
+load_state_dict, see :func:`check_state`; ``dp``: 4 ranks, tensor x data
+parallelism, see :func:`check_data_parallel`). Each rank
 builds the model from one seed, wraps a copy in TensorParallelModule over
 COMM_WORLD and trains both with AdamW for STEPS steps on the same batches:
 the losses must match every step and every parameter (gathered) after the
@@ -59,11 +60,22 @@ def check_eval(case: str, eager: torch.nn.Module, tp: TensorParallelModule, batc
     assert torch.allclose(want, got, rtol=1e-5, atol=1e-6), f"{case} eval: {want} != {got}"
 
 
-def train_both(case: str, eager: torch.nn.Module, tp: TensorParallelModule, steps: range) -> None:
-    """Train both on the same batches with fresh AdamW; losses (and norms with clip) equal each step."""
-    option = case.partition(":")[2]
+def replica_rows(batch: dict[str, object], replica: tuple[int, int] | None) -> dict[str, object]:
+    """Replica ``(index, count)``'s rows of a global batch (all of it for None)."""
+    if replica is None:
+        return batch
+    return {k: v.chunk(replica[1])[replica[0]] if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def train_both(case: str, eager: torch.nn.Module, tp: TensorParallelModule, steps: range,
+               replica: tuple[int, int] | None = None) -> None:
+    """Train both on the same batches with fresh AdamW; losses (and norms with clip) equal each step.
+
+    With ``replica`` the group trains on its rows of each batch, its gradients averaged over the
+    replicas, and its loss is the replicas' mean."""
+    clip = "clip" in options_of(case)
     extra = call_kwargs(case.partition(":")[0])
-    eps = 1e-5 if option == "drop" else 1e-6
+    eps = 1e-5 if "drop" in options_of(case) else 1e-6
     opt_eager, opt_tp = optimizer(eager.parameters(), eps), optimizer(tp.parameters(), eps)
     for step in steps:
         batch = {**make_batch(case.partition(":")[0], ROWS, 100 + step), **extra}
@@ -73,16 +85,19 @@ def train_both(case: str, eager: torch.nn.Module, tp: TensorParallelModule, step
                 end = torch.get_rng_state()
                 torch.set_rng_state(start)
             opt.zero_grad()
-            loss = model(**batch)["loss"]
+            loss = model(**(batch if model is eager else replica_rows(batch, replica)))["loss"]
             loss.backward()
-            if option == "clip":
+            if model is tp and tp.replicas is not None:
+                tp.average_gradients()
+                loss = tp.replicas.all_reduce(loss.detach().reshape(1))[0] / tp.replicas.size
+            if clip:
                 norm = tp.clip_grad_norm_(0.1) if model is tp else torch.nn.utils.clip_grad_norm_(eager.parameters(), 0.1)
                 losses.append(norm.detach())
             opt.step()
             losses.append(loss.detach())
         assert torch.equal(torch.get_rng_state(), end), f"{case} step {step}: the generator is not in eager's state"
         half = len(losses) // 2
-        assert option != "clip" or losses[0] > 0.1, f"{case}: the norm {losses[0]} is not clipped; lower max_norm"
+        assert not clip or losses[0] > 0.1, f"{case}: the norm {losses[0]} is not clipped; lower max_norm"
         for want, got in zip(losses[:half], losses[half:]):  # the loss, and the gradient norm with clip
             assert torch.allclose(want, got, rtol=1e-5, atol=1e-6), f"{case} step {step}: {losses}"
 
@@ -96,14 +111,14 @@ def same_state(case: str, got: dict[str, torch.Tensor], want: dict[str, torch.Te
 
 
 def check(case: str) -> None:
-    name, _, option = case.partition(":")
+    name, options = case.partition(":")[0], options_of(case)
     torch.manual_seed(0)
-    eager = build_model(name, dropout=0.1 if option == "drop" else 0.0)
+    eager = build_model(name, dropout=0.1 if "drop" in options else 0.0)
     extra = call_kwargs(name)
     tp = TensorParallelModule(copy.deepcopy(eager), (), {**make_batch(name, ROWS, 0), **extra}, comm=comm)
     assert tp.split.params, f"{name}: nothing was split"
     train_both(case, eager, tp, range(STEPS))
-    if option == "drop":
+    if "drop" in options:
         check_eval(case, eager, tp, {**make_batch(name, ROWS, 99), **extra})
     full = tp.full_parameters()
     for fqn, p in eager.named_parameters():
@@ -147,8 +162,31 @@ def check_state(case: str) -> None:
         raise AssertionError(f"{case}: a state dict without a key was loaded")
 
 
+def check_data_parallel(case: str) -> None:
+    """4 ranks: tensor groups {0, 1} and {2, 3}, each a replica fed half the rows of every batch;
+    trains as eager on the whole batch (losses each step, parameters after the last)."""
+    name = case.partition(":")[0]
+    world = comm.Get_size()
+    assert world == 4, f"{case} needs 4 ranks, got {world}"
+    tensor, data = comm.Split(comm.rank // 2, comm.rank), comm.Split(comm.rank % 2, comm.rank)
+    replica = (comm.rank // 2, 2)
+    torch.manual_seed(0)
+    eager = build_model(name)
+    example = replica_rows({**make_batch(name, ROWS, 0), **call_kwargs(name)}, replica)
+    tp = TensorParallelModule(copy.deepcopy(eager), (), example, comm=tensor, data_comm=data)
+    assert tp.split.params, f"{name}: nothing was split"
+    train_both(case, eager, tp, range(STEPS), replica)
+    same_state(case, tp.state_dict(), eager.state_dict(), exact=False)
+
+
+def options_of(case: str) -> set[str]:
+    """The options of ``MODEL:OPTION+OPTION``."""
+    return set(case.partition(":")[2].split("+")) - {""}
+
+
 def run(case: str) -> None:
-    (check_state if case.endswith(":state") else check)(case)
+    options = options_of(case)
+    (check_state if "state" in options else check_data_parallel if "dp" in options else check)(case)
 
 
 run_checks({f"check_{n}": functools.partial(run, n) for n in sys.argv[1:]}, sys.argv[1:])
