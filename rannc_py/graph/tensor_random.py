@@ -92,8 +92,8 @@ class RandomOp(nn.Module):
         if p == 0 or (self.shard is None and self.generator is None):
             return torch.ops.aten.scaled_dot_product_attention.default(
                 q, k, v, attn_mask, p, is_causal, scale=scale, enable_gqa=enable_gqa)
-        if enable_gqa:
-            raise NotImplementedError("attention dropout with enable_gqa on a split or simulated rank")
+        if enable_gqa:  # each group of query heads reads one key / value head
+            k, v = (t.repeat_interleave(q.shape[-3] // t.shape[-3], -3) for t in (k, v))
         root = math.sqrt(scale if scale is not None else 1 / math.sqrt(q.shape[-1]))
         attn = (q * root) @ (k.transpose(-2, -1) * root)
         if is_causal:
