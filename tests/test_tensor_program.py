@@ -21,31 +21,44 @@ from typing import Any
 import pytest
 import torch
 from models import CASES
-from tp_models import Case, gpt2_vocab96, gpt_vocab96, llama_kv, mixed_mlp
+from tp_models import Case, dropout_case, gpt2_vocab96, gpt_vocab96, llama_kv, mixed_mlp
 from tp_sim import run_ranks
 
 from rannc_py import trace
 from rannc_py.graph.tensor_program import build_rank_program, shard_parameters, unshard
+from rannc_py.graph.tensor_random import RandomOp, dropout_noise
 from rannc_py.graph.tensor_split import Shard, TensorSplit, find_tensor_split
 
 
-def run_split(case: Case, degree: int, split: TensorSplit | None = None, reduce: bool = True) -> dict[str, Any]:
-    """Eager reference and the ``degree`` rank programs on one batch; backward from the loss."""
+def run_split(case: Case, degree: int, split: TensorSplit | None = None, reduce: bool = True,
+              train: bool = True) -> dict[str, Any]:
+    """Eager reference and the ``degree`` rank programs on one batch; backward from the loss.
+
+    Each rank draws from a generator of its own, started in the state eager's forward
+    started in (threads share torch's default one); ``states`` are eager's final state and
+    each rank's. ``train``: the model and the rank programs in train or eval mode."""
     model, args, kwargs = case
     graph = trace(model, args, kwargs)
     split = split or find_tensor_split(graph.program, degree)
     inputs = graph.flatten_inputs(args, kwargs)
+    model.train(train)
+    start = torch.get_rng_state()
     ref_outs = graph.program.outputs.flatten(model(*args, **kwargs))
     ref_outs[0].backward()
+    states = [torch.get_rng_state()]
 
     def rank(r: int, group: Any) -> tuple[list[torch.Tensor], dict[str, torch.Tensor | None]]:
         params = shard_parameters(graph.program, split, r)
-        outs = build_rank_program(graph.program, split, group)(params, inputs)
+        generator = torch.Generator()
+        generator.set_state(start)
+        outs = build_rank_program(graph.program, split, group, generator).train(train)(params, inputs)
         outs[0].backward()
+        states.append(generator.get_state())
         return [o.detach() for o in outs], {k: p.grad for k, p in params.items()}
 
     results = run_ranks(degree, rank, reduce=reduce)
-    return {"graph": graph, "split": split, "ref": [o.detach() for o in ref_outs], "ranks": results}
+    return {"graph": graph, "split": split, "ref": [o.detach() for o in ref_outs], "ranks": results,
+            "states": states}
 
 
 def mismatches(run: dict[str, Any]) -> list[str]:
@@ -129,3 +142,35 @@ def test_rank_programs_run_at_another_batch_size() -> None:
 
     for got in run_ranks(2, rank):
         assert torch.allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["gpt", "hf_gpt2", "hf_llama", "hf_bert"])
+def test_dropout_draws_what_eager_draws(name: str) -> None:
+    """Dropout 0.1 everywhere (attention too): every rank draws eager's masks, its part of them in
+    split regions, so outputs and gradients equal eager's, and each rank's generator ends in
+    eager's state."""
+    run = run_split(dropout_case(name), 2)
+    assert any(run["split"].mode(op) == "split" for op in run["split"].ops if "dropout" in op or "attention" in op)
+    assert mismatches(run) == []
+    assert all(torch.equal(s, run["states"][0]) for s in run["states"][1:])
+
+
+def test_local_masks_fail_the_comparison() -> None:
+    """A rank drawing a mask over its own part only (not its part of eager's) differs from
+    eager: the comparison above catches dropout that is not eager's."""
+    model, args, kwargs = case = dropout_case("gpt")
+    split = find_tensor_split(trace(model, args, kwargs).program, 2)
+    real = RandomOp.noise
+    try:
+        RandomOp.noise = lambda self, like, p: dropout_noise(like.shape, like, p, self.generator)  # type: ignore[method-assign]
+        assert any("output loss" in m for m in mismatches(run_split(case, 2, split=split)))
+    finally:
+        RandomOp.noise = real  # type: ignore[method-assign]
+
+
+@pytest.mark.parametrize("name", ["gpt", "hf_gpt2"])
+def test_eval_mode_draws_nothing(name: str) -> None:
+    """In eval mode the rank programs run without dropout, as eager's model.eval()."""
+    run = run_split(dropout_case(name), 2, train=False)
+    assert mismatches(run) == []
+    assert all(torch.equal(s, run["states"][0]) for s in run["states"])

@@ -64,3 +64,34 @@ def llama_kv(kv_heads: int, vocab: int = 97) -> Case:
                       eos_token_id=0)
     ids = torch.randint(0, vocab, (4, SEQ))
     return LlamaForCausalLM(cfg), (), {"input_ids": ids, "labels": ids, "use_cache": False}
+
+
+def dropout_case(name: str, p: float = 0.1) -> Case:
+    """A model of tests/models.py with every dropout at ``p`` (attention dropout included)."""
+    from models import _bert_kwargs, _ids
+
+    torch.manual_seed(0)
+    ids = _ids(vocab=96)
+    if name == "gpt":
+        from rannc_py.models.gpt import GPT, gpt_config
+
+        return GPT(gpt_config("tiny", vocab_size=96, block_size=16, n_embd=32, dropout=p)), (), {
+            "input_ids": ids, "labels": ids}
+    if name == "hf_gpt2":
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        cfg = GPT2Config(vocab_size=96, n_positions=16, n_embd=32, n_layer=2, n_head=2, resid_pdrop=p,
+                         embd_pdrop=p, attn_pdrop=p, use_cache=False, bos_token_id=0, eos_token_id=0)
+        return GPT2LMHeadModel(cfg), (), {"input_ids": ids, "labels": ids, "use_cache": False}
+    if name == "hf_llama":
+        model, args, kwargs = llama_kv(2, vocab=96)
+        model.config.attention_dropout = p
+        for layer in model.model.layers:
+            layer.self_attn.attention_dropout = p
+        return model, args, kwargs
+    from transformers import BertConfig, BertForPreTraining
+
+    kwargs = _bert_kwargs()
+    cfg = BertConfig(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                     max_position_embeddings=16, hidden_dropout_prob=p, attention_probs_dropout_prob=p)
+    return BertForPreTraining(cfg), (), kwargs

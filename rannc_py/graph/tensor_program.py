@@ -26,7 +26,7 @@ gradient: the log-sum-exp does not depend on the shift).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any, Protocol
 
 import torch
@@ -34,7 +34,8 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from rannc_py.graph.lowered import Program
-from rannc_py.graph.tensor_rules import aten_name
+from rannc_py.graph.tensor_random import RandomOp
+from rannc_py.graph.tensor_rules import aten_name, shard_tensor, unshard
 from rannc_py.graph.tensor_split import Shard, TensorSplit
 
 
@@ -53,34 +54,6 @@ class TensorGroup(Protocol):
     def all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor: ...
 
     def all_gather(self, tensor: torch.Tensor) -> list[torch.Tensor]: ...
-
-
-def shard_tensor(full: torch.Tensor, shard: Shard, rank: int, degree: int) -> torch.Tensor:
-    """Rank ``rank``'s part of ``full`` under ``shard``: its ``1/degree`` of every block, joined.
-
-    Differentiable (a narrow per block). Raises ValueError when a block does
-    not divide by the degree.
-    """
-    parts, start = [], 0
-    for size in shard.blocks:
-        if size % degree:
-            raise ValueError(f"block of {size} along dim {shard.dim} does not divide by the tensor degree {degree}")
-        local = size // degree
-        parts.append(full.narrow(shard.dim, start + rank * local, local))
-        start += size
-    return parts[0] if len(parts) == 1 else torch.cat(parts, shard.dim)
-
-
-def unshard(parts: Sequence[torch.Tensor], shard: Shard) -> torch.Tensor:
-    """The full tensor from every rank's part (rank order); inverse of :func:`shard_tensor`."""
-    degree = len(parts)
-    pieces: list[torch.Tensor] = []
-    start = 0
-    for size in shard.blocks:
-        local = size // degree
-        pieces += [p.narrow(shard.dim, start, local) for p in parts]
-        start += local
-    return torch.cat(pieces, shard.dim)
 
 
 class _Copy(torch.autograd.Function):
@@ -231,20 +204,28 @@ def _local_args(node: fx.Node, args: tuple[Any, ...], split: TensorSplit, in_dim
     return args
 
 
+# ops drawing random numbers -> their RandomOp kind (attention draws only with dropout_p > 0)
+_RANDOM = {"dropout": "dropout", "scaled_dot_product_attention": "attention"}
+
+
 class _Rewriter:
     """Copies the program's graph node by node, rewriting what the split changes."""
 
-    def __init__(self, program: Program, split: TensorSplit, group: TensorGroup) -> None:
-        self.prog, self.split, self.group = program, split, group
+    def __init__(self, program: Program, split: TensorSplit, group: TensorGroup,
+                 generator: torch.Generator | None) -> None:
+        self.prog, self.split, self.group, self.generator = program, split, group, generator
         self.graph = fx.Graph()
         self.root = nn.Module()
         self.env: dict[fx.Node, fx.Node] = {}
         self.done: dict[tuple[Any, ...], fx.Node] = {}  # (source node, action) -> its new node
 
-    def call(self, module: nn.Module, args: tuple[Any, ...], name: str) -> fx.Node:
+    def add(self, module: nn.Module, name: str) -> str:
         target = f"tp_{name}"
         self.root.add_module(target, module)
-        return self.graph.call_module(target, args)
+        return target
+
+    def call(self, module: nn.Module, args: tuple[Any, ...], name: str) -> fx.Node:
+        return self.graph.call_module(self.add(module, name), args)
 
     def action(self, x: fx.Node, act: tuple[Any, ...]) -> fx.Node:
         """The new node of input ``x`` after ``act`` (copy / narrow / gather), made once per input."""
@@ -284,6 +265,10 @@ class _Rewriter:
             new = self.call(VocabEmbedding(self.group, rows), args[:3], node.name)
         elif mode == "vocab_cross_entropy":
             new = self.call(VocabCrossEntropy(self.group), args, node.name)
+        elif packet in _RANDOM:
+            shard = self.split.ops[node.name].outputs[0] if mode == "split" else None
+            op = RandomOp(_RANDOM[packet], shard, self.group.rank, self.group.size, self.generator)
+            new = self.graph.call_module(self.add(op, node.name), args, kwargs)
         else:
             if mode == "split":
                 first = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
@@ -329,18 +314,22 @@ class RankProgram(nn.Module):
         return list(outs[len(outs) - len(prog.user_outputs):])
 
 
-def build_rank_program(program: Program, split: TensorSplit, group: TensorGroup) -> RankProgram:
+def build_rank_program(program: Program, split: TensorSplit, group: TensorGroup,
+                       generator: torch.Generator | None = None) -> RankProgram:
     """The program rank ``group.rank`` of the tensor group runs under ``split``.
 
     Takes the traced program (``trace(...).program``), the split from
-    :func:`~rannc_py.graph.tensor_split.find_tensor_split` and this rank's
-    group (``group.size`` must equal ``split.degree``). Returns a
-    :class:`RankProgram`. Raises ValueError on a group of another size.
+    :func:`~rannc_py.graph.tensor_split.find_tensor_split`, this rank's
+    group (``group.size`` must equal ``split.degree``) and the generator its
+    dropout draws from (None: torch's default, which every rank of the group
+    must hold in one state; see :mod:`rannc_py.graph.tensor_random`).
+    Returns a :class:`RankProgram`; its dropout follows ``train()`` /
+    ``eval()``. Raises ValueError on a group of another size.
     """
     if group.size != split.degree:
         raise ValueError(f"the group has {group.size} ranks but the split is for {split.degree}; "
                          "pass a group of the split's degree")
-    rw = _Rewriter(program, split, group)
+    rw = _Rewriter(program, split, group, generator)
     for node in program.gm.graph.nodes:
         if node.op == "output":
             rw.graph.output(rw.mapped(node)[0][0])

@@ -1,7 +1,9 @@
 """The propagation rules of the tensor split: how each kind of op carries a split through.
 
 Used by :mod:`rannc_py.graph.tensor_split` (see its docstring for the
-method). A rule takes the propagation and an op whose inputs include a split
+method); :class:`Shard` with :func:`shard_tensor` / :func:`unshard` (a
+rank's part of a tensor and the whole from the parts) are shared with the
+rank programs. A rule takes the propagation and an op whose inputs include a split
 tensor, and returns the split of its output (a list for a multi-output op)
 with what to do to its replicated inputs first, or None when the op cannot
 run on split inputs (then the split is taken back). Shapes are the traced
@@ -10,10 +12,11 @@ example's (symbolic sizes at their hints).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+import torch
 from torch import fx
 
 
@@ -33,6 +36,34 @@ class Shard:
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict."""
         return {"dim": self.dim, "blocks": list(self.blocks)}
+
+
+def shard_tensor(full: torch.Tensor, shard: Shard, rank: int, degree: int) -> torch.Tensor:
+    """Rank ``rank``'s part of ``full`` under ``shard``: its ``1/degree`` of every block, joined.
+
+    Differentiable (a narrow per block). Raises ValueError when a block does
+    not divide by the degree.
+    """
+    parts, start = [], 0
+    for size in shard.blocks:
+        if size % degree:
+            raise ValueError(f"block of {size} along dim {shard.dim} does not divide by the tensor degree {degree}")
+        local = size // degree
+        parts.append(full.narrow(shard.dim, start + rank * local, local))
+        start += size
+    return parts[0] if len(parts) == 1 else torch.cat(parts, shard.dim)
+
+
+def unshard(parts: Sequence[torch.Tensor], shard: Shard) -> torch.Tensor:
+    """The full tensor from every rank's part (rank order); inverse of :func:`shard_tensor`."""
+    degree = len(parts)
+    pieces: list[torch.Tensor] = []
+    start = 0
+    for size in shard.blocks:
+        local = size // degree
+        pieces += [p.narrow(shard.dim, start, local) for p in parts]
+        start += local
+    return torch.cat(pieces, shard.dim)
 
 
 class Restart(Exception):

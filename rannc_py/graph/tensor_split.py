@@ -37,9 +37,9 @@ floating tensor read by an op whose result is split gets an identity whose
 backward allreduces the gradient, because each rank computes only its part
 of that tensor's gradient. :class:`TensorSplit` lists it as a ``copy`` input.
 
-Random ops are not handled yet: with dropout above 0, every rank would draw
-its own mask, in replicated regions too (the ranks need one seed there, and
-their own in split regions, as Megatron's RNG tracker does).
+Dropout (element-wise) and attention with dropout keep the split; the rank
+programs draw eager's masks in both regions
+(:mod:`rannc_py.graph.tensor_random`). Other random ops are not split.
 
 The result is pure data keyed by fx node names (the Graph's op names, plus
 the ``getitem`` aliases of multi-output ops);
