@@ -222,7 +222,7 @@ void register_comm(py::module_& m) {
       py::arg("comm"), "Largest message tag MPI accepts on this communicator.");
   m.def(
       "comm_set_dedicated", [](bool dedicated) { Engine::get().set_dedicated(dedicated); }, py::arg("dedicated"),
-      "Tell the progress thread whether this rank has a core to itself: then it naps only briefly "
+      "Tell the progress thread whether this rank has a core to itself: then it polls without napping "
       "while a thread waits on an operation.");
   m.def(
       "comm_shutdown", [] { Engine::get().shutdown(); }, py::call_guard<py::gil_scoped_release>(),

@@ -81,8 +81,8 @@ class Engine {
   void poke();
   // Whether this rank has a core to itself (ranks x torch threads within the
   // machine's cores). Then, while a thread is blocked on an operation, the
-  // progress thread naps only briefly: the waiting thread leaves the core
-  // free, and a long nap would make every message arriving during a long wait
+  // progress thread polls without napping: the waiting thread leaves the core
+  // free, and a nap would make every message arriving during a long wait
   // (a pipeline stage waiting for its neighbour) late by up to the nap.
   void set_dedicated(bool dedicated) { dedicated_.store(dedicated, std::memory_order_relaxed); }
   bool dedicated() const { return dedicated_.load(std::memory_order_relaxed); }

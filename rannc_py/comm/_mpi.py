@@ -46,9 +46,9 @@ def dedicate_cores(comm: Any) -> bool:
     """Tell the engine whether this rank has a core of its own (collective over ``comm``).
 
     True when this node's ranks of ``comm`` times this process's torch threads
-    fit the cores it may use. Then the engine's progress thread naps only
-    briefly while a thread waits on an operation instead of backing off to a
-    millisecond, so a message
+    fit the cores it may use. Then the engine's progress thread keeps polling
+    (yielding) while a thread waits on an operation instead of backing off to
+    naps of up to a millisecond, so a message
     that ends a long wait (a pipeline stage waiting for its neighbour, a
     collective waiting for the last rank) is noticed at once; on shared cores
     it backs off, leaving them to the ranks that compute. Returns the choice.
