@@ -142,7 +142,7 @@ def report(results: list[dict[str, Any]], args: argparse.Namespace, before: tupl
         "# Predicted against measured step time", "",
         (f"Command: `python benchmarks/predict_bench.py --steps {args.steps} --rounds {args.rounds} "
         f"--models {args.models}{' --cached' * args.cached}`. Every run {'plans from the cached' if args.cached else 'measures its own'} "
-        "profile and calibration. One torch thread per rank; this machine has {os.cpu_count()} cores "
+        f"profile and calibration. One torch thread per rank; this machine has {os.cpu_count()} cores "
         f"(4 ranks share them). Load average (1/5/15 min) {'/'.join(f'{x:.1f}' for x in before)} at the start, "
         f"{'/'.join(f'{x:.1f}' for x in after)} at the end."), "",
         ("| model | configuration | ranks | microbatches | replicas per stage | measured step (ms) | "
