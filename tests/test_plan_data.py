@@ -66,6 +66,25 @@ def test_queries():
     assert "0-1 (x2)" in text and "1f1b" in text and "yes" in text and "torus" in text
 
 
+def test_tensor_groups_round_trip_and_queries():
+    import json
+
+    base = sample_plan()
+    st0 = dataclasses.replace(base.stages[0], ranks=(0, 1, 2, 3), tensor=2, tensor_collectives=0.25)
+    st1 = dataclasses.replace(base.stages[1], ranks=(4, 5), tensor=2)
+    p = sample_plan(stages=(st0, st1), world_size=6, peak_memory_per_rank=(1000,) * 6)
+    assert Plan.from_json(p.to_json()) == p
+    d = json.loads(p.to_json())
+    assert [s["tensor"] for s in d["stages"]] == [2, 2]
+    assert "tensor" not in json.loads(base.to_json())["stages"][0]  # degree 1 writes as before
+    assert st0.replicas == 2 and st0.tensor_groups() == [(0, 1), (2, 3)] and st0.replica_ranks(1) == (1, 3)
+    assert [p.replica_of_rank(r) for r in range(6)] == [0, 0, 1, 1, 0, 0]
+    assert [p.tensor_rank_of(r) for r in range(6)] == [0, 1, 0, 1, 0, 1]
+    assert "250 ms" in p.summary()  # the group collectives per microbatch
+    with pytest.raises(PlanError, match="tensor degree 3 for 4 ranks"):
+        dataclasses.replace(p, stages=(dataclasses.replace(st0, tensor=3), st1))
+
+
 def test_split_sizes():
     assert split_sizes(10, 3) == [4, 3, 3]
     assert split_sizes(4, 4) == [1, 1, 1, 1]

@@ -57,7 +57,10 @@ class StagePlan:
         ops: indices into ``graph.ops`` run by this stage (ascending).
         param_fqns: parameters (and buffers) this stage reads; a tied weight
             appears in every stage that reads it.
-        ranks: global MPI ranks that hold a replica of this stage (ascending).
+        ranks: global MPI ranks that run this stage (ascending): ``replicas``
+            tensor groups of ``tensor`` consecutive ranks each, replica j's
+            group being ``ranks[j * tensor:(j + 1) * tensor]``
+            (:meth:`tensor_groups`); with ``tensor`` 1, one rank per replica.
         recompute: drop activations after forward and re-run it in backward.
         predicted_compute_time: seconds of forward + backward per step on one replica.
         predicted_peak_memory: bytes per rank (model state + activations + buffers).
@@ -83,6 +86,14 @@ class StagePlan:
             reduce-scattered, so between steps a replica holds only its
             gradient shard. Default 0 (plans written before the field
             existed read as 0; the JSON carries it only when it is not 0).
+        tensor: the stage's tensor degree: each replica is a tensor group of
+            this many ranks that share the stage's ops split inside
+            (:mod:`rannc_py.graph.tensor_split`), each holding its shards of
+            the split parameters and a copy of the rest. Default 1 (no
+            tensor parallelism; the JSON carries it only when it is not 1).
+        tensor_collectives: seconds per microbatch of the tensor group's own
+            collectives (forward and backward), included in ``costs``; 0
+            when ``tensor`` is 1 or the planner did not price it.
     """
 
     index: int
@@ -95,16 +106,27 @@ class StagePlan:
     allreduce: str = "mpi"
     costs: StageCosts | None = None
     shard_level: int = 0
+    tensor: int = 1
+    tensor_collectives: float = 0.0
 
     @property
     def replicas(self) -> int:
-        """Number of data-parallel replicas of this stage."""
-        return len(self.ranks)
+        """Number of data-parallel replicas of this stage (tensor groups)."""
+        return len(self.ranks) // self.tensor
+
+    def tensor_groups(self) -> list[tuple[int, ...]]:
+        """The ranks of each replica's tensor group, replica 0 first."""
+        t = self.tensor
+        return [self.ranks[j * t:(j + 1) * t] for j in range(self.replicas)]
+
+    def replica_ranks(self, position: int) -> tuple[int, ...]:
+        """The ranks at tensor position ``position`` of every replica (those that hold the same shards)."""
+        return self.ranks[position::self.tensor]
 
 
 @dataclass(frozen=True, kw_only=True)
 class Plan:
-    """A hybrid data/pipeline-parallel layout of one model on one cluster.
+    """A hybrid data/tensor/pipeline-parallel layout of one model on one cluster.
 
     Attributes:
         batch_size: global batch size of one step.
@@ -112,7 +134,7 @@ class Plan:
         schedule: schedule name ("1f1b", "gpipe", or the experimental "zb-h1"), see
             :mod:`rannc_py.schedule`.
         stages: the stages, in pipeline order.
-        world_size: number of ranks the plan uses (every rank holds one stage replica).
+        world_size: number of ranks the plan uses (every rank runs one stage, in one of its tensor groups).
         graph_fingerprint: hash of the graph the plan was made for.
         cluster: description of the cluster the plan was made for.
         step_time: predicted seconds per training step.
@@ -172,6 +194,10 @@ class Plan:
             if isinstance(st.shard_level, bool) or st.shard_level not in SHARD_LEVELS:
                 raise PlanError(f"stage {i} has shard_level {st.shard_level!r}; it must be one of "
                                 f"{list(SHARD_LEVELS)}")
+            if isinstance(st.tensor, bool) or not isinstance(st.tensor, int) or st.tensor < 1 \
+                    or len(st.ranks) % st.tensor:
+                raise PlanError(f"stage {i} has tensor degree {st.tensor!r} for {len(st.ranks)} ranks; it must be "
+                                "a positive integer that divides the stage's rank count")
             if st.allreduce not in ALGORITHMS:
                 raise PlanError(f"stage {i} names unknown allreduce algorithm {st.allreduce!r}; "
                                 f"known: {list(ALGORITHMS)}")
@@ -223,9 +249,14 @@ class Plan:
         return None
 
     def replica_of_rank(self, rank: int) -> int | None:
-        """Position of ``rank`` among its stage's replicas (its row chunk), or None."""
+        """The replica (tensor group) of its stage that ``rank`` belongs to (its row chunk), or None."""
         s = self.stage_of_rank(rank)
-        return None if s is None else self.stages[s].ranks.index(rank)
+        return None if s is None else self.stages[s].ranks.index(rank) // self.stages[s].tensor
+
+    def tensor_rank_of(self, rank: int) -> int | None:
+        """Position of ``rank`` inside its tensor group (0 when the stage has tensor degree 1), or None."""
+        s = self.stage_of_rank(rank)
+        return None if s is None else self.stages[s].ranks.index(rank) % self.stages[s].tensor
 
     def make_schedule(self) -> Schedule:
         """The training schedule's action lists for this plan's stages and microbatches."""
@@ -253,8 +284,8 @@ class Plan:
         return simulate(self.make_schedule(), [st.costs for st in self.stages if st.costs is not None])
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict (``chunks``, a stage's ``shard_level`` and ``costs.backward_weight`` only when set,
-        so plans without them write as before)."""
+        """A JSON-ready dict (``chunks``, a stage's ``shard_level``, ``tensor``, ``tensor_collectives`` and
+        ``costs.backward_weight`` only when set, so plans without them write as before)."""
         d = dataclasses.asdict(self)
         if d["chunks"] == 1:
             del d["chunks"]
@@ -263,6 +294,10 @@ class Plan:
                 del st["costs"]["backward_weight"]
             if st["shard_level"] == 0:
                 del st["shard_level"]
+            if st["tensor"] == 1:
+                del st["tensor"]
+            if st["tensor_collectives"] == 0.0:
+                del st["tensor_collectives"]
         return d
 
     @classmethod
@@ -280,6 +315,8 @@ class Plan:
                     predicted_peak_memory=int(s["predicted_peak_memory"]),
                     allreduce=str(s.get("allreduce", "mpi")),
                     shard_level=int(s.get("shard_level", 0)),
+                    tensor=int(s.get("tensor", 1)),
+                    tensor_collectives=float(s.get("tensor_collectives", 0.0)),
                     costs=None if s.get("costs") is None else StageCosts(**{
                         f.name: float(s["costs"].get(f.name, f.default)) for f in dataclasses.fields(StageCosts)}),
                 )
@@ -338,17 +375,18 @@ class Plan:
             (f"Plan: {self.num_stages} stages, {self.world_size} ranks, schedule {self.schedule}, "
              f"batch {self.batch_size} = {self.microbatches} microbatches x {mb_rows}"),
             f"cluster: {self.cluster}",
-            (f"{'stage':>5} {'ops':>11} {'params':>7} {'ranks':>13} {'recomp':>6} "
-             f"{'compute/step':>12} {'peak mem':>10} {'allreduce':>9} {'shard':>5}"),
+            (f"{'stage':>5} {'ops':>11} {'params':>7} {'ranks':>13} {'tensor':>6} {'recomp':>6} "
+             f"{'compute/step':>12} {'tp comm/mb':>10} {'peak mem':>10} {'allreduce':>9} {'shard':>5}"),
         ]
         for st in self.stages:
             ops = f"{st.ops[0]}-{st.ops[-1]}" if st.ops else "-"
-            ranks = f"{st.ranks[0]}-{st.ranks[-1]} (x{st.replicas})" if st.replicas > 1 else f"{st.ranks[0]}"
+            ranks = f"{st.ranks[0]}-{st.ranks[-1]} (x{st.replicas})" if len(st.ranks) > 1 else f"{st.ranks[0]}"
+            tp_comm = format_seconds(st.tensor_collectives) if st.tensor > 1 else "-"
             lines.append(
-                f"{st.index:>5} {ops:>11} {len(st.param_fqns):>7} {ranks:>13} "
+                f"{st.index:>5} {ops:>11} {len(st.param_fqns):>7} {ranks:>13} {st.tensor:>6} "
                 f"{'yes' if st.recompute else 'no':>6} {format_seconds(st.predicted_compute_time):>12} "
-                f"{format_bytes(st.predicted_peak_memory):>10} {st.allreduce if st.replicas > 1 else '-':>9} "
-                f"{st.shard_level if st.replicas > 1 else '-':>5}"
+                f"{tp_comm:>10} {format_bytes(st.predicted_peak_memory):>10} "
+                f"{st.allreduce if st.replicas > 1 else '-':>9} {st.shard_level if st.replicas > 1 else '-':>5}"
             )
         lines.append(
             f"predicted: step {format_seconds(self.step_time)}, {self.samples_per_second:.4g} samples/s, "
