@@ -12,6 +12,9 @@ Boundary rule (what the runtime relies on):
   tensors cross a boundary.
 * Buffers updated in forward (BatchNorm running stats) are written in place,
   detached, by the stage that computes the new value.
+* An op may be a submodule call (``call_module``, e.g. the tensor group's
+  collectives of a rank program, :func:`rannc_py.graph.tensor_program.rank_program_ir`):
+  the stage's module holds that submodule.
 
 Backward across stages: run stage ``s`` on received activations that are leaf
 tensors with ``requires_grad_()`` (floating point ones), then call
@@ -302,6 +305,8 @@ def _build_stage(planner: _StagePlanner, s: int, boundaries: list[list[fx.Node]]
     op_indices = [i for i, st in enumerate(planner.assignment) if st == s]
     for node in prog.gm.graph.nodes:
         if prog.kind.get(node) in ("op", "alias") and planner.stage_of(node) == s:
+            if node.op == "call_module":  # e.g. a tensor group's collective (a rank program's op)
+                attrs[str(node.target)] = prog.gm.get_submodule(str(node.target))
             env[node] = g.node_copy(node, resolve)
     for value, fqn in prog.mutations:
         in_stage = planner.stage_of(value) == s if prog.kind.get(value) in ("op", "alias") else last

@@ -26,7 +26,8 @@ gradient: the log-sum-exp does not depend on the shift).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import dataclasses
+from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
 import torch
@@ -212,15 +213,21 @@ class _Rewriter:
     """Copies the program's graph node by node, rewriting what the split changes."""
 
     def __init__(self, program: Program, split: TensorSplit, group: TensorGroup,
-                 generator: torch.Generator | None) -> None:
+                 generator: torch.Generator | None, part_of: Callable[[fx.Node], int] | None = None) -> None:
         self.prog, self.split, self.group, self.generator = program, split, group, generator
+        self.part_of = part_of or (lambda node: 0)
         self.graph = fx.Graph()
         self.root = nn.Module()
         self.env: dict[fx.Node, fx.Node] = {}
-        self.done: dict[tuple[Any, ...], fx.Node] = {}  # (source node, action) -> its new node
+        self.done: dict[tuple[Any, ...], fx.Node] = {}  # (source node, action, part) -> its new node
+        # an inserted collective -> (the node reading its result, the node it acts on)
+        self.inserted: dict[fx.Node, tuple[fx.Node, fx.Node]] = {}
+        self.reader: fx.Node | None = None
 
     def add(self, module: nn.Module, name: str) -> str:
-        target = f"tp_{name}"
+        target, k = f"tp_{name}", 1
+        while hasattr(self.root, target):  # the same collective in two parts
+            target, k = f"tp_{name}_{k}", k + 1
         self.root.add_module(target, module)
         return target
 
@@ -228,24 +235,34 @@ class _Rewriter:
         return self.graph.call_module(self.add(module, name), args)
 
     def action(self, x: fx.Node, act: tuple[Any, ...]) -> fx.Node:
-        """The new node of input ``x`` after ``act`` (copy / narrow / gather), made once per input."""
-        key = (x, *act[:3])
+        """The new node of input ``x`` after ``act`` (copy / narrow / gather), made once per input
+        and part (see :func:`rank_program_ir`)."""
+        assert self.reader is not None
+        part = self.part_of(self.reader) if self.reader.op != "output" else self.part_of(x)
+        key = (x, *act[:3], part)
         if key in self.done:
             return self.done[key]
         new = self.env[x]
         if act[0] == "copy" or (act[0] == "narrow" and act[3]):
-            copy_key = (x, "copy")
+            copy_key = (x, "copy", part)
             if copy_key not in self.done:
-                self.done[copy_key] = self.call(Collective(self.group, "copy"), (new,), f"copy_{x.name}")
+                self.done[copy_key] = self._inserted(self.call(Collective(self.group, "copy"), (new,), f"copy_{x.name}"), x)
             new = self.done[copy_key]
         if act[0] in ("narrow", "gather"):
             shard = Shard(dim=act[1], blocks=tuple(act[2]))
-            new = self.call(Collective(self.group, act[0], shard), (new,), f"{act[0]}_{x.name}_{act[1]}")
+            new = self._inserted(self.call(Collective(self.group, act[0], shard), (new,), f"{act[0]}_{x.name}_{act[1]}"), x)
         self.done[key] = new
+        return new
+
+    def _inserted(self, new: fx.Node, x: fx.Node) -> fx.Node:
+        assert self.reader is not None
+        new.meta = dict(x.meta)
+        self.inserted[new] = (self.reader, x)
         return new
 
     def mapped(self, node: fx.Node) -> tuple[tuple[Any, ...], dict[str, Any]]:
         acts = self.split.ops[node.name].inputs if node.name in self.split.ops else {}
+        self.reader = node
         def arg(x: fx.Node) -> fx.Node:
             return self.action(x, acts[x.name]) if x.name in acts else self.env[x]
         args = fx.node.map_arg(node.args, arg)
@@ -277,6 +294,8 @@ class _Rewriter:
                 args = _local_args(node, args, self.split, in_dim)
             new = self.graph.node_copy(node, lambda x: self.env[x])
             new.args, new.kwargs = args, kwargs
+        if new.op == "call_module":
+            new.meta = dict(node.meta)
         self.env[node] = new
 
 
@@ -336,6 +355,66 @@ def build_rank_program(program: Program, split: TensorSplit, group: TensorGroup,
         else:
             rw.visit(node)
     return RankProgram(program, fx.GraphModule(rw.root, rw.graph))
+
+
+def rank_program_ir(program: Program, split: TensorSplit, group: TensorGroup,
+                    generator: torch.Generator | None = None,
+                    part_of: Callable[[int], int] | None = None) -> Program:
+    """The rank program of :func:`build_rank_program` as a :class:`Program` of its own, to be cut
+    into pipeline stages (:func:`rannc_py.graph.staged.build_stages`) like the traced one.
+
+    Every node keeps its kind, source and op index; each inserted collective
+    is an ``op`` of the op index of the node that reads it (a model output's
+    gather: of the node it gathers), so it runs in that op's stage. The
+    parameter placeholders still name the full parameters (canonical FQNs):
+    bind the rank's shards (:func:`shard_parameters`) when building a stage.
+    ``part_of`` maps an op index to its part (its pipeline stage; default:
+    one part): a replicated tensor read by split ops in two parts gets a
+    copy (and narrow) in each, so no collective's result crosses a part
+    boundary it need not cross. Raises ValueError on a group of another size.
+    """
+    if group.size != split.degree:
+        raise ValueError(f"the group has {group.size} ranks but the split is for {split.degree}; "
+                         "pass a group of the split's degree")
+    where = part_of or (lambda index: 0)
+
+    def part(node: fx.Node) -> int:
+        index = program.op_of.get(node)
+        return where(index) if index is not None else -1
+
+    rw = _Rewriter(program, split, group, generator, part)
+    old_out = None
+    new_values: list[Any] = []
+    for node in program.gm.graph.nodes:
+        if node.op == "output":
+            old_out = node
+            new_values = list(rw.mapped(node)[0][0])
+            rw.graph.output(tuple(new_values))
+        else:
+            rw.visit(node)
+    gm = fx.GraphModule(rw.root, rw.graph)
+    out = dataclasses.replace(program, gm=gm, kind={}, op_of={}, op_nodes=[], source={}, user_outputs=[],
+                              mutations=[])
+    for old, kind in program.kind.items():
+        new = rw.env.get(old)
+        if new is None:
+            continue
+        out.kind[new] = kind
+        if old in program.source:
+            out.source[new] = program.source[old]
+        if old in program.op_of:
+            out.op_of[new] = program.op_of[old]
+    for new, (reader, x) in rw.inserted.items():
+        out.kind[new] = "op"
+        out.op_of[new] = program.op_of[x if reader is old_out else reader]
+    out.op_nodes = [n for n in rw.graph.nodes if out.kind.get(n) == "op"]
+    assert old_out is not None
+    n_mut = len(new_values) - len(program.user_outputs)
+    old_values = list(old_out.args[0])  # type: ignore[arg-type]
+    assert all(old_values[i] is v for i, (v, _) in enumerate(program.mutations)), "mutations come first"
+    out.mutations = [(new_values[i], fqn) for i, (_, fqn) in enumerate(program.mutations)]
+    out.user_outputs = new_values[n_mut:]
+    return out
 
 
 def shard_parameters(program: Program, split: TensorSplit, rank: int) -> dict[str, torch.Tensor]:

@@ -117,6 +117,10 @@ def _holdings(model: nn.Module) -> _Holdings:
         raise ConfigError("this RaNNCModule was closed; save or load a checkpoint before close()")
     if not model._ready:
         return _whole(model._model, model._comm)
+    if model._tensor is not None:
+        raise ConfigError("save_checkpoint / load_checkpoint do not support tensor > 1 yet (each rank holds "
+                          "shards of the split parameters); save model.state_dict() (full tensors) instead, "
+                          "or train with tensor=1")
     inner = model._model
     keys = {k: model._names.get(k, k) for k in inner.state_dict(keep_vars=True)}
     persistent = set(keys.values())

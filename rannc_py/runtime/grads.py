@@ -2,7 +2,10 @@
 
 Every parameter lives on a set of ranks: the replicas of its stage, plus the
 replicas of every other stage that reads it when it is tied (GPT-2's
-``wte``/``lm_head``). Its gradient is the sum over that set, so one bucketed
+``wte``/``lm_head``); on stages split over tensor groups, the ranks at one
+tensor position of those replicas (they hold the same shard; a replicated
+parameter's gradient is already the whole one on every rank of a group, so
+summing it over the positions too would count it t times). Its gradient is the sum over that set, so one bucketed
 allreduce per distinct set does both the data-parallel sync and the tied-weight
 sum (a stage's own replica set, when the plan shards it, is reduce-scattered
 instead: :mod:`rannc_py.runtime.sharding`). Sets are visited in one global order on every rank, so collectives on
@@ -59,6 +62,9 @@ class GradSync:
             :mod:`rannc_py.runtime.sharding`); at 1 or 2 its buckets are
             reduce-scattered and only this rank's shard of each sum comes
             back (as the pieces' ``.grad``). Sets not listed: level 0.
+        sets: every rank's holder sets, when ``holders`` is this rank's own
+            view (tensor groups: each position sums its shards over its own
+            ranks); default None: ``holders`` is the same on every rank.
     """
 
     def __init__(
@@ -70,6 +76,7 @@ class GradSync:
         bucket_bytes: int,
         algorithms: Mapping[tuple[int, ...], str] | None = None,
         levels: Mapping[tuple[int, ...], int] | None = None,
+        sets: Sequence[tuple[int, ...]] | None = None,
     ) -> None:
         me = comm.Get_rank()
         algorithms = algorithms or {}
@@ -83,7 +90,7 @@ class GradSync:
         self._shards: dict[tuple[int, int], BucketShard] = {}  # (group, bucket) -> its shard, when sharded
         self.sharded: list[tuple[MPI.Comm, str, list[BucketShard]]] = []  # per sharded group, for ShardedStep
         self.started_in_backward = 0  # buckets started before ALLREDUCE in the last step
-        for group in sorted({h for h in holders.values() if len(h) > 1}):
+        for group in sorted({h for h in (holders.values() if sets is None else sets) if len(h) > 1}):
             sub = comm.Split(0 if me in group else MPI.UNDEFINED, me)
             if sub == MPI.COMM_NULL:
                 continue

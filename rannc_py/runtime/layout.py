@@ -1,10 +1,16 @@
 """Turn the ``plan=`` argument of :class:`RaNNCModule` into a :class:`Plan`.
 
 Accepted: a ``Plan``; a path to a plan saved with ``Plan.save``; or an
-explicit layout ``dict(stages=S, replicas=[r0, ...], microbatches=M,
+explicit layout ``dict(stages=S, tensor=T, replicas=[r0, ...], microbatches=M,
 schedule="1f1b", recompute=False, shard_optimizer=0)`` (a schedule of
 :data:`RUN_SCHEDULES`) whose stage boundaries are placed by balancing the
 graph's FLOPs. With ``None`` the planner searches.
+
+``tensor`` is the tensor degree (default 1): an int for every stage, or one
+per stage (RaNNCModule runs one degree for all stages, see
+:mod:`rannc_py.runtime.tensor_stages`); stage s then has ``replicas[s] x
+tensor`` ranks, replica j's tensor group being its ranks ``j*T..(j+1)*T-1``.
+Whether the model's ops split at that degree is checked on the first call.
 
 What needs neither the model nor the world size is checked when the module
 is built (:func:`check_plan_arg`); the rest (the world size, the plan's ops
@@ -25,7 +31,7 @@ from rannc_py.graph.partition import balanced_assignment
 from rannc_py.planner.options import EXPERIMENTAL_SCHEDULES, TRAINING_SCHEDULES, shard_levels
 from rannc_py.planner.plan import Plan, StagePlan
 
-_LAYOUT_KEYS = {"stages", "replicas", "microbatches", "schedule", "recompute", "shard_optimizer"}
+_LAYOUT_KEYS = {"stages", "tensor", "replicas", "microbatches", "schedule", "recompute", "shard_optimizer"}
 RUN_SCHEDULES: tuple[str, ...] = TRAINING_SCHEDULES + EXPERIMENTAL_SCHEDULES
 """The schedules RaNNCModule trains with: the planner's defaults and the split-backward ``zb-h1``
 (searched only when named). forward_only has no backward and no ALLREDUCE (a plan with it would
@@ -84,7 +90,9 @@ def check_layout(layout: Mapping[str, Any]) -> list[bool]:
     Raises:
         ConfigError: unknown keys; stages or microbatches not positive
             integers; a schedule that does not train; a recompute value that
-            is not a bool or one bool per stage.
+            is not a bool or one bool per stage; a tensor degree that is not
+            a positive int or one per stage, differs between stages, or comes
+            with shard_optimizer > 0 or the zb-h1 schedule.
     """
     unknown = set(layout) - _LAYOUT_KEYS
     if unknown:
@@ -96,8 +104,35 @@ def check_layout(layout: Mapping[str, Any]) -> list[bool]:
     flags = [bool(recompute)] * stages if isinstance(recompute, bool) else [bool(r) for r in recompute]
     if len(flags) != stages:
         raise ConfigError(f"recompute={recompute!r} must be a bool or one bool per stage ({stages})")
-    shard_levels(layout.get("shard_optimizer", 0), stages)
+    levels = shard_levels(layout.get("shard_optimizer", 0), stages)
+    degree = tensor_degree(layout, stages)
+    if degree > 1 and any(levels):
+        raise ConfigError(f"layout tensor={degree} with shard_optimizer={layout.get('shard_optimizer')!r}: sharding "
+                          "the optimizer state of tensor-parallel stages is not supported yet; use "
+                          "shard_optimizer=0 or tensor=1")
+    if degree > 1 and layout.get("schedule", "1f1b") == "zb-h1":
+        raise ConfigError(f"layout tensor={degree} with schedule 'zb-h1' is not supported yet (its split backward "
+                          "would run the tensor group's backward collectives twice); use '1f1b' or 'gpipe'")
     return flags
+
+
+def tensor_degree(layout: Mapping[str, Any], stages: int) -> int:
+    """The layout's tensor degree (key ``tensor``: an int, or one int per stage, all equal; default 1).
+
+    Raises:
+        ConfigError: not a positive int or a list of ``stages`` of them, or
+            different degrees per stage (not run yet).
+    """
+    value = layout.get("tensor", 1)
+    degrees = [value] * stages if not isinstance(value, (list, tuple)) else list(value)
+    if len(degrees) != stages or any(isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in degrees):
+        raise ConfigError(f"layout tensor={value!r} must be a positive int or one per stage ({stages}), e.g. tensor=2")
+    if len(set(degrees)) > 1:
+        raise ConfigError(
+            f"layout tensor={value!r}: RaNNCModule runs one tensor degree for all stages (a split activation "
+            "crosses from each tensor position to the same position of the next stage); give one degree, "
+            f"e.g. tensor={max(degrees)}")
+    return degrees[0]
 
 
 def layout_stages(layout: Mapping[str, Any], world_size: int) -> tuple[int, list[int], list[bool]]:
@@ -105,21 +140,28 @@ def layout_stages(layout: Mapping[str, Any], world_size: int) -> tuple[int, list
 
     Raises:
         ConfigError: what :func:`check_layout` raises, or replicas that are
-            not positive or do not add up to the world size.
+            not positive or whose ranks (replicas x tensor) do not add up to
+            the world size.
     """
     flags = check_layout(layout)
     stages = len(flags)
+    t = tensor_degree(layout, stages)
     replicas = layout.get("replicas")
     if replicas is None:
-        if world_size % stages:
+        if world_size % (stages * t):
             raise ConfigError(
-                f"{world_size} ranks cannot be shared equally by {stages} stages; give replicas=[...]"
+                f"{world_size} ranks cannot be shared equally by {stages} stages of tensor degree {t}; "
+                f"launch a multiple of {stages * t} ranks or give replicas=[...]"
             )
-        replicas = [world_size // stages] * stages
+        replicas = [world_size // (stages * t)] * stages
+    if isinstance(replicas, int) and not isinstance(replicas, bool):
+        replicas = [replicas] * stages
     replicas = [int(r) for r in replicas]
-    if len(replicas) != stages or sum(replicas) != world_size or min(replicas) < 1:
+    if len(replicas) != stages or sum(replicas) * t != world_size or min(replicas) < 1:
+        per = "" if t == 1 else f" (each replica a tensor group of {t} ranks)"
         raise ConfigError(
-            f"replicas={replicas} must list {stages} positive counts adding up to the {world_size} ranks"
+            f"replicas={replicas} must list {stages} positive counts whose ranks{per} add up to the "
+            f"{world_size} ranks"
         )
     return stages, replicas, flags
 
@@ -127,8 +169,8 @@ def layout_stages(layout: Mapping[str, Any], world_size: int) -> tuple[int, list
 def explicit_plan(graph: Graph, layout: Mapping[str, Any], batch_size: int, world_size: int) -> Plan:
     """A plan for a hand-given layout (see the module docstring), FLOP-balanced split.
 
-    Defaults: ``stages=1``, ``replicas`` = an equal share of the ranks per
-    stage, ``microbatches=1``, ``schedule="1f1b"``, ``recompute=False`` (a bool
+    Defaults: ``stages=1``, ``tensor=1``, ``replicas`` = an equal share of
+    the ranks per stage (replicas x tensor ranks each), ``microbatches=1``, ``schedule="1f1b"``, ``recompute=False`` (a bool
     for every stage, or one per stage), ``shard_optimizer=0`` (as the planning
     option of :class:`~rannc_py.planner.options.PlanOptions`; stages with one
     replica run level 0).
@@ -137,6 +179,7 @@ def explicit_plan(graph: Graph, layout: Mapping[str, Any], batch_size: int, worl
         ConfigError: the layout cannot be used (see :func:`layout_stages`).
     """
     stages, replicas, flags = layout_stages(layout, world_size)
+    t = tensor_degree(layout, stages)
     levels = shard_levels(layout.get("shard_optimizer", 0), stages)
     assignment = balanced_assignment(graph, stages)
     first = 0
@@ -144,11 +187,11 @@ def explicit_plan(graph: Graph, layout: Mapping[str, Any], batch_size: int, worl
     for s in range(stages):
         ops = tuple(i for i, a in enumerate(assignment) if a == s)
         fqns = sorted({f for i in ops for f in (*graph.ops[i].params, *graph.ops[i].buffers)})
-        ranks = tuple(range(first, first + replicas[s]))
-        first += replicas[s]
+        ranks = tuple(range(first, first + replicas[s] * t))
+        first += replicas[s] * t
         stage_plans.append(StagePlan(index=s, ops=ops, param_fqns=tuple(fqns), ranks=ranks, recompute=flags[s],
                                      predicted_compute_time=0.0, predicted_peak_memory=0,
-                                     shard_level=levels[s] if replicas[s] > 1 else 0))
+                                     shard_level=levels[s] if replicas[s] > 1 else 0, tensor=t))
     try:
         return Plan(
             batch_size=batch_size,

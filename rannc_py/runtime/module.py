@@ -58,7 +58,7 @@ from rannc_py.runtime.executor import Executor, StepInputs
 from rannc_py.runtime.failure import Watchdog, abort_on_error, agreed, install_excepthook
 from rannc_py.runtime.grads import GradSync, HeldGrads, clip_grad_norm_
 from rannc_py.runtime.io import gather_inputs, return_outputs
-from rannc_py.runtime.layout import RUN_SCHEDULES, PlanArg, check_plan_arg, load_plan, stage_ranks
+from rannc_py.runtime.layout import RUN_SCHEDULES, PlanArg, check_plan_arg, load_plan
 from rannc_py.runtime.optim_state import OptimizerState, original_groups
 from rannc_py.runtime.placement import place
 from rannc_py.runtime.sharding import ShardedStep, stage_levels
@@ -73,6 +73,7 @@ from rannc_py.runtime.signatures import (
     difference,
     trace_call,
 )
+from rannc_py.runtime.tensor_stages import position_ranks
 from rannc_py.runtime.trace import check_trace_arg, clock_ns
 from rannc_py.schedule import by_name, forward_only
 
@@ -232,27 +233,34 @@ class RaNNCModule(nn.Module):
             self._plan.save(self._save_plan)
         placement = place(model, graph, self._plan, self._names, comm, self._param_init)
         self._local, self._params, self._owned = placement.local, placement.params, placement.owned
+        self._tensor = placement.tensor
         groups = original_groups(self._optimizer, model)  # before rebinding: torch's numbering of the params
         self._bind_optimizer()  # before release(): the optimizer is matched to the model's parameters
         self._trace_optimizer()
-        P.release(model, keep=set(self._local))
-        algorithms = {st.ranks: st.allreduce for st in self._plan.stages}  # a stage's replicas: planned algorithm
+        split = {} if self._tensor is None else self._tensor.shards
+        P.release(model, keep=set(self._local) - set(split))  # a split parameter: only the rank's shard stays
+        # a stage's replicas (at each tensor position): the planned algorithm
+        algorithms = {st.replica_ranks(p): st.allreduce for st in self._plan.stages for p in range(st.tensor)}
         levels = stage_levels([(st.ranks, st.shard_level) for st in self._plan.stages], self.optimizer,
                               self._params, comm)
-        self._sync = GradSync(self._params, placement.holders, placement.grad_order, comm, self._bucket_bytes,
-                              algorithms, levels)
+        self._sync = GradSync(self._params, placement.grad_holders or placement.holders, placement.grad_order, comm,
+                              self._bucket_bytes, algorithms, levels, sets=placement.grad_sets)
         self._shards = ShardedStep(self._sync.sharded)
         if self.optimizer is not None and self._sync.sharded:
             self._shards.attach(self.optimizer)
-        self._opt_state = None if self.optimizer is None else OptimizerState(
+        self._opt_state = None if self.optimizer is None or self._tensor is not None else OptimizerState(
             self.optimizer, groups, {id(p): f for f, p in self._params.items()},
             [pc for pcs in self._shards.pieces.values() for pc in pcs], lambda f: P.get_tensor(model, f).shape,
             self._owned, [f for f in dict.fromkeys(self._names.values()) if f in placement.holders], comm)
         self._held = HeldGrads([*self._params.values(), *self._shards.shard_params()])
         s = placement.stage
+        position = 0 if self._tensor is None else self._tensor.position
+        positions = position_ranks(self._plan)
+        self._out_ranks = [at[0] for at in positions]  # position 0 of the last stage returns the outputs
         self._layout = Layout(graph=graph, assignment=self._plan.assignment(), stage=s,
-                              stage_ranks=stage_ranks(self._plan), names=self._names, local=self._local,
-                              recompute=self._plan.stages[s].recompute, keep_outputs=self._options.return_outputs)
+                              stage_ranks=[at[position] for at in positions], names=self._names, local=self._local,
+                              recompute=self._plan.stages[s].recompute, keep_outputs=self._options.return_outputs,
+                              tensor=self._tensor)
         prog = placement.program
         prog.module.train(self.training)
         first = CallProgram(
@@ -277,6 +285,8 @@ class RaNNCModule(nn.Module):
             given = load_plan(self._plan_arg, graph, batch, comm.Get_size())
             if not isinstance(self._plan_arg, Mapping):
                 return given  # a saved or made plan carries its own predictions
+            if any(st.tensor > 1 for st in given.stages):
+                return given  # the prediction does not price tensor groups yet: the layout runs unpredicted
         from rannc_py.planner.api import plan_graph, predict_plan
         from rannc_py.runtime.autoplan import (
             job_cluster,
@@ -451,7 +461,7 @@ class RaNNCModule(nn.Module):
                 tracer.phase("gradient sums", start)
                 start = clock_ns()
         out = return_outputs(
-            result, step, graph.output_names, program.output_dims, stage_ranks(plan), comm, program.out_meta,
+            result, step, graph.output_names, program.output_dims, self._out_ranks, comm, program.out_meta,
             self._options.return_outputs,
         )
         if tracer is not None:
@@ -495,6 +505,8 @@ class RaNNCModule(nn.Module):
         if self._ready:
             self._shards.detach()
             self._sync.free()
+            if self._tensor is not None:
+                self._tensor.free()
         self._comm.Free()
 
     def __enter__(self) -> Self:
@@ -564,7 +576,7 @@ class RaNNCModule(nn.Module):
             agreed(self._comm, f"state_dict(rank0_only={bool(rank0_only)})", lambda: None)
             with abort_on_error(self._comm, "state_dict"):
                 return P.gather_state_dict(self._model, self._names, self._local, self._owned, self._comm,
-                                           rank0_only=bool(rank0_only))
+                                           rank0_only=bool(rank0_only), split=self._split())
 
     def optimizer_state_dict(self, rank0_only: bool = True) -> dict[str, Any]:
         """The optimizer's state in torch's format for the unwrapped model; collective after the first call.
@@ -614,7 +626,15 @@ class RaNNCModule(nn.Module):
             with abort_on_error(self._comm, "load_optimizer_state_dict"):
                 state.scatter(state_dict)
 
+    def _split(self) -> P.SplitAt | None:
+        """This rank's tensor split for state dicts (None: it holds parameters whole)."""
+        t = self._tensor if self._ready else None
+        return None if t is None else P.SplitAt(t.shards, t.position, t.degree)
+
     def _need_optimizer(self, what: str) -> torch.optim.Optimizer:
+        if self._ready and self._tensor is not None:
+            raise ConfigError(f"{what}() is not supported with tensor > 1 yet (the optimizer holds each rank's "
+                              "shards); save state_dict() and rebuild the optimizer, or train with tensor=1")
         opt = self.optimizer
         if opt is None:
             raise ConfigError(f"{what}() needs the optimizer: pass it to RaNNCModule (a factory's runs at the "
@@ -650,7 +670,7 @@ class RaNNCModule(nn.Module):
             if not self._ready:
                 self._model.load_state_dict(state_dict, strict=strict, assign=assign)
             else:
-                P.load_local_state(self._local, self._names, state_dict)
+                P.load_local_state(self._local, self._names, state_dict, split=self._split())
         return _IncompatibleKeys(missing, unexpected)
 
     # ------------------------------------------------- the original model

@@ -3,6 +3,10 @@
 A parameter may have several names (tied weights); the *canonical* name is the
 first one ``model.named_parameters()`` yields. Everything the runtime
 exchanges about parameters (holders, state dicts) uses canonical names.
+
+On a stage split over a tensor group a rank holds only its shard of a split
+parameter (:class:`SplitAt`): state dicts join the group's shards into the
+full tensor, and loading keeps the rank's shard of the full one.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from __future__ import annotations
 import zlib
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any, cast
 
 import torch
@@ -19,6 +24,17 @@ from torch import Tensor, nn
 from rannc_py.errors import ConfigError
 from rannc_py.graph import ir
 from rannc_py.graph.lowered import tied_groups
+from rannc_py.graph.tensor_rules import Shard, shard_tensor, unshard
+
+
+@dataclass(frozen=True)
+class SplitAt:
+    """A rank's place in a tensor split: ``shards`` (canonical FQN -> its shard) at ``position``
+    of a group of ``degree`` ranks."""
+
+    shards: Mapping[str, Shard]
+    position: int
+    degree: int
 
 
 def canonical_names(model: nn.Module) -> dict[str, str]:
@@ -180,7 +196,7 @@ def rebind_optimizer(opt: torch.optim.Optimizer, model: nn.Module, local: dict[s
 
 def gather_state_dict(
     model: nn.Module, names: dict[str, str], local: dict[str, Tensor], owned: set[str], comm: MPI.Comm,
-    rank0_only: bool = True,
+    rank0_only: bool = True, split: SplitAt | None = None,
 ) -> dict[str, Tensor]:
     """The full state dict, with the original names, on rank 0 of ``comm`` ({} elsewhere), or
     on every rank when not ``rank0_only``. Collective over ``comm``.
@@ -189,14 +205,22 @@ def gather_state_dict(
     every name of the unwrapped model's ``state_dict()`` (aliases included) is
     filled from its canonical tensor. ``names`` is :func:`canonical_names` of
     the model taken before :func:`release` (which unties what it frees).
+    With ``split``, an owned split parameter is this rank's shard: it is sent
+    as ``(FQN, position)`` and joined with the other positions' shards.
     """
-    mine = {f: t.detach().clone() for f, t in local.items() if f in owned}
+    shards = {} if split is None else split.shards
+    mine: dict[Any, Tensor] = {(f, split.position) if f in shards and split else f: t.detach().clone()
+                               for f, t in local.items() if f in owned}
     parts = comm.gather(mine, root=0) if rank0_only else comm.allgather(mine)
     if parts is None:
         return {}
-    full: dict[str, Tensor] = {}
+    full: dict[Any, Tensor] = {}
     for part in parts:
         full.update(part)
+    for f, shard in shards.items():
+        pieces = [full.pop((f, p), None) for p in range(split.degree)] if split else []
+        if pieces and all(x is not None for x in pieces):
+            full[f] = unshard(cast(list[Tensor], pieces), shard)
     out: dict[str, Tensor] = {}
     for key, t in model.state_dict(keep_vars=True).items():
         canon = names.get(key, key)
@@ -244,8 +268,10 @@ def check_state_dict(model: nn.Module, state: Mapping[str, Any], strict: bool) -
     return missing, unexpected
 
 
-def load_local_state(local: dict[str, Tensor], names: dict[str, str], state: Mapping[str, Tensor]) -> None:
-    """Copy the entries of ``state`` (original names) that this rank holds into ``local``.
+def load_local_state(local: dict[str, Tensor], names: dict[str, str], state: Mapping[str, Tensor],
+                     split: SplitAt | None = None) -> None:
+    """Copy the entries of ``state`` (original names) that this rank holds into ``local``
+    (with ``split``, this rank's shard of each split parameter).
 
     ``names`` maps every original name to its canonical one (:func:`canonical_names`);
     a tensor is read under any of its names. Check ``state`` with
@@ -258,4 +284,7 @@ def load_local_state(local: dict[str, Tensor], names: dict[str, str], state: Map
     with torch.no_grad():
         for f, t in local.items():
             if f in by_canon:
-                t.copy_(by_canon[f])
+                shard = None if split is None else split.shards.get(f)
+                value = by_canon[f]
+                t.copy_(value if shard is None or split is None
+                        else shard_tensor(value, shard, split.position, split.degree))

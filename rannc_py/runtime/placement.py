@@ -4,23 +4,33 @@ Every rank materialises (from ``meta``) only what its stage reads, makes its
 copies agree with the other holders (as DDP does at construction), and
 builds its stage's program. Parameters and buffers that no stage reads stay
 with rank 0 as the model holds them, so the state dict still carries them.
+
+A plan whose stages have a tensor degree t > 1 (:mod:`rannc_py.runtime.tensor_stages`)
+runs each stage's program split over its tensor group: the rank keeps its
+shards of the split parameters (new Parameters, after the full ones were
+made to agree) and the replicated ones whole; gradients are summed over the
+ranks at its tensor position only (``grad_holders``), since each position
+holds other shards and the replicated parameters' gradients are already
+whole on every rank of a group.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 from mpi4py import MPI
 from torch import Tensor, nn
 
-from rannc_py.graph.staged import StagedModule
+from rannc_py.graph.staged import Stage
+from rannc_py.graph.tensor_rules import shard_tensor
 from rannc_py.graph.traced import TracedGraph
 from rannc_py.planner.plan import Plan
 from rannc_py.runtime import params as P
 from rannc_py.runtime.layout import rank_stage
 from rannc_py.runtime.stage import StageProgram, follow_train_mode, updated_buffers
+from rannc_py.runtime.tensor_stages import TensorStages, position_ranks
 
 
 @dataclass
@@ -39,6 +49,12 @@ class Placement:
             their gradients (the reverse of their first use in forward).
         input_dims: user input name -> its batch dimension (None: not batched).
         output_dims: model output name -> its batch dimension.
+        tensor: the tensor-parallel split this rank runs (None: degree 1).
+        grad_holders: canonical parameter name -> the ranks its gradient is
+            summed over with this rank (``holders`` at degree 1; with tensor
+            groups, the holders at this rank's tensor position).
+        grad_sets: every rank's ``grad_holders`` sets (they decide the
+            communicators, so every rank needs all of them).
     """
 
     stage: int
@@ -50,6 +66,9 @@ class Placement:
     grad_order: list[str]
     input_dims: dict[str, int | None]
     output_dims: dict[str, int | None]
+    tensor: TensorStages | None = None
+    grad_holders: dict[str, tuple[int, ...]] | None = None
+    grad_sets: list[tuple[int, ...]] | None = None
 
 
 def place(
@@ -72,13 +91,18 @@ def place(
         ConfigError: a meta module cannot be initialised (see :func:`params.materialize`).
     """
     rank = comm.Get_rank()
-    staged = graph.split(plan.assignment())
     s = rank_stage(plan, rank)
-    stage = staged.stages[s]
+    tensor = TensorStages.create(plan, graph, comm)
+    stages = graph.split(plan.assignment()).stages if tensor is None else tensor.stages(graph, plan.assignment())
+    stage = stages[s]
     holders: dict[str, set[int]] = {}
-    for st, sp in zip(staged.stages, plan.stages):
+    by_position: list[dict[str, set[int]]] = [{} for _ in range(plan.stages[s].tensor)]
+    positions = position_ranks(plan)
+    for st, sp, at in zip(stages, plan.stages, positions):
         for f in (*st.param_fqns, *st.buffer_fqns):
             holders.setdefault(names[f], set()).update(sp.ranks)
+            for p, ranks in enumerate(at):
+                by_position[p].setdefault(names[f], set()).update(ranks)
     unused = sorted(set(names.values()) - set(holders))
     for f in unused:  # read by no stage: rank 0 keeps them for the state dict
         holders[f] = {0}
@@ -89,9 +113,15 @@ def place(
     full0 = comm.bcast(all(not t.is_meta for t in (*model.parameters(), *model.buffers())) if rank == 0 else None)
     P.copy_from_source(model, {f: tuple(sorted(h)) for f, h in holders.items()}, comm, from_rank0=full0)
 
-    tensors = {f: P.get_tensor(model, names[f]) for f in (*stage.param_fqns, *stage.buffer_fqns)}
-    program = stage_program(staged, s, tensors, model.training)
     local = {f: P.get_tensor(model, f) for f in held}
+    if tensor is not None:  # this rank's shards replace the full parameters it holds
+        for f, shard in tensor.shards.items():
+            if f in local:
+                full = local[f]
+                part = shard_tensor(full.detach(), shard, tensor.position, tensor.degree).clone()
+                local[f] = nn.Parameter(part, requires_grad=full.requires_grad)
+    tensors = {f: local[names[f]] for f in (*stage.param_fqns, *stage.buffer_fqns)}
+    program = stage_program(stages, s, tensors, model.training)
     params = {names[f]: tensors[f] for f in stage.param_fqns}
     first_use: dict[str, int] = {}
     for op in graph.ops:
@@ -99,43 +129,56 @@ def place(
             first_use.setdefault(names[f], op.index)
     # A gradient is final once backward has passed the parameter's first use in forward.
     order = sorted(first_use, key=lambda f: -first_use[f])
-    input_dims, output_dims = batch_dims(staged, graph)
+    input_dims, output_dims = batch_dims(stages, graph)
+    trained = {names[f] for st in stages for f in st.param_fqns}
+    grad_holders = {f: tuple(sorted(holders[f])) for f in trained}
+    grad_sets = sorted(set(grad_holders.values()))
+    owned = {f for f in local if min(holders[f]) == rank}
+    if tensor is not None:
+        mine = by_position[tensor.position]
+        grad_holders = {f: tuple(sorted(mine[f])) for f in trained}
+        grad_sets = sorted({tuple(sorted(h[f])) for h in by_position for f in trained})
+        # a shard counts once per position (norms, state dicts), a replicated tensor once in all
+        owned = {f for f in local if min(mine[f] if f in tensor.shards else holders[f]) == rank}
     return Placement(
         stage=s,
         program=program,
         local=local,
         params=params,  # type: ignore[arg-type]
-        owned={f for f in local if min(holders[f]) == rank},
-        holders={f: tuple(sorted(holders[f])) for f in {names[f] for st in staged.stages for f in st.param_fqns}},
+        owned=owned,
+        holders={f: tuple(sorted(holders[f])) for f in trained},
         grad_order=order,
         input_dims=input_dims,
         output_dims=output_dims,
+        tensor=tensor,
+        grad_holders=grad_holders,
+        grad_sets=grad_sets,
     )
 
 
-def stage_program(staged: StagedModule, s: int, tensors: Mapping[str, Tensor], training: bool) -> StageProgram:
-    """Stage ``s`` of ``staged`` as this rank runs it, bound to ``tensors`` (graph FQN -> this
-    rank's parameter or buffer object) and set to ``training`` mode.
+def stage_program(stages: Sequence[Stage], s: int, tensors: Mapping[str, Tensor], training: bool) -> StageProgram:
+    """Stage ``s`` of ``stages`` (a StagedModule's) as this rank runs it, bound to ``tensors`` (graph
+    FQN -> this rank's parameter or buffer object) and set to ``training`` mode.
 
     Raises:
         ConfigError: a tensor the stage reads is missing from ``tensors``.
     """
-    stage = staged.stages[s]
+    stage = stages[s]
     gm = stage.module_with({f: tensors[f] for f in stage.param_fqns if f in tensors},
                            {f: tensors[f] for f in stage.buffer_fqns if f in tensors})
     gm.train(training)
     buffers = updated_buffers(gm)
     gm = follow_train_mode(gm)
-    send = staged.stages[s + 1].activation_inputs if s + 1 < len(staged.stages) else []
+    send = stages[s + 1].activation_inputs if s + 1 < len(stages) else []
     return StageProgram(
         gm, stage.input_names, stage.output_names, stage.activation_inputs, send, stage.batch_dims, buffers
     )
 
 
-def batch_dims(staged: StagedModule, graph: TracedGraph) -> tuple[dict[str, int | None], dict[str, int | None]]:
+def batch_dims(stages: Sequence[Stage], graph: TracedGraph) -> tuple[dict[str, int | None], dict[str, int | None]]:
     """The batch dimension of every user input and of every model output (None: not batched)."""
     inputs: dict[str, int | None] = {}
-    for st in staged.stages:
+    for st in stages:
         inputs.update({n: st.batch_dims.get(n) for n in st.user_inputs})
-    last = staged.stages[-1]
+    last = stages[-1]
     return inputs, {n: last.batch_dims.get(n) for n in graph.output_names}

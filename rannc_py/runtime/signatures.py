@@ -49,6 +49,7 @@ from rannc_py.graph.traced import TracedGraph
 from rannc_py.runtime import params as P
 from rannc_py.runtime.executor import Executor
 from rannc_py.runtime.placement import batch_dims, stage_program
+from rannc_py.runtime.tensor_stages import TensorStages
 
 
 @dataclass
@@ -289,11 +290,14 @@ class Layout:
         graph: the graph the plan was made for.
         assignment: its stage per op.
         stage: this rank's stage.
-        stage_ranks: the ranks of every stage.
+        stage_ranks: the ranks of every stage this rank exchanges activations
+            with (with tensor groups: those at its tensor position).
         names: FQN -> canonical name.
-        local: canonical name -> this rank's tensors.
+        local: canonical name -> this rank's tensors (its shards of split ones).
         recompute: whether this rank's stage recomputes activations.
         keep_outputs: the plan's ``return_outputs``.
+        tensor: the tensor-parallel split of the stages (None: degree 1);
+            another call's graph is split by it too, with the same shards.
     """
 
     graph: Graph
@@ -304,6 +308,7 @@ class Layout:
     local: dict[str, Tensor]
     recompute: bool
     keep_outputs: bool
+    tensor: TensorStages | None = None
 
 
 def build_program(layout: Layout, graph: TracedGraph, training: bool, comm: MPI.Comm) -> CallProgram:
@@ -314,14 +319,14 @@ def build_program(layout: Layout, graph: TracedGraph, training: bool, comm: MPI.
     """
     assignment = map_stages(layout.graph, layout.assignment, graph, layout.names)
     try:
-        staged = graph.split(assignment)
+        stages = graph.split(assignment).stages if layout.tensor is None else layout.tensor.stages(graph, assignment)
     except RaNNCError as e:
         raise ConfigError(f"the call's graph does not split along the training layout: {e}") from e
-    stage = staged.stages[layout.stage]
+    stage = stages[layout.stage]
     need = [*stage.param_fqns, *stage.buffer_fqns]
     bound = {f: layout.local[layout.names.get(f, f)] for f in need if layout.names.get(f, f) in layout.local}
-    prog = stage_program(staged, layout.stage, bound, training)
-    input_dims, output_dims = batch_dims(staged, graph)
+    prog = stage_program(stages, layout.stage, bound, training)
+    input_dims, output_dims = batch_dims(stages, graph)
     executor = Executor(prog, layout.stage, layout.stage_ranks, comm, layout.recompute, layout.keep_outputs)
     program = CallProgram(graph=graph, executor=executor, module=prog.module, training=training,
                           input_dims=input_dims, output_dims=output_dims)
