@@ -108,18 +108,18 @@ def place(
         holders[f] = {0}
     held = sorted(f for f, h in holders.items() if rank in h)
     seed = comm.bcast(torch.initial_seed() % 2**31 if rank == 0 else None, root=0)
+    sources = {f: tuple(sorted(h)) for f, h in holders.items()}
+    shards: dict[str, nn.Parameter] = {}
+    full0 = None
+    if tensor is not None:  # split parameters first, one module at a time
+        full0 = comm.bcast(all(not t.is_meta for t in (*model.parameters(), *model.buffers())) if rank == 0 else None)
+        shards = _place_shards(model, tensor, sources, seed, param_init, comm, full0)
     # Tensors no stage reads are left as they are (on meta they have nothing to initialise them).
-    P.materialize(model, [f for f in held if f not in unused], seed, param_init)
-    full0 = comm.bcast(all(not t.is_meta for t in (*model.parameters(), *model.buffers())) if rank == 0 else None)
-    P.copy_from_source(model, {f: tuple(sorted(h)) for f, h in holders.items()}, comm, from_rank0=full0)
-
-    local = {f: P.get_tensor(model, f) for f in held}
-    if tensor is not None:  # this rank's shards replace the full parameters it holds
-        for f, shard in tensor.shards.items():
-            if f in local:
-                full = local[f]
-                part = shard_tensor(full.detach(), shard, tensor.position, tensor.degree).clone()
-                local[f] = nn.Parameter(part, requires_grad=full.requires_grad)
+    P.materialize(model, [f for f in held if f not in unused and f not in shards], seed, param_init)
+    if full0 is None:
+        full0 = comm.bcast(all(not t.is_meta for t in (*model.parameters(), *model.buffers())) if rank == 0 else None)
+    P.copy_from_source(model, {f: h for f, h in sources.items() if f not in shards}, comm, from_rank0=full0)
+    local = {f: shards[f] if f in shards else P.get_tensor(model, f) for f in held}
     tensors = {f: local[names[f]] for f in (*stage.param_fqns, *stage.buffer_fqns)}
     program = stage_program(stages, s, tensors, model.training)
     params = {names[f]: tensors[f] for f in stage.param_fqns}
@@ -154,6 +154,37 @@ def place(
         grad_holders=grad_holders,
         grad_sets=grad_sets,
     )
+
+
+def _place_shards(model: nn.Module, tensor: TensorStages, sources: dict[str, tuple[int, ...]], seed: int, param_init: Callable[[nn.Module], None] | None, comm: MPI.Comm,
+                  full0: bool) -> dict[str, nn.Parameter]:
+    """This rank's shards of the split parameters it holds (collective over ``comm``).
+
+    One module at a time (in one order on every rank): its tensors are
+    materialised where they are on ``meta``, made to agree with their source,
+    and the rank's shard of each split one is copied out; a split tensor
+    materialised here is freed at once, so a rank of a meta model holds at
+    most one module's full split parameters besides its shards. (A model
+    built whole stays whole until the runtime releases it.)
+    """
+    rank = comm.Get_rank()
+    modules: dict[str, list[str]] = {}
+    for f in sorted(tensor.shards):
+        if f in sources:
+            modules.setdefault(f.rpartition(".")[0], []).append(f)
+    out: dict[str, nn.Parameter] = {}
+    for path, split in sorted(modules.items()):
+        mine = [f for f in split if rank in sources[f]]
+        was_meta = {f for f in mine if P.get_tensor(model, f).is_meta}
+        P.materialize(model, mine, seed, param_init)
+        P.copy_from_source(model, {f: sources[f] for f in split}, comm, from_rank0=full0)
+        for f in mine:
+            full = P.get_tensor(model, f)
+            part = shard_tensor(full.detach(), tensor.shards[f], tensor.position, tensor.degree).clone()
+            out[f] = nn.Parameter(part, requires_grad=full.requires_grad)
+        if was_meta:
+            P.release(model, keep=set(P.canonical_names(model).values()) - was_meta)
+    return out
 
 
 def stage_program(stages: Sequence[Stage], s: int, tensors: Mapping[str, Tensor], training: bool) -> StageProgram:

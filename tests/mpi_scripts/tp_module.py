@@ -5,7 +5,13 @@ Usage: tp_module.py CASE [CASE ...], each CASE ``model:layout[:option,...]``, la
 options ``rc`` recompute, ``clip`` ``clip_grad_norm_(0.05)`` (the norms compared), ``state``
 (after training: state_dict round trip into a tensor-degree-1 RaNNCModule, which then gives the
 same losses; and load_state_dict of eager's state), ``wrong`` (the group's sums deliberately
-left undone: the comparison must fail). Models: runtime_models.MODELS plus ``hf_gpt2_tied``
+left undone: the comparison must fail), ``eval`` (after training, one call in ``eval()`` mode
+under ``no_grad``: a program of its own, traced in eval mode and split alike, whose loss
+equals eager's), ``meta`` (the model built on ``meta``, the optimizer a factory: each rank
+materialises one module with split parameters at a time, keeps its shards and frees the full
+tensors before the next; the eager reference is materialised from the same seed; the most
+full split-parameter elements a rank holds at once must not exceed the largest module's).
+Models: runtime_models.MODELS plus ``hf_gpt2_tied``
 (GPT-2, a tied head whose vocabulary divides by 2) and ``mixed`` (tests/tp_models.py's MixedMLP,
 one region no split can cross).
 
@@ -129,10 +135,70 @@ def same_params(sd: dict[str, torch.Tensor], want: dict[str, torch.Tensor], case
         close(sd[k], v, f"{case}: {k}", atol=1e-5)
 
 
+def init(module: torch.nn.Module) -> None:
+    """A meta module's initialisation (Hugging Face's Conv1D has no reset_parameters)."""
+    for leaf, p in module.named_parameters(recurse=False):
+        with torch.no_grad():
+            if isinstance(module, torch.nn.LayerNorm) and leaf == "weight":
+                p.fill_(1.0)
+            elif leaf == "bias":
+                p.uniform_(-0.1, 0.1)
+            else:
+                p.normal_(0.0, 0.05)
+
+
+def meta_pair(name: str, degree: int) -> tuple[torch.nn.Module, torch.nn.Module, list[int], int, Any]:
+    """A model on ``meta`` and its eager reference materialised as the runtime does (seed 1234);
+    the full split-parameter elements the model holds after each materialisation (recorded until
+    the returned function undoes the recording), and the largest module's."""
+    from rannc_py import trace
+    from rannc_py.graph.tensor_split import find_tensor_split
+    from rannc_py.runtime import params as P
+
+    torch.manual_seed(1234)
+    with torch.device("meta"):
+        model, ref = model_of(name), model_of(name)
+    P.materialize(ref, list(P.canonical_names(ref).values()), 1234, init)
+    split = find_tensor_split(trace(ref, (), {**batch_of(name, LOCAL, 0), **const_of(name)}).program, degree).params
+    modules: dict[str, int] = {}
+    for f in split:
+        modules[f.rpartition(".")[0]] = modules.get(f.rpartition(".")[0], 0) + ref.get_parameter(f).numel()
+    held: list[int] = []
+    original = P.materialize
+
+    def recording(m: torch.nn.Module, *args: Any, **kwargs: Any) -> None:
+        original(m, *args, **kwargs)
+        if m is model:
+            held.append(sum(P.get_tensor(m, f).numel() for f in split if not P.get_tensor(m, f).is_meta))
+
+    P.materialize = recording  # type: ignore[assignment]
+
+    def restore() -> None:
+        P.materialize = original  # type: ignore[assignment]
+
+    return model, ref, held, max(modules.values()), restore
+
+
 def run_case(case: str) -> None:
     name, layout_text, *rest = case.split(":")
     opts = set(rest[0].split(",")) if rest else set()
     layout = {**parse(layout_text), "recompute": "rc" in opts}
+    if "meta" in opts:
+        model, ref, held, largest, restore = meta_pair(name, layout["tensor"])
+        ropt = adamw(ref.parameters())
+        wrapped = rannc_py.RaNNCModule(model, adamw, plan=layout, param_init=init)
+        batch = batch_of(name, LOCAL * world, seed=0)
+        with torch.no_grad():
+            wrapped(**local_slice(batch, rank, LOCAL), **const_of(name))  # places the model
+        restore()
+        assert held and 0 < max(held) <= largest, f"{case}: held {held} full split elements, largest module {largest}"
+        assert wrapped.optimizer is not None
+        train(wrapped, wrapped.optimizer, ref, ropt, name, layout, opts, case)
+        same_params(wrapped.state_dict(rank0_only=False), ref.state_dict(), case)
+        wrapped.close()
+        if rank == 0:
+            print(f"case {case}: ok", flush=True)
+        return
     model, ref = pair(name)
     opt, ropt = adamw(model.parameters()), adamw(ref.parameters())
     wrapped = rannc_py.RaNNCModule(model, opt, plan=layout)
@@ -155,6 +221,16 @@ def run_case(case: str) -> None:
     assert wrapped._tensor is not None and wrapped._tensor.shards, f"{case}: nothing was split"
     sd = wrapped.state_dict(rank0_only=False)
     same_params(sd, ref.state_dict(), case)
+    if "eval" in opts:
+        batch = batch_of(name, LOCAL * world, seed=5)
+        wrapped.eval()
+        ref.eval()
+        with torch.no_grad():
+            got = wrapped(**local_slice(batch, rank, LOCAL), **const_of(name))["loss"]
+            want = ref(**batch, **const_of(name))["loss"]
+        close(got, want, f"{case}: eval loss")
+        wrapped.train()
+        ref.train()
     if "state" in opts:
         check_state(wrapped, sd, ref, name, layout, case)
     wrapped.close()
