@@ -17,6 +17,11 @@ reduce (``g``)      allreduce(sum)              identity
 gather              allgather, blocks joined    the rank's part
 ==================  ==========================  ==========================
 
+:func:`rank_program_ir` gives the same rewritten graph as a
+:class:`~rannc_py.graph.lowered.Program` (each inserted collective an op of
+the op index it serves), so :mod:`rannc_py.graph.staged` cuts it into
+pipeline stages as it cuts the traced program.
+
 ``reduce``'s identity backward and ``gather``'s slice are right because what
 follows them is replicated: every rank computes the same gradient there.
 The vocab-parallel embedding and cross-entropy are built from the same

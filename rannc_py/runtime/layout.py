@@ -146,17 +146,19 @@ def layout_stages(layout: Mapping[str, Any], world_size: int) -> tuple[int, list
     flags = check_layout(layout)
     stages = len(flags)
     t = tensor_degree(layout, stages)
-    replicas = layout.get("replicas")
-    if replicas is None:
+    given = layout.get("replicas")
+    if given is None:
         if world_size % (stages * t):
             raise ConfigError(
                 f"{world_size} ranks cannot be shared equally by {stages} stages of tensor degree {t}; "
                 f"launch a multiple of {stages * t} ranks or give replicas=[...]"
             )
-        replicas = [world_size // (stages * t)] * stages
-    if isinstance(replicas, int) and not isinstance(replicas, bool):
-        replicas = [replicas] * stages
-    replicas = [int(r) for r in replicas]
+        given = [world_size // (stages * t)] * stages
+    if isinstance(given, int) and not isinstance(given, bool):
+        given = [given] * stages  # one count for every stage
+    if not isinstance(given, (list, tuple)) or any(isinstance(r, bool) or not isinstance(r, int) for r in given):
+        raise ConfigError(f"replicas={given!r} must be an int or a list of ints, one per stage ({stages})")
+    replicas = [int(r) for r in given]
     if len(replicas) != stages or sum(replicas) * t != world_size or min(replicas) < 1:
         per = "" if t == 1 else f" (each replica a tensor group of {t} ranks)"
         raise ConfigError(
@@ -170,7 +172,8 @@ def explicit_plan(graph: Graph, layout: Mapping[str, Any], batch_size: int, worl
     """A plan for a hand-given layout (see the module docstring), FLOP-balanced split.
 
     Defaults: ``stages=1``, ``tensor=1``, ``replicas`` = an equal share of
-    the ranks per stage (replicas x tensor ranks each), ``microbatches=1``, ``schedule="1f1b"``, ``recompute=False`` (a bool
+    the ranks per stage (replicas x tensor ranks each; an int: that count
+    for every stage), ``microbatches=1``, ``schedule="1f1b"``, ``recompute=False`` (a bool
     for every stage, or one per stage), ``shard_optimizer=0`` (as the planning
     option of :class:`~rannc_py.planner.options.PlanOptions`; stages with one
     replica run level 0).

@@ -17,6 +17,13 @@ needs no hook. Only the loss carries a gradient; other outputs (logits, ...)
 are returned detached, for this rank's local rows (``return_outputs=False``
 skips moving them).
 
+A plan whose stages have a tensor degree t > 1 (``plan=dict(..., tensor=2)``)
+runs each stage replica as a tensor group of t ranks
+(:mod:`rannc_py.runtime.tensor_stages`): each rank holds its shards of the
+split parameters, so the optimizer steps shards; ``state_dict()`` joins them
+into full tensors and ``load_state_dict`` keeps each rank's shard of a full
+one. ``optimizer_state_dict`` and checkpoints refuse tensor > 1 (ConfigError).
+
 The data-parallel (and tied-weight) gradient sums are bucketed allreduces on
 their own communicators; each bucket starts during the step's last backward
 as soon as its gradients are final, and forward waits for all of them before
@@ -125,7 +132,8 @@ class RaNNCModule(nn.Module):
         plan: a :class:`rannc_py.Plan`, a path to a saved plan, or a layout
             dict ``dict(stages=2, replicas=[2, 1], microbatches=4,
             schedule="1f1b", recompute=False)`` (schedule "1f1b", "gpipe" or
-            "zb-h1"). Default None: the planner
+            "zb-h1"; ``tensor=2`` splits every stage over tensor groups of 2
+            ranks, each replica one group: see :mod:`rannc_py.runtime.layout`). Default None: the planner
             searches on rank 0 on the first call, with ``options``.
             A layout dict's keys and values and a plan file are checked here;
             the fit to the world size and to the traced model (ops, graph

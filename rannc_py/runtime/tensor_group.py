@@ -15,9 +15,11 @@ form the tensor group: it traces the model, splits it
 shards as its parameters and runs the rank program; its
 ``state_dict()`` / ``load_state_dict()`` take the unwrapped model's full
 state. With a second communicator over the replicas of each rank's shards it
-runs tensor x data parallelism (gradients averaged over the replicas). Not
-wired into the planner or ``RaNNCModule`` yet; every rank still holds the
-traced model's full parameters (the rank program reads its buffers from it).
+runs tensor x data parallelism (gradients averaged over the replicas). Every
+rank still holds the traced model's full parameters (the rank program reads
+its buffers from it). ``RaNNCModule`` runs tensor groups inside pipeline
+stages with :class:`MPITensorGroup` (:mod:`rannc_py.runtime.tensor_stages`),
+holding only each rank's shards.
 """
 
 from __future__ import annotations

@@ -48,13 +48,17 @@ CANDIDATE_DEGREES = (2, 3, 4, 6, 8)
 
 
 def plan_degree(plan: Plan) -> int:
-    """The plan's tensor degree (every stage's). Raises ConfigError when stages differ."""
+    """The plan's tensor degree (every stage's). Raises ConfigError when stages differ, or for
+    tensor > 1 with the zb-h1 schedule or a sharded optimizer (not run yet)."""
     degrees = [st.tensor for st in plan.stages]
     if len(set(degrees)) > 1:
         raise ConfigError(
             f"the stages have tensor degrees {degrees}; RaNNCModule runs one tensor degree for all stages "
             "(a stage's split activations cross to the same positions of the next stage's groups); "
             f"use one degree, e.g. tensor={max(degrees)} or tensor=1")
+    if degrees[0] > 1 and plan.schedule == "zb-h1":
+        raise ConfigError("schedule 'zb-h1' is not supported with tensor > 1 yet (its split backward would run "
+                          "the tensor group's backward collectives twice); use '1f1b' or 'gpipe'")
     if degrees[0] > 1 and any(st.shard_level for st in plan.stages):
         raise ConfigError("shard_optimizer > 0 is not supported with tensor > 1 yet (a stage's shards would be "
                           "sharded again over its replicas); use shard_optimizer=0 or tensor=1")
@@ -131,8 +135,8 @@ class TensorStages:
         rank = comm.Get_rank()
         color, mine = 0, -1
         for st in plan.stages:
-            for group in st.tensor_groups():
-                if rank in group:
+            for ranks in st.tensor_groups():
+                if rank in ranks:
                     mine = color
                 color += 1
         split = find_tensor_split(graph.program, t)

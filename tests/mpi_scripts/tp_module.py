@@ -4,7 +4,8 @@ Usage: tp_module.py CASE [CASE ...], each CASE ``model:layout[:option,...]``, la
 ``t2_p2_r1_m2_1f1b`` (tensor degree, stages, replicas per stage, microbatches, schedule);
 options ``rc`` recompute, ``clip`` ``clip_grad_norm_(0.05)`` (the norms compared), ``state``
 (after training: state_dict round trip into a tensor-degree-1 RaNNCModule, which then gives the
-same losses; and load_state_dict of eager's state), ``wrong`` (the group's sums deliberately
+same losses; load_state_dict of eager's state; optimizer_state_dict and save_checkpoint refused
+with ConfigError), ``wrong`` (the group's sums deliberately
 left undone: the comparison must fail), ``eval`` (after training, one call in ``eval()`` mode
 under ``no_grad``: a program of its own, traced in eval mode and split alike, whose loss
 equals eager's), ``meta`` (the model built on ``meta``, the optimizer a factory: each rank
@@ -233,9 +234,27 @@ def run_case(case: str) -> None:
         ref.train()
     if "state" in opts:
         check_state(wrapped, sd, ref, name, layout, case)
+        refused(wrapped, case)
     wrapped.close()
     if rank == 0:
         print(f"case {case}: ok", flush=True)
+
+
+def refused(wrapped: rannc_py.RaNNCModule, case: str) -> None:
+    """What tensor > 1 does not support yet says so: the optimizer's state dict, checkpoints."""
+    import tempfile
+
+    from rannc_py.errors import ConfigError
+
+    calls = [("optimizer_state_dict", wrapped.optimizer_state_dict),
+             ("save_checkpoint", lambda: rannc_py.save_checkpoint(tempfile.mkdtemp(), wrapped))]
+    for what, call in calls:
+        try:
+            call()
+        except ConfigError as e:
+            assert "tensor > 1" in str(e), f"{case}: {what}: {e}"
+        else:
+            raise AssertionError(f"{case}: {what} ran with tensor > 1")
 
 
 def check_state(wrapped: rannc_py.RaNNCModule, sd: dict[str, torch.Tensor], ref: torch.nn.Module, name: str,
