@@ -114,11 +114,12 @@ def place(
     if tensor is not None:  # split parameters first, one module at a time
         full0 = comm.bcast(all(not t.is_meta for t in (*model.parameters(), *model.buffers())) if rank == 0 else None)
         shards = _place_shards(model, tensor, sources, seed, param_init, comm, full0)
+    split = {} if tensor is None else tensor.shards  # every rank's split names: the same dict on every rank
     # Tensors no stage reads are left as they are (on meta they have nothing to initialise them).
-    P.materialize(model, [f for f in held if f not in unused and f not in shards], seed, param_init)
+    P.materialize(model, [f for f in held if f not in unused and f not in split], seed, param_init)
     if full0 is None:
         full0 = comm.bcast(all(not t.is_meta for t in (*model.parameters(), *model.buffers())) if rank == 0 else None)
-    P.copy_from_source(model, {f: h for f, h in sources.items() if f not in shards}, comm, from_rank0=full0)
+    P.copy_from_source(model, {f: h for f, h in sources.items() if f not in split}, comm, from_rank0=full0)
     local = {f: shards[f] if f in shards else P.get_tensor(model, f) for f in held}
     tensors = {f: local[names[f]] for f in (*stage.param_fqns, *stage.buffer_fqns)}
     program = stage_program(stages, s, tensors, model.training)
