@@ -281,8 +281,11 @@ def _slice(p: Propagation, node: fx.Node) -> _Result:
 
 
 def _cat(p: Propagation, node: fx.Node) -> _Result:
-    parts = args_of(node)[0]
-    d = norm_dim(int(args_of(node)[1]) if len(args_of(node)) > 1 else 0, len(p.shape(node)))
+    # torch.cat skips empty 1-D tensors of any other shape (a key/value cache's first step
+    # concatenates one): they hold nothing to narrow.
+    ndim = len(p.shape(node))
+    parts = [x for x in args_of(node)[0] if not (ndim != 1 and isinstance(x, fx.Node) and p.shape(x) == (0,))]
+    d = norm_dim(int(args_of(node)[1]) if len(args_of(node)) > 1 else 0, ndim)
     splits = {(s.shard.dim, s.shard.blocks) for x in parts if (s := p.split_of(x)) is not None}
     if len(splits) != 1:
         return None
