@@ -212,6 +212,24 @@ def _view(p: Propagation, node: fx.Node) -> _Result:
     return _moved(p, node, dim)
 
 
+def _flatten(p: Propagation, node: fx.Node) -> _Result:
+    """``flatten(x, start, end)``: a split outside the merged dims moves with them; one on the
+    outermost merged dim (an unblocked split) becomes the merged dim's."""
+    xs = p.split_of(args_of(node)[0])
+    assert xs is not None
+    ndim = len(p.shape(args_of(node)[0]))
+    a = norm_dim(int(args_of(node)[1]) if len(args_of(node)) > 1 else 0, ndim) if ndim else 0
+    b = norm_dim(int(args_of(node)[2]) if len(args_of(node)) > 2 else -1, ndim) if ndim else 0
+    d = xs.shard.dim
+    if d < a:
+        return _moved(p, node, d)
+    if d > b:
+        return _moved(p, node, d - (b - a))
+    if d != a or len(xs.shard.blocks) > 1:
+        return None
+    return _moved(p, node, a)
+
+
 def _transpose(p: Propagation, node: fx.Node) -> _Result:
     xs = p.split_of(args_of(node)[0])
     assert xs is not None
@@ -252,6 +270,11 @@ def _split(p: Propagation, node: fx.Node) -> _Result:
     dim = norm_dim(int(args_of(node)[2]) if len(args_of(node)) > 2 else 0, len(shape))
     size = args_of(node)[1]
     sizes = tuple(size) if isinstance(size, (list, tuple)) else _chunks(shape[dim], int(size))
+    return _split_into(p, node, xs, dim, sizes)
+
+
+def _split_into(p: Propagation, node: fx.Node, xs: SplitValue, dim: int, sizes: tuple[int, ...]) -> _Result:
+    """The pieces of a split value cut along ``dim`` into ``sizes`` (see :func:`_split`)."""
     if dim != xs.shard.dim:
         return [SplitValue(xs.shard, xs.seeds) for _ in sizes], {}
     if xs.shard.blocks != sizes:
@@ -268,6 +291,22 @@ def _chunks(n: int, size: int) -> tuple[int, ...]:
     return tuple(min(size, n - i) for i in range(0, n, size))
 
 
+def _chunk(p: Propagation, node: fx.Node) -> _Result:
+    """``chunk(x, n, dim)``: as ``split`` with its pieces' sizes (``ceil(size / n)`` each, the last
+    smaller); along the split dim the pieces must be the blocks, and each rank's chunk of its part
+    is then its part of each piece, so the call itself stays as traced."""
+    x = args_of(node)[0]
+    xs = p.split_of(x)
+    assert xs is not None
+    shape = p.shape(x)
+    dim = norm_dim(int(args_of(node)[2]) if len(args_of(node)) > 2 else 0, len(shape))
+    n = int(args_of(node)[1])
+    sizes = _chunks(shape[dim], -(-shape[dim] // n))
+    if dim == xs.shard.dim and (len(set(sizes)) != 1 or len(sizes) != n):
+        return None  # uneven pieces: the ranks' chunks would not be their parts of the pieces
+    return _split_into(p, node, xs, dim, sizes)
+
+
 def _slice(p: Propagation, node: fx.Node) -> _Result:
     """``slice`` / ``select`` / ``narrow`` along a dim other than the split one."""
     x = args_of(node)[0]
@@ -281,8 +320,11 @@ def _slice(p: Propagation, node: fx.Node) -> _Result:
 
 
 def _cat(p: Propagation, node: fx.Node) -> _Result:
-    parts = args_of(node)[0]
-    d = norm_dim(int(args_of(node)[1]) if len(args_of(node)) > 1 else 0, len(p.shape(node)))
+    # torch.cat skips empty 1-D tensors of any other shape (a key/value cache's first step
+    # concatenates one): they hold nothing to narrow.
+    ndim = len(p.shape(node))
+    parts = [x for x in args_of(node)[0] if not (ndim != 1 and isinstance(x, fx.Node) and p.shape(x) == (0,))]
+    d = norm_dim(int(args_of(node)[1]) if len(args_of(node)) > 1 else 0, ndim)
     splits = {(s.shard.dim, s.shard.blocks) for x in parts if (s := p.split_of(x)) is not None}
     if len(splits) != 1:
         return None
@@ -293,6 +335,48 @@ def _cat(p: Propagation, node: fx.Node) -> _Result:
     if inputs is None:
         return None
     return SplitValue(Shard(dim=dim, blocks=blocks), _seeds(p, node)), inputs
+
+
+def _stack(p: Propagation, node: fx.Node) -> _Result:
+    """``stack`` along a new dim: every part split alike (or a replicated part narrowed) keeps the split."""
+    parts = args_of(node)[0]
+    d = norm_dim(int(args_of(node)[1]) if len(args_of(node)) > 1 else 0, len(p.shape(node)))
+    splits = {(s.shard.dim, s.shard.blocks) for x in parts if (s := p.split_of(x)) is not None}
+    if len(splits) != 1:
+        return None
+    (dim, blocks), = splits
+    inputs = p.narrow_inputs(node, {x: dim for x in parts}, blocks)
+    if inputs is None:
+        return None
+    return SplitValue(Shard(dim=dim + (1 if d <= dim else 0), blocks=blocks), _seeds(p, node)), inputs
+
+
+def _batched_matmul(p: Propagation, node: fx.Node) -> _Result:
+    """``matmul`` / ``bmm`` of operands split on one batch dim (heads, in attention written out by
+    hand: scores = q @ k^T, then scores @ v): the product is split on it too. A replicated operand
+    is narrowed where it has that batch dim, and broadcast (a weight: copied) where it has not."""
+    a, b = args_of(node)[:2]
+    if not all(isinstance(x, fx.Node) and len(p.shape(x)) >= 2 for x in (a, b)):
+        return None
+    out_ndim = len(p.shape(node))
+    dims, blocks = set(), set()
+    for x in (a, b):
+        if (s := p.split_of(x)) is not None:
+            if s.shard.dim >= len(p.shape(x)) - 2:
+                return None  # split along a contracted or an output feature dim: not a batch split
+            dims.add(s.shard.dim + out_ndim - len(p.shape(x)))
+            blocks.add(s.shard.blocks)
+    if len(dims) != 1 or len(blocks) != 1:
+        return None
+    d, bl = dims.pop(), blocks.pop()
+    operands: dict[fx.Node, int | None] = {}
+    for x in (a, b):
+        aligned = d - (out_ndim - len(p.shape(x)))
+        operands[x] = aligned if 0 <= aligned < len(p.shape(x)) - 2 and p.shape(x)[aligned] > 1 else None
+    inputs = p.narrow_inputs(node, operands, bl)
+    if inputs is None:
+        return None
+    return SplitValue(Shard(dim=d, blocks=bl), _seeds(p, node)), inputs
 
 
 def _attention(p: Propagation, node: fx.Node) -> _Result:
@@ -341,14 +425,19 @@ RULES: dict[str, Any] = {
     **{name: _softmax for name in _SOFTMAX},
     **{name: _reduction for name in _REDUCTIONS},
     "transpose": _transpose,
+    "flatten": _flatten,
     "permute": _permute,
     "unsqueeze": _unsqueeze,
     "expand": _expand,
     "split": _split,
     "split_with_sizes": _split,
+    "chunk": _chunk,
     "slice": _slice,
     "select": _slice,
     "narrow": _slice,
     "cat": _cat,
+    "stack": _stack,
     "scaled_dot_product_attention": _attention,
+    "matmul": _batched_matmul,
+    "bmm": _batched_matmul,
 }

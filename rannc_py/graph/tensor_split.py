@@ -8,9 +8,11 @@ dataflow only -- never from module or class names:
 * A *column-parallel* matmul reads a replicated input with its weight split
   on the output features; its result is split on the last dimension.
 * Element-wise ops, views and reshapes that factor the split dimension into
-  heads x head_dim (the split goes to the heads), transposes, splits and
-  slices along other dimensions, reductions over other dimensions and
-  scaled-dot-product attention over heads keep the split. A replicated
+  heads x head_dim (the split goes to the heads), transposes, flattens,
+  splits, chunks, slices, concatenations and stacks along other dimensions,
+  reductions over other dimensions, scaled-dot-product attention over heads
+  and batched matmuls over them (attention written out as ``q @ k^T`` and
+  ``@ v``) keep the split. A replicated
   operand of such an op is *narrowed* to the rank's part where it does not
   broadcast along the split dimension.
 * A *row-parallel* matmul reads a tensor split on its input features: its
