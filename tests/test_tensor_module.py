@@ -39,9 +39,10 @@ def test_two_ranks_tensor_degree_two_trains_like_eager() -> None:
 
 def test_four_ranks_tensor_with_pipeline_and_data_parallelism() -> None:
     """tp2 x pp2 (a split activation crosses Llama's stage boundary; GPT-2's tied weight is sharded
-    in both stages, also built on meta), tp2 x dp2 (with clip), tp4 on GPT-2 (4 heads)."""
-    _run(4, ["hf_gpt2_tied:t2_p2_r1_m2_1f1b:meta", "gpt:t2_p2_r1_m2_1f1b:rc", "hf_gpt2_tied:t2_p2_r1_m4_gpipe:rc,clip", "hf_llama:t2_p2_r1_m2_1f1b",
-             "gpt:t2_p1_r2_m2_1f1b:clip", "hf_llama:t2_p1_r2_m2_gpipe:eval", "hf_gpt2_tied:t4_p1_r1_m2_1f1b"])
+    in both stages, also built on meta), tp2 x dp2 (with clip), tp4 on GPT-2 (4 heads); optimizer and
+    model state gathered and loaded on tp2 x pp2 and tp2 x dp2."""
+    _run(4, ["hf_gpt2_tied:t2_p2_r1_m2_1f1b:meta", "gpt:t2_p2_r1_m2_1f1b:rc", "hf_gpt2_tied:t2_p2_r1_m4_gpipe:rc,clip", "hf_llama:t2_p2_r1_m2_1f1b:state",
+             "gpt:t2_p1_r2_m2_1f1b:clip,state", "hf_llama:t2_p1_r2_m2_gpipe:eval", "hf_gpt2_tied:t4_p1_r1_m2_1f1b"])
 
 
 def test_layout_tensor_key_builds_tensor_groups() -> None:

@@ -22,7 +22,7 @@ runs each stage replica as a tensor group of t ranks
 (:mod:`rannc_py.runtime.tensor_stages`): each rank holds its shards of the
 split parameters, so the optimizer steps shards; ``state_dict()`` joins them
 into full tensors and ``load_state_dict`` keeps each rank's shard of a full
-one. ``optimizer_state_dict`` and checkpoints refuse tensor > 1 (ConfigError).
+one. Checkpoints refuse tensor > 1 (ConfigError); ``optimizer_state_dict`` joins the shards.
 
 The data-parallel (and tied-weight) gradient sums are bucketed allreduces on
 their own communicators; each bucket starts during the step's last backward
@@ -256,10 +256,12 @@ class RaNNCModule(nn.Module):
         self._shards = ShardedStep(self._sync.sharded)
         if self.optimizer is not None and self._sync.sharded:
             self._shards.attach(self.optimizer)
-        self._opt_state = None if self.optimizer is None or self._tensor is not None else OptimizerState(
+        self._opt_state = None if self.optimizer is None else OptimizerState(
             self.optimizer, groups, {id(p): f for f, p in self._params.items()},
             [pc for pcs in self._shards.pieces.values() for pc in pcs], lambda f: P.get_tensor(model, f).shape,
-            self._owned, [f for f in dict.fromkeys(self._names.values()) if f in placement.holders], comm)
+            self._owned, [f for f in dict.fromkeys(self._names.values()) if f in placement.holders], comm,
+            None if self._tensor is None else P.SplitAt(self._tensor.shards, self._tensor.position,
+                                                        self._tensor.degree))
         self._held = HeldGrads([*self._params.values(), *self._shards.shard_params()])
         s = placement.stage
         position = 0 if self._tensor is None else self._tensor.position
@@ -640,9 +642,6 @@ class RaNNCModule(nn.Module):
         return None if t is None else P.SplitAt(t.shards, t.position, t.degree)
 
     def _need_optimizer(self, what: str) -> torch.optim.Optimizer:
-        if self._ready and self._tensor is not None:
-            raise ConfigError(f"{what}() is not supported with tensor > 1 yet (the optimizer holds each rank's "
-                              "shards); save state_dict() and rebuild the optimizer, or train with tensor=1")
         opt = self.optimizer
         if opt is None:
             raise ConfigError(f"{what}() needs the optimizer: pass it to RaNNCModule (a factory's runs at the "

@@ -9,7 +9,10 @@ model: each group's parameters by canonical name. Gathering joins every
 rank's entries under those numbers (a sharded parameter's pieces end to end,
 tensors shaped like the parameter rebuilt to its shape); scattering gives
 each rank the entries of what it holds (a piece's the slice of each tensor).
-So a state dict gathered on one layout loads on any other, and into
+On a tensor-parallel stage a split parameter's state is, per position of the
+group, that position's shard: gathering joins the positions' shards
+(:func:`~rannc_py.graph.tensor_rules.unshard`), scattering cuts each
+position's out (:func:`~rannc_py.graph.tensor_rules.shard_tensor`). So a state dict gathered on one layout loads on any other, and into
 ``torch.optim.AdamW(unwrapped.parameters())``.
 """
 
@@ -23,10 +26,12 @@ from mpi4py import MPI
 from torch import Tensor, nn
 
 from rannc_py.errors import ConfigError
-from rannc_py.runtime.params import canonical_names
+from rannc_py.graph.tensor_rules import shard_tensor, unshard
+from rannc_py.runtime.params import SplitAt, canonical_names
 from rannc_py.runtime.sharding import Piece, slice_state
 
 Where = tuple[str, int | None, int | None]  # canonical name, and a piece's element range (None: whole)
+Entry = tuple[int | None, int | None, int | None, dict[str, Any]]  # piece range, tensor position, state
 
 
 def original_groups(opt: Any, model: nn.Module) -> list[list[str]] | None:
@@ -53,12 +58,14 @@ class OptimizerState:
         owned: the names whose whole state this rank speaks for (its lowest holder).
         order: every canonical parameter name of the model, in model order.
         comm: the runtime's communicator.
+        split: this rank's place in its stage's tensor split (None: parameters whole);
+            ``owned`` then names, for a split parameter, the lowest holder at each position.
     """
 
     def __init__(self, opt: torch.optim.Optimizer, groups: list[list[str]] | None, names: dict[int, str],
                  pieces: list[Piece], shape: Callable[[str], torch.Size], owned: set[str], order: list[str],
-                 comm: MPI.Comm) -> None:
-        self._opt, self._shape, self._owned, self._comm = opt, shape, owned, comm
+                 comm: MPI.Comm, split: SplitAt | None = None) -> None:
+        self._opt, self._shape, self._owned, self._comm, self._split = opt, shape, owned, comm, split
         self._where: dict[int, Where] = {i: (n, None, None) for i, n in names.items()}
         for pc in pieces:
             self._where[id(pc.shard)] = (names[id(pc.param)], pc.lo, pc.hi)
@@ -80,39 +87,48 @@ class OptimizerState:
     def gather(self, rank0_only: bool = True) -> dict[str, Any]:
         """The optimizer's torch-format state dict for the unwrapped model, on rank 0 ({} elsewhere),
         or on every rank when not ``rank0_only``."""
-        mine: list[tuple[str, int | None, int | None, dict[str, Any]]] = []
+        mine: list[tuple[str, int | None, int | None, int | None, dict[str, Any]]] = []
+        shards = {} if self._split is None else self._split.shards
         for group in self._opt.param_groups:
             for p in group["params"]:
                 state = self._opt.state.get(p)
                 name, lo, hi = self._where[id(p)]
                 if state and (lo is not None or name in self._owned):
-                    mine.append((name, lo, hi, {k: v.detach().clone() if isinstance(v, Tensor) else v
-                                                for k, v in state.items()}))
+                    pos = self._split.position if self._split is not None and name in shards else None
+                    mine.append((name, lo, hi, pos, {k: v.detach().clone() if isinstance(v, Tensor) else v
+                                                     for k, v in state.items()}))
         parts = self._comm.gather(mine, root=0) if rank0_only else self._comm.allgather(mine)
         if parts is None:
             return {}
-        entries: dict[str, list[tuple[int | None, int | None, dict[str, Any]]]] = {}
+        entries: dict[str, list[Entry]] = {}
         for part in parts:
-            for name, lo, hi, state in part:
-                entries.setdefault(name, []).append((lo, hi, state))
+            for name, lo, hi, pos, state in part:
+                entries.setdefault(name, []).append((lo, hi, pos, state))
         states = {self._index[n]: self._join(n, es) for n, es in entries.items() if n in self._index}
         groups = [dict({k: v for k, v in g.items() if k != "params"}, params=[self._index[n] for n in names])
                   for g, names in zip(self._opt.param_groups, self.groups)]
         return {"state": dict(sorted(states.items())), "param_groups": groups}
 
-    def _join(self, name: str, entries: list[tuple[int | None, int | None, dict[str, Any]]]) -> dict[str, Any]:
-        """One parameter's state from its whole entry, or from its pieces' end to end."""
-        whole = [st for lo, _, st in entries if lo is None]
+    def _join(self, name: str, entries: list[Entry]) -> dict[str, Any]:
+        """One parameter's state from its whole entry, its tensor positions' shards, or its pieces' end to end."""
+        if entries[0][2] is not None:  # a split parameter: one entry per tensor position
+            assert self._split is not None
+            shard, local = self._split.shards[name], sorted(entries, key=lambda e: e[2] or 0)
+            return {k: unshard([st[k] for *_, st in local], shard)
+                    if isinstance(v, Tensor) and v.dim() > 0 and v.shape == local[0][3][k].shape
+                    and v.numel() * self._split.degree == self._shape(name).numel() else v
+                    for k, v in local[0][3].items()}
+        whole = [st for lo, _, _, st in entries if lo is None]
         if whole:
             return whole[0]
         entries = sorted(entries, key=lambda e: e[0] or 0)
         shape = self._shape(name)
-        first = entries[0][2]
+        first = entries[0][3]
         out: dict[str, Any] = {}
         for k, v in first.items():
             split = all(isinstance(st.get(k), Tensor) and st[k].dim() == 1 and st[k].numel() == (hi or 0) - (lo or 0)
-                        for lo, hi, st in entries)
-            out[k] = torch.cat([st[k] for _, _, st in entries]).reshape(shape) if split else v
+                        for lo, hi, _, st in entries)
+            out[k] = torch.cat([st[k] for *_, st in entries]).reshape(shape) if split else v
         return out
 
     def check(self, sd: Mapping[str, Any]) -> None:
@@ -152,9 +168,21 @@ class OptimizerState:
                 name, lo, hi = self._where[id(p)]
                 if name in full:
                     st = full[name]
-                    state[j] = (slice_state(st, self._shape(name), lo, hi) if lo is not None and hi is not None
-                                else {k: v.clone() if isinstance(v, Tensor) else v for k, v in st.items()})
+                    if lo is not None and hi is not None:
+                        state[j] = slice_state(st, self._shape(name), lo, hi)
+                    elif self._split is not None and name in self._split.shards:
+                        state[j] = self._shard_state(name, st)
+                    else:
+                        state[j] = {k: v.clone() if isinstance(v, Tensor) else v for k, v in st.items()}
                 ids.append(j)
                 j += 1
             groups.append(dict({k: v for k, v in saved.items() if k != "params"}, params=ids))
         self._opt.load_state_dict({"state": state, "param_groups": groups})
+
+    def _shard_state(self, name: str, st: Mapping[str, Any]) -> dict[str, Any]:
+        """This tensor position's shard of each of a split parameter's parameter-sized state tensors."""
+        assert self._split is not None
+        shape, sp = self._shape(name), self._split
+        return {k: shard_tensor(v.reshape(shape), sp.shards[name], sp.position, sp.degree).clone()
+                if isinstance(v, Tensor) and v.dim() > 0 and v.numel() == shape.numel()
+                else (v.clone() if isinstance(v, Tensor) else v) for k, v in st.items()}
