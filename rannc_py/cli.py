@@ -18,6 +18,12 @@ built on the ``meta`` device: nothing is allocated and nothing downloaded.
 A size and fields combine: ``gpt:13b,n_layer=8`` is the 13B widths with 8
 layers. A family's sequence-length bound (``block_size``,
 ``n_positions``, ...) is raised to ``--seq`` when it is shorter.
+
+The plan searches tensor degrees too: the traced program's tensor splits are
+found first (:func:`rannc_py.frontend.annotate`) and handed to the planner as
+pure data; ``--tensor T`` pins the degree of every stage (1: none). The
+printed table has the stages' tensor degree and their group collectives'
+seconds per microbatch.
 """
 
 from __future__ import annotations

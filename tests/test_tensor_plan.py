@@ -141,7 +141,7 @@ def test_bad_degrees(gpt, mlp):
         plan_graph(data, 8, PlanOptions(cluster="a64fx:nodes=4", tensor=2))
     with pytest.raises(ConfigError, match="splits nothing"):  # the frontend names the allowed degrees too
         rannc_py.plan(g, batch_size=8, cluster="a64fx:nodes=10", tensor=5)
-    g2, ann2 = mlp
+    _, ann2 = mlp
     with pytest.raises(rannc_py.PlanError, match="different graph"):
         plan_graph(data, 8, PlanOptions(cluster="a64fx:nodes=4"), tensor=ann2)
 
@@ -193,7 +193,7 @@ def _fast_cluster(spec: str, latency: float, bandwidth: float):
 def test_search_picks_tp_when_memory_forces_it_and_not_when_links_are_slow(mlp):
     g, ann = mlp
     data = g.data()
-    base = dict(cluster="a100-80g:gpus=2", max_stages=1, return_outputs=False)
+    base = {"cluster": "a100-80g:gpus=2", "max_stages": 1, "return_outputs": False}
     need1 = None
     try:
         plan_graph(data, 8, PlanOptions(**base, tensor=1, memory_limit=100_000), tensor=ann)

@@ -31,21 +31,22 @@ from rannc_py.planner.chain import Block, Chain
 from rannc_py.planner.cost import CostModel
 from rannc_py.planner.options import PlanOptions, positive_int
 from rannc_py.planner.plan import Plan, StagePlan
-from rannc_py.planner.tensor import TensorChain, tensor_chain
 from rannc_py.planner.search import (
+    MAX_MICROBATCH_COUNTS,
     REPLICA_SET,
+    TOP_K,
     Layout,
     SearchSpace,
     divisors,
     enumerate_layouts,
     in_flight,
-    TOP_K,
     layout_step_time,
     pick_best,
     ranked,
     spread,
     stage_costs,
 )
+from rannc_py.planner.tensor import TensorChain, tensor_chain
 from rannc_py.profiling.analytic import analytic_profile, block_params, graph_dtype
 from rannc_py.profiling.coarsen import coarsen, cut_bytes
 from rannc_py.profiling.record import Profile
@@ -56,6 +57,9 @@ from rannc_py.schedule import StageCosts
 MAX_PIPELINE_DEVICES = 64
 # Pipeline counts kept (log-spaced, ends included) to bound the number of DPs.
 MAX_PIPELINE_COUNTS = 7
+# At a tensor degree above 1 (one more search per degree): pipeline and microbatch counts kept.
+TENSOR_PIPELINE_COUNTS = 7
+TENSOR_MICROBATCH_COUNTS = 5
 
 
 def chain_from_graph(graph: Graph, prof: Profile) -> Chain:
@@ -94,7 +98,9 @@ def build_space(chain: Chain, cluster: Cluster, batch_size: int, options: PlanOp
                 devices: int | None = None) -> SearchSpace:
     """Check ``options``' pins against the chain, cluster and batch, and build the enumerated
     :class:`SearchSpace`. ``devices``: what the search places, default the cluster's
-    devices (at a tensor degree t, the ``D / t`` tensor groups, which pinned replicas count).
+    devices (at a tensor degree t, the ``D / t`` tensor groups, which pinned replicas count;
+    fewer pipeline and microbatch counts are then tried, :data:`TENSOR_PIPELINE_COUNTS`
+    and :data:`TENSOR_MICROBATCH_COUNTS`, which keeps a search over several degrees in seconds).
     Raises ConfigError on pins that cannot be met."""
     D = cluster.num_devices if devices is None else devices
     B = batch_size
@@ -119,7 +125,8 @@ def build_space(chain: Chain, cluster: Cluster, batch_size: int, options: PlanOp
         pipelines: tuple[int, ...] = (1,)
     else:
         counts = [D // P for P in divisors(D) if P <= MAX_PIPELINE_DEVICES]
-        pipelines = tuple(spread(sorted(counts), MAX_PIPELINE_COUNTS))
+        pipelines = tuple(spread(sorted(counts), MAX_PIPELINE_COUNTS if D == cluster.num_devices
+                                 else TENSOR_PIPELINE_COUNTS))
     if num_stages is not None and num_stages > chain.n:
         raise ConfigError(f"num_stages={num_stages} exceeds the {chain.n} blocks the model has")
     stage_cap = chain.n if options.max_stages is None else options.max_stages
@@ -130,7 +137,9 @@ def build_space(chain: Chain, cluster: Cluster, batch_size: int, options: PlanOp
                           f"use a batch of at least {min(pipelines)}")
     return SearchSpace(pipelines=pipelines, microbatches=tuple(ms), schedules=options.schedules,
                        recompute=options.recompute, max_stages=stage_cap, rvals=REPLICA_SET,
-                       pinned_replicas=pinned, num_stages=num_stages)
+                       pinned_replicas=pinned, num_stages=num_stages,
+                       max_microbatch_counts=MAX_MICROBATCH_COUNTS if D == cluster.num_devices
+                       else TENSOR_MICROBATCH_COUNTS)
 
 
 def plan_cluster(options: PlanOptions, *, link: Link | None = None) -> Cluster:

@@ -221,6 +221,7 @@ class SearchSpace:
     rvals: tuple[int, ...]
     pinned_replicas: tuple[int, ...] | None = None
     num_stages: int | None = None
+    max_microbatch_counts: int = 6  # MAX_MICROBATCH_COUNTS; fewer at a tensor degree above 1
 
 
 # Schedules whose activations in flight depend on the pipeline depth, not only on the stages after.
@@ -286,9 +287,9 @@ def _search_depth(cost: CostModel, space: SearchSpace, d: int, m: int, schedule:
         return _collect(tabs, [tabs[in_flight(schedule, q, m, depth)].mem_min for q in range(Q)], rvals, P,
                         allowed, space, d, m, schedule, 0.0, memory=True)
     out: list[Layout] = []
-    if weights is None:  # a tensor degree above 1: the two passes of the bubble model only (search time)
-        weights = (1.0 / m, None, 1.0, 1000.0) if cost.tp == 1 else (1.0 / m, None)
-    for w in weights:
+    passes: Sequence[float | None] = weights if weights is not None else (
+        (1.0 / m, None, 1.0, 1000.0) if cost.tp == 1 else (1.0 / m, None))  # degree > 1: the bubble passes only
+    for w in passes:
         if w is None:  # second pass: weight for the first pass's best depth
             if not out:
                 break
@@ -358,9 +359,10 @@ MAX_MICROBATCH_COUNTS = 6
 def microbatch_candidates(space: SearchSpace, d: int, batch_size: int) -> list[int]:
     """Microbatch counts tried with d pipelines: those of ``space`` leaving every pipeline
     at least one row per microbatch, at most MAX_MICROBATCH_COUNTS of them, log-spaced
-    with both ends kept (the largest keeps the bubble smallest)."""
+    with both ends kept (the largest keeps the bubble smallest); at most
+    ``space.max_microbatch_counts`` when that is smaller."""
     ok = [m for m in space.microbatches if batch_size // m >= d]
-    return spread(ok, MAX_MICROBATCH_COUNTS)
+    return spread(ok, min(MAX_MICROBATCH_COUNTS, space.max_microbatch_counts))
 
 
 def enumerate_layouts(cost: CostModel, space: SearchSpace, objective: str = "time") -> list[Layout]:
