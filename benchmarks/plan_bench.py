@@ -1,9 +1,14 @@
-"""Planner benchmark: search time and predicted throughput against baseline splits.
+"""Planner benchmark: search time and predicted throughput against baseline splits, with tensor parallelism.
 
-For GPT 1.3B, GPT 13B (Fugaku-LLM's shape), GPT 175B, BERT-large and a
-4.9B-parameter BERT (hidden 2048, 96 layers), traced on the meta device, on
-``a64fx`` and ``a100-80g`` clusters of 8..4096 devices, it runs
-``rannc_py.plan`` and three baselines on the same cost model and simulator:
+For GPT 1.3B, GPT 13B (Fugaku-LLM's shape: 40 layers x 5184 hidden, 36 heads,
+seq 2048, global batch 2016), GPT 175B, BERT-large and a 4.9B-parameter BERT
+(hidden 2048, 96 layers), traced on the meta device, on ``a64fx`` and
+``a100-80g`` clusters of 8..4096 devices (and GPT 13B on 13,824 A64FX nodes,
+Fugaku-LLM's job), it runs the planner's search -- tensor degrees (those the
+traced graph allows, :func:`rannc_py.graph.tensor_annotate.tensor_annotation`,
+that divide the device count) together with stages, replicas, microbatches,
+schedule and recompute -- and three baselines at tensor degree 1 on the same
+cost model and simulator:
 
 - uniform: equal numbers of blocks (layers) per stage (DeepSpeed "uniform");
 - params: stages balanced by parameter bytes (DeepSpeed's default);
@@ -12,12 +17,20 @@ For GPT 1.3B, GPT 13B (Fugaku-LLM's shape), GPT 175B, BERT-large and a
 each with every stage count dividing the device count (replicas = D / p per
 stage, "the best replica count"), every microbatch count and schedule the
 planner considers, recompute where needed, and the same final pick (simulate
-the best by T). Writes ``benchmarks/results/plan.md``.
+the best by T).
 
-A row that does not fit with every replica keeping its whole optimizer state
-is planned again with ``shard_optimizer=None`` (each stage's replicas may
-shard the state, :mod:`rannc_py.runtime.sharding`); the last column says
-whether that fits, and the layout (``sN`` = stages at sharding level N).
+Also:
+
+- the Fugaku-LLM hand layout (TP 6 x PP 8 x DP 288, 5 layers per stage, m = 7,
+  recompute on stages 0-3) priced by :func:`rannc_py.planner.api.predict_plan`
+  (the same cost model and simulator), against the planner's plan;
+- for the rows that do not fit at tensor degree 1 with every replica keeping
+  its whole optimizer state: which fit with optimizer sharding
+  (``shard_optimizer=None``), with tensor parallelism, and with both;
+- for the GPT-13B rows: the search with the experimental ``zb-h1`` schedule
+  allowed too, and its predicted gain.
+
+Writes ``benchmarks/results/plan.md``.
 
 Usage: python benchmarks/plan_bench.py [--sizes 8,64,512,4096] [--models gpt-1.3b,...]
 """
@@ -25,22 +38,21 @@ Usage: python benchmarks/plan_bench.py [--sizes 8,64,512,4096] [--models gpt-1.3
 from __future__ import annotations
 
 import argparse
+import re
 import time
 from pathlib import Path
 
 from rannc_py.cli import build_model
 from rannc_py.errors import NoFeasiblePlanError
+from rannc_py.graph.tensor_annotate import tensor_annotation
 from rannc_py.graph.trace import trace
 from rannc_py.hardware.cluster import parse_cluster
-from rannc_py.planner.api import (
-    build_space,
-    chain_from_graph,
-    layout_to_plan,
-    search_chain,
-)
+from rannc_py.planner.api import build_space, chain_from_graph, layout_to_plan, predict_plan, search_tensor
 from rannc_py.planner.baselines import baseline_picks
 from rannc_py.planner.cost import CostModel
 from rannc_py.planner.options import PlanOptions
+from rannc_py.planner.plan import Plan, StagePlan
+from rannc_py.planner.tensor import tensor_chain
 from rannc_py.profiling import profile
 from rannc_py.profiling.analytic import graph_dtype
 
@@ -53,6 +65,51 @@ MODELS = {
     "bert-large": ("rbert:large", 512, 1024),
     "bert-4.9b": ("rbert:4.9b", 512, 1024),
 }
+FUGAKU = ("gpt-13b", "a64fx", 13824)  # Fugaku-LLM's job, planned on top of the size grid
+SCHEDULES = ("1f1b", "gpipe")
+
+
+class Row:
+    """One (model, cluster, size) row's results."""
+
+    def __init__(self, **kw):
+        self.__dict__.update(kw)
+
+
+def models_for(graph, ann, cl, batch, shard=False, schedules=SCHEDULES):
+    """(cost model, space) of every tensor degree the graph allows that divides the device count."""
+    prof = profile(graph, graph.batch_size, cl)
+    chain = chain_from_graph(graph, prof)
+    opts = PlanOptions(schedules=schedules)
+    out = []
+    for t in (1, *ann.allowed):
+        if cl.num_devices % t:
+            continue
+        tc = None if t == 1 else tensor_chain(graph, chain, ann.at(t), cl.device)
+        # Large-scale training uses only the loss: outputs are not returned to every rank.
+        cost = CostModel(chain if tc is None else tc.chain, cl, batch, return_outputs=False,
+                         shard_optimizer=None if shard else False, tensor=tc)
+        out.append((cost, build_space(cost.chain, cl, batch, opts, devices=cost.devices)))
+    return out
+
+
+def search(models):
+    """(plan-like summary dict or None, needed GiB or None, wall s, CPU s) of the search over ``models``."""
+    t1, c1 = time.perf_counter(), time.process_time()
+    try:
+        cost, lay, step = search_tensor(models)
+    except NoFeasiblePlanError as e:
+        return None, e.required_memory / 2**30 if e.required_memory else None, \
+            time.perf_counter() - t1, time.process_time() - c1
+    return (cost, lay, step), None, time.perf_counter() - t1, time.process_time() - c1
+
+
+def describe(cost, lay) -> str:
+    reps = "/".join(str(r) for r in lay.replicas[:4]) + ("..." if lay.num_stages > 4 else "")
+    levels = sorted(set(lay.shard)) if lay.shard else [0]
+    shard = "" if levels == [0] else " " + "+".join(f"s{v}" for v in levels)
+    return (f"tp{lay.tensor} x {lay.num_stages}st x{reps} m={lay.m} {lay.schedule}"
+            f"{' rc' if any(lay.recompute) else ''}{shard} ({lay.origin})")
 
 
 def main() -> None:
@@ -62,113 +119,188 @@ def main() -> None:
     ap.add_argument("--clusters", default="a64fx,a100-80g")
     ap.add_argument("--out", default=str(REPO / "benchmarks/results/plan.md"))
     ns = ap.parse_args()
-    rows = []
+    rows, infos, fugaku, zb = [], [], None, []
     for name in ns.models.split(","):
         spec, seq, batch = MODELS[name]
         model, args, kwargs = build_model(spec, seq)
         t0 = time.perf_counter()
         graph = trace(model, args, kwargs)
         t_trace = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        ann = tensor_annotation(graph)
+        t_split = time.perf_counter() - t0
         nparams = sum(p.numel() for p in model.parameters())
-        dtype = graph_dtype(graph)
-        print(f"{name}: {nparams / 1e9:.2f} B params, {len(graph.ops)} ops, traced in {t_trace:.1f} s", flush=True)
-        for preset in ns.clusters.split(","):
-            for size in (int(s) for s in ns.sizes.split(",")):
-                key = "nodes" if preset == "a64fx" else "gpus"
-                cl = parse_cluster(f"{preset}:{key}={size}")
-                t1, c1 = time.perf_counter(), time.process_time()
-                prof = profile(graph, graph.batch_size, cl)
-                chain = chain_from_graph(graph, prof)
-                # Large-scale training uses only the loss: outputs are not returned to every rank.
-                cost = CostModel(chain, cl, batch, return_outputs=False)
-                space = build_space(chain, cl, batch, PlanOptions(schedules=("1f1b", "gpipe")))
-                try:
-                    lay, step = search_chain(cost, space)
-                    plan = layout_to_plan(cost, lay, step, graph.fingerprint(), dtype, time.perf_counter() - t1)
-                    ours, search, mfu = plan.samples_per_second, plan.search_time, plan.mfu
-                    cpu = time.process_time() - c1
-                    layout = (f"{plan.num_stages}st x{'/'.join(str(s.replicas) for s in plan.stages[:4])}"
-                              f"{'...' if plan.num_stages > 4 else ''} m={plan.microbatches} {plan.schedule}"
-                              f"{' rc' if any(s.recompute for s in plan.stages) else ''} ({lay.origin})")
-                except NoFeasiblePlanError as e:
-                    need = str(e).split("fits is ")[1].split(" bytes")[0]
-                    ours, search, mfu = None, time.perf_counter() - t1, None
-                    cpu = time.process_time() - c1
-                    layout = f"infeasible (needs {float(need) / 2**30:.1f} GiB/device)"
-                picks = baseline_picks(cost, space)
-                base = {rule: None if pk is None else batch / pk[1] for rule, pk in picks.items()}
-                sharded = "-" if ours is not None else _with_sharding(chain, cl, batch, space)
-                row = (name, preset, size, search, cpu, ours, mfu, base, layout, sharded)
-                rows.append(row)
-                print(_fmt_row(row), flush=True)
-    _write(ns.out, rows)
+        info = (f"{name}: {nparams / 1e9:.2f} B params, {len(graph.ops)} ops, traced in {t_trace:.1f} s, tensor "
+                f"splits at degrees {list(ann.allowed)} found in {t_split:.1f} s")
+        infos.append(info)
+        print(info, flush=True)
+        grid = [(p, int(s)) for p in ns.clusters.split(",") for s in ns.sizes.split(",")]
+        if name == FUGAKU[0] and FUGAKU[1] in ns.clusters.split(","):
+            grid.append(FUGAKU[1:])
+        for preset, size in grid:
+            key = "nodes" if preset == "a64fx" else "gpus"
+            cl = parse_cluster(f"{preset}:{key}={size}")
+            t1, c1 = time.perf_counter(), time.process_time()
+            models = models_for(graph, ann, cl, batch)
+            t_build, c_build = time.perf_counter() - t1, time.process_time() - c1
+            best, need, w, c = search(models)  # the planner's search over every degree
+            wall, cpu = t_build + w, c_build + c
+            plain = search(models[:1])[0]  # degree 1 alone (not timed): the planner before tensor parallelism
+            if best is None:
+                ours = mfu = None
+                layout = f"infeasible (needs {need:.1f} GiB/device)" if need else "infeasible"
+            else:
+                cost, lay, step = best
+                plan = layout_to_plan(cost, lay, step, graph.fingerprint(), graph_dtype(graph), wall)
+                ours, mfu, layout = plan.samples_per_second, plan.mfu, describe(cost, lay)
+            cost1, space1 = models[0]
+            picks = baseline_picks(cost1, space1)
+            base = {rule: None if pk is None else batch / pk[1] for rule, pk in picks.items()}
+            plain_sps = None if plain is None else batch / plain[2]
+            extra = None
+            if plain is None:  # issue 12: what makes the row fit
+                shard1, _, _, _ = search(models_for(graph, ann, cl, batch, shard=True)[:1])
+                both, need_b, _, _ = search(models_for(graph, ann, cl, batch, shard=True))
+                extra = {"shard": _fit(shard1, batch), "tp": _fit(best, batch), "both": _fit(both, batch, need_b)}
+            row = Row(name=name, preset=preset, size=size, wall=wall, cpu=cpu, ours=ours, mfu=mfu, base=base,
+                      layout=layout, plain=plain_sps, extra=extra)
+            rows.append(row)
+            print(_fmt_row(row), flush=True)
+            if name == "gpt-13b":  # issue 13: the zb-h1 schedule's gain
+                zmodels = models_for(graph, ann, cl, batch, schedules=(*SCHEDULES, "zb-h1"))
+                z, _, zw, _ = search(zmodels)
+                zb.append((preset, size, ours, None if z is None else batch / z[2],
+                           None if z is None else describe(*z[:2]), zw))
+                print(zb[-1], flush=True)
+            if (name, preset, size) == FUGAKU and best is not None:
+                fugaku = _fugaku(graph, ann, cl, batch, plan, best)
+                print(fugaku["text"], flush=True)
+    _write(ns.out, rows, infos, fugaku, zb)
 
 
-def _with_sharding(chain, cl, batch: int, space) -> str:
-    """What the planner finds for an infeasible row when stages may shard their optimizer state."""
-    cost = CostModel(chain, cl, batch, return_outputs=False, shard_optimizer=None)
-    try:
-        lay, step = search_chain(cost, space)
-    except NoFeasiblePlanError as e:
-        need = float(str(e).split("fits is ")[1].split(" bytes")[0])
-        return f"infeasible (needs {need / 2**30:.1f} GiB/device)"
-    levels = sorted(set(lay.shard))
-    return (f"{batch / step:.4g} samples/s, {lay.num_stages}st x{'/'.join(str(r) for r in lay.replicas[:4])}"
-            f"{'...' if lay.num_stages > 4 else ''} m={lay.m} {lay.schedule} "
-            f"{'+'.join(f's{v}' for v in levels)}{' rc' if any(lay.recompute) else ''}")
+def _fit(result, batch, need=None) -> str:
+    if result is None:
+        return f"no (needs {need:.1f} GiB)" if need else "no"
+    cost, lay, step = result
+    return f"yes: {batch / step:.4g} samples/s, {describe(cost, lay)}"
 
 
-def _f(x: float | None) -> str:
+def _layer(path: str) -> int | None:
+    m = re.search(r"\.h\.(\d+)(\.|$)", path)
+    return None if m is None else int(m.group(1))
+
+
+def hand_plan(graph, *, stages: int, tensor: int, replicas: int, microbatches: int, recompute, batch: int) -> Plan:
+    """The hand layout as a Plan: equal numbers of transformer layers per stage (the ops before the
+    first layer in stage 0, those after the last in the last stage), consecutive tensor groups."""
+    layers = 1 + max(x for op in graph.ops if (x := _layer(op.module_path)) is not None)
+    per = layers // stages
+    assignment, cur = [], 0
+    for op in graph.ops:
+        x = _layer(op.module_path)
+        if x is not None:
+            cur = min(x // per, stages - 1)
+        assignment.append(cur)
+    out, first = [], 0
+    for s in range(stages):
+        ops = tuple(i for i, a in enumerate(assignment) if a == s)
+        fqns = sorted({f for i in ops for f in (*graph.ops[i].params, *graph.ops[i].buffers)})
+        ranks = tuple(range(first, first + replicas * tensor))
+        first += len(ranks)
+        out.append(StagePlan(index=s, ops=ops, param_fqns=tuple(fqns), ranks=ranks, recompute=recompute[s],
+                             predicted_compute_time=0.0, predicted_peak_memory=0, tensor=tensor))
+    return Plan(batch_size=batch, microbatches=microbatches, schedule="1f1b", stages=tuple(out), world_size=first,
+                graph_fingerprint=graph.fingerprint(), cluster="hand layout", step_time=0.0,
+                peak_memory_per_rank=(0,) * first, samples_per_second=0.0, mfu=0.0, search_time=0.0)
+
+
+def _fugaku(graph, ann, cl, batch, plan, best) -> dict:
+    hand = hand_plan(graph, stages=8, tensor=6, replicas=288, microbatches=7, recompute=[True] * 4 + [False] * 4,
+                     batch=batch)
+    opts = PlanOptions(cluster=cl, return_outputs=False)
+    got = predict_plan(graph, hand, opts, cluster=cl, tensor=ann)
+    no_rc = predict_plan(graph, hand_plan(graph, stages=8, tensor=6, replicas=288, microbatches=7,
+                                          recompute=[False] * 8, batch=batch), opts, cluster=cl, tensor=ann)
+    ratio = plan.samples_per_second / got.samples_per_second
+    gib = 2**30
+    hand_line = (f"- hand layout TP 6 x PP 8 x DP 288, m = 7, recompute on stages 0-3: {got.samples_per_second:.4g} "
+                 f"samples/s (step {got.step_time:.3f} s), peak memory {max(got.peak_memory_per_rank) / gib:.1f} "
+                 f"GiB/rank, tensor-group collectives {got.stages[0].tensor_collectives * 1e3:.1f} ms per "
+                 "microbatch on stage 0")
+    no_rc_line = (f"- the same layout without recompute: {no_rc.samples_per_second:.4g} samples/s, peak memory "
+                  f"{max(no_rc.peak_memory_per_rank) / gib:.1f} GiB/rank")
+    plan_line = (f"- the planner's plan: {plan.samples_per_second:.4g} samples/s (step {plan.step_time:.3f} s), "
+                 f"{describe(*best[:2])}, stages of {'/'.join(str(len(s.ops)) for s in plan.stages)} ops, peak "
+                 f"memory {max(plan.peak_memory_per_rank) / gib:.1f} GiB/rank")
+    lines = [hand_line, no_rc_line, plan_line, f"- ratio planner / hand: {ratio:.3f}x"]
+    return {"ratio": ratio, "text": "\n".join(lines), "hand": got, "plan": plan}
+
+
+def _f(x) -> str:
     return "-" if x is None else f"{x:.4g}"
 
 
 def _beats_all(row) -> bool:
-    ours, base = row[5], row[7]
-    return ours is None or all(b is None or ours >= b * (1 - 1e-9) for b in base.values())
+    return row.ours is None or all(b is None or row.ours >= b * (1 - 1e-9) for b in row.base.values())
 
 
 def _fmt_row(row) -> str:
-    name, preset, size, search, cpu, ours, mfu, base, layout, sharded = row
-    ok = _beats_all(row)
-    return (f"| {name} | {preset} | {size} | {search:.2f} | {cpu:.2f} | {_f(ours)} | "
-            f"{'-' if mfu is None else f'{100 * mfu:.1f}%'} | {_f(base['uniform'])} | {_f(base['params'])} | "
-            f"{_f(base['time'])} | {'yes' if ok else 'NO'} | {layout} | {sharded} |")
+    gain = "-" if row.ours is None or row.plain is None else f"{row.ours / row.plain:.2f}x"
+    return (f"| {row.name} | {row.preset} | {row.size} | {row.wall:.2f} | {row.cpu:.2f} | {_f(row.ours)} | "
+            f"{'-' if row.mfu is None else f'{100 * row.mfu:.1f}%'} | {_f(row.plain)} | {gain} | "
+            f"{_f(row.base['uniform'])} | {_f(row.base['params'])} | {_f(row.base['time'])} | "
+            f"{'yes' if _beats_all(row) else 'NO'} | {row.layout} |")
 
 
-def _write(path: str, rows) -> None:
+def _write(path: str, rows, infos, fugaku, zb) -> None:
     ok = sum(1 for r in rows if _beats_all(r))
-    feasible = [r for r in rows if r[5] is not None]
-    from_dp = sum(1 for r in feasible if r[8].endswith("(dp)"))
+    feasible = [r for r in rows if r.ours is not None]
+    tp_rows = [r for r in feasible if not r.layout.startswith("tp1 ")]
     lines = [
         "# Planner benchmark",
         "",
-        "Predicted throughput (samples/s) from the planner's cost model and schedule simulator; the",
-        "baselines (uniform, parameter-balanced, time-balanced splits, each with every replica count",
-        "D / p, every microbatch count and schedule the search tries, recompute where needed) are",
-        "evaluated and picked on the same model (`rannc_py/planner/baselines.py`). Produced by",
-        "`python benchmarks/plan_bench.py`.",
+        "Predicted throughput (samples/s) from the planner's cost model and schedule simulator. The",
+        "search covers tensor degrees (those the traced graph allows and that divide the device count;",
+        "one degree for every stage) with stages, replicas, microbatches, schedule (1F1B, GPipe) and",
+        "recompute; the baselines (uniform, parameter-balanced, time-balanced splits at tensor degree 1,",
+        "each with every replica count D / p, every microbatch count and schedule the search tries,",
+        "recompute where needed) are evaluated and picked on the same model",
+        "(`rannc_py/planner/baselines.py`). Produced by `python benchmarks/plan_bench.py`.",
         "",
-        f"- ours >= every baseline: {ok} of {len(rows)} rows. The search also simulates the split rules'",
-        "  best layouts, so this holds by construction; the last column says where the chosen layout",
-        f"  came from: the DP's own candidates in {from_dp} of {len(feasible)} feasible rows.",
-        (f"- Search time (profile + coarsening + search, excluding tracing): at most "
-         f"{max(r[4] for r in rows):.2f} s CPU"),
-        (f"  and {max(r[3] for r in rows):.2f} s wall per row, on the 2-core development machine shared with other "
-         "jobs"),
-        "  (wall time includes waiting for a core; CPU time is what the search itself used).",
+        *[f"- {i}" for i in infos],
+        "",
+        f"- ours >= every baseline: {ok} of {len(rows)} rows (the search includes degree 1 and the split rules'",
+        "  best layouts, so this holds by construction).",
+        f"- tensor parallelism chosen in {len(tp_rows)} of {len(feasible)} feasible rows; `tp1` column: the best plan",
+        "  at tensor degree 1 (the planner before tensor parallelism), and the gain over it.",
+        (f"- Search time per row (profile + tensor chains + search over every degree, excluding tracing and "
+         f"finding the tensor splits): at most {max(r.cpu for r in rows):.2f} s CPU and "
+         f"{max(r.wall for r in rows):.2f} s wall,"),
+        "  on the 2-core development machine shared with other jobs (wall time includes waiting for a core).",
         "- MFU = model FLOPs (3 x the graph's forward FLOPs per sample x batch; recompute not counted)",
         "  / (step time x devices x peak FLOP/s of the model's dtype, fp32 here).",
+        "- Layout: `tpT x Sst xR0/R1/... m=M schedule [rc]` = tensor degree T, S stages with R tensor groups",
+        "  each, M microbatches, recompute on some stages; origin: `dp` the search's own candidates.",
         "",
-        "Cost model assumptions (see `rannc_py/hardware/cluster.py`, `cost.py`, `profiling/analytic.py`):",
+        "Cost model assumptions (see `rannc_py/hardware/cluster.py`, `planner/cost.py`, `planner/tensor.py`,",
+        "`profiling/analytic.py`):",
         "",
         "- Block times are a roofline from the graph's FLOPs and bytes, with kernels assumed to reach",
         "  70 % of peak FLOP/s and 80 % of memory bandwidth on A64FX, 80 % and 85 % on A100 (these",
         "  efficiencies are assumptions, not measurements); backward = 2 x forward.",
+        "- Tensor degree t: split ops cost 1/t (a block's share weighed by each op's roofline time),",
+        "  replicated ops in full; the group's collectives (allreduce after each row-parallel matmul and",
+        "  the vocab-parallel embedding, the vocab-parallel cross-entropy's three small allreduces, the",
+        "  backward allreduce of each replicated input of a column-parallel matmul, the allgather of",
+        "  split outputs) on the critical path of every microbatch, alpha-beta on the group's link:",
+        "  NVLink inside an A100 node (t = 2, 4, 8; 3 and 6 would straddle nodes and pay InfiniBand),",
+        "  the Tofu-D link between neighbouring A64FX nodes; sharded parameters, gradients and optimizer",
+        "  state / t, split activations / t.",
         "- Links: alpha-beta per message; A64FX: Tofu-D 6.8 GB/s, 0.49 us, 6 links driven at once,",
         "  dimension-wise torus allreduce on the job's 3-D shape; A100: NVLink 300 GB/s inside an",
-        "  8-GPU node, 25 GB/s HDR InfiniBand per GPU across nodes. Allreduce: fastest of ring,",
-        "  recursive halving-doubling and (torus) dimension-wise, per stage's replica group; tied",
-        "  weights add a sum across the stages that hold them.",
+        "  8-GPU node, 25 GB/s HDR InfiniBand per GPU across nodes. Gradient allreduce: fastest of ring,",
+        "  recursive halving-doubling and (torus) dimension-wise, per stage's replica group (at degree t,",
+        "  each tensor rank with the same rank of the other groups, 1/t of the sharded bytes each).",
         "- Sends overlap compute (nonblocking); the allreduce does not overlap the backward pass.",
         "- Memory: fp32 weights + grads + Adam state (16 B/parameter) + activations in flight",
         "  (1F1B: p - s microbatches, GPipe: m) or, with recompute, stage inputs only + one",
@@ -176,15 +308,44 @@ def _write(path: str, rows) -> None:
         "  model's outputs for one microbatch on the last stage (training uses only the loss, as with",
         "  RaNNCModule(return_outputs=False)); 10 % margin.",
         "",
-        "- Last column, for rows that do not fit: the planner again with sharded optimizer state allowed",
-        "  (`shard_optimizer=None`: state / R and a gradient shard per rank, reduce-scatter + allgather;",
-        "  `sN` the levels used). Tensor parallelism is not in this planner yet, so its columns are absent.",
-        "",
-        ("| model | cluster | devices | search s (wall) | search s (CPU) | ours | MFU | uniform | params | time "
-         "| ours >= all | layout (origin) | with sharding |"),
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        ("| model | cluster | devices | search s (wall) | search s (CPU) | ours | MFU | tp1 | gain | uniform | params "
+         "| time | ours >= all | layout (origin) |"),
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         *(_fmt_row(r) for r in rows),
     ]
+    if fugaku is not None:
+        lines += [
+            "",
+            "## Fugaku-LLM 13B on 13,824 A64FX nodes: the planner against the hand layout",
+            "",
+            "Both priced by the same cost model and simulator (the hand layout by `predict_plan`).",
+            "",
+            fugaku["text"],
+        ]
+    short = [r for r in rows if r.extra is not None]
+    if short:
+        lines += [
+            "",
+            "## Rows that do not fit at tensor degree 1 without optimizer sharding (issue 12)",
+            "",
+            "| model | cluster | devices | with optimizer sharding | with tensor parallelism | with both |",
+            "|---|---|---|---|---|---|",
+            *(f"| {r.name} | {r.preset} | {r.size} | {r.extra['shard']} | {r.extra['tp']} | {r.extra['both']} |"
+              for r in short),
+        ]
+    if zb:
+        lines += [
+            "",
+            "## The zb-h1 schedule on the GPT-13B rows (issue 13)",
+            "",
+            "The search again with `schedules=(\"1f1b\", \"gpipe\", \"zb-h1\")` (tensor degrees searched too).",
+            "",
+            "| cluster | devices | 1f1b/gpipe samples/s | with zb-h1 | gain | layout with zb-h1 | search s (wall) |",
+            "|---|---|---|---|---|---|---|",
+            *(f"| {p} | {s} | {_f(a)} | {_f(b)} | "
+              f"{'-' if a is None or b is None else f'{b / a:.3f}x'} | {lay or '-'} | {w:.2f} |"
+              for p, s, a, b, lay, w in zb),
+        ]
     Path(path).write_text("\n".join(lines) + "\n")
 
 

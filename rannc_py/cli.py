@@ -18,6 +18,12 @@ built on the ``meta`` device: nothing is allocated and nothing downloaded.
 A size and fields combine: ``gpt:13b,n_layer=8`` is the 13B widths with 8
 layers. A family's sequence-length bound (``block_size``,
 ``n_positions``, ...) is raised to ``--seq`` when it is shorter.
+
+The plan searches tensor degrees too: the traced program's tensor splits are
+found first (:func:`rannc_py.frontend.annotate`) and handed to the planner as
+pure data; ``--tensor T`` pins the degree of every stage (1: none). The
+printed table has the stages' tensor degree and their group collectives'
+seconds per microbatch.
 """
 
 from __future__ import annotations
@@ -272,6 +278,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-return-outputs", dest="return_outputs", action="store_false",
                    help="plan for training that returns only the loss (RaNNCModule(return_outputs=False)); "
                         "by default the memory of returning logits to every rank is counted")
+    p.add_argument("--tensor", type=int, default=None,
+                   help="pin the tensor degree of every stage (1 turns tensor parallelism off); by default the "
+                        "degrees the traced graph allows (2, 3, 4, 6, 8 where they split it) are searched")
     p.add_argument("--json", help="write the plan as JSON here")
     p.add_argument("--png", help="draw the pipeline timeline and per-rank memory here")
     c = sub.add_parser("consolidate", help="write a checkpoint as one state dict (model.safetensors)")
@@ -287,6 +296,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {e}", file=sys.stderr)
             return 2
         return 0
+    from rannc_py.frontend import annotate
     from rannc_py.graph.trace import trace
     from rannc_py.planner.api import plan_graph
 
@@ -294,17 +304,20 @@ def main(argv: list[str] | None = None) -> int:
         if ns.seq < 1:
             raise ConfigError(f"--seq must be a positive integer, got {ns.seq}")
         options = PlanOptions(cluster=ns.cluster, optimizer=ns.optimizer, memory_margin=ns.memory_margin,
-                              return_outputs=ns.return_outputs)
+                              return_outputs=ns.return_outputs, tensor=ns.tensor)
         model, args, kwargs = build_model(ns.model, ns.seq)
         t0 = time.perf_counter()
         graph = trace(model, args, kwargs)
         t_trace = time.perf_counter() - t0
-        result = plan_graph(graph.data(), ns.batch, options)  # offline planning reads pure data only
+        t1 = time.perf_counter()
+        tensor = annotate(graph, options.tensor)  # what splits over a tensor group: pure data
+        t_split = time.perf_counter() - t1
+        result = plan_graph(graph.data(), ns.batch, options, tensor=tensor)  # offline planning reads pure data only
     except RaNNCError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(result.summary())
-    print(f"trace {t_trace:.2f} s, search {result.search_time:.2f} s")
+    print(f"trace {t_trace:.2f} s, tensor splits {t_split:.2f} s, search {result.search_time:.2f} s")
     if ns.json:
         result.save(ns.json)
     if ns.png:

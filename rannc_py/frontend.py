@@ -2,9 +2,11 @@
 
 This is the one planning entry that may hold a model: it traces a module
 when given one, measures its blocks here when it plans for the ``local``
-preset with example inputs, and hands the planner
-(:func:`rannc_py.planner.api.plan_graph`) only the pure-data graph and a
-profile.
+preset with example inputs, finds the tensor splits of the traced program
+(:func:`rannc_py.graph.tensor_annotate.tensor_annotation`, at the pinned
+``tensor`` degree or at every degree tried when it is searched), and hands
+the planner (:func:`rannc_py.planner.api.plan_graph`) only the pure-data
+graph, a profile and that annotation.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ import torch
 
 from rannc_py.errors import ConfigError
 from rannc_py.graph.ir import Graph
+from rannc_py.graph.tensor_annotate import DEGREES, tensor_annotation
+from rannc_py.graph.tensor_cost import TensorAnnotation
 from rannc_py.graph.trace import trace
 from rannc_py.graph.traced import TracedGraph
 from rannc_py.hardware.cluster import Cluster
@@ -35,7 +39,7 @@ def plan(
     profile: Profile | None = None,
     **options: Any,
 ) -> Plan:
-    """Find the fastest data/pipeline layout of a model on a cluster that fits every device's memory.
+    """Find the fastest data/tensor/pipeline layout of a model on a cluster that fits every device's memory.
 
     Every device of the cluster is used: stages are replicated (whole
     pipelines and single stages) to fill them; per-stage replicas need not be
@@ -52,8 +56,11 @@ def plan(
         **options: the planning options of :class:`rannc_py.PlanOptions`
             (``memory_limit``, ``memory_margin``, ``schedules``,
             ``max_stages``, ``num_stages``, ``replicas``, ``microbatches``,
-            ``recompute``, ``optimizer``, ``update_cost``, ``return_outputs``),
-            each with the default documented there.
+            ``recompute``, ``optimizer``, ``update_cost``, ``return_outputs``,
+            ``shard_optimizer``, ``tensor``), each with the default documented
+            there. Tensor degrees are searched only for a module or the graph
+            :func:`rannc_py.trace` returned (their program says what splits);
+            a plain data Graph plans at degree 1.
     Returns:
         The :class:`Plan`; deterministic for the same inputs.
     Raises:
@@ -74,5 +81,18 @@ def plan(
                               f"returned, not a {type(graph).__name__} without its program; pass that graph, "
                               "or no example inputs to plan from the analytic profile")
         profile = make_profile(graph, graph.batch_size, inputs=graph.flatten_inputs(tuple(args), kwargs))
+    annotation = annotate(graph, opts.tensor)
     data = graph.data() if isinstance(graph, TracedGraph) else graph  # the planner sees only pure data
-    return plan_graph(data, batch_size, opts, profile=profile, cluster=cl)
+    return plan_graph(data, batch_size, opts, profile=profile, cluster=cl, tensor=annotation)
+
+
+def annotate(graph: Graph, tensor: int | None) -> TensorAnnotation | None:
+    """The tensor annotation of ``graph`` for the ``tensor`` option: None at a pinned degree 1 or
+    for a graph without its program, else at the pinned degree or every degree of ``DEGREES``."""
+    if tensor == 1 or not isinstance(graph, TracedGraph):
+        return None
+    if tensor is None:
+        return tensor_annotation(graph, DEGREES)
+    found = tensor_annotation(graph, (tensor,))
+    # a pinned degree that splits nothing: try the others too, so that the error names those allowed
+    return found if found.degrees else tensor_annotation(graph, sorted({*DEGREES, tensor}))

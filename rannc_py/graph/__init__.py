@@ -11,7 +11,9 @@ The modules, bottom to top (each imports only those below it):
 ``tensor_rules``  how each kind of op carries a tensor split (:class:`Shard`)
 ``lowered``     the exported program classified (:class:`Program`) and the
                 Graph built from it (``lower``); ``tied_groups`` of a model
+``tensor_cost``  what a tensor split changes in a Graph's costs, as pure data (:class:`TensorAnnotation`)
 ``tensor_split``  which ops of a Program run split over a tensor group (:class:`TensorSplit`)
+``tensor_annotate``  a traced graph's :class:`TensorAnnotation` from its splits at several degrees
 ``staged``      stage modules cut from a Program (:class:`Stage`, :class:`StagedModule`)
 ``tensor_program``  per-rank programs of a tensor split, collectives through a group object
 ``traced``      :class:`TracedGraph`: a Graph plus its Program

@@ -29,6 +29,7 @@ from rannc_py.planner.search import (
     microbatch_candidates,
     pick_best,
     ranked,
+    tabs_degree,
 )
 
 RULES = ("uniform", "params", "time")
@@ -81,7 +82,7 @@ def baseline_layouts(cost: CostModel, space: SearchSpace) -> dict[str, list[Layo
     out: dict[str, list[Layout]] = {rule: [] for rule in RULES}
     if space.pinned_replicas is not None:
         return out
-    chain, D = cost.chain, cost.cluster.num_devices
+    chain, D = cost.chain, cost.devices  # tensor groups at a degree > 1
     bounds_by: dict[str, dict[int, tuple[int, ...] | None]] = {rule: {} for rule in RULES}
     for p in divisors(D):
         if p > min(space.max_stages, chain.n) or (space.num_stages is not None and p != space.num_stages):
@@ -117,7 +118,7 @@ def _layout(tabs: dict, bounds: tuple[int, ...], R: int, m: int, sched: str, rul
     # Ranked by the same estimate T as the search's own candidates.
     est = sum(cs) + (m - 1) * max(cs) + max(ars)
     return Layout(d=R, m=m, schedule=sched, bounds=tuple(bounds), replicas=(R,) * p, recompute=tuple(recs),
-                  objective=est, memory=tuple(mems), origin=rule, shard=shard)
+                  objective=est, memory=tuple(mems), origin=rule, shard=shard, tensor=tabs_degree(tabs))
 
 
 def seed_layouts(cost: CostModel, space: SearchSpace) -> list[Layout]:

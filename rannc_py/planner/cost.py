@@ -43,6 +43,16 @@ Per replica and microbatch:
   ``a = rs(P - T) + ag(P - T) + tied sum + ((P - T) / R + T) · update_cost``;
   the level per stage is the faster one of those allowed (less memory on a
   tie), the same choice in the tables and the simulated step.
+- tensor parallelism (``tensor``, degree t, :mod:`rannc_py.planner.tensor`):
+  every stage is run by tensor groups of t consecutive ranks; the search's
+  devices are the ``D / t`` groups and R counts groups. The chain is the one
+  a group's rank sees (split compute / t, replicated compute in full, sharded
+  parameters and split activations / t); the group's collectives are added
+  to the forward and the backward of every microbatch (a recompute stage
+  re-runs the forward's), on the critical path; the links of R replicas are
+  those of the ``R * t`` ranks they span, each rank of a group syncing its
+  own shards with the same position of the other groups (one sync per rank,
+  each on its own link: t concurrent syncs of ``1/t`` of the sharded bytes).
 Memory per rank: parameters + gradients + optimizer state (SGD 0, SGD with
 momentum 1, Adam/AdamW 2 extra copies of the parameters) + activations of the
 microbatches in flight (GPipe: m; 1F1B: min(p - s, m)); with recompute only
@@ -80,13 +90,13 @@ from rannc_py.comm.cost import (
     reduce_scatter_time,
 )
 from rannc_py.errors import ConfigError
-from rannc_py.hardware.cluster import Cluster, Device
+from rannc_py.hardware.cluster import Cluster, Device, Link
 from rannc_py.planner.chain import Chain
+from rannc_py.planner.tensor import TensorChain, group_link
 
 
-def _allreduce_lines(cluster: Cluster, ranks: int) -> list[tuple[float, float]]:
-    """(intercept, seconds per byte) of each allreduce algorithm on ``ranks`` of ``cluster``."""
-    link = cluster.link(ranks)
+def _allreduce_lines(cluster: Cluster, ranks: int, link: Link) -> list[tuple[float, float]]:
+    """(intercept, seconds per byte) of each allreduce algorithm on ``ranks`` of ``cluster`` over ``link``."""
     shape = grid_shape(ranks) if cluster.topology == "torus" else None
     lines = []
     for algo in ALGORITHMS:
@@ -185,6 +195,7 @@ class StageTables:
     recompute: np.ndarray
     mem_min: np.ndarray
     shard: np.ndarray | None = None  # the sharding level chosen per entry (None: 0 everywhere)
+    tensor: int = 1  # the tensor degree of the cost model that made them
 
 
 class CostModel:
@@ -208,13 +219,19 @@ class CostModel:
             (:class:`~rannc_py.planner.options.PlanOptions`): None chooses
             between 0 and 1 per stage (level 2 costs what level 1 does at the
             step's peak); False/0 (default), True/1 or 2 fixes it.
+        tensor: the chain as one rank of a tensor group sees it
+            (:func:`rannc_py.planner.tensor.tensor_chain`, whose ``chain`` is
+            then ``chain``), or None (default) for tensor degree 1. With a
+            degree t, the search's devices are the ``D / t`` tensor groups
+            (:attr:`devices`), a stage's replicas are groups, and the links
+            of r replicas are those of the ``r * t`` ranks they span.
     Raises:
         ConfigError: bad optimizer, margin, update cost or sharding level.
     """
 
     def __init__(self, chain: Chain, cluster: Cluster, batch_size: int, optimizer: str | int = "adam",
                  memory_margin: float = 0.1, return_outputs: bool = True, update_cost: float | None = None,
-                 shard_optimizer: bool | int | None = False) -> None:
+                 shard_optimizer: bool | int | None = False, tensor: TensorChain | None = None) -> None:
         if not isinstance(memory_margin, (int, float, np.floating)) or not 0 <= memory_margin < 1:
             raise ConfigError(f"memory_margin must be a number in [0, 1), got {memory_margin!r}")
         if update_cost is not None and not (isinstance(update_cost, (int, float, np.floating)) and math.isfinite(update_cost)
@@ -230,6 +247,35 @@ class CostModel:
         self.margin = memory_margin
         self.return_outputs = return_outputs
         self.shard_levels = _allowed_levels(shard_optimizer)
+        self.tensor = tensor
+        self.tp = 1 if tensor is None else tensor.degree
+        if cluster.num_devices % self.tp:
+            raise ConfigError(f"tensor degree {self.tp} does not divide the cluster's {cluster.num_devices} devices; "
+                              "pick a degree that does")
+        self.devices = cluster.num_devices // self.tp
+        self.group_link = group_link(cluster, self.tp)
+
+    def link(self, groups: int) -> Link:
+        """The link between ``groups`` consecutive tensor groups (ranks when the degree is 1)."""
+        return self.cluster.link(groups * self.tp)
+
+    def group_tables(self, rows: int) -> tuple[np.ndarray, np.ndarray]:
+        """(forward, backward) seconds per microbatch of the tensor group's collectives of every
+        block range at ``rows`` rows per replica (zeros at degree 1)."""
+        cache = self.__dict__.setdefault("_group_cache", {})
+        if rows not in cache:
+            n = self.chain.n
+            if self.tensor is None:
+                cache[rows] = (np.zeros((n + 1, n + 1)), np.zeros((n + 1, n + 1)))
+            else:
+                fwd, bwd = self.tensor.collectives.block_times(rows, self.group_link)
+
+                def rng(values: np.ndarray) -> np.ndarray:
+                    pre = np.concatenate([[0.0], np.cumsum(values)])
+                    return pre[None, :] - pre[:, None]
+
+                cache[rows] = (rng(fwd), rng(bwd))
+        return cache[rows]
 
     def rows(self, m: int, replicas: int) -> int:
         """Rows per replica per microbatch (the largest chunk)."""
@@ -245,7 +291,7 @@ class CostModel:
         if ranks <= 1 or nbytes <= 0:
             return "mpi", 0.0
         c = self.cluster
-        link = c.link(ranks)
+        link = self.link(ranks)
         shape = grid_shape(ranks) if c.topology == "torus" else None
         return best_allreduce(nbytes, ranks, alpha=link.latency, beta=link.bandwidth,
                               torus_shape=shape, concurrent_links=c.concurrent_links)
@@ -274,7 +320,7 @@ class CostModel:
         """Seconds for one message of ``nbytes`` between stages of a pipeline of that many devices."""
         if nbytes <= 0:
             return 0.0
-        link = self.cluster.link(pipeline_devices)
+        link = self.link(pipeline_devices)
         return p2p_time(nbytes, link.latency, link.bandwidth)
 
     def _allreduce_table(self, ranks: int) -> np.ndarray:
@@ -292,7 +338,7 @@ class CostModel:
     def _sync_table(self, nbytes: np.ndarray, ranks: int) -> np.ndarray:
         if ranks <= 1:
             return np.zeros_like(nbytes)
-        lines = _allreduce_lines(self.cluster, ranks)
+        lines = _allreduce_lines(self.cluster, ranks, self.link(ranks))
         best = np.min([a + b * nbytes for a, b in lines], axis=0)
         return np.where(nbytes > 0, best, 0.0)
 
@@ -328,7 +374,7 @@ class CostModel:
         algorithm of :data:`GATHER_ALGORITHMS` the network offers (``"torus"`` only on a torus,
         on the grid the runtime lays the ranks on)."""
         c = self.cluster
-        link = c.link(ranks)
+        link = self.link(ranks)
         shape = grid_shape(ranks) if c.topology == "torus" else None
         lines = {}
         for algo in GATHER_ALGORITHMS:
@@ -362,7 +408,7 @@ class CostModel:
         return optimizer_state_bytes(nbytes, tied, ranks, level, self.state_factor - 2)
 
     def _p2p_array(self, nbytes: np.ndarray, pipeline_devices: int) -> np.ndarray:
-        link = self.cluster.link(pipeline_devices)
+        link = self.link(pipeline_devices)
         return np.where(nbytes > 0, link.latency + nbytes / link.bandwidth, 0.0)
 
     def stage_tables(self, d: int, m: int, rvals: tuple[int, ...], in_flights: tuple[int, ...],
@@ -377,7 +423,8 @@ class CostModel:
         n = t.n
         shape = (n + 1, n + 1, len(rvals))
         out = {f: StageTables(np.full(shape, np.inf), np.zeros(shape), np.full(shape, np.inf),
-                              np.zeros(shape, dtype=bool), np.full(shape, np.inf), np.zeros(shape, dtype=np.int8))
+                              np.zeros(shape, dtype=bool), np.full(shape, np.inf), np.zeros(shape, dtype=np.int8),
+                              tensor=self.tp)
                for f in in_flights}
         valid = np.triu(np.ones((n + 1, n + 1), dtype=bool), 1)
         cut_in = np.broadcast_to(t.cut[:, None], (n + 1, n + 1))
@@ -385,18 +432,19 @@ class CostModel:
         not_first = (np.arange(n + 1) > 0)[:, None]
         is_last = (np.arange(n + 1) == n)[None, :]
         # this rank's rows of the returned outputs, and how many microbatches' outputs the last stage keeps
-        returned = t.out * self.batch_size / self.cluster.num_devices if self.return_outputs else 0.0
+        returned = t.out * self.batch_size / self.devices if self.return_outputs else 0.0
         kept = m if self.return_outputs else 1
         dev = self.cluster.device
         # per microbatch: F and B, and the posts of RECV_F and SEND_B (not the first stage), SEND_F and RECV_B
         # (not the last); per step: per-tensor work and the step's fixed work
-        posts = 2 * (not_first.astype(float) + (~is_last).astype(float)) * self.cluster.link(pipeline_devices).overhead
+        posts = 2 * (not_first.astype(float) + (~is_last).astype(float)) * self.link(pipeline_devices).overhead
         per_mb = 2 * dev.action_overhead + posts
         per_step = t.param_count * dev.tensor_overhead + self.step_fixed()
         for ri, r in enumerate(rvals):
             b = self.rows(m, r * d)
-            fwd = t.fwd_fixed + t.fwd_ps * b
-            bwd = t.bwd_fixed + t.bwd_ps * b
+            coll_f, coll_b = self.group_tables(b)
+            fwd = t.fwd_fixed + t.fwd_ps * b + coll_f
+            bwd = t.bwd_fixed + t.bwd_ps * b + coll_b
             comm_t = self._p2p_array(cut_in * b, pipeline_devices) * not_first + self._p2p_array(
                 cut_out * b, pipeline_devices)
             c_plain = np.maximum(fwd + bwd, comm_t) + per_mb

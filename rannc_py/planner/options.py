@@ -82,6 +82,13 @@ class PlanOptions:
             (or made by its factory), whose param groups then hold the
             shards; the runtime falls back to level 0, with a warning,
             without one or when its update is not element-wise.
+        tensor: the tensor degree of every stage (each replica a tensor group
+            of that many consecutive ranks, :mod:`rannc_py.planner.tensor`).
+            None (default): searched over 1 and the degrees the graph's
+            tensor annotation allows (``rannc_py.plan`` makes one; without
+            an annotation only 1 is tried, as before the option existed);
+            an int pins it (a degree above 1 needs the annotation to allow it
+            and must divide the device count).
 
     Raises:
         ConfigError: (on construction) a value of the wrong type or out of range.
@@ -100,6 +107,7 @@ class PlanOptions:
     update_cost: float | None = None
     return_outputs: bool = True
     shard_optimizer: bool | int | None = False
+    tensor: int | None = None
 
     def __post_init__(self) -> None:
         if self.cluster is not None and not isinstance(self.cluster, (Cluster, str)):
@@ -138,6 +146,9 @@ class PlanOptions:
                 raise ConfigError("replicas must list at least one stage's replica count, got []")
             object.__setattr__(self, "replicas", reps)
         optimizer_state_factor(self.optimizer)
+        if self.tensor is not None and (isinstance(self.tensor, bool) or not isinstance(self.tensor, int)
+                                        or self.tensor < 1):
+            raise ConfigError(f"tensor must be None (searched) or a tensor degree >= 1 such as 2, got {self.tensor!r}")
         cost = self.update_cost
         if cost is not None and (isinstance(cost, bool) or not isinstance(cost, (int, float))
                                  or not (math.isfinite(cost) and cost >= 0)):

@@ -26,7 +26,10 @@ Four weights give the candidates: ``w = 1/m`` (the allreduce spread
 over the microbatches), ``w = 1/(m + p* - 1)`` for the best depth p* of the
 first pass (there ``T_w`` bounds the bubble model from below), ``w = 1`` and
 ``w = 1000`` (allreduce-dominated steps, e.g. few microbatches on many
-replicas, where balancing gradient bytes matters most). The
+replicas, where balancing gradient bytes matters most); at a tensor degree
+above 1 (each degree a search of its own, on ``D / t`` tensor groups:
+:func:`rannc_py.planner.api.search_tensor`) only the first two, which keeps
+a search over several degrees within seconds. The
 brute-force test checks that a pass returns the exact optimum of its ``T_w``.
 
 Outer loops: d whole-pipeline copies (d divides the device count; a pipeline
@@ -84,6 +87,9 @@ class Layout:
             that proposed it (:mod:`rannc_py.planner.baselines`).
         shard: per stage, its sharding level (:attr:`rannc_py.planner.plan.StagePlan.shard_level`);
             empty: 0 everywhere.
+        tensor: the tensor degree of every stage (``replicas`` count tensor
+            groups of that many ranks); the cost model it is costed with has
+            that degree (:attr:`CostModel.tp`).
     """
 
     d: int
@@ -98,6 +104,7 @@ class Layout:
     weight: float = 0.0
     origin: str = "dp"
     shard: tuple[int, ...] = ()
+    tensor: int = 1
 
     @property
     def num_stages(self) -> int:
@@ -214,6 +221,7 @@ class SearchSpace:
     rvals: tuple[int, ...]
     pinned_replicas: tuple[int, ...] | None = None
     num_stages: int | None = None
+    max_microbatch_counts: int = 6  # MAX_MICROBATCH_COUNTS; fewer at a tensor degree above 1
 
 
 # Schedules whose activations in flight depend on the pipeline depth, not only on the stages after.
@@ -242,7 +250,7 @@ def search_config(cost: CostModel, space: SearchSpace, d: int, m: int, schedule:
     (used to report the smallest memory that would fit). ``weights`` overrides
     the allreduce weights of the DP passes (default: the two of the module docstring).
     """
-    D = cost.cluster.num_devices
+    D = cost.devices
     P = D // d
     if space.pinned_replicas is not None:
         p_pin = len(space.pinned_replicas)
@@ -270,7 +278,7 @@ def _search_depth(cost: CostModel, space: SearchSpace, d: int, m: int, schedule:
                   depth: int, Q: int = 0) -> list[Layout]:
     """:func:`search_config`'s passes with the DP over ``Q`` stage positions; ``depth`` > 0 pins
     the pipeline to that many stages (Q = depth) for a :data:`DEPTH_DEPENDENT` schedule."""
-    P = cost.cluster.num_devices // d
+    P = cost.devices // d
     if depth:
         Q, space = depth, dataclasses.replace(space, num_stages=depth)
     flights = tuple(sorted({in_flight(schedule, q, m, depth) for q in range(Q)}))
@@ -279,7 +287,9 @@ def _search_depth(cost: CostModel, space: SearchSpace, d: int, m: int, schedule:
         return _collect(tabs, [tabs[in_flight(schedule, q, m, depth)].mem_min for q in range(Q)], rvals, P,
                         allowed, space, d, m, schedule, 0.0, memory=True)
     out: list[Layout] = []
-    for w in weights if weights is not None else (1.0 / m, None, 1.0, 1000.0):
+    passes: Sequence[float | None] = weights if weights is not None else (
+        (1.0 / m, None, 1.0, 1000.0) if cost.tp == 1 else (1.0 / m, None))  # degree > 1: the bubble passes only
+    for w in passes:
         if w is None:  # second pass: weight for the first pass's best depth
             if not out:
                 break
@@ -329,8 +339,13 @@ def _collect(tabs, obj_by_q, rvals, P, allowed, space, d, m, schedule, w, memory
             dp_val = (m + p - 1) * float(val)
         out.append(Layout(d=d, m=m, schedule=schedule, bounds=tuple(bounds), replicas=tuple(r * d for r in reps),
                           recompute=tuple(rec), objective=est, memory=tuple(mem), dp_objective=dp_val, weight=w,
-                          shard=tuple(shard)))
+                          shard=tuple(shard), tensor=tabs_degree(tabs)))
     return out
+
+
+def tabs_degree(tabs: dict[int, StageTables]) -> int:
+    """The tensor degree the tables were made at."""
+    return next(iter(tabs.values())).tensor
 
 
 def level_of(tab: StageTables, i: int, j: int, ri: int) -> int:
@@ -344,9 +359,10 @@ MAX_MICROBATCH_COUNTS = 6
 def microbatch_candidates(space: SearchSpace, d: int, batch_size: int) -> list[int]:
     """Microbatch counts tried with d pipelines: those of ``space`` leaving every pipeline
     at least one row per microbatch, at most MAX_MICROBATCH_COUNTS of them, log-spaced
-    with both ends kept (the largest keeps the bubble smallest)."""
+    with both ends kept (the largest keeps the bubble smallest); at most
+    ``space.max_microbatch_counts`` when that is smaller."""
     ok = [m for m in space.microbatches if batch_size // m >= d]
-    return spread(ok, MAX_MICROBATCH_COUNTS)
+    return spread(ok, min(MAX_MICROBATCH_COUNTS, space.max_microbatch_counts))
 
 
 def enumerate_layouts(cost: CostModel, space: SearchSpace, objective: str = "time") -> list[Layout]:
@@ -368,13 +384,17 @@ def stage_costs(cost: CostModel, lay: Layout) -> list[StageCosts]:
     names = [_stage_params(cost, lay.bounds[s], lay.bounds[s + 1]) for s in range(p)]
     dev = cost.cluster.device
     split = lay.schedule in SPLIT_BACKWARD  # I and W are two actions, each with its fixed cost
-    post = cost.cluster.link(pipe_devices).overhead
+    post = cost.link(pipe_devices).overhead
+    if lay.tensor != cost.tp:
+        raise ConfigError(f"a layout of tensor degree {lay.tensor} costed with a cost model of degree {cost.tp}; "
+                          "cost it with the CostModel of its degree")
     fixed = cost.step_fixed()
     out = []
     for s in range(p):
         i, j, b = lay.bounds[s], lay.bounds[s + 1], rows[s]
-        fwd = t.fwd_fixed[i, j] + t.fwd_ps[i, j] * b
-        bwd = t.bwd_fixed[i, j] + t.bwd_ps[i, j] * b + (fwd if lay.recompute[s] else 0.0)
+        coll_f, coll_b = cost.group_tables(b)
+        fwd = t.fwd_fixed[i, j] + t.fwd_ps[i, j] * b + coll_f[i, j]
+        bwd = t.bwd_fixed[i, j] + t.bwd_ps[i, j] * b + coll_b[i, j] + (fwd if lay.recompute[s] else 0.0)
         send_act = send_grad = 0.0
         if s < p - 1:
             send_act = _resplit(cost, t.cut[j], b, rows[s + 1], lay.replicas[s], lay.replicas[s + 1], pipe_devices)
@@ -448,7 +468,7 @@ def _resplit(cost: CostModel, per_sample: float, rows_src: int, rows_dst: int, r
     and its receiver's share.
     """
     msgs = max(math.ceil(r_dst / r_src), 1) + (0 if r_src % r_dst == 0 or r_dst % r_src == 0 else 1)
-    link = cost.cluster.link(pipe_devices)
+    link = cost.link(pipe_devices)
     if per_sample <= 0:
         return 0.0
     return msgs * link.latency + per_sample * max(rows_src, rows_dst) / link.bandwidth
@@ -468,7 +488,7 @@ def ranked(layouts: Sequence[Layout], top_k: int) -> list[Layout]:
 
 
 def _key(lay: Layout) -> tuple:
-    return (lay.d, lay.m, lay.schedule, lay.bounds, lay.replicas, lay.recompute)
+    return (lay.tensor, lay.d, lay.m, lay.schedule, lay.bounds, lay.replicas, lay.recompute)
 
 
 def layout_step_time(cost: CostModel, lay: Layout) -> float:

@@ -5,7 +5,11 @@ Gantt chart has one row per stage (every replica of a stage runs the same
 row), forward in blue, backward in orange, the gradient allreduce and the
 optimizer step in green, and messages to the neighbouring stages as thin grey
 bars; the memory panel uses other colours so it is not read as forward or
-backward.
+backward. A stage of tensor degree t > 1 says so in its label ("tp t": each
+replica a group of t ranks), and the share of its forward and backward bars
+that its tensor group's collectives take
+(:attr:`~rannc_py.planner.plan.StagePlan.tensor_collectives` over the
+stage's forward + backward per microbatch) is hatched at the end of each bar.
 """
 
 from __future__ import annotations
@@ -50,11 +54,12 @@ def unit(values: Sequence[float], units: tuple[tuple[str, float], ...]) -> tuple
 
 def rank_range(st: StagePlan) -> str:
     """``"rank 3"`` or ``"ranks 0-7"``: the ranks holding a stage's replicas (contiguous in planner plans)."""
-    if st.replicas == 1:
+    if len(st.ranks) == 1:
         return f"rank {st.ranks[0]}"
+    groups = f", {st.replicas} x tp {st.tensor}" if st.tensor > 1 else ""
     if list(st.ranks) == list(range(st.ranks[0], st.ranks[-1] + 1)):
-        return f"ranks {st.ranks[0]}-{st.ranks[-1]}"
-    return f"{st.replicas} ranks from {st.ranks[0]}"
+        return f"ranks {st.ranks[0]}-{st.ranks[-1]}{groups}"
+    return f"{len(st.ranks)} ranks from {st.ranks[0]}{groups}"
 
 
 def draw_plan(plan: Plan, path: str | os.PathLike[str], *, timeline: Timeline | None = None,
@@ -140,6 +145,7 @@ def _gantt(ax: Any, plan: Plan, tl: Timeline, title: str | None, what: str = "pr
     from matplotlib.patches import Patch
 
     p, m = plan.num_stages, plan.microbatches
+    tensor_drawn = False
     span = tl.step_time if span is None else span
     tname, tsize = unit([span], _TIME_UNITS)
     bars: dict[tuple[int, ActionKind], list[tuple[float, float]]] = {}
@@ -156,6 +162,11 @@ def _gantt(ax: Any, plan: Plan, tl: Timeline, title: str | None, what: str = "pr
                 ax.broken_barh(bars[s, kind], (s - 0.4, 0.6), facecolors=colour, **edge)
         if (s, K.SEND_ACT) in bars:
             ax.broken_barh(bars[s, K.SEND_ACT], (s + 0.24, 0.14), facecolors=_SEND_COLOUR, edgecolor="none")
+        share = _collective_share(plan.stages[s])
+        if share > 0:
+            tail = [(x + w * (1 - share), w * share) for kind in (K.FORWARD, K.BACKWARD) for x, w in bars.get((s, kind), [])]
+            ax.broken_barh(tail, (s - 0.4, 0.6), facecolors="none", edgecolor="black", hatch="////", linewidth=0)
+            tensor_drawn = True
     if m <= NUMBERED and p <= NUMBERED:
         for e in tl.events:
             # Only on bars wide enough for the digits (about 0.8% of the axis per character).
@@ -176,7 +187,9 @@ def _gantt(ax: Any, plan: Plan, tl: Timeline, title: str | None, what: str = "pr
     busy = sum(tl.busy) / (p * tl.step_time) if tl.step_time > 0 else 0.0
     rows = plan.batch_size // plan.microbatches
     head = f"{title}: " if title else ""
-    ax.set_title(f"{head}{p} stage{'s' * (p > 1)} on {plan.world_size} ranks, {plan.schedule}, "
+    degrees = sorted({st.tensor for st in plan.stages})
+    tp = f"tensor degree {'/'.join(map(str, degrees))}, " if degrees != [1] else ""
+    ax.set_title(f"{head}{p} stage{'s' * (p > 1)} on {plan.world_size} ranks, {tp}{plan.schedule}, "
                  f"{m} microbatches of {rows} row{'s' * (rows > 1)}; {what} step "
                  f"{tl.step_time / tsize:.4g} {tname}, stages busy {100 * busy:.0f}%", fontsize=9, loc="left")
     drawn = {kind for _, kind in bars}
@@ -184,9 +197,20 @@ def _gantt(ax: Any, plan: Plan, tl: Timeline, title: str | None, what: str = "pr
                for kind, c, lab in _COMPUTE if kind in drawn]
     if K.SEND_ACT in drawn:
         handles.append(Patch(facecolor=_SEND_COLOUR, label="send to the next/previous stage"))
+    if tensor_drawn:
+        handles.append(Patch(facecolor="white", edgecolor="black", hatch="////", linewidth=0.3,
+                             label="tensor-group collectives (share of F/B)"))
     if m <= NUMBERED and p <= NUMBERED:
         handles.append(Patch(facecolor="white", edgecolor="none", label="numbers: microbatch"))
     ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.005, 1.0), fontsize=8, frameon=False)
+
+
+def _collective_share(st: StagePlan) -> float:
+    """The share of a stage's forward + backward per microbatch its tensor group's collectives take."""
+    if st.tensor <= 1 or st.costs is None or st.tensor_collectives <= 0:
+        return 0.0
+    total = st.costs.forward + st.costs.backward
+    return min(st.tensor_collectives / total, 1.0) if total > 0 else 0.0
 
 
 def _memory(mx: Any, plan: Plan) -> None:
