@@ -210,7 +210,8 @@ def plan_graph(graph: Graph, batch_size: int, options: PlanOptions, *, profile: 
 def tensor_degrees(graph: Graph, tensor: TensorAnnotation | None, options: PlanOptions, cluster: Cluster) -> list[int]:
     """The tensor degrees to search: ``options.tensor`` when pinned (checked against the
     annotation and the device count), else 1 and every degree the annotation allows that
-    divides the device count (and, with pinned replicas, leaves them that many groups).
+    divides the device count (only 1 when replicas are pinned without a degree: they then
+    count ranks; with a pinned degree they count tensor groups).
 
     Raises ConfigError for a pinned degree the graph or cluster does not allow, PlanError for
     an annotation of another graph.
@@ -229,13 +230,9 @@ def tensor_degrees(graph: Graph, tensor: TensorAnnotation | None, options: PlanO
             raise ConfigError(f"tensor={pinned} does not divide the cluster's {D} devices; the degrees this graph "
                               f"allows that do: {[t for t in (1, *tensor.allowed) if D % t == 0]}")
         return [pinned]
-    if pinned == 1 or tensor is None:
-        return [1]
-    out = [1] + [t for t in tensor.allowed if D % t == 0]
-    if options.replicas is not None:
-        kept = [t for t in out if sum(options.replicas) * t == D]
-        out = kept or [1]  # none: build_space reports the pins against degree 1
-    return out
+    if pinned == 1 or tensor is None or options.replicas is not None:
+        return [1]  # pinned replicas without a pinned degree count ranks, as before tensor parallelism
+    return [1] + [t for t in tensor.allowed if D % t == 0]
 
 
 def plan_chain(chain: Chain, cluster: Cluster, batch_size: int, options: PlanOptions | None = None, *,

@@ -88,7 +88,9 @@ class PlanOptions:
             tensor annotation allows (``rannc_py.plan`` makes one; without
             an annotation only 1 is tried, as before the option existed);
             an int pins it (a degree above 1 needs the annotation to allow it
-            and must divide the device count).
+            and must divide the device count). Pinned ``replicas`` count
+            tensor groups at a pinned degree; without one only degree 1 is
+            searched (they count ranks).
 
     Raises:
         ConfigError: (on construction) a value of the wrong type or out of range.
