@@ -17,8 +17,7 @@ import torch
 
 from rannc_py.errors import ConfigError
 from rannc_py.graph.ir import Graph
-from rannc_py.graph.tensor_annotate import DEGREES, tensor_annotation
-from rannc_py.graph.tensor_cost import TensorAnnotation
+from rannc_py.graph.tensor_annotate import DEGREES, annotate
 from rannc_py.graph.trace import trace
 from rannc_py.graph.traced import TracedGraph
 from rannc_py.hardware.cluster import Cluster
@@ -81,18 +80,7 @@ def plan(
                               f"returned, not a {type(graph).__name__} without its program; pass that graph, "
                               "or no example inputs to plan from the analytic profile")
         profile = make_profile(graph, graph.batch_size, inputs=graph.flatten_inputs(tuple(args), kwargs))
-    annotation = annotate(graph, opts.tensor)
+    annotation = annotate(graph, opts.tensor, DEGREES)
     data = graph.data() if isinstance(graph, TracedGraph) else graph  # the planner sees only pure data
     return plan_graph(data, batch_size, opts, profile=profile, cluster=cl, tensor=annotation)
 
-
-def annotate(graph: Graph, tensor: int | None) -> TensorAnnotation | None:
-    """The tensor annotation of ``graph`` for the ``tensor`` option: None at a pinned degree 1 or
-    for a graph without its program, else at the pinned degree or every degree of ``DEGREES``."""
-    if tensor == 1 or not isinstance(graph, TracedGraph):
-        return None
-    if tensor is None:
-        return tensor_annotation(graph, DEGREES)
-    found = tensor_annotation(graph, (tensor,))
-    # a pinned degree that splits nothing: try the others too, so that the error names those allowed
-    return found if found.degrees else tensor_annotation(graph, sorted({*DEGREES, tensor}))

@@ -50,6 +50,19 @@ def tensor_annotation(traced: Any, degrees: Sequence[int] = DEGREES) -> TensorAn
     return TensorAnnotation(graph_fingerprint=traced.fingerprint(), degrees=tuple(out), tried=tried)
 
 
+def annotate(graph: Any, tensor: int | None, degrees: Sequence[int] = DEGREES) -> TensorAnnotation | None:
+    """The tensor annotation of ``graph`` for the planning option ``tensor``: None at a pinned
+    degree 1 or for a graph without its program, else at the pinned degree (at every degree too
+    when that one splits nothing, so that the planner's error names those allowed) or, searched
+    (``tensor`` None), at each of ``degrees``."""
+    if tensor == 1 or not isinstance(getattr(graph, "program", None), Program):
+        return None
+    if tensor is None:
+        return tensor_annotation(graph, degrees) if degrees else None
+    found = tensor_annotation(graph, (tensor,))
+    return found if found.degrees else tensor_annotation(graph, sorted({*DEGREES, tensor}))
+
+
 def degree_costs(graph: Graph, program: Program, split: TensorSplit) -> DegreeCosts:
     """One degree's :class:`DegreeCosts` from its split (see :mod:`rannc_py.graph.tensor_cost`)."""
     nodes = {n.name: n for n in program.gm.graph.nodes}

@@ -31,9 +31,11 @@ from typing import Any
 import torch
 
 from rannc_py.errors import ConfigError
+from rannc_py.graph.tensor_cost import TensorAnnotation
 from rannc_py.hardware.cluster import Cluster, Link
 from rannc_py.planner.api import plan_cluster
 from rannc_py.planner.options import PlanOptions
+from rannc_py.planner.plan import Plan
 from rannc_py.profiling.record import Profile
 
 # How often ranks waiting for rank 0's plan look for it (seconds): planning
@@ -234,6 +236,27 @@ def job_tensor_overhead(optimizer: Any, cluster: Cluster | str | None, world_siz
     with torch.random.fork_rng():
         seconds = median_time(step, repeats=5)
     return seconds / _PROBE_TENSORS / core_share(world_size)
+
+
+def job_tensor_annotation(graph: Any, options: PlanOptions, world_size: int,
+                          given: Plan | None = None) -> TensorAnnotation | None:
+    """The traced graph's tensor annotation for the job's plan, or None for tensor degree 1 only.
+
+    For a layout given by hand, at its stages' degree (None at degree 1). For
+    a search, at ``options.tensor`` when pinned, else at every degree of
+    :data:`~rannc_py.graph.tensor_annotate.DEGREES` that divides the world
+    size; not searched (None) when the options ask for what tensor-parallel
+    stages do not run yet: a sharded optimizer (``shard_optimizer`` other than
+    False / 0) or the ``zb-h1`` schedule (a pinned degree above 1 with those is
+    refused by the runtime with its ConfigError).
+    """
+    from rannc_py.graph.tensor_annotate import DEGREES, annotate
+
+    if given is not None:
+        return annotate(graph, max(st.tensor for st in given.stages))
+    if options.tensor is None and (options.shard_optimizer not in (False, 0) or "zb-h1" in options.schedules):
+        return None
+    return annotate(graph, options.tensor, [t for t in DEGREES if world_size % t == 0])
 
 
 def _fresh_optimizer(optimizer: Any, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:

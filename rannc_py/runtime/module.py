@@ -295,8 +295,6 @@ class RaNNCModule(nn.Module):
             given = load_plan(self._plan_arg, graph, batch, comm.Get_size())
             if not isinstance(self._plan_arg, Mapping):
                 return given  # a saved or made plan carries its own predictions
-            if any(st.tensor > 1 for st in given.stages):
-                return given  # the prediction does not price tensor groups yet: the layout runs unpredicted
         from rannc_py.planner.api import plan_graph, predict_plan
         from rannc_py.runtime.autoplan import (
             job_cluster,
@@ -304,6 +302,7 @@ class RaNNCModule(nn.Module):
             job_link,
             job_optimizer,
             job_profile,
+            job_tensor_annotation,
             job_tensor_overhead,
             quiet_bcast,
             with_contention,
@@ -326,10 +325,13 @@ class RaNNCModule(nn.Module):
             blocks = None if given is None else [tuple(st.ops) for st in given.stages]
             profile = job_profile(graph, inputs, opts.cluster, comm.Get_size(),
                                   any(p.is_meta for p in self._model.parameters()), blocks)
+            tensor = job_tensor_annotation(graph, opts, comm.Get_size(), given)
             if given is None:
-                text = plan_graph(graph.data(), batch, opts, profile=profile, cluster=cluster).to_json()
+                text = plan_graph(graph.data(), batch, opts, profile=profile, cluster=cluster,
+                                  tensor=tensor).to_json()
             else:
-                text = predict_plan(graph.data(), given, opts, profile=profile, cluster=cluster).to_json()
+                text = predict_plan(graph.data(), given, opts, profile=profile, cluster=cluster,
+                                    tensor=tensor).to_json()
         return Plan.from_json(quiet_bcast(text, comm))
 
     def _trace_optimizer(self) -> None:
