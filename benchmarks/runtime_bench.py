@@ -254,6 +254,25 @@ def fx(v: float | None, pct: bool = False) -> str:
     return f"{(v - 1) * 100:+.1f} %" if pct else f"{v:.2f}x"
 
 
+def throughput_rows(b: Bench) -> list[str]:
+    """The markdown table of every configuration's step, throughput, prediction, first loss, CPU and layout."""
+    L = [("| configuration | ranks | step (ms) | samples/s | predicted step (ms) | predicted / measured | "
+          "loss of step 1 | CPU busy per rank | layout |"),
+         "|---|---|---|---|---|---|---|---|---|"]
+    for label, (ranks, layout, r) in b.rows.items():
+        if "step" not in r:
+            err = r.get("error", "").replace("\n", " ").replace("|", "/")[-400:]
+            L.append(f"| {label} | {ranks} | could not run | | | | | | {err} |")
+            continue
+        pred = r.get("predicted")
+        acc = f"{pred / r['step']:.2f}" if pred else "-"
+        loss = (r.get("losses") or [None])[0]
+        cpu = ", ".join(f"{c:.2f}" for c in r.get("cpu") or [])
+        L.append(f"| {label} | {ranks} | {ms(r['step'])} | {r['samples']:.2f} | {ms(pred)} | {acc} | "
+                 f"{'-' if loss is None else f'{loss:.5f}'} | {cpu} | {layout or '-'} |")
+    return L
+
+
 def report(args: argparse.Namespace, b: Bench, equal: dict[str, dict[str, str]], stage: dict[str, Any],
            free: str, loads: tuple[tuple[float, ...], tuple[float, ...]]) -> list[str]:
     """The markdown of ``benchmarks/results/runtime.md``."""
@@ -276,21 +295,8 @@ def report(args: argparse.Namespace, b: Bench, equal: dict[str, dict[str, str]],
         "at the end; each launch saw a different load, so ratios carry that noise (see the per-step times "
         "in the last table), and 2 threads on a loaded 2-core machine are slower than 1."), "",
         "## Throughput", "",
-        ("| configuration | ranks | step (ms) | samples/s | predicted step (ms) | predicted / measured | "
-        "loss of step 1 | CPU busy per rank | layout |"),
-        "|---|---|---|---|---|---|---|---|---|",
     ]
-    for label, (ranks, layout, r) in b.rows.items():
-        if "step" not in r:
-            err = r.get("error", "").replace("\n", " ").replace("|", "/")[-400:]
-            L.append(f"| {label} | {ranks} | could not run | | | | | | {err} |")
-            continue
-        pred = r.get("predicted")
-        acc = f"{pred / r['step']:.2f}" if pred else "-"
-        loss = (r.get("losses") or [None])[0]
-        cpu = ", ".join(f"{c:.2f}" for c in r.get("cpu") or [])
-        L.append(f"| {label} | {ranks} | {ms(r['step'])} | {r['samples']:.2f} | {ms(pred)} | {acc} | "
-                 f"{'-' if loss is None else f'{loss:.5f}'} | {cpu} | {layout} |")
+    L += throughput_rows(b)
     L += ["", ("Every configuration trains the same weights on the same batches: the loss of step 1 (before "
           "any update) must agree. Predicted = the plan's step time (the runtime's planner: the model's "
           "profile measured on this machine); the hand-split peers have no prediction. CPU busy = a rank's CPU "

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # runtime_bench beside this script
-from runtime_bench import Bench, fx, ms, ratio
+from runtime_bench import Bench, fx, ratio, throughput_rows
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -101,21 +101,8 @@ def report(args: argparse.Namespace, b: Bench, labels: dict[str, str],
           f"Command: `{cmd}`."), "",
          ("**Caveat: this machine has 2 cores shared with other work.** Load average (1/5/15 min) "
           f"{'/'.join(f'{x:.1f}' for x in loads[0])} at the start, {'/'.join(f'{x:.1f}' for x in loads[1])} "
-          "at the end."), "",
-         ("| configuration | ranks | step (ms) | samples/s | predicted step (ms) | predicted / measured | "
-          "loss of step 1 | CPU busy per rank | layout |"),
-         "|---|---|---|---|---|---|---|---|---|"]
-    for label, (ranks, layout, r) in b.rows.items():
-        if "step" not in r:
-            err = r.get("error", "").replace("\n", " ").replace("|", "/")[-400:]
-            L.append(f"| {label} | {ranks} | could not run | | | | | | {err} |")
-            continue
-        pred = r.get("predicted")
-        acc = f"{pred / r['step']:.2f}" if pred else "-"
-        loss = (r.get("losses") or [None])[0]
-        L.append(f"| {label} | {ranks} | {ms(r['step'])} | {r['samples']:.2f} | {ms(pred)} | {acc} | "
-                 f"{'-' if loss is None else f'{loss:.5f}'} | {', '.join(f'{c:.2f}' for c in r.get('cpu') or [])} | "
-                 f"{r.get('layout', layout) or '-'} |")
+          "at the end."), ""]
+    L += throughput_rows(b)
     ours, dt, e1 = b.get(labels["ours"]), b.get(labels["dtensor"]), b.get(labels["eager1"])
     L += ["", ("Every configuration trains the same weights on the same batches: the loss of step 1 (before any "
                "update) must agree."), "",

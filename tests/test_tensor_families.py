@@ -26,6 +26,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from test_tensor_program import mismatches, run_split
+from test_tensor_split import FusedAttention
 from torch import nn
 from tp_models import llama_kv
 
@@ -103,13 +104,8 @@ def test_family_splits_every_projection_and_equals_the_model(name: str) -> None:
     assert mismatches(run) == []
 
 
-class HandAttention(nn.Module):
+class HandAttention(FusedAttention):
     """Attention by hand: an empty cache, a per-head fused projection cut by chunk, a stacked rotation."""
-
-    def __init__(self, dim: int = 16, heads: int = 4) -> None:
-        super().__init__()
-        self.heads = heads
-        self.qkv, self.out = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, t, c = x.shape

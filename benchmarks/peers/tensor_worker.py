@@ -55,18 +55,22 @@ def batch(args: Any, step: int) -> torch.Tensor:
     return torch.randint(0, args.vocab, (args.batch, SEQ), generator=g)
 
 
+def train_step(model: Any, opt: torch.optim.Optimizer, ids: torch.Tensor, losses: list[float]) -> None:
+    """One step on ``ids`` (the labels too); its loss appended to ``losses``."""
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    opt.step()
+    opt.zero_grad()
+    losses.append(float(loss.detach()))
+
+
 def run_eager(args: Any) -> None:
     model = build_llama(args)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     losses: list[float] = []
 
     def step(i: int) -> None:
-        ids = batch(args, i)
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(float(loss.detach()))
+        train_step(model, opt, batch(args, i), losses)
 
     med, times, busy = median_step(step, args.warmup, args.steps)
     emit({"step": med, "times": times, "losses": losses, "cpu": [busy]})
@@ -87,14 +91,8 @@ def run_rannc(args: Any) -> None:
     losses: list[float] = []
 
     def step(i: int) -> None:
-        ids = batch(args, i)
-        # every rank passes its slice of the batch; a tensor group's ranks see the same rows
-        mine = ids[rank * rows:(rank + 1) * rows]
-        loss = wrapped(input_ids=mine, labels=mine).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(float(loss.detach()))
+        # every rank passes its slice of the global batch, as with DDP
+        train_step(wrapped, opt, batch(args, i)[rank * rows:(rank + 1) * rows], losses)
 
     t0 = time.perf_counter()
     step(0)  # traces, plans, places the shards
@@ -139,12 +137,7 @@ def run_dtensor(args: Any) -> None:
     losses: list[float] = []
 
     def step(i: int) -> None:
-        ids = batch(args, i)  # every rank of the group runs the whole batch
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(float(loss.detach()))
+        train_step(model, opt, batch(args, i), losses)  # every rank of the group runs the whole batch
 
     med, times, busy = median_step(step, args.warmup, args.steps)
     meds: list[Any] = [None] * world
