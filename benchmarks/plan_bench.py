@@ -158,7 +158,7 @@ def main() -> None:
             base = {rule: None if pk is None else batch / pk[1] for rule, pk in picks.items()}
             plain_sps = None if plain is None else batch / plain[2]
             extra = None
-            if plain is None:  # issue 12: what makes the row fit
+            if plain is None:  # what makes the row fit
                 shard1, _, _, _ = search(models_for(graph, ann, cl, batch, shard=True)[:1])
                 both, need_b, _, _ = search(models_for(graph, ann, cl, batch, shard=True))
                 extra = {"shard": _fit(shard1, batch), "tp": _fit(best, batch), "both": _fit(both, batch, need_b)}
@@ -166,7 +166,7 @@ def main() -> None:
                       layout=layout, plain=plain_sps, extra=extra)
             rows.append(row)
             print(_fmt_row(row), flush=True)
-            if name == "gpt-13b":  # issue 13: the zb-h1 schedule's gain
+            if name == "gpt-13b":  # the zb-h1 schedule's gain
                 zmodels = models_for(graph, ann, cl, batch, schedules=(*SCHEDULES, "zb-h1"))
                 z, _, zw, _ = search(zmodels)
                 zb.append((preset, size, ours, None if z is None else batch / z[2],
@@ -326,7 +326,7 @@ def _write(path: str, rows, infos, fugaku, zb) -> None:
     if short:
         lines += [
             "",
-            "## Rows that do not fit at tensor degree 1 without optimizer sharding (issue 12)",
+            "## Rows that do not fit at tensor degree 1 without optimizer sharding",
             "",
             "| model | cluster | devices | with optimizer sharding | with tensor parallelism | with both |",
             "|---|---|---|---|---|---|",
@@ -336,7 +336,7 @@ def _write(path: str, rows, infos, fugaku, zb) -> None:
     if zb:
         lines += [
             "",
-            "## The zb-h1 schedule on the GPT-13B rows (issue 13)",
+            "## The zb-h1 schedule on the GPT-13B rows",
             "",
             "The search again with `schedules=(\"1f1b\", \"gpipe\", \"zb-h1\")` (tensor degrees searched too).",
             "",
