@@ -9,7 +9,7 @@ from rannc_py.errors import ConfigError, PlanError
 from rannc_py.planner.api import build_space, plan_chain
 from rannc_py.planner.cost import CostModel
 from rannc_py.planner.options import EXPERIMENTAL_SCHEDULES, TRAINING_SCHEDULES, PlanOptions
-from rannc_py.planner.plan import Plan
+from rannc_py.planner.plan import Plan, StagePlan
 from rannc_py.planner.search import (
     enumerate_layouts,
     in_flight,
@@ -67,9 +67,39 @@ def test_weight_share_is_estimated_from_parameter_blocks():
         assert np.isclose(c.backward_weight, c.forward)  # every block reads parameters: W = its forward
 
 
+def chunked_plan(schedule: str, ranks: tuple[tuple[int, ...], ...], positions: tuple[int, ...],
+                 microbatches: int = 4) -> Plan:
+    """A hand-written plan whose stage s runs on ``ranks[positions[s]]``."""
+    stages = tuple(StagePlan(index=s, ops=(s,), param_fqns=(), ranks=ranks[pos], recompute=False,
+                             predicted_compute_time=0.0, predicted_peak_memory=0)
+                   for s, pos in enumerate(positions))
+    world = sum(len(r) for r in ranks)
+    return Plan(batch_size=8, microbatches=microbatches, schedule=schedule, stages=stages, world_size=world,
+                graph_fingerprint="", cluster="local", step_time=0.0, peak_memory_per_rank=(0,) * world,
+                samples_per_second=0.0, mfu=0.0, search_time=0.0, chunks=2)
+
+
 def test_plan_chunks_checked():
     chain = uniform_chain(4)
     p = plan_chain(chain, make_cluster(2), 8, num_stages=2)
     d = p.to_dict() | {"chunks": 2}
-    with pytest.raises(PlanError, match="chunks"):
+    with pytest.raises(PlanError, match="chunks"):  # 1f1b holds one stage per rank
         Plan.from_dict(d)
+    # Interleaved: stage s on position s % p; the stages of a position list the same ranks.
+    il = chunked_plan("interleaved", ((0, 1), (2,)), (0, 1, 0, 1))
+    assert il.num_stages == 4 and il.num_positions == 2
+    assert [il.position_of_stage(s) for s in range(4)] == [0, 1, 0, 1]
+    assert il.stages_of_rank(1) == (0, 2) and il.stages_of_rank(2) == (1, 3) and il.stage_of_rank(2) == 1
+    assert il.replica_of_rank(1) == 1
+    assert il.make_schedule().num_ranks == 2 and il.make_schedule().num_stages == 4
+    assert Plan.from_json(il.to_json()) == il and il.to_dict()["chunks"] == 2
+    assert "2 per rank on 2 positions" in il.summary()
+    # ZB-V: the V, rank 0 holds the first and the last stage.
+    zv = chunked_plan("zb-v", ((0,), (1,)), (0, 1, 1, 0))
+    assert zv.stages_of_rank(0) == (0, 3) and zv.stages_of_rank(1) == (1, 2)
+    with pytest.raises(PlanError, match="share pipeline position"):
+        chunked_plan("interleaved", ((0,), (1,)), (0, 1, 1, 0))  # stage 2 is on position 0, not 1
+    with pytest.raises(PlanError, match="multiple of its chunks"):
+        chunked_plan("interleaved", ((0,), (1,)), (0, 1, 0))
+    with pytest.raises(PlanError, match="multiple of the positions"):
+        chunked_plan("interleaved", ((0,), (1,)), (0, 1, 0, 1), microbatches=1)

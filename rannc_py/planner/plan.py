@@ -31,7 +31,7 @@ from rannc_py.schedule import (
     by_name,
     simulate,
 )
-from rannc_py.schedule.generators import chunks_of
+from rannc_py.schedule.generators import chunks_of, stage_ranks
 
 SHARD_LEVELS: tuple[int, ...] = (0, 1, 2)
 """A stage's sharding levels (:attr:`StagePlan.shard_level`)."""
@@ -134,7 +134,8 @@ class Plan:
         schedule: schedule name ("1f1b", "gpipe", or the experimental "zb-h1"), see
             :mod:`rannc_py.schedule`.
         stages: the stages, in pipeline order.
-        world_size: number of ranks the plan uses (every rank runs one stage, in one of its tensor groups).
+        world_size: number of ranks the plan uses (every rank runs one stage, or :attr:`chunks` stages,
+            in one of its tensor groups).
         graph_fingerprint: hash of the graph the plan was made for.
         cluster: description of the cluster the plan was made for.
         step_time: predicted seconds per training step.
@@ -142,9 +143,14 @@ class Plan:
         samples_per_second: predicted throughput.
         mfu: predicted model FLOP utilisation (0..1).
         search_time: seconds the planner spent.
-        chunks: model chunks (stages) per rank of the schedule. Default 1, the
-            only value plans take yet; the JSON carries it only when it is not 1,
-            so plans read and write as before.
+        chunks: model chunks (stages) per rank of the schedule (v). With v > 1
+            the ``len(stages)`` stages run on ``len(stages) / v`` pipeline
+            positions (:attr:`num_positions`): stage s on position
+            :meth:`position_of_stage` (interleaved: ``s % p``; zb-v: the V,
+            stages s and 2p - 1 - s together), and every stage of one position
+            lists the same ranks and tensor degree, so each rank holds v
+            stages (:meth:`stages_of_rank`). Default 1: one stage per rank; the
+            JSON carries it only when it is not 1, so plans read and write as before.
     """
 
     batch_size: int
@@ -171,9 +177,6 @@ class Plan:
             chunks_of(self.schedule, self.chunks)
         except ConfigError as e:
             raise PlanError(f"plan's schedule and chunks do not match: {e}") from e
-        if self.chunks != 1:
-            raise PlanError(f"plan has chunks={self.chunks} stages per rank ({self.schedule}); plans with several "
-                            "stages per rank are not supported yet: plan with schedules 1f1b, gpipe or zb-h1")
         if self.microbatches < 1 or self.batch_size < 1 or self.batch_size % self.microbatches:
             raise PlanError(
                 f"plan batch_size={self.batch_size} must be a positive multiple of "
@@ -181,7 +184,11 @@ class Plan:
             )
         if not self.stages:
             raise PlanError("plan has no stages")
+        if len(self.stages) % self.chunks:
+            raise PlanError(f"plan has {len(self.stages)} stages, not a multiple of its chunks={self.chunks} "
+                            "stages per rank")
         seen: set[int] = set()
+        first: dict[int, StagePlan] = {}  # position -> its first stage
         for i, st in enumerate(self.stages):
             if st.index != i:
                 raise PlanError(f"stage at position {i} has index {st.index}; stages must be numbered 0..")
@@ -201,6 +208,17 @@ class Plan:
             if st.allreduce not in ALGORITHMS:
                 raise PlanError(f"stage {i} names unknown allreduce algorithm {st.allreduce!r}; "
                                 f"known: {list(ALGORITHMS)}")
+            pos = self.position_of_stage(i)
+            if pos in first:
+                other = first[pos]
+                if st.ranks != other.ranks or st.tensor != other.tensor:
+                    raise PlanError(
+                        f"stages {other.index} and {i} share pipeline position {pos} ({self.schedule}, "
+                        f"chunks={self.chunks}) but list different ranks or tensor degrees "
+                        f"({other.ranks} x{other.tensor} against {st.ranks} x{st.tensor}); the stages of "
+                        "one position run on the same ranks")
+                continue
+            first[pos] = st
             for r in st.ranks:
                 if not 0 <= r < self.world_size or r in seen:
                     raise PlanError(
@@ -212,6 +230,9 @@ class Plan:
                     f"stage {i} has {st.replicas} replicas but a microbatch has only "
                     f"{self.batch_size // self.microbatches} rows; every replica needs at least one"
                 )
+        if self.schedule == "interleaved" and self.microbatches % self.num_positions:
+            raise PlanError(f"interleaved plan has {self.microbatches} microbatches on {self.num_positions} "
+                            "pipeline positions; the schedule needs a multiple of the positions")
         if len(seen) != self.world_size:
             raise PlanError(f"plan uses {len(seen)} ranks but world_size is {self.world_size}")
         if len(self.peak_memory_per_rank) != self.world_size:
@@ -222,8 +243,23 @@ class Plan:
 
     @property
     def num_stages(self) -> int:
-        """Pipeline depth."""
+        """Stages (model chunks) in pipeline order; the pipeline depth when :attr:`chunks` is 1."""
         return len(self.stages)
+
+    @property
+    def num_positions(self) -> int:
+        """Pipeline positions p: groups of ranks that each hold :attr:`chunks` stages."""
+        return len(self.stages) // self.chunks
+
+    def position_of_stage(self, stage: int) -> int:
+        """The pipeline position (0..p-1) whose ranks run ``stage``."""
+        if self.chunks == 1:
+            return stage
+        return stage_ranks(self.schedule, self.num_positions, self.chunks)[stage]
+
+    def stages_of_rank(self, rank: int) -> tuple[int, ...]:
+        """Every stage ``rank`` holds, ascending (one unless :attr:`chunks` > 1; empty when unused)."""
+        return tuple(st.index for st in self.stages if rank in st.ranks)
 
     def assignment(self) -> list[int]:
         """Stage index of every op index (the input of ``graph.split``).
@@ -242,7 +278,8 @@ class Plan:
         return out
 
     def stage_of_rank(self, rank: int) -> int | None:
-        """The stage whose replica ``rank`` holds, or None when the plan does not use it."""
+        """The stage whose replica ``rank`` holds (its first, :meth:`stages_of_rank`, when it holds
+        several), or None when the plan does not use it."""
         for st in self.stages:
             if rank in st.ranks:
                 return st.index
@@ -260,7 +297,7 @@ class Plan:
 
     def make_schedule(self) -> Schedule:
         """The training schedule's action lists for this plan's stages and microbatches."""
-        return by_name(self.schedule, self.num_stages // self.chunks, self.microbatches, self.chunks)
+        return by_name(self.schedule, self.num_positions, self.microbatches, self.chunks)
 
     def timeline(self) -> Timeline:
         """The planner's simulation of one step of this plan.
@@ -368,11 +405,15 @@ class Plan:
                             "written by Plan.save() or `python -m rannc_py plan --json`") from e
         return cls.from_json(text)
 
+    def _chunk_note(self) -> str:
+        return "" if self.chunks == 1 else f" ({self.chunks} per rank on {self.num_positions} positions)"
+
     def summary(self) -> str:
         """A readable table of the stages and the predictions."""
         mb_rows = self.batch_size // self.microbatches
         lines = [
-            (f"Plan: {self.num_stages} stages, {self.world_size} ranks, schedule {self.schedule}, "
+            (f"Plan: {self.num_stages} stages{self._chunk_note()}, {self.world_size} ranks, "
+             f"schedule {self.schedule}, "
              f"batch {self.batch_size} = {self.microbatches} microbatches x {mb_rows}"),
             f"cluster: {self.cluster}",
             (f"{'stage':>5} {'ops':>11} {'params':>7} {'ranks':>13} {'tensor':>6} {'recomp':>6} "
