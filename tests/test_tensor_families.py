@@ -14,7 +14,10 @@ its attention and MLP projections (nothing rejected):
   written as two ``matmul`` s (GPT-J);
 - eager attention (``attn_implementation="eager"``: scores = q @ k^T, then @ v)
   of GPT-2 and Llama;
-- an encoder-decoder (BART: encoder, decoder self- and cross-attention).
+- an encoder-decoder (BART: encoder, decoder self- and cross-attention);
+- batch and heads merged into one dimension for ``baddbmm`` / ``bmm`` with an
+  ALiBi bias of that merged shape (BLOOM): a repeated shard, every sample's
+  heads cut alike, at any batch size.
 """
 
 from __future__ import annotations
@@ -29,9 +32,12 @@ from test_tensor_program import mismatches, run_split
 from test_tensor_split import FusedAttention
 from torch import nn
 from tp_models import llama_kv
+from tp_sim import run_ranks
 
 from rannc_py import trace
-from rannc_py.graph.tensor_split import find_tensor_split
+from rannc_py.graph.tensor_program import build_rank_program, shard_parameters
+from rannc_py.graph.tensor_rules import Shard, shard_tensor, unshard
+from rannc_py.graph.tensor_split import OpSplit, find_tensor_split
 
 V, SEQ = 96, 16
 
@@ -90,7 +96,13 @@ def bart() -> Any:
         decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=32)))
 
 
-FAMILIES = {"llama_cached": llama_cached, "gpt_neox": gpt_neox, "gptj": gptj, "gpt2_eager": gpt2_eager,
+def bloom() -> Any:
+    from transformers import BloomConfig, BloomForCausalLM
+
+    return _lm(lambda: BloomForCausalLM(BloomConfig(vocab_size=V, hidden_size=32, n_layer=2, n_head=4)))
+
+
+FAMILIES = {"bloom": bloom, "llama_cached": llama_cached, "gpt_neox": gpt_neox, "gptj": gptj, "gpt2_eager": gpt2_eager,
             "llama_eager": llama_eager, "bart": bart}
 
 
@@ -144,3 +156,72 @@ def test_uneven_chunks_along_the_split_dim_stay_replicated() -> None:
     assert "up.weight" not in split.params and "chunk" in next(iter(split.rejected.values()))
     torch.manual_seed(0)
     assert mismatches(run_split((UnevenChunks(), (x,), {}), 2)) == []
+
+
+class MergedHeads(nn.Module):
+    """Attention over ``batch * heads`` merged (``bmm``), with a per-head linear bias of that shape
+    and dropout on the merged probabilities."""
+
+    def __init__(self, dim: int = 32, heads: int = 4, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.heads, self.dropout = heads, dropout
+        self.qkv, self.out = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, c = x.shape
+        h, d = self.heads, c // self.heads
+        q, k, v = (y.view(b, t, h, d).transpose(1, 2).reshape(b * h, t, d) for y in self.qkv(x).split(c, -1))
+        slopes = torch.arange(1, h + 1, dtype=x.dtype) / h
+        bias = (slopes[:, None] * torch.arange(t, dtype=x.dtype)).expand(b, h, t).reshape(b * h, 1, t)
+        scores = torch.baddbmm(bias, q, k.transpose(1, 2), beta=1.0, alpha=d ** -0.5)
+        probs = F.dropout(F.softmax(scores.view(b, h, t, t), dim=-1).view(b * h, t, t), self.dropout, self.training)
+        y = torch.bmm(probs, v).view(b, h, t, d).transpose(1, 2).reshape(b, t, c)
+        return self.out(y).square().mean()
+
+
+def test_repeated_shard_round_trip() -> None:
+    full = torch.arange(24.0).view(6, 4)  # along dim 1: two runs (samples) of 2 (heads)
+    shard = Shard(dim=1, blocks=(2,), repeat=True)
+    parts = [shard_tensor(full, shard, r, 2) for r in range(2)]
+    assert parts[0].tolist() == full[:, [0, 2]].tolist()  # every run of 2 halved
+    assert torch.equal(unshard(parts, shard), full)
+    assert shard.to_dict() == {"dim": 1, "blocks": [2], "repeat": True} and not shard.plain
+
+
+@pytest.mark.parametrize("degree", [2, 4])
+def test_merged_batch_heads_split_at_any_batch(degree: int) -> None:
+    x = torch.randn(4, 6, 32)
+    graph = trace(MergedHeads(), (x,))
+    split = find_tensor_split(graph.program, degree)
+    assert split.rejected == {} and {"qkv.weight", "out.weight"} <= set(split.params)
+    assert any(s is not None and s.repeat for op in split.ops.values() for s in op.outputs)
+    torch.manual_seed(0)
+    assert mismatches(run_split((MergedHeads(), (x,), {}), degree)) == []
+    # The rank programs were made at batch 4; at batch 3 (another microbatch size) they still equal eager.
+    model = graph.model
+    small = torch.randn(3, 6, 32)
+    want = model(small)
+    inputs = graph.flatten_inputs((small,), {})
+
+    def rank(r: int, group: Any) -> torch.Tensor:
+        return build_rank_program(graph.program, split, group)(shard_parameters(graph.program, split, r), inputs)[0]
+
+    for got in run_ranks(degree, rank):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_merged_batch_heads_dropout_draws_eagers_mask() -> None:
+    torch.manual_seed(0)
+    assert mismatches(run_split((MergedHeads(dropout=0.3), (torch.randn(4, 6, 32),), {}), 2)) == []
+
+
+def test_bias_cut_contiguously_is_caught() -> None:
+    # The merged bias must be cut per sample (repeated); a contiguous cut gives other samples' heads.
+    x = torch.randn(4, 6, 32)
+    graph = trace(MergedHeads(), (x,))
+    split = find_tensor_split(graph.program, 2)
+    [(name, op)] = [(n, o) for n, o in split.ops.items() if any(a[0] == "narrow" and a[4] for a in o.inputs.values())]
+    wrong = {src: ("narrow", a[1], (x.shape[0] * 4,), a[3], False) for src, a in op.inputs.items()}
+    split.ops[name] = OpSplit(mode=op.mode, outputs=op.outputs, inputs=wrong)
+    torch.manual_seed(0)
+    assert mismatches(run_split((MergedHeads(), (x,), {}), 2, split=split)) != []

@@ -30,19 +30,21 @@ def _run(ranks: int, cases: list[str]) -> None:
 def test_two_ranks_tensor_degree_two_trains_like_eager() -> None:
     """tp2 alone on GPT-2 (tied head, clip, then an eval call), Llama (GQA; GPipe with
     recompute), both BERTs, the project's GPT (state dict round trip into tp1), a model with a
-    region no split crosses, GPT built on meta (one module's full split parameters at a time);
+    region no split crosses, GPT built on meta (one module's full split parameters at a time), BLOOM
+(batch x heads merged, an ALiBi bias cut per sample; clip, eval);
     and the same check failing when the group's sums are left undone."""
     _run(2, ["gpt:t2_p1_r1_m2_1f1b:meta", "hf_gpt2_tied:t2_p1_r1_m2_1f1b:clip,eval", "hf_llama:t2_p1_r1_m2_gpipe:rc", "hf_bert:t2_p1_r1_m1_1f1b",
              "bert:t2_p1_r1_m2_1f1b", "mixed:t2_p1_r1_m2_1f1b", "gpt:t2_p1_r1_m2_1f1b:state",
-             "gpt:t2_p1_r1_m1_1f1b:wrong"])
+             "gpt:t2_p1_r1_m1_1f1b:wrong", "hf_bloom:t2_p1_r1_m2_1f1b:clip,eval"])
 
 
 def test_four_ranks_tensor_with_pipeline_and_data_parallelism() -> None:
     """tp2 x pp2 (a split activation crosses Llama's stage boundary; GPT-2's tied weight is sharded
-    in both stages, also built on meta), tp2 x dp2 (with clip), tp4 on GPT-2 (4 heads); optimizer and
+    in both stages, also built on meta), tp2 x dp2 (with clip), tp4 on GPT-2 (4 heads), BLOOM tp2 x pp2 with recompute; optimizer and
     model state gathered and loaded on tp2 x pp2 and tp2 x dp2."""
     _run(4, ["hf_gpt2_tied:t2_p2_r1_m2_1f1b:meta", "gpt:t2_p2_r1_m2_1f1b:rc", "hf_gpt2_tied:t2_p2_r1_m4_gpipe:rc,clip", "hf_llama:t2_p2_r1_m2_1f1b:state",
-             "gpt:t2_p1_r2_m2_1f1b:clip,state", "hf_llama:t2_p1_r2_m2_gpipe:eval", "hf_gpt2_tied:t4_p1_r1_m2_1f1b"])
+             "gpt:t2_p1_r2_m2_1f1b:clip,state", "hf_llama:t2_p1_r2_m2_gpipe:eval", "hf_gpt2_tied:t4_p1_r1_m2_1f1b",
+             "hf_bloom:t2_p2_r1_m2_1f1b:rc"])
 
 
 def test_layout_tensor_key_builds_tensor_groups() -> None:

@@ -32,6 +32,7 @@ gradient: the log-sum-exp does not depend on the shift).
 from __future__ import annotations
 
 import dataclasses
+import operator
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
@@ -41,7 +42,7 @@ from torch import fx, nn
 
 from rannc_py.graph.lowered import Program
 from rannc_py.graph.tensor_random import RandomOp
-from rannc_py.graph.tensor_rules import aten_name, shard_tensor, unshard
+from rannc_py.graph.tensor_rules import action_shard, aten_name, shard_tensor, unshard
 from rannc_py.graph.tensor_split import Shard, TensorSplit
 
 
@@ -186,20 +187,24 @@ class VocabCrossEntropy(nn.Module):
         return losses.sum() if reduction == 2 else losses.sum() / valid.sum()
 
 
-def _divided(sizes: Any, dim: int, degree: int) -> Any:
-    """A size list with entry ``dim`` divided by the degree (-1 and symbolic entries kept)."""
+def _divided(sizes: Any, dim: int, degree: int, divide: Callable[[fx.Node], fx.Node]) -> Any:
+    """A size list with entry ``dim`` divided by the degree (-1 kept; a symbolic entry, e.g. a
+    merged batch x heads, divided by ``divide``)."""
     sizes = list(sizes)
-    if isinstance(sizes[dim], int) and sizes[dim] != -1:
+    if isinstance(sizes[dim], fx.Node):
+        sizes[dim] = divide(sizes[dim])
+    elif isinstance(sizes[dim], int) and sizes[dim] != -1:
         sizes[dim] //= degree
     return sizes
 
 
-def _local_args(node: fx.Node, args: tuple[Any, ...], split: TensorSplit, in_dim: int | None) -> tuple[Any, ...]:
+def _local_args(node: fx.Node, args: tuple[Any, ...], split: TensorSplit, in_dim: int | None,
+                divide: Callable[[fx.Node], fx.Node]) -> tuple[Any, ...]:
     """``args`` of a split op with its size arguments along the split dimension made local."""
     name = aten_name(node)
     out = split.ops[node.name].outputs[0]
     if name in ("view", "reshape", "_unsafe_view", "expand") and out is not None:
-        return (args[0], _divided(args[1], out.dim, split.degree), *args[2:])
+        return (args[0], _divided(args[1], out.dim, split.degree, divide), *args[2:])
     if name in ("split", "split_with_sizes") and in_dim is not None:
         ndim = node.args[0].meta["val"].dim()  # type: ignore[union-attr]
         dim = int(args[2]) if len(args) > 2 else 0
@@ -228,6 +233,7 @@ class _Rewriter:
         # an inserted collective -> (the node reading its result, the node it acts on)
         self.inserted: dict[fx.Node, tuple[fx.Node, fx.Node]] = {}
         self.reader: fx.Node | None = None
+        self.sizes: list[fx.Node] = []  # symbolic sizes divided by the degree (kind "sym")
 
     def add(self, module: nn.Module, name: str) -> str:
         target, k = f"tp_{name}", 1
@@ -244,7 +250,7 @@ class _Rewriter:
         and part (see :func:`rank_program_ir`)."""
         assert self.reader is not None
         part = self.part_of(self.reader) if self.reader.op != "output" else self.part_of(x)
-        key = (x, *act[:3], part)
+        key = (x, *act[:3], act[0] != "copy" and action_shard(act).repeat, part)
         if key in self.done:
             return self.done[key]
         new = self.env[x]
@@ -254,10 +260,21 @@ class _Rewriter:
                 self.done[copy_key] = self._inserted(self.call(Collective(self.group, "copy"), (new,), f"copy_{x.name}"), x)
             new = self.done[copy_key]
         if act[0] in ("narrow", "gather"):
-            shard = Shard(dim=act[1], blocks=tuple(act[2]))
+            shard = action_shard(act)
             new = self._inserted(self.call(Collective(self.group, act[0], shard), (new,), f"{act[0]}_{x.name}_{act[1]}"), x)
         self.done[key] = new
         return new
+
+    def _divide(self, size: fx.Node) -> fx.Node:
+        """A symbolic size divided by the degree, computed once per size node."""
+        key = (size, "divide")
+        if key not in self.done:
+            new = self.graph.call_function(operator.floordiv, (size, self.split.degree))
+            if "val" in size.meta:  # a symbolic size of its own (a stage re-derives it from the inputs)
+                new.meta["val"] = size.meta["val"] // self.split.degree
+            self.done[key] = new
+            self.sizes.append(new)
+        return self.done[key]
 
     def _inserted(self, new: fx.Node, x: fx.Node) -> fx.Node:
         assert self.reader is not None
@@ -296,7 +313,7 @@ class _Rewriter:
                 first = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
                 in_shard = self.split.ops[first.name].outputs if first is not None and first.name in self.split.ops else ()
                 in_dim = in_shard[0].dim if len(in_shard) == 1 and in_shard[0] is not None else None
-                args = _local_args(node, args, self.split, in_dim)
+                args = _local_args(node, args, self.split, in_dim, self._divide)
             new = self.graph.node_copy(node, lambda x: self.env[x])
             new.args, new.kwargs = args, kwargs
         if new.op == "call_module":
@@ -409,6 +426,8 @@ def rank_program_ir(program: Program, split: TensorSplit, group: TensorGroup,
             out.source[new] = program.source[old]
         if old in program.op_of:
             out.op_of[new] = program.op_of[old]
+    for new in rw.sizes:
+        out.kind[new] = "sym"
     for new, (reader, x) in rw.inserted.items():
         out.kind[new] = "op"
         out.op_of[new] = program.op_of[x if reader is old_out else reader]

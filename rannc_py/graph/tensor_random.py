@@ -73,7 +73,7 @@ class RandomOp(nn.Module):
         if self.shard is None:
             return dropout_noise(like.shape, like, p, self.generator)
         shape = list(like.shape)
-        shape[self.shard.dim] = sum(self.shard.blocks)
+        shape[self.shard.dim] = like.shape[self.shard.dim] * self.degree if self.shard.repeat else sum(self.shard.blocks)
         return shard_tensor(dropout_noise(tuple(shape), like, p, self.generator), self.shard, self.rank, self.degree)
 
     def dropout(self, x: torch.Tensor, p: float, train: bool | None = None) -> torch.Tensor:

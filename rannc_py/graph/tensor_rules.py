@@ -12,6 +12,7 @@ example's (symbolic sizes at their hints).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -28,14 +29,31 @@ class Shard:
     sum to the dimension's size); rank ``r`` of ``t`` holds the ``r``-th
     contiguous ``1/t`` of every block, concatenated. One block is a plain
     contiguous shard; several are the blocked shard of a fused projection.
+    With ``repeat`` the one block is a period: the dimension is a run of
+    such blocks, as many as it holds (a batch x heads dimension merged by a
+    view, whose runs are the samples' heads, at any batch size), and every
+    run is cut alike.
     """
 
     dim: int
     blocks: tuple[int, ...]
+    repeat: bool = False
+
+    @property
+    def plain(self) -> bool:
+        """One contiguous part per rank (a single block, not repeated)."""
+        return len(self.blocks) == 1 and not self.repeat
+
+    def moved(self, dim: int) -> Shard:
+        """The same cut along another dimension (a transpose or a view moved it there)."""
+        return Shard(dim=dim, blocks=self.blocks, repeat=self.repeat)
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict."""
-        return {"dim": self.dim, "blocks": list(self.blocks)}
+        """A JSON-ready dict (``repeat`` only when set)."""
+        d: dict[str, Any] = {"dim": self.dim, "blocks": list(self.blocks)}
+        if self.repeat:
+            d["repeat"] = True
+        return d
 
 
 def shard_tensor(full: torch.Tensor, shard: Shard, rank: int, degree: int) -> torch.Tensor:
@@ -44,6 +62,14 @@ def shard_tensor(full: torch.Tensor, shard: Shard, rank: int, degree: int) -> to
     Differentiable (a narrow per block). Raises ValueError when a block does
     not divide by the degree.
     """
+    if shard.repeat:
+        (period,) = shard.blocks
+        if period % degree or full.shape[shard.dim] % period:
+            raise ValueError(f"runs of {period} along dim {shard.dim} (size {full.shape[shard.dim]}) do not "
+                             f"divide by the tensor degree {degree}")
+        local = period // degree
+        runs = full.unflatten(shard.dim, (-1, period))
+        return runs.narrow(shard.dim + 1, rank * local, local).flatten(shard.dim, shard.dim + 1)
     parts, start = [], 0
     for size in shard.blocks:
         if size % degree:
@@ -57,6 +83,10 @@ def shard_tensor(full: torch.Tensor, shard: Shard, rank: int, degree: int) -> to
 def unshard(parts: Sequence[torch.Tensor], shard: Shard) -> torch.Tensor:
     """The full tensor from every rank's part (rank order); inverse of :func:`shard_tensor`."""
     degree = len(parts)
+    if shard.repeat:
+        local = shard.blocks[0] // degree
+        runs = [x.unflatten(shard.dim, (-1, local)) for x in parts]
+        return torch.cat(runs, shard.dim + 1).flatten(shard.dim, shard.dim + 1)
     pieces: list[torch.Tensor] = []
     start = 0
     for size in shard.blocks:
@@ -64,6 +94,12 @@ def unshard(parts: Sequence[torch.Tensor], shard: Shard) -> torch.Tensor:
         pieces += [p.narrow(shard.dim, start, local) for p in parts]
         start += local
     return torch.cat(pieces, shard.dim)
+
+
+def action_shard(act: Sequence[Any]) -> Shard:
+    """The cut a ``narrow`` / ``gather`` input action makes (see ``OpSplit.inputs``)."""
+    repeat = act[4] if act[0] == "narrow" else act[3]
+    return Shard(dim=int(act[1]), blocks=tuple(act[2]), repeat=bool(repeat))
 
 
 class Restart(Exception):
@@ -91,7 +127,7 @@ class Propagation(Protocol):
     def tensor_inputs(self, node: fx.Node) -> list[fx.Node]: ...
 
     def narrow_inputs(self, node: fx.Node, operands: dict[fx.Node, int | None],
-                      blocks: tuple[int, ...]) -> dict[str, tuple[Any, ...]] | None: ...
+                      like: Shard) -> dict[str, tuple[Any, ...]] | None: ...
 
 
 def aten_name(node: fx.Node) -> str:
@@ -140,36 +176,40 @@ def _seeds(p: Propagation, node: fx.Node) -> frozenset[str]:
     return frozenset().union(*(s.seeds for x in p.tensor_inputs(node) if (s := p.split_of(x)) is not None))
 
 
-def _moved(p: Propagation, node: fx.Node, dim: int | None, blocks: tuple[int, ...] | None = None) -> _Result:
-    """The single input's split moved to output ``dim`` (None: the op cannot keep it). One block
-    becomes the new dim's size; several are kept (the callers keep that dim's size)."""
+def _moved(p: Propagation, node: fx.Node, dim: int | None) -> _Result:
+    """The single input's split moved to output ``dim`` (None: the op cannot keep it). A plain
+    shard's block becomes the new dim's size; blocks and periods are kept (the callers keep that
+    dim's size)."""
     xs = p.split_of(args_of(node)[0])
     if dim is None or xs is None:
         return None
-    if blocks is None:
-        blocks = xs.shard.blocks if len(xs.shard.blocks) > 1 else (p.shape(node)[dim],)
-    return SplitValue(Shard(dim=dim, blocks=blocks), xs.seeds), {}
+    shard = Shard(dim=dim, blocks=(p.shape(node)[dim],)) if xs.shard.plain else xs.shard.moved(dim)
+    return SplitValue(shard, xs.seeds), {}
+
+
+def _common(p: Propagation, node: fx.Node, operands: Sequence[Any], out_ndim: int) -> Shard | None:
+    """The one split the split ``operands`` share, aligned to the output's trailing dims (None: none
+    or several)."""
+    shards = {s.shard.moved(s.shard.dim + out_ndim - len(p.shape(x)))
+              for x in operands if isinstance(x, fx.Node) and (s := p.split_of(x)) is not None}
+    return shards.pop() if len(shards) == 1 else None
 
 
 def elementwise(p: Propagation, node: fx.Node) -> _Result:
     """Broadcasting ops: every split operand split on the same output dim, replicated ones narrowed."""
     out_ndim = len(p.shape(node))
-    dims, blocks = set(), set()
-    for x in p.tensor_inputs(node):
-        if (s := p.split_of(x)) is not None:
-            dims.add(s.shard.dim + out_ndim - len(p.shape(x)))
-            blocks.add(s.shard.blocks)
-    if len(dims) != 1 or len(blocks) != 1:
+    shard = _common(p, node, p.tensor_inputs(node), out_ndim)
+    if shard is None:
         return None
-    d, b = dims.pop(), blocks.pop()
+    d = shard.dim
     operands: dict[fx.Node, int | None] = {}
     for x in p.tensor_inputs(node):
         aligned = d - (out_ndim - len(p.shape(x)))
         operands[x] = aligned if aligned >= 0 and p.shape(x)[aligned] > 1 else None
-    inputs = p.narrow_inputs(node, operands, b)
+    inputs = p.narrow_inputs(node, operands, shard)
     if inputs is None:
         return None
-    return SplitValue(Shard(dim=d, blocks=b), _seeds(p, node)), inputs
+    return SplitValue(shard, _seeds(p, node)), inputs
 
 
 def _groups(src: tuple[int, ...], dst: tuple[int, ...]) -> list[tuple[list[int], list[int]]] | None:
@@ -198,18 +238,43 @@ def _groups(src: tuple[int, ...], dst: tuple[int, ...]) -> list[tuple[list[int],
 
 
 def _view(p: Propagation, node: fx.Node) -> _Result:
-    """A view keeps a split whose dim is the outermost of its group on both sides (heads x head_dim)."""
+    """A view keeps a split whose dim is the outermost of its group on both sides (heads x head_dim).
+
+    Merging a split inner dim into an outer one (batch x heads -> one dim, as attention written
+    with ``bmm`` over ``batch * heads`` does) gives a repeated shard whose period is the split
+    dim's run; the view back turns that period into the split dim again."""
     xs = p.split_of(args_of(node)[0])
     assert xs is not None
-    groups = _groups(p.shape(args_of(node)[0]), p.shape(node))
-    group = next((g for g in groups or [] if xs.shard.dim in g[0]), None)
-    if group is None or group[0][0] != xs.shard.dim:
+    src, dst = p.shape(args_of(node)[0]), p.shape(node)
+    group = next((g for g in _groups(src, dst) or [] if xs.shard.dim in g[0]), None)
+    if group is None:
         return None
-    dim = group[1][0]
-    size = p.shape(node)[dim]
-    if size % p.t or (len(xs.shard.blocks) > 1 and size != p.shape(args_of(node)[0])[xs.shard.dim]):
+    ins, outs = group
+    d = xs.shard.dim
+    if xs.shard.repeat:  # the period's run becomes the trailing dims of the group
+        if ins != [d]:
+            return None
+        for k in range(1, len(outs)):
+            if math.prod(dst[j] for j in outs[k:]) == xs.shard.blocks[0]:
+                return _moved_plain(p, xs, outs[k], dst)
+        return None
+    if ins[0] != d:
+        if not xs.shard.plain or len(outs) != 1:
+            return None
+        period = math.prod(src[j] for j in ins[ins.index(d):])
+        return SplitValue(Shard(dim=outs[0], blocks=(period,), repeat=True), xs.seeds), {}
+    dim = outs[0]
+    size = dst[dim]
+    if size % p.t or (len(xs.shard.blocks) > 1 and size != src[d]):
         return None
     return _moved(p, node, dim)
+
+
+def _moved_plain(p: Propagation, xs: SplitValue, dim: int, shape: tuple[int, ...]) -> _Result:
+    """A plain split along output ``dim`` of ``shape`` (None when it does not divide)."""
+    if shape[dim] % p.t:
+        return None
+    return SplitValue(Shard(dim=dim, blocks=(shape[dim],)), xs.seeds), {}
 
 
 def _flatten(p: Propagation, node: fx.Node) -> _Result:
@@ -225,7 +290,7 @@ def _flatten(p: Propagation, node: fx.Node) -> _Result:
         return _moved(p, node, d)
     if d > b:
         return _moved(p, node, d - (b - a))
-    if d != a or len(xs.shard.blocks) > 1:
+    if d != a or not xs.shard.plain:
         return None
     return _moved(p, node, a)
 
@@ -277,8 +342,8 @@ def _split_into(p: Propagation, node: fx.Node, xs: SplitValue, dim: int, sizes: 
     """The pieces of a split value cut along ``dim`` into ``sizes`` (see :func:`_split`)."""
     if dim != xs.shard.dim:
         return [SplitValue(xs.shard, xs.seeds) for _ in sizes], {}
-    if xs.shard.blocks != sizes:
-        if len(xs.shard.blocks) == 1 and len(xs.seeds) == 1 and all(s % p.t == 0 for s in sizes):
+    if xs.shard.blocks != sizes or xs.shard.repeat:
+        if xs.shard.plain and len(xs.seeds) == 1 and all(s % p.t == 0 for s in sizes):
             (seed,) = xs.seeds
             if seed not in p.state.blocks:
                 p.state.blocks[seed] = sizes
@@ -325,58 +390,57 @@ def _cat(p: Propagation, node: fx.Node) -> _Result:
     ndim = len(p.shape(node))
     parts = [x for x in args_of(node)[0] if not (ndim != 1 and isinstance(x, fx.Node) and p.shape(x) == (0,))]
     d = norm_dim(int(args_of(node)[1]) if len(args_of(node)) > 1 else 0, ndim)
-    splits = {(s.shard.dim, s.shard.blocks) for x in parts if (s := p.split_of(x)) is not None}
-    if len(splits) != 1:
+    shard = _common(p, node, parts, ndim)
+    if shard is None or shard.dim == d:
         return None
-    (dim, blocks), = splits
-    if dim == d:
-        return None
-    inputs = p.narrow_inputs(node, {x: dim for x in parts}, blocks)
+    inputs = p.narrow_inputs(node, {x: shard.dim for x in parts}, shard)
     if inputs is None:
         return None
-    return SplitValue(Shard(dim=dim, blocks=blocks), _seeds(p, node)), inputs
+    return SplitValue(shard, _seeds(p, node)), inputs
 
 
 def _stack(p: Propagation, node: fx.Node) -> _Result:
     """``stack`` along a new dim: every part split alike (or a replicated part narrowed) keeps the split."""
     parts = args_of(node)[0]
     d = norm_dim(int(args_of(node)[1]) if len(args_of(node)) > 1 else 0, len(p.shape(node)))
-    splits = {(s.shard.dim, s.shard.blocks) for x in parts if (s := p.split_of(x)) is not None}
-    if len(splits) != 1:
+    shard = _common(p, node, parts, len(p.shape(node)) - 1)
+    if shard is None:
         return None
-    (dim, blocks), = splits
-    inputs = p.narrow_inputs(node, {x: dim for x in parts}, blocks)
+    inputs = p.narrow_inputs(node, {x: shard.dim for x in parts}, shard)
     if inputs is None:
         return None
-    return SplitValue(Shard(dim=dim + (1 if d <= dim else 0), blocks=blocks), _seeds(p, node)), inputs
+    return SplitValue(shard.moved(shard.dim + (1 if d <= shard.dim else 0)), _seeds(p, node)), inputs
 
 
 def _batched_matmul(p: Propagation, node: fx.Node) -> _Result:
     """``matmul`` / ``bmm`` of operands split on one batch dim (heads, in attention written out by
-    hand: scores = q @ k^T, then scores @ v): the product is split on it too. A replicated operand
-    is narrowed where it has that batch dim, and broadcast (a weight: copied) where it has not."""
-    a, b = args_of(node)[:2]
+    hand: scores = q @ k^T, then scores @ v; or batch x heads merged): the product is split on it
+    too. A replicated operand is narrowed where it has that batch dim, and broadcast (a weight:
+    copied) where it has not. ``baddbmm(input, a, b)`` adds ``input`` as a broadcasting operand."""
+    added = aten_name(node) == "baddbmm"
+    a, b = args_of(node)[1:3] if added else args_of(node)[:2]
     if not all(isinstance(x, fx.Node) and len(p.shape(x)) >= 2 for x in (a, b)):
         return None
     out_ndim = len(p.shape(node))
-    dims, blocks = set(), set()
     for x in (a, b):
-        if (s := p.split_of(x)) is not None:
-            if s.shard.dim >= len(p.shape(x)) - 2:
-                return None  # split along a contracted or an output feature dim: not a batch split
-            dims.add(s.shard.dim + out_ndim - len(p.shape(x)))
-            blocks.add(s.shard.blocks)
-    if len(dims) != 1 or len(blocks) != 1:
+        if (s := p.split_of(x)) is not None and s.shard.dim >= len(p.shape(x)) - 2:
+            return None  # split along a contracted or an output feature dim: not a batch split
+    extra = args_of(node)[0] if added and isinstance(args_of(node)[0], fx.Node) else None
+    shard = _common(p, node, [a, b] if extra is None else [a, b, extra], out_ndim)
+    if shard is None or shard.dim >= out_ndim - 2:
         return None
-    d, bl = dims.pop(), blocks.pop()
+    d = shard.dim
     operands: dict[fx.Node, int | None] = {}
     for x in (a, b):
         aligned = d - (out_ndim - len(p.shape(x)))
         operands[x] = aligned if 0 <= aligned < len(p.shape(x)) - 2 and p.shape(x)[aligned] > 1 else None
-    inputs = p.narrow_inputs(node, operands, bl)
+    if extra is not None:
+        aligned = d - (out_ndim - len(p.shape(extra)))
+        operands[extra] = aligned if aligned >= 0 and p.shape(extra)[aligned] > 1 else None
+    inputs = p.narrow_inputs(node, operands, shard)
     if inputs is None:
         return None
-    return SplitValue(Shard(dim=d, blocks=bl), _seeds(p, node)), inputs
+    return SplitValue(shard, _seeds(p, node)), inputs
 
 
 def _attention(p: Propagation, node: fx.Node) -> _Result:
@@ -387,15 +451,16 @@ def _attention(p: Propagation, node: fx.Node) -> _Result:
     if kwargs_of(node).get("enable_gqa") or len(p.shape(q)) != 4:
         return None
     tensors = [x for x in (q, k, v, mask) if isinstance(x, fx.Node)]
-    splits = {(s.shard.dim, s.shard.blocks) for x in tensors if (s := p.split_of(x)) is not None}
-    if splits != {(1, (p.shape(q)[1],))} or any(p.shape(x)[1] != p.shape(q)[1] for x in (k, v)):
+    heads = Shard(dim=1, blocks=(p.shape(q)[1],))
+    splits = {s.shard for x in tensors if (s := p.split_of(x)) is not None}
+    if splits != {heads} or any(p.shape(x)[1] != p.shape(q)[1] for x in (k, v)):
         return None
     operands: dict[fx.Node, int | None] = {x: 1 for x in (q, k, v)}
     if isinstance(mask, fx.Node):
         ndim = len(p.shape(mask))
         operands[mask] = ndim - 3 if ndim >= 3 and p.shape(mask)[ndim - 3] > 1 else None
-    inputs = p.narrow_inputs(node, operands, (1,))
-    return SplitValue(Shard(dim=1, blocks=(p.shape(q)[1],)), _seeds(p, node)), inputs or {}
+    inputs = p.narrow_inputs(node, operands, heads)
+    return SplitValue(heads, _seeds(p, node)), inputs or {}
 
 
 def _softmax(p: Propagation, node: fx.Node) -> _Result:
@@ -440,4 +505,5 @@ RULES: dict[str, Any] = {
     "scaled_dot_product_attention": _attention,
     "matmul": _batched_matmul,
     "bmm": _batched_matmul,
+    "baddbmm": _batched_matmul,
 }

@@ -83,9 +83,10 @@ class OpSplit:
     allgathering its split values). ``outputs``: the shard of each tensor the
     node returns (None: replicated). ``inputs``: per input node name, what is
     done to it first -- ``("copy",)`` (identity, gradient allreduced),
-    ``("narrow", dim, blocks, floating)`` (the rank's part of a replicated
-    tensor, after a copy when ``floating``) or, on the output node,
-    ``("gather", dim, blocks)``.
+    ``("narrow", dim, blocks, floating, repeat)`` (the rank's part of a
+    replicated tensor, cut as ``Shard(dim, blocks, repeat)``, after a copy
+    when ``floating``) or, on the output node, ``("gather", dim, blocks, repeat)``
+    (:func:`action_shard`).
     """
 
     mode: str
@@ -239,7 +240,7 @@ class _Pass:
         splits = {x.name: s.shard for x in self.tensor_inputs(node) if (s := self.split_of(x)) is not None}
         if splits:
             self.ops[node.name] = OpSplit(mode="gather", outputs=(),
-                                          inputs={n: ("gather", s.dim, s.blocks) for n, s in splits.items()})
+                                          inputs={n: ("gather", s.dim, s.blocks, s.repeat) for n, s in splits.items()})
 
     # -- helpers ---------------------------------------------------------------------------------
 
@@ -292,9 +293,11 @@ class _Pass:
         return params
 
     def narrow_inputs(self, node: fx.Node, operands: dict[fx.Node, int | None],
-                      blocks: tuple[int, ...]) -> dict[str, tuple[Any, ...]] | None:
-        """Actions for the replicated tensor inputs of an op whose result is split: copy each
-        floating one, narrow the ones given a dim (None when a blocked shard would need it)."""
+                      like: Shard) -> dict[str, tuple[Any, ...]] | None:
+        """Actions for the replicated tensor inputs of an op whose result is split as ``like``: copy
+        each floating one, narrow the ones given a dim (cut as ``like``: plain or repeated; None
+        when a blocked shard would need it)."""
+        blocks = like.blocks
         inputs: dict[str, tuple[Any, ...]] = {}
         for x, dim in operands.items():
             if self.split_of(x) is not None:
@@ -303,7 +306,8 @@ class _Pass:
                 return None
             floating = x.meta["val"].is_floating_point()
             if dim is not None:
-                inputs[x.name] = ("narrow", dim, (self.shape(x)[dim],), floating)
+                cut = like.blocks if like.repeat else (self.shape(x)[dim],)
+                inputs[x.name] = ("narrow", dim, cut, floating, like.repeat)
             elif floating:
                 inputs[x.name] = ("copy",)
         return inputs
@@ -320,7 +324,7 @@ class _Pass:
         ndim = len(self.shape(node))
         if xs is None:
             return self.column(node, x, w, b, w_out)
-        if xs.shard.dim == ndim - 1 and len(xs.shard.blocks) == 1:
+        if xs.shard.dim == ndim - 1 and xs.shard.plain:
             shard = Shard(dim=w_in, blocks=(self.shape(w)[w_in],))
             self.use_param(w, shard, xs.seeds)
             self.use_param(b, None, frozenset())
@@ -330,7 +334,7 @@ class _Pass:
         if xs.shard.dim < ndim - 1:  # split on a batch-like dim: the weight applies whole
             for p in (w, b):
                 self.use_param(p, None, frozenset())
-            inputs = self.narrow_inputs(node, {p: None for p in (w, b) if isinstance(p, fx.Node)}, xs.shard.blocks)
+            inputs = self.narrow_inputs(node, {p: None for p in (w, b) if isinstance(p, fx.Node)}, xs.shard)
             self.record(node, "split", (xs, inputs or {}))
             return True
         return False
@@ -374,7 +378,7 @@ class _Pass:
         xs = self.split_of(logits)
         weight = rest[0] if rest else kwargs_of(node).get("weight")
         smoothing = rest[3] if len(rest) > 3 else kwargs_of(node).get("label_smoothing", 0.0)
-        if xs is None or len(self.shape(logits)) != 2 or xs.shard.dim != 1 or len(xs.shard.blocks) > 1:
+        if xs is None or len(self.shape(logits)) != 2 or xs.shard.dim != 1 or not xs.shard.plain:
             return False
         if weight is not None or smoothing or self.split_of(target) is not None:
             return False

@@ -14,7 +14,8 @@ materialises one module with split parameters at a time, keeps its shards and fr
 tensors before the next; the eager reference is materialised from the same seed; the most
 full split-parameter elements a rank holds at once must not exceed the largest module's).
 Models: runtime_models.MODELS plus ``hf_gpt2_tied``
-(GPT-2, a tied head whose vocabulary divides by 2) and ``mixed`` (tests/tp_models.py's MixedMLP,
+(GPT-2, a tied head whose vocabulary divides by 2), ``hf_bloom`` (BLOOM: batch and heads merged
+for ``baddbmm`` with an ALiBi bias, a tied head) and ``mixed`` (tests/tp_models.py's MixedMLP,
 one region no split can cross).
 
 Every rank builds the same model and batches, trains its local rows for STEPS AdamW steps
@@ -53,6 +54,11 @@ def model_of(name: str) -> torch.nn.Module:
         return GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=16, n_embd=32, n_layer=2, n_head=4,
                                           resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, use_cache=False,
                                           bos_token_id=0, eos_token_id=0, tie_word_embeddings=True))
+    if name == "hf_bloom":
+        from transformers import BloomConfig, BloomForCausalLM
+
+        return BloomForCausalLM(BloomConfig(vocab_size=64, hidden_size=32, n_layer=2, n_head=4, use_cache=False,
+                                            bos_token_id=0, eos_token_id=0))
     if name == "mixed":
         from tp_models import MixedMLP
 
@@ -64,7 +70,7 @@ def batch_of(name: str, rows: int, seed: int) -> dict[str, Any]:
     if name == "mixed":
         g = torch.Generator().manual_seed(seed)
         return {"x": torch.randn(rows, 16, 16, generator=g), "target": torch.randn(rows, 16, 4, generator=g)}
-    return make_batch("hf_gpt2" if name == "hf_gpt2_tied" else name, rows, seed)
+    return make_batch("hf_gpt2" if name in ("hf_gpt2_tied", "hf_bloom") else name, rows, seed)
 
 
 def const_of(name: str) -> dict[str, Any]:
