@@ -245,16 +245,16 @@ def job_tensor_annotation(graph: Any, options: PlanOptions, world_size: int,
     For a layout given by hand, at its stages' degree (None at degree 1). For
     a search, at ``options.tensor`` when pinned, else at every degree of
     :data:`~rannc_py.graph.tensor_annotate.DEGREES` that divides the world
-    size; not searched (None) when the options ask for what tensor-parallel
-    stages do not run yet: a sharded optimizer (``shard_optimizer`` other than
-    False / 0) or the ``zb-h1`` schedule (a pinned degree above 1 with those is
-    refused by the runtime with its ConfigError).
+    size (with a sharded optimizer too: each tensor position's replicas shard
+    its state); not searched (None) when the options offer the ``zb-h1``
+    schedule, which tensor-parallel stages do not run yet (a pinned degree
+    above 1 with it is refused by the runtime with its ConfigError).
     """
     from rannc_py.graph.tensor_annotate import DEGREES, annotate
 
     if given is not None:
         return annotate(graph, max(st.tensor for st in given.stages))
-    if options.tensor is None and (options.shard_optimizer not in (False, 0) or "zb-h1" in options.schedules):
+    if options.tensor is None and "zb-h1" in options.schedules:
         return None
     return annotate(graph, options.tensor, [t for t in DEGREES if world_size % t == 0])
 

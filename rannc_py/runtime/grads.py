@@ -262,19 +262,22 @@ def clip_grad_norm_(
     max_norm: float,
     norm_type: float = 2.0,
     shards: Sequence[nn.Parameter] = (),
+    uncounted: Sequence[nn.Parameter] = (),
 ) -> Tensor:
     """Clip local gradients by the global norm over every parameter of the model.
 
     Each parameter counts once, on the rank in ``owned`` (its lowest holder),
     though replicas and tied copies hold equal gradients; a sharded
     parameter's gradient lives only in its pieces (``shards``), each element
-    on one replica, so every piece counts where it is. Returns the total
+    on one replica, so every piece counts where it is (``uncounted`` pieces,
+    copies counted elsewhere, are only scaled). Returns the total
     norm (the same on every rank), like ``torch.nn.utils.clip_grad_norm_``.
     """
     norm_type = float(norm_type)
     grads = {f: p.grad for f, p in params.items() if p.grad is not None}
     pieces = [p.grad for p in shards if p.grad is not None]
     mine = [g for f, g in grads.items() if f in owned] + pieces
+    pieces += [p.grad for p in uncounted if p.grad is not None]
     if math.isinf(norm_type):
         local = max((float(g.abs().max()) for g in mine), default=0.0)
         total = comm.allreduce(local, op=MPI.MAX)

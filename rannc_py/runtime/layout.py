@@ -104,12 +104,8 @@ def check_layout(layout: Mapping[str, Any]) -> list[bool]:
     flags = [bool(recompute)] * stages if isinstance(recompute, bool) else [bool(r) for r in recompute]
     if len(flags) != stages:
         raise ConfigError(f"recompute={recompute!r} must be a bool or one bool per stage ({stages})")
-    levels = shard_levels(layout.get("shard_optimizer", 0), stages)
+    shard_levels(layout.get("shard_optimizer", 0), stages)  # checked here, used by explicit_plan
     degree = tensor_degree(layout, stages)
-    if degree > 1 and any(levels):
-        raise ConfigError(f"layout tensor={degree} with shard_optimizer={layout.get('shard_optimizer')!r}: sharding "
-                          "the optimizer state of tensor-parallel stages is not supported yet; use "
-                          "shard_optimizer=0 or tensor=1")
     if degree > 1 and layout.get("schedule", "1f1b") == "zb-h1":
         raise ConfigError(f"layout tensor={degree} with schedule 'zb-h1' is not supported yet (its split backward "
                           "would run the tensor group's backward collectives twice); use '1f1b' or 'gpipe'")

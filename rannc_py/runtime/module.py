@@ -249,8 +249,9 @@ class RaNNCModule(nn.Module):
         P.release(model, keep=set(self._local) - set(split))  # a split parameter: only the rank's shard stays
         # a stage's replicas (at each tensor position): the planned algorithm
         algorithms = {st.replica_ranks(p): st.allreduce for st in self._plan.stages for p in range(st.tensor)}
-        levels = stage_levels([(st.ranks, st.shard_level) for st in self._plan.stages], self.optimizer,
-                              self._params, comm)
+        # sharded over a stage's replicas at each tensor position (each position's shards its own)
+        levels = stage_levels([(st.replica_ranks(p), st.shard_level) for st in self._plan.stages
+                               for p in range(st.tensor)], self.optimizer, self._params, comm)
         self._sync = GradSync(self._params, placement.grad_holders or placement.holders, placement.grad_order, comm,
                               self._bucket_bytes, algorithms, levels, sets=placement.grad_sets)
         self._shards = ShardedStep(self._sync.sharded)
@@ -558,7 +559,16 @@ class RaNNCModule(nn.Module):
         self._need_ready("clip_grad_norm_")
         with abort_on_error(self._comm, "clip_grad_norm_"), self._watchdog.watch("clip_grad_norm_"):
             return clip_grad_norm_(self._params, self._owned, self._comm, max_norm, norm_type,
-                                   self._shards.shard_params())
+                                   *self._counted_pieces())
+
+    def _counted_pieces(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+        """The sharded pieces this rank counts in a norm, and those it only scales: with tensor
+        groups, every position holds pieces of the replicated parameters, counted at position 0."""
+        pieces = [(pc.param, pc.shard) for pcs in self._shards.pieces.values() for pc in pcs]
+        if self._tensor is None or self._tensor.position == 0:
+            return [s for _, s in pieces], []
+        split = {id(self._params[f]) for f in self._tensor.shards if f in self._params}
+        return [s for p, s in pieces if id(p) in split], [s for p, s in pieces if id(p) not in split]
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """As ``nn.Module.zero_grad``, reaching the gradient shards of a sharded stage too."""

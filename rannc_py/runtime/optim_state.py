@@ -93,8 +93,10 @@ class OptimizerState:
             for p in group["params"]:
                 state = self._opt.state.get(p)
                 name, lo, hi = self._where[id(p)]
-                if state and (lo is not None or name in self._owned):
-                    pos = self._split.position if self._split is not None and name in shards else None
+                pos = self._split.position if self._split is not None and name in shards else None
+                # a replicated parameter's pieces lie at every tensor position: position 0's speak for them
+                copy = lo is not None and pos is None and self._split is not None and self._split.position != 0
+                if state and (lo is not None or name in self._owned) and not copy:
                     mine.append((name, lo, hi, pos, {k: v.detach().clone() if isinstance(v, Tensor) else v
                                                      for k, v in state.items()}))
         parts = self._comm.gather(mine, root=0) if rank0_only else self._comm.allgather(mine)
@@ -109,20 +111,35 @@ class OptimizerState:
                   for g, names in zip(self._opt.param_groups, self.groups)]
         return {"state": dict(sorted(states.items())), "param_groups": groups}
 
+    def _local_shape(self, name: str) -> torch.Size:
+        """The shape of this rank's shard of split parameter ``name``."""
+        assert self._split is not None
+        shape = list(self._shape(name))
+        shape[self._split.shards[name].dim] //= self._split.degree
+        return torch.Size(shape)
+
     def _join(self, name: str, entries: list[Entry]) -> dict[str, Any]:
-        """One parameter's state from its whole entry, its tensor positions' shards, or its pieces' end to end."""
-        if entries[0][2] is not None:  # a split parameter: one entry per tensor position
+        """One parameter's state from its whole entry, its tensor positions' shards (each whole or in
+        pieces), or its pieces' end to end."""
+        if entries[0][2] is not None:  # a split parameter: per tensor position, its shard's state
             assert self._split is not None
-            shard, local = self._split.shards[name], sorted(entries, key=lambda e: e[2] or 0)
-            return {k: unshard([st[k] for *_, st in local], shard)
-                    if isinstance(v, Tensor) and v.dim() > 0 and v.shape == local[0][3][k].shape
-                    and v.numel() * self._split.degree == self._shape(name).numel() else v
-                    for k, v in local[0][3].items()}
+            local = self._local_shape(name)
+            by_position: dict[int, list[Entry]] = {}
+            for e in entries:
+                by_position.setdefault(e[2] or 0, []).append(e)
+            states = [self._pieces_joined(by_position[p], local) for p in sorted(by_position)]
+            return {k: unshard([st[k] for st in states], self._split.shards[name])
+                    if isinstance(v, Tensor) and v.dim() > 0 and v.shape == local else v
+                    for k, v in states[0].items()}
+        return self._pieces_joined(entries, self._shape(name))
+
+    @staticmethod
+    def _pieces_joined(entries: list[Entry], shape: torch.Size) -> dict[str, Any]:
+        """The state of a tensor of ``shape`` from its whole entry or its pieces' end to end."""
         whole = [st for lo, _, _, st in entries if lo is None]
         if whole:
             return whole[0]
         entries = sorted(entries, key=lambda e: e[0] or 0)
-        shape = self._shape(name)
         first = entries[0][3]
         out: dict[str, Any] = {}
         for k, v in first.items():
@@ -168,9 +185,11 @@ class OptimizerState:
                 name, lo, hi = self._where[id(p)]
                 if name in full:
                     st = full[name]
-                    if lo is not None and hi is not None:
-                        state[j] = slice_state(st, self._shape(name), lo, hi)
-                    elif self._split is not None and name in self._split.shards:
+                    split = self._split is not None and name in self._split.shards
+                    if lo is not None and hi is not None:  # a piece (of this position's shard when split)
+                        state[j] = (slice_state(self._shard_state(name, st), self._local_shape(name), lo, hi)
+                                    if split else slice_state(st, self._shape(name), lo, hi))
+                    elif split:
                         state[j] = self._shard_state(name, st)
                     else:
                         state[j] = {k: v.clone() if isinstance(v, Tensor) else v for k, v in st.items()}

@@ -49,7 +49,7 @@ CANDIDATE_DEGREES = (2, 3, 4, 6, 8)
 
 def plan_degree(plan: Plan) -> int:
     """The plan's tensor degree (every stage's). Raises ConfigError when stages differ, or for
-    tensor > 1 with the zb-h1 schedule or a sharded optimizer (not run yet)."""
+    tensor > 1 with the zb-h1 schedule (not run yet)."""
     degrees = [st.tensor for st in plan.stages]
     if len(set(degrees)) > 1:
         raise ConfigError(
@@ -59,9 +59,6 @@ def plan_degree(plan: Plan) -> int:
     if degrees[0] > 1 and plan.schedule == "zb-h1":
         raise ConfigError("schedule 'zb-h1' is not supported with tensor > 1 yet (its split backward would run "
                           "the tensor group's backward collectives twice); use '1f1b' or 'gpipe'")
-    if degrees[0] > 1 and any(st.shard_level for st in plan.stages):
-        raise ConfigError("shard_optimizer > 0 is not supported with tensor > 1 yet (a stage's shards would be "
-                          "sharded again over its replicas); use shard_optimizer=0 or tensor=1")
     return degrees[0]
 
 
