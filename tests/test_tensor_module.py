@@ -41,12 +41,14 @@ def test_two_ranks_tensor_degree_two_trains_like_eager() -> None:
 def test_four_ranks_tensor_with_pipeline_and_data_parallelism() -> None:
     """tp2 x pp2 (a split activation crosses Llama's stage boundary; GPT-2's tied weight is sharded
     in both stages, also built on meta), tp2 x dp2 (with clip), tp4 on GPT-2 (4 heads), BLOOM tp2 x pp2 with recompute; tp2 x dp2 with the optimizer state sharded over
-each position's replicas (levels 1 and 2; clip, optimizer state gathered and loaded); optimizer and
+each position's replicas (levels 1 and 2; clip, optimizer state gathered and loaded); the
+split-backward zb-h1 schedule on tp2 x pp2 (Llama with recompute and clip, GPT-2 tied, BERT); optimizer and
     model state gathered and loaded on tp2 x pp2 and tp2 x dp2."""
     _run(4, ["hf_gpt2_tied:t2_p2_r1_m2_1f1b:meta", "gpt:t2_p2_r1_m2_1f1b:rc", "hf_gpt2_tied:t2_p2_r1_m4_gpipe:rc,clip", "hf_llama:t2_p2_r1_m2_1f1b:state",
              "gpt:t2_p1_r2_m2_1f1b:clip,state", "hf_llama:t2_p1_r2_m2_gpipe:eval", "hf_gpt2_tied:t4_p1_r1_m2_1f1b",
              "hf_bloom:t2_p2_r1_m2_1f1b:rc", "gpt:t2_p1_r2_m2_1f1b:z1,clip,state",
-             "hf_gpt2_tied:t2_p1_r2_m2_1f1b:z2,clip,state"])
+             "hf_gpt2_tied:t2_p1_r2_m2_1f1b:z2,clip,state", "hf_llama:t2_p2_r1_m4_zb-h1:rc,clip",
+             "hf_gpt2_tied:t2_p2_r1_m4_zb-h1:clip", "bert:t2_p2_r1_m2_zb-h1"])
 
 
 def test_layout_tensor_key_builds_tensor_groups() -> None:
@@ -67,7 +69,6 @@ def test_layout_tensor_key_builds_tensor_groups() -> None:
     ({"stages": 2, "tensor": [2]}, 4, "one per stage"),
     ({"stages": 2, "tensor": 2}, 6, "multiple of 4"),
     ({"stages": 1, "tensor": 2, "replicas": [2]}, 2, "tensor group of 2"),
-    ({"stages": 1, "tensor": 2, "schedule": "zb-h1"}, 2, "'1f1b' or 'gpipe'"),
 ])
 def test_layout_tensor_errors(layout: dict[str, object], world: int, words: str) -> None:
     with pytest.raises(ConfigError, match=words.replace("(", r"\(")):
@@ -89,11 +90,12 @@ def _gpt() -> tuple[object, tuple[object, ...], dict[str, object]]:
     return model, args, kwargs
 
 
-def test_tensor_degrees_are_searched_with_a_sharded_optimizer_not_with_zb_h1() -> None:
+def test_tensor_degrees_are_searched_with_a_sharded_optimizer_and_zb_h1() -> None:
     from rannc_py.planner.options import PlanOptions
     from rannc_py.runtime.autoplan import job_tensor_annotation
 
     graph = trace(*_gpt())
     sharded = job_tensor_annotation(graph, PlanOptions(shard_optimizer=True), 4)
     assert sharded is not None and sharded.tried == (2, 4) and 2 in sharded.allowed  # degrees dividing 4
-    assert job_tensor_annotation(graph, PlanOptions(schedules=("1f1b", "zb-h1")), 4) is None
+    with_zb = job_tensor_annotation(graph, PlanOptions(schedules=("1f1b", "zb-h1")), 4)
+    assert with_zb is not None and with_zb.tried == (2, 4)

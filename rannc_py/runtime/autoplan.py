@@ -245,17 +245,15 @@ def job_tensor_annotation(graph: Any, options: PlanOptions, world_size: int,
     For a layout given by hand, at its stages' degree (None at degree 1). For
     a search, at ``options.tensor`` when pinned, else at every degree of
     :data:`~rannc_py.graph.tensor_annotate.DEGREES` that divides the world
-    size (with a sharded optimizer too: each tensor position's replicas shard
-    its state); not searched (None) when the options offer the ``zb-h1``
-    schedule, which tensor-parallel stages do not run yet (a pinned degree
-    above 1 with it is refused by the runtime with its ConfigError).
+    size, with every schedule and sharding level (each tensor position's
+    replicas shard its state; a split backward's I runs the group's backward
+    collectives on the path to the stage's inputs, W those on the weight side,
+    each once, in the same order on every rank of the group).
     """
     from rannc_py.graph.tensor_annotate import DEGREES, annotate
 
     if given is not None:
         return annotate(graph, max(st.tensor for st in given.stages))
-    if options.tensor is None and "zb-h1" in options.schedules:
-        return None
     return annotate(graph, options.tensor, [t for t in DEGREES if world_size % t == 0])
 
 

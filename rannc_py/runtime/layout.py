@@ -91,8 +91,7 @@ def check_layout(layout: Mapping[str, Any]) -> list[bool]:
         ConfigError: unknown keys; stages or microbatches not positive
             integers; a schedule that does not train; a recompute value that
             is not a bool or one bool per stage; a tensor degree that is not
-            a positive int or one per stage, differs between stages, or comes
-            with shard_optimizer > 0 or the zb-h1 schedule.
+            a positive int or one per stage, or differs between stages.
     """
     unknown = set(layout) - _LAYOUT_KEYS
     if unknown:
@@ -105,10 +104,7 @@ def check_layout(layout: Mapping[str, Any]) -> list[bool]:
     if len(flags) != stages:
         raise ConfigError(f"recompute={recompute!r} must be a bool or one bool per stage ({stages})")
     shard_levels(layout.get("shard_optimizer", 0), stages)  # checked here, used by explicit_plan
-    degree = tensor_degree(layout, stages)
-    if degree > 1 and layout.get("schedule", "1f1b") == "zb-h1":
-        raise ConfigError(f"layout tensor={degree} with schedule 'zb-h1' is not supported yet (its split backward "
-                          "would run the tensor group's backward collectives twice); use '1f1b' or 'gpipe'")
+    tensor_degree(layout, stages)
     return flags
 
 

@@ -48,17 +48,13 @@ CANDIDATE_DEGREES = (2, 3, 4, 6, 8)
 
 
 def plan_degree(plan: Plan) -> int:
-    """The plan's tensor degree (every stage's). Raises ConfigError when stages differ, or for
-    tensor > 1 with the zb-h1 schedule (not run yet)."""
+    """The plan's tensor degree (every stage's). Raises ConfigError when stages differ."""
     degrees = [st.tensor for st in plan.stages]
     if len(set(degrees)) > 1:
         raise ConfigError(
             f"the stages have tensor degrees {degrees}; RaNNCModule runs one tensor degree for all stages "
             "(a stage's split activations cross to the same positions of the next stage's groups); "
             f"use one degree, e.g. tensor={max(degrees)} or tensor=1")
-    if degrees[0] > 1 and plan.schedule == "zb-h1":
-        raise ConfigError("schedule 'zb-h1' is not supported with tensor > 1 yet (its split backward would run "
-                          "the tensor group's backward collectives twice); use '1f1b' or 'gpipe'")
     return degrees[0]
 
 
