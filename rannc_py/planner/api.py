@@ -400,7 +400,8 @@ def _describe(lay: Layout) -> str:
     stages = ", ".join(
         f"blocks {lay.bounds[s]}-{lay.bounds[s + 1] - 1} x{lay.replicas[s]}" for s in range(lay.num_stages))
     tp = f", tensor degree {lay.tensor} (replicas count tensor groups)" if lay.tensor > 1 else ""
-    return f"{lay.num_stages} stages ({stages}), {lay.m} microbatches, {lay.schedule}{tp}"
+    chunks = f" ({lay.chunks} per rank on {lay.num_positions} positions)" if lay.chunks > 1 else ""
+    return f"{lay.num_stages} stages{chunks} ({stages}), {lay.m} microbatches, {lay.schedule}{tp}"
 
 
 def layout_to_plan(cost: CostModel, lay: Layout, step_time: float, fingerprint: str, dtype: torch.dtype,
@@ -410,23 +411,31 @@ def layout_to_plan(cost: CostModel, lay: Layout, step_time: float, fingerprint: 
     group never straddles a node where t divides the devices per node).
 
     Each stage records the simulator costs ``step_time`` was computed from, so
-    :meth:`Plan.timeline` replays the same simulation.
+    :meth:`Plan.timeline` replays the same simulation. A chunked layout's positions get
+    the rank ranges, position 0 first, and each stage lists its position's ranks; a
+    stage's ``predicted_peak_memory`` is then its ranks' peak, all their chunks together.
     """
     chain = cost.chain
     # Plain floats (some come out as numpy scalars) so the plan's JSON and equality are exact.
     sc = [StageCosts(*(float(v) for v in dataclasses.astuple(c))) for c in stage_costs(cost, lay)]
-    stages, mem_per_rank, first = [], [], 0
+    pos = [lay.position_of(s) for s in range(lay.num_stages)]
+    # Each position's ranks, positions in order (a position's stages all run on them).
+    position_ranks: list[tuple[int, ...]] = []
+    mem_per_rank: list[int] = []
+    for r in range(lay.num_positions):
+        s = pos.index(r)
+        width = lay.replicas[s] * cost.tp  # each replica a tensor group of consecutive ranks
+        position_ranks.append(tuple(range(len(mem_per_rank), len(mem_per_rank) + width)))
+        mem_per_rank += [int(lay.memory[s])] * width
+    stages = []
     for s in range(lay.num_stages):
         i, j = lay.bounds[s], lay.bounds[s + 1]
         ops = tuple(o for blk in chain.blocks[i:j] for o in blk.ops)
         fqns: list[str] = []
         for names in chain.param_names[i:j]:
             fqns += [f for f in names if f not in fqns]
-        width = lay.replicas[s] * cost.tp  # each replica a tensor group of consecutive ranks
-        ranks = tuple(range(first, first + width))
-        first += width
+        ranks = position_ranks[pos[s]]
         mem = int(lay.memory[s])
-        mem_per_rank += [mem] * len(ranks)
         # The runtime sums the stage's own (untied) gradients over its replicas with this algorithm.
         algorithm = cost.allreduce_choice(float(cost.t.param_bytes[i, j]), lay.replicas[s])[0]
         level = lay.shard[s] if lay.shard and lay.replicas[s] > 1 else 0
@@ -444,4 +453,4 @@ def layout_to_plan(cost: CostModel, lay: Layout, step_time: float, fingerprint: 
                 world_size=cost.cluster.num_devices, graph_fingerprint=fingerprint, cluster=cost.cluster.describe(),
                 step_time=step_time, peak_memory_per_rank=tuple(mem_per_rank),
                 samples_per_second=cost.batch_size / step_time, mfu=flops / (step_time * peak),
-                search_time=search_time)
+                search_time=search_time, chunks=lay.chunks)
