@@ -316,11 +316,16 @@ def predict_plan(graph: Graph, plan: Plan, options: PlanOptions, *, profile: Pro
             have a tensor degree above 1 (one degree for every stage).
     Raises:
         PlanError: ``profile`` or ``tensor`` was made for another graph or
-            other blocks, or the stages' tensor degrees differ.
+            other blocks, the stages' tensor degrees differ, or the plan holds
+            several stages per rank (``chunks`` > 1).
         ConfigError: a tensor degree above 1 without an annotation, or one the
             annotation does not allow.
     """
     t0 = time.perf_counter()
+    if plan.chunks > 1:
+        raise PlanError(f"predict_plan prices plans of one stage per rank; this {plan.schedule} plan holds "
+                        f"{plan.chunks} per rank. Plan it with rannc_py.plan(..., schedules=({plan.schedule!r},)), "
+                        "which prices chunked layouts")
     cl = plan_cluster(options) if cluster is None else cluster
     blocks = [tuple(st.ops) for st in plan.stages]
     if profile is None:

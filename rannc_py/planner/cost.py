@@ -55,7 +55,9 @@ Per replica and microbatch:
   each on its own link: t concurrent syncs of ``1/t`` of the sharded bytes).
 Memory per rank: parameters + gradients + optimizer state (SGD 0, SGD with
 momentum 1, Adam/AdamW 2 extra copies of the parameters) + activations of the
-microbatches in flight (GPipe: m; 1F1B: min(p - s, m)); with recompute only
+microbatches in flight (GPipe: m; 1F1B: min(p - s, m); with several chunks per
+rank, each chunk's state and buffers and the activations at the rank's peak,
+:meth:`CostModel.rank_memory`); with recompute only
 the stage inputs of those plus one microbatch's full activations + one
 microbatch's send and receive buffers + one temporary the size of the stage's
 largest parameter (backward computes each later microbatch's weight gradient

@@ -44,12 +44,44 @@ splits with every replica count), so the pick is never slower, under this cost
 model, than what those rules would pick. The smallest simulated step time wins,
 ties going to the smaller T and then the enumeration order, so the result is
 deterministic.
+
+Several model chunks per rank (the :data:`CHUNKED` schedules, searched only
+when named: interleaved 1F1B with v = 2, 3, 4 and ZB-V with v = 2): a layout
+is p positions (groups of ranks) x v chunks, the chain cut into p * v
+consecutive stages, stage s on position
+:func:`~rannc_py.schedule.generators.stage_ranks` ``[s]``. The search does not
+run a DP of its own over them: for every (tensor degree, d, m) it takes the
+``CHUNK_FAMILIES`` best 1F1B layouts of that (d, m) with distinct replica
+counts and p >= 2 (the families: positions, replicas per position,
+microbatches; the same DP as above, run for 1F1B even when 1F1B itself is not
+allowed), and for every v the chain and m allow (at least p * v blocks;
+interleaved: m a multiple of p) re-cuts the chain into p * v stages by a
+min-max DP over the stages' per-microbatch time ``c + a / m`` at their
+position's replica count (every stage is then at most the bottleneck, so each
+rank's sum of its v chunks at most v times it). Every stage of a position has
+its replicas and tensor degree, and one sharding level (uniform per position:
+the faster of those allowed for the sum of its chunks' syncs). Memory is per
+rank (:meth:`CostModel.rank_memory`): every chunk's model state and buffers
+plus the activations in flight at the rank's peaks
+(:func:`held_counts`: exact for interleaved, a bound for ZB-V); a rank that
+does not fit takes recompute on the subset of its chunks that adds the least
+time and fits. Its ranking estimate is the slowest rank's m microbatches plus
+the bubble, ``T = m max_r C_r + (sum_r C_r - max_r C_r) / k + max_r A_r``
+(C_r: rank r's chunks' per-microbatch time, A_r their once-per-step time;
+k = v for interleaved, 6 for ZB-V, whose bubble is about p - 1 chunk
+forwards), and the ``CHUNK_TOP_K`` best by it are simulated beside the
+``TOP_K`` one-chunk layouts (:func:`ranked`). In the simulated step a ZB-V
+turn (stages p - 1 and p, one rank) sends nothing, tied weights of two stages
+on one rank are summed there (no message), and a rank pays the step's fixed
+work once. The re-cut costs a few numpy passes per family, so allowing the
+chunked schedules adds a fraction of a degree-1 search.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -58,9 +90,9 @@ import numpy as np
 
 from rannc_py.errors import ConfigError
 from rannc_py.planner.cost import CostModel, StageTables
-from rannc_py.schedule import ActionKind, StageCosts, Timeline, by_name, simulate
+from rannc_py.schedule import StageCosts, Timeline, by_name, simulate
 from rannc_py.schedule.fast import step_time
-from rannc_py.schedule.generators import rank_orders, stage_ranks
+from rannc_py.schedule.generators import stage_ranks
 
 REPLICA_SET = (1, 2, 3, 4, 6, 8)
 # Layouts (best by the estimate T) whose schedules are simulated for the final pick.
@@ -250,7 +282,7 @@ CHUNKED: dict[str, tuple[int, ...]] = {"interleaved": (2, 3, 4), "zb-v": (2,)}
 # 1F1B layouts (best by T) per (tensor degree, d, m) that the chunked schedules re-cut.
 CHUNK_FAMILIES = 4
 # Chunked layouts (best by their estimate) simulated for the final pick, beside TOP_K one-chunk ones.
-CHUNK_TOP_K = 6
+CHUNK_TOP_K = 4
 
 
 def in_flight(schedule: str, q: int, m: int, p: int = 0) -> int:
@@ -409,34 +441,48 @@ def enumerate_layouts(cost: CostModel, space: SearchSpace, objective: str = "tim
     return out
 
 
-@functools.lru_cache(maxsize=64)
-def held_peaks(schedule: str, p: int, m: int, chunks: int) -> tuple[tuple[tuple[int, ...], ...], ...]:
-    """Per rank, the counts of microbatches in flight of each of its stages (ascending) at
-    every moment its activations may peak (just before a backward or W frees some), distinct.
+@functools.lru_cache(maxsize=256)
+def held_counts(schedule: str, p: int, m: int, chunks: int) -> tuple[tuple[tuple[int, ...], ...], ...]:
+    """Per rank, vectors of microbatches in flight on each of its stages (ascending), one per
+    moment its activations may peak: the rank's activation peak for any per-stage sizes is
+    the largest weighted sum over them (what :meth:`CostModel.rank_memory` takes).
 
-    The counts change only at the rank's own F and its B or W, which run in the order of its
-    action list whatever the costs, so the largest weighted sum over these vectors is the
-    rank's exact activation peak for any per-stage activation sizes (what
-    :meth:`CostModel.rank_memory` takes).
+    Interleaved: exact, from the schedule's order (module docstring of
+    :mod:`rannc_py.schedule.generators`): a rank's counts change only at its own F and B,
+    which run in its list's order whatever the costs; its peaks are just before each
+    steady-state backward, after ``w + k + 1`` forwards and ``k`` backwards, counted per
+    chunk in closed form (forwards go in rounds of p microbatches through chunks 0..v-1,
+    backwards through v-1..0). ZB-V (list-scheduled; generating its order per candidate
+    would dominate the search): the corners of what its order allows, at most ``min(2p, 2m)``
+    chunk-microbatches on rank r, of which at most ``min(max(2p - 1 - r, p + 1), m)`` on
+    its first stage and ``min(p, m)`` on its second (the counts of the generated order,
+    checked in the tests up to p = 12), so the weighted peak is an upper bound, exact on
+    equal chunks (where it is the cap). One stage per rank: the in-flight count
+    :func:`in_flight` gives.
     """
-    ranks, orders = rank_orders(schedule, p, m, chunks)
-    out = []
-    for r, ops in enumerate(orders):
-        mine = [s for s in range(p * chunks) if (ranks[s] if ranks else s) == r]
-        idx = {s: k for k, s in enumerate(mine)}
-        cur, rising, peaks = [0] * len(mine), False, set()
-        for kind, s, _ in ops:
-            if kind is ActionKind.FORWARD:
-                cur[idx[s]] += 1
-                rising = True
-            elif kind in (ActionKind.BACKWARD, ActionKind.BACKWARD_WEIGHT):
-                if rising:
-                    peaks.add(tuple(cur))
-                    rising = False
-                cur[idx[s]] -= 1
-        if rising:
-            peaks.add(tuple(cur))
-        out.append(tuple(sorted(peaks)))
+    if schedule == "zb-v":
+        cap, out_v = min(2 * p, 2 * m), []
+        for r in range(p):
+            first, second = min(max(2 * p - 1 - r, p + 1), m, cap), min(p, m, cap)
+            out_v.append(tuple(sorted({(first, min(cap - first, second)), (min(cap - second, first), second)})))
+        return tuple(out_v)
+    if schedule != "interleaved":
+        return tuple(((in_flight(schedule, p - 1 - r, m, p),),) for r in range(p))
+    v, period = chunks, chunks * p
+    c = np.arange(v)[None, :]
+
+    def counts(n: np.ndarray, offset: np.ndarray) -> np.ndarray:  # entries of chunk c among the first n
+        return (n[:, None] // period) * p + np.clip(n[:, None] % period - offset * p, 0, p)
+
+    out: list[tuple[tuple[int, ...], ...]] = []
+    for r in range(p):
+        w = min((p - r - 1) * 2 + (v - 1) * p, v * m)
+        if w == v * m:  # every forward before the first backward
+            out.append(((m,) * v,))
+            continue
+        k = np.arange(v * m - w)
+        held = counts(k + w + 1, c) - counts(k, v - 1 - c)
+        out.append(tuple(tuple(int(x) for x in row) for row in np.unique(held, axis=0)))
     return tuple(out)
 
 
@@ -471,8 +517,9 @@ def _recut(cost: CostModel, space: SearchSpace, fam: Layout, sched: str, v: int,
            objective: str) -> Layout | None:
     """``fam``'s positions and replicas with the chain cut into p * v stages of ``sched``: the
     min-max DP over the stages' per-microbatch time (plus their once-per-step time / m), the
-    sharding level per position, recompute per position where its ranks do not fit
-    otherwise; None when some rank does not fit."""
+    sharding level per position, and where a position's ranks do not fit otherwise (with
+    recompute searched), recompute on the subset of its stages that adds the least time and
+    fits; None when some rank does not fit."""
     p, d, m, n = fam.num_stages, fam.d, fam.m, cost.chain.n
     P, S = sum(fam.replicas) // d, p * v
     pos = stage_ranks(sched, p, v)
@@ -515,21 +562,33 @@ def _recut(cost: CostModel, space: SearchSpace, fam: Layout, sched: str, v: int,
         sync = {lvl: sum(float(tables(R, lvl)[1][bounds[s], bounds[s + 1]]) for s in mine[r]) for lvl in opts}
         # the faster sync and optimizer step; for the memory objective the least state (the highest level)
         levels.append(max(opts) if objective == "memory" else min(opts, key=lambda lvl: (sync[lvl], -lvl)))
-    held = held_peaks(sched, p, m, v)
+    held = held_counts(sched, p, m, v)
     rec = [bool(force)] * S
 
     def memory(r: int, flags: Sequence[bool]) -> float:
         stages = [(bounds[s], bounds[s + 1], reps[s], levels[r], flags[s]) for s in mine[r]]
         return cost.rank_memory(m, stages, held[r], holds_last=S - 1 in mine[r])
 
+    def extra(s: int) -> float:  # the time recomputing stage s adds per microbatch
+        i, j = bounds[s], bounds[s + 1]
+        c_plain, c_rec = tables(reps[s])
+        return float(c_rec[i, j] - c_plain[i, j])
+
     mems = []
     for r in range(p):
         mem = memory(r, rec)
-        if force is None:
-            with_rec = [True if pos[s] == r else rec[s] for s in range(S)]
-            mem_rec = memory(r, with_rec)
-            if (mem > cost.limit or objective == "memory") and mem_rec < mem:
-                rec, mem = with_rec, mem_rec
+        if force is None and (mem > cost.limit or objective == "memory"):
+            # the rank's stages to recompute: for time, the subset adding the least time that fits;
+            # for memory, all of them (the least memory)
+            subsets = [sub for k in range(1, v + 1) for sub in itertools.combinations(mine[r], k)]
+            subsets.sort(key=lambda sub: (len(sub) < v, sum(map(extra, sub))) if objective == "memory"
+                         else (sum(map(extra, sub)), len(sub)))
+            for sub in subsets:
+                flags = [rec[s] or s in sub for s in range(S)]
+                got = memory(r, flags)
+                if got < mem and (objective == "memory" or got <= cost.limit):
+                    rec, mem = flags, got
+                    break
         if objective != "memory" and mem > cost.limit:
             return None
         mems.append(mem)
