@@ -7,6 +7,7 @@ import dataclasses
 import pytest
 
 from rannc_py.cli import main
+from rannc_py.errors import NoFeasiblePlanError
 from rannc_py.planner.api import build_space, plan_chain
 from rannc_py.planner.cost import CostModel
 from rannc_py.planner.options import EXPERIMENTAL_SCHEDULES, PlanOptions
@@ -180,6 +181,8 @@ def test_chunk_counts_skipped_without_blocks_or_microbatches():
     plan = plan_chain(few, cl, 32, num_stages=4, replicas=(1,) * 4, microbatches=8,
                       schedules=("1f1b", "interleaved", "zb-v"))
     assert plan.schedule == "1f1b" and plan.chunks == 1
+    with pytest.raises(NoFeasiblePlanError, match="zb-v need at least 2 pipeline positions"):
+        plan_chain(chain, make_cluster(1), 8, schedules=("zb-v",))  # one device: one position
 
 
 def test_searched_chunked_layouts_simulate_as_costed():

@@ -32,6 +32,7 @@ from rannc_py.planner.cost import CostModel
 from rannc_py.planner.options import PlanOptions, positive_int
 from rannc_py.planner.plan import Plan, StagePlan
 from rannc_py.planner.search import (
+    CHUNKED,
     MAX_MICROBATCH_COUNTS,
     REPLICA_SET,
     TOP_K,
@@ -389,9 +390,13 @@ def search_chain(cost: CostModel, space: SearchSpace) -> tuple[Layout, float]:
 def _infeasible(cost: CostModel, space: SearchSpace) -> NoFeasiblePlanError:
     lays = enumerate_layouts(cost, space, objective="memory")
     if not lays:
+        chunked = [sched for sched in space.schedules if sched in CHUNKED]
+        hint = "" if not chunked else (
+            f"; {' and '.join(chunked)} need at least 2 pipeline positions of p, a chain of at least 2p blocks "
+            "and (interleaved) microbatches a multiple of p, or name 1f1b in schedules too")
         return NoFeasiblePlanError(
             f"no layout exists for batch_size={cost.batch_size} on {cost.cluster.num_devices} devices with "
-            "these pins; relax num_stages/replicas/microbatches")
+            f"these pins; relax num_stages/replicas/microbatches{hint}")
     best = min(lays, key=lambda lay: lay.objective)
     need = best.objective / (1 - cost.margin)
     return NoFeasiblePlanError(
