@@ -27,12 +27,13 @@ Also:
 - for the rows that do not fit at tensor degree 1 with every replica keeping
   its whole optimizer state: which fit with optimizer sharding
   (``shard_optimizer=None``), with tensor parallelism, and with both;
-- for the GPT-13B rows: the search with the experimental ``zb-h1`` schedule
-  allowed too, and its predicted gain.
+- for the GPT-13B rows: the search with each experimental schedule (``zb-h1``,
+  ``interleaved``, ``zb-v``) allowed too, its predicted gain and the chunks chosen
+  (``--only-schedules`` reruns just that section).
 
 Writes ``benchmarks/results/plan.md``.
 
-Usage: python benchmarks/plan_bench.py [--sizes 8,64,512,4096] [--models gpt-1.3b,...]
+Usage: python benchmarks/plan_bench.py [--sizes 8,64,512,4096] [--models gpt-1.3b,...] [--only-schedules]
 """
 
 from __future__ import annotations
@@ -105,10 +106,13 @@ def search(models):
 
 
 def describe(cost, lay) -> str:
-    reps = "/".join(str(r) for r in lay.replicas[:4]) + ("..." if lay.num_stages > 4 else "")
+    pos = [lay.position_of(s) for s in range(lay.num_stages)]
+    per_position = [lay.replicas[pos.index(r)] for r in range(lay.num_positions)]
+    reps = "/".join(str(r) for r in per_position[:4]) + ("..." if lay.num_positions > 4 else "")
     levels = sorted(set(lay.shard)) if lay.shard else [0]
     shard = "" if levels == [0] else " " + "+".join(f"s{v}" for v in levels)
-    return (f"tp{lay.tensor} x {lay.num_stages}st x{reps} m={lay.m} {lay.schedule}"
+    chunks = f" v={lay.chunks}" if lay.chunks > 1 else ""
+    return (f"tp{lay.tensor} x {lay.num_positions}st x{reps} m={lay.m} {lay.schedule}{chunks}"
             f"{' rc' if any(lay.recompute) else ''}{shard} ({lay.origin})")
 
 
@@ -118,7 +122,12 @@ def main() -> None:
     ap.add_argument("--models", default=",".join(MODELS))
     ap.add_argument("--clusters", default="a64fx,a100-80g")
     ap.add_argument("--out", default=str(REPO / "benchmarks/results/plan.md"))
+    ap.add_argument("--only-schedules", action="store_true",
+                    help="run only the experimental schedules' GPT-13B section and rewrite that section of --out "
+                         "(the rest of the file, made by a full run, is kept)")
     ns = ap.parse_args()
+    if ns.only_schedules:
+        ns.models = "gpt-13b"
     rows, infos, fugaku, zb = [], [], None, []
     for name in ns.models.split(","):
         spec, seq, batch = MODELS[name]
@@ -145,6 +154,12 @@ def main() -> None:
             t_build, c_build = time.perf_counter() - t1, time.process_time() - c1
             best, need, w, c = search(models)  # the planner's search over every degree
             wall, cpu = t_build + w, c_build + c
+            if name == "gpt-13b":  # each experimental schedule's gain
+                ours_sps = None if best is None else batch / best[2]
+                zb.append(_schedules_row(graph, ann, cl, batch, preset, size, ours_sps, best))
+                print(zb[-1], flush=True)
+            if ns.only_schedules:
+                continue
             plain = search(models[:1])[0]  # degree 1 alone (not timed): the planner before tensor parallelism
             if best is None:
                 ours = mfu = None
@@ -166,16 +181,58 @@ def main() -> None:
                       layout=layout, plain=plain_sps, extra=extra)
             rows.append(row)
             print(_fmt_row(row), flush=True)
-            if name == "gpt-13b":  # the zb-h1 schedule's gain
-                zmodels = models_for(graph, ann, cl, batch, schedules=(*SCHEDULES, "zb-h1"))
-                z, _, zw, _ = search(zmodels)
-                zb.append((preset, size, ours, None if z is None else batch / z[2],
-                           None if z is None else describe(*z[:2]), zw))
-                print(zb[-1], flush=True)
             if (name, preset, size) == FUGAKU and best is not None:
                 fugaku = _fugaku(graph, ann, cl, batch, plan, best)
                 print(fugaku["text"], flush=True)
+    if ns.only_schedules:
+        text = Path(ns.out).read_text()
+        head = text.split(SCHEDULES_HEADING)[0].split(OLD_SCHEDULES_HEADING)[0].rstrip("\n")
+        Path(ns.out).write_text(head + "\n\n" + "\n".join(_schedule_lines(zb)) + "\n")
+        return
     _write(ns.out, rows, infos, fugaku, zb)
+
+
+EXPERIMENTAL = ("zb-h1", "interleaved", "zb-v")
+SCHEDULES_HEADING = "## The experimental schedules on the GPT-13B rows"
+OLD_SCHEDULES_HEADING = "## The zb-h1 schedule on the GPT-13B rows"
+
+
+def _schedules_row(graph, ann, cl, batch, preset, size, ours, best) -> dict:
+    """The search again with each experimental schedule allowed beside 1F1B and GPipe:
+    {schedule: (samples/s or None, layout or None, wall s)}, and the default plan's."""
+    out = {"preset": preset, "size": size, "ours": ours, "layout": None if best is None else describe(*best[:2])}
+    for extra in EXPERIMENTAL:
+        t1, c1 = time.perf_counter(), time.process_time()
+        z, _, _, _ = search(models_for(graph, ann, cl, batch, schedules=(*SCHEDULES, extra)))
+        out[extra] = (None if z is None else batch / z[2], None if z is None else describe(*z[:2]),
+                      time.perf_counter() - t1, time.process_time() - c1)
+    return out
+
+
+def _schedule_lines(zb) -> list[str]:
+    def gain(a, b):
+        return "-" if a is None or b is None else f"{b / a:.3f}x"
+
+    return [
+        SCHEDULES_HEADING,
+        "",
+        "The search again with one experimental schedule allowed beside 1F1B and GPipe,",
+        "`schedules=(\"1f1b\", \"gpipe\", S)` (tensor degrees searched too): ZB-H1 (split backward),",
+        "interleaved 1F1B (v = 2, 3 or 4 model chunks per rank, `v=` in the layout; m a multiple of the",
+        "pipeline positions) and ZB-V (two chunks per rank in a V, split backward). A chunked layout",
+        "is the search's 1F1B layouts (positions, replicas, microbatches) re-cut into p x v stages",
+        "(`rannc_py/planner/search.py`); `Sst` counts positions. Gains are over the default search",
+        "(1F1B and GPipe); search s: CPU (wall) seconds of the search with that schedule allowed",
+        "(profile, tensor chains and search, as in the table above), on the shared 2-core machine.",
+        "",
+        ("| cluster | devices | 1f1b/gpipe samples/s | layout | " + " | ".join(
+            f"with {x} | gain | layout with {x} | search s" for x in EXPERIMENTAL) + " |"),
+        "|---|---|---|---|" + "---|---|---|---|" * len(EXPERIMENTAL),
+        *(f"| {r['preset']} | {r['size']} | {_f(r['ours'])} | {r['layout'] or '-'} | " + " | ".join(
+            f"{_f(r[x][0])} | {gain(r['ours'], r[x][0])} | {r[x][1] or '-'} | {r[x][3]:.2f} ({r[x][2]:.2f})"
+            for x in EXPERIMENTAL)
+          + " |" for r in zb),
+    ]
 
 
 def _fit(result, batch, need=None) -> str:
@@ -334,18 +391,7 @@ def _write(path: str, rows, infos, fugaku, zb) -> None:
               for r in short),
         ]
     if zb:
-        lines += [
-            "",
-            "## The zb-h1 schedule on the GPT-13B rows",
-            "",
-            "The search again with `schedules=(\"1f1b\", \"gpipe\", \"zb-h1\")` (tensor degrees searched too).",
-            "",
-            "| cluster | devices | 1f1b/gpipe samples/s | with zb-h1 | gain | layout with zb-h1 | search s (wall) |",
-            "|---|---|---|---|---|---|---|",
-            *(f"| {p} | {s} | {_f(a)} | {_f(b)} | "
-              f"{'-' if a is None or b is None else f'{b / a:.3f}x'} | {lay or '-'} | {w:.2f} |"
-              for p, s, a, b, lay, w in zb),
-        ]
+        lines += ["", *_schedule_lines(zb)]
     Path(path).write_text("\n".join(lines) + "\n")
 
 

@@ -19,7 +19,9 @@ A size and fields combine: ``gpt:13b,n_layer=8`` is the 13B widths with 8
 layers. A family's sequence-length bound (``block_size``,
 ``n_positions``, ...) is raised to ``--seq`` when it is shorter.
 
-The plan searches tensor degrees too: the traced program's tensor splits are
+``--schedules`` lists the pipeline schedules to search (default 1F1B and
+GPipe; name ``interleaved`` or ``zb-v`` to let the plan hold several model
+chunks per rank, ``zb-h1`` for the split backward). The plan searches tensor degrees too: the traced program's tensor splits are
 found first (:func:`rannc_py.frontend.annotate`) and handed to the planner as
 pure data; ``--tensor T`` pins the degree of every stage (1: none). The
 printed table has the stages' tensor degree and their group collectives'
@@ -281,6 +283,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tensor", type=int, default=None,
                    help="pin the tensor degree of every stage (1 turns tensor parallelism off); by default the "
                         "degrees the traced graph allows (2, 3, 4, 6, 8 where they split it) are searched")
+    p.add_argument("--schedules", default=",".join(defaults.schedules),
+                   help=f"comma-separated schedules the planner may pick (default {','.join(defaults.schedules)}); "
+                        "the experimental ones (zb-h1, and interleaved and zb-v with several model chunks per "
+                        "rank) are searched only when named, e.g. --schedules 1f1b,gpipe,interleaved,zb-v")
     p.add_argument("--json", help="write the plan as JSON here")
     p.add_argument("--png", help="draw the pipeline timeline and per-rank memory here")
     c = sub.add_parser("consolidate", help="write a checkpoint as one state dict (model.safetensors)")
@@ -304,7 +310,8 @@ def main(argv: list[str] | None = None) -> int:
         if ns.seq < 1:
             raise ConfigError(f"--seq must be a positive integer, got {ns.seq}")
         options = PlanOptions(cluster=ns.cluster, optimizer=ns.optimizer, memory_margin=ns.memory_margin,
-                              return_outputs=ns.return_outputs, tensor=ns.tensor)
+                              return_outputs=ns.return_outputs, tensor=ns.tensor,
+                              schedules=tuple(x.strip() for x in ns.schedules.split(",") if x.strip()))
         model, args, kwargs = build_model(ns.model, ns.seq)
         t0 = time.perf_counter()
         graph = trace(model, args, kwargs)

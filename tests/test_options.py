@@ -34,7 +34,7 @@ def test_from_kwargs_replaces_only_what_is_given() -> None:
 @pytest.mark.parametrize("bad", [
     {"memory_margin": 1.0}, {"microbatches": 0}, {"schedules": "1f1b"}, {"schedules": ("forward_only",)},
     {"recompute": "yes"}, {"replicas": [2, 0]}, {"update_cost": -1.0},
-    {"return_outputs": 1}, {"memory_limit": 0}, {"cluster": 4}, {"schedules": ("interleaved",)},
+    {"return_outputs": 1}, {"memory_limit": 0}, {"cluster": 4}, {"schedules": ("zb-v3",)},
 ])
 def test_bad_values_fail_in_the_wrapper_constructor(bad: dict) -> None:
     # Checked at construction: no trace, no planning, no first call needed.

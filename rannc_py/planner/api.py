@@ -32,6 +32,7 @@ from rannc_py.planner.cost import CostModel
 from rannc_py.planner.options import PlanOptions, positive_int
 from rannc_py.planner.plan import Plan, StagePlan
 from rannc_py.planner.search import (
+    CHUNKED,
     MAX_MICROBATCH_COUNTS,
     REPLICA_SET,
     TOP_K,
@@ -316,11 +317,16 @@ def predict_plan(graph: Graph, plan: Plan, options: PlanOptions, *, profile: Pro
             have a tensor degree above 1 (one degree for every stage).
     Raises:
         PlanError: ``profile`` or ``tensor`` was made for another graph or
-            other blocks, or the stages' tensor degrees differ.
+            other blocks, the stages' tensor degrees differ, or the plan holds
+            several stages per rank (``chunks`` > 1).
         ConfigError: a tensor degree above 1 without an annotation, or one the
             annotation does not allow.
     """
     t0 = time.perf_counter()
+    if plan.chunks > 1:
+        raise PlanError(f"predict_plan prices plans of one stage per rank; this {plan.schedule} plan holds "
+                        f"{plan.chunks} per rank. Plan it with rannc_py.plan(..., schedules=({plan.schedule!r},)), "
+                        "which prices chunked layouts")
     cl = plan_cluster(options) if cluster is None else cluster
     blocks = [tuple(st.ops) for st in plan.stages]
     if profile is None:
@@ -384,9 +390,13 @@ def search_chain(cost: CostModel, space: SearchSpace) -> tuple[Layout, float]:
 def _infeasible(cost: CostModel, space: SearchSpace) -> NoFeasiblePlanError:
     lays = enumerate_layouts(cost, space, objective="memory")
     if not lays:
+        chunked = [sched for sched in space.schedules if sched in CHUNKED]
+        hint = "" if not chunked else (
+            f"; {' and '.join(chunked)} need at least 2 pipeline positions of p, a chain of at least 2p blocks "
+            "and (interleaved) microbatches a multiple of p, or name 1f1b in schedules too")
         return NoFeasiblePlanError(
             f"no layout exists for batch_size={cost.batch_size} on {cost.cluster.num_devices} devices with "
-            "these pins; relax num_stages/replicas/microbatches")
+            f"these pins; relax num_stages/replicas/microbatches{hint}")
     best = min(lays, key=lambda lay: lay.objective)
     need = best.objective / (1 - cost.margin)
     return NoFeasiblePlanError(
@@ -400,7 +410,8 @@ def _describe(lay: Layout) -> str:
     stages = ", ".join(
         f"blocks {lay.bounds[s]}-{lay.bounds[s + 1] - 1} x{lay.replicas[s]}" for s in range(lay.num_stages))
     tp = f", tensor degree {lay.tensor} (replicas count tensor groups)" if lay.tensor > 1 else ""
-    return f"{lay.num_stages} stages ({stages}), {lay.m} microbatches, {lay.schedule}{tp}"
+    chunks = f" ({lay.chunks} per rank on {lay.num_positions} positions)" if lay.chunks > 1 else ""
+    return f"{lay.num_stages} stages{chunks} ({stages}), {lay.m} microbatches, {lay.schedule}{tp}"
 
 
 def layout_to_plan(cost: CostModel, lay: Layout, step_time: float, fingerprint: str, dtype: torch.dtype,
@@ -410,23 +421,31 @@ def layout_to_plan(cost: CostModel, lay: Layout, step_time: float, fingerprint: 
     group never straddles a node where t divides the devices per node).
 
     Each stage records the simulator costs ``step_time`` was computed from, so
-    :meth:`Plan.timeline` replays the same simulation.
+    :meth:`Plan.timeline` replays the same simulation. A chunked layout's positions get
+    the rank ranges, position 0 first, and each stage lists its position's ranks; a
+    stage's ``predicted_peak_memory`` is then its ranks' peak, all their chunks together.
     """
     chain = cost.chain
     # Plain floats (some come out as numpy scalars) so the plan's JSON and equality are exact.
     sc = [StageCosts(*(float(v) for v in dataclasses.astuple(c))) for c in stage_costs(cost, lay)]
-    stages, mem_per_rank, first = [], [], 0
+    pos = [lay.position_of(s) for s in range(lay.num_stages)]
+    # Each position's ranks, positions in order (a position's stages all run on them).
+    position_ranks: list[tuple[int, ...]] = []
+    mem_per_rank: list[int] = []
+    for r in range(lay.num_positions):
+        s = pos.index(r)
+        width = lay.replicas[s] * cost.tp  # each replica a tensor group of consecutive ranks
+        position_ranks.append(tuple(range(len(mem_per_rank), len(mem_per_rank) + width)))
+        mem_per_rank += [int(lay.memory[s])] * width
+    stages = []
     for s in range(lay.num_stages):
         i, j = lay.bounds[s], lay.bounds[s + 1]
         ops = tuple(o for blk in chain.blocks[i:j] for o in blk.ops)
         fqns: list[str] = []
         for names in chain.param_names[i:j]:
             fqns += [f for f in names if f not in fqns]
-        width = lay.replicas[s] * cost.tp  # each replica a tensor group of consecutive ranks
-        ranks = tuple(range(first, first + width))
-        first += width
+        ranks = position_ranks[pos[s]]
         mem = int(lay.memory[s])
-        mem_per_rank += [mem] * len(ranks)
         # The runtime sums the stage's own (untied) gradients over its replicas with this algorithm.
         algorithm = cost.allreduce_choice(float(cost.t.param_bytes[i, j]), lay.replicas[s])[0]
         level = lay.shard[s] if lay.shard and lay.replicas[s] > 1 else 0
@@ -444,4 +463,4 @@ def layout_to_plan(cost: CostModel, lay: Layout, step_time: float, fingerprint: 
                 world_size=cost.cluster.num_devices, graph_fingerprint=fingerprint, cluster=cost.cluster.describe(),
                 step_time=step_time, peak_memory_per_rank=tuple(mem_per_rank),
                 samples_per_second=cost.batch_size / step_time, mfu=flops / (step_time * peak),
-                search_time=search_time)
+                search_time=search_time, chunks=lay.chunks)

@@ -21,6 +21,7 @@ from rannc_py.errors import ConfigError
 from rannc_py.planner.chain import Chain
 from rannc_py.planner.cost import CostModel
 from rannc_py.planner.search import (
+    CHUNKED,
     Layout,
     SearchSpace,
     divisors,
@@ -92,6 +93,8 @@ def baseline_layouts(cost: CostModel, space: SearchSpace) -> dict[str, list[Layo
         R = D // p
         for m in microbatch_candidates(space, R, cost.batch_size):
             for sched in space.schedules:
+                if sched in CHUNKED:  # the rules cut one stage per rank
+                    continue
                 flights = tuple(sorted({in_flight(sched, q, m) for q in range(p)}))
                 tabs = cost.stage_tables(R, m, (1,), flights, space.recompute, p)
                 for rule in RULES:

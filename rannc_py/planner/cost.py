@@ -55,7 +55,9 @@ Per replica and microbatch:
   each on its own link: t concurrent syncs of ``1/t`` of the sharded bytes).
 Memory per rank: parameters + gradients + optimizer state (SGD 0, SGD with
 momentum 1, Adam/AdamW 2 extra copies of the parameters) + activations of the
-microbatches in flight (GPipe: m; 1F1B: min(p - s, m)); with recompute only
+microbatches in flight (GPipe: m; 1F1B: min(p - s, m); with several chunks per
+rank, each chunk's state and buffers and the activations at the rank's peak,
+:meth:`CostModel.rank_memory`); with recompute only
 the stage inputs of those plus one microbatch's full activations + one
 microbatch's send and receive buffers + one temporary the size of the stage's
 largest parameter (backward computes each later microbatch's weight gradient
@@ -75,6 +77,7 @@ frees them only between steps).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -411,6 +414,74 @@ class CostModel:
         link = self.link(pipeline_devices)
         return np.where(nbytes > 0, link.latency + nbytes / link.bandwidth, 0.0)
 
+    def stage_times(self, m: int, replicas: int, pipeline_devices: int) -> tuple[np.ndarray, np.ndarray]:
+        """Per-microbatch seconds ``c`` of every stage [i, j) with ``replicas`` replicas in all
+        (``r * d``), without and with recompute (``(n + 1, n + 1)`` arrays each): compute
+        against the stage's messages (overlapped), plus the fixed costs of its actions and
+        posted messages (see the module docstring)."""
+        t = self.t
+        n = t.n
+        cut_in = np.broadcast_to(t.cut[:, None], (n + 1, n + 1))
+        cut_out = np.broadcast_to(t.cut[None, :], (n + 1, n + 1))
+        not_first = (np.arange(n + 1) > 0)[:, None]
+        is_last = (np.arange(n + 1) == n)[None, :]
+        # per microbatch: F and B, and the posts of RECV_F and SEND_B (not the first stage), SEND_F and RECV_B
+        # (not the last)
+        posts = 2 * (not_first.astype(float) + (~is_last).astype(float)) * self.link(pipeline_devices).overhead
+        per_mb = 2 * self.cluster.device.action_overhead + posts
+        b = self.rows(m, replicas)
+        coll_f, coll_b = self.group_tables(b)
+        fwd = t.fwd_fixed + t.fwd_ps * b + coll_f
+        bwd = t.bwd_fixed + t.bwd_ps * b + coll_b
+        comm_t = self._p2p_array(cut_in * b, pipeline_devices) * not_first + self._p2p_array(
+            cut_out * b, pipeline_devices)
+        return np.maximum(fwd + bwd, comm_t) + per_mb, np.maximum(2 * fwd + bwd, comm_t) + per_mb
+
+    def stage_state(self, replicas: int, level: int) -> tuple[np.ndarray, np.ndarray]:
+        """(model-state bytes per rank, once-per-step seconds) of every stage [i, j) over
+        ``replicas`` replicas at sharding ``level`` (one of :meth:`shard_options`): parameters,
+        gradients and optimizer state; gradient sync, optimizer step and the per-tensor and
+        step's fixed work."""
+        for lvl, state, sync in self._shard_candidates(replicas):
+            if lvl == level:
+                return state, sync + self.t.param_count * self.cluster.device.tensor_overhead + self.step_fixed()
+        raise ConfigError(f"sharding level {level} is not one this cost model allows over {replicas} replicas "
+                          f"(it allows {self.shard_options(replicas)})")
+
+    def shard_options(self, replicas: int) -> tuple[int, ...]:
+        """The sharding levels a stage over ``replicas`` replicas may take under this model's option."""
+        return tuple(lvl for lvl, _, _ in self._shard_candidates(replicas))
+
+    def rank_memory(self, m: int, stages: Sequence[tuple[int, int, int, int, bool]], held: Sequence[Sequence[int]],
+                    holds_last: bool) -> float:
+        """Peak bytes of one rank holding several stages (model chunks), each ``(i, j, replicas,
+        level, recompute)``: every stage's model state and send/receive buffers, the largest
+        parameter's temporary once, the rank's rows of the returned outputs once (and the last
+        stage's kept outputs when ``holds_last``), and the activations in flight: the largest,
+        over ``held`` (counts of microbatches in flight per stage, one vector per moment the
+        schedule may peak), of the stages' activations (a recompute stage's inputs) at those
+        counts, plus one microbatch's full activations of the largest recompute stage (its
+        backward re-runs its forward). With one stage and ``held`` ``[[f]]`` this is the
+        per-stage tables' memory at f in flight.
+        """
+        t = self.t
+        returned = t.out * self.batch_size / self.devices if self.return_outputs else 0.0
+        kept = m if self.return_outputs else 1
+        total, temp, transient = returned, 0.0, 0.0
+        weights = []
+        for i, j, replicas, level, rec in stages:
+            b = self.rows(m, replicas)
+            state, _ = self.stage_state(replicas, level)
+            total += float(state[i, j]) + 2 * float(t.cut[i] + t.cut[j]) * b
+            temp = max(temp, float(t.max_param[i, j]))
+            weights.append((float(t.cut[i]) if rec else float(t.act[i, j])) * b)
+            if rec:
+                transient = max(transient, float(t.act[i, j]) * b)
+            if holds_last and j == t.n:
+                total += kept * b * float(t.out)
+        acts = max((sum(c * w for c, w in zip(vec, weights)) for vec in held), default=0.0)
+        return total + temp + acts + transient
+
     def stage_tables(self, d: int, m: int, rvals: tuple[int, ...], in_flights: tuple[int, ...],
                      recompute: bool | None, pipeline_devices: int) -> dict[int, StageTables]:
         """Costs of every stage [i, j), for each per-pipeline replica count in ``rvals``
@@ -429,26 +500,16 @@ class CostModel:
         valid = np.triu(np.ones((n + 1, n + 1), dtype=bool), 1)
         cut_in = np.broadcast_to(t.cut[:, None], (n + 1, n + 1))
         cut_out = np.broadcast_to(t.cut[None, :], (n + 1, n + 1))
-        not_first = (np.arange(n + 1) > 0)[:, None]
         is_last = (np.arange(n + 1) == n)[None, :]
         # this rank's rows of the returned outputs, and how many microbatches' outputs the last stage keeps
         returned = t.out * self.batch_size / self.devices if self.return_outputs else 0.0
         kept = m if self.return_outputs else 1
         dev = self.cluster.device
-        # per microbatch: F and B, and the posts of RECV_F and SEND_B (not the first stage), SEND_F and RECV_B
-        # (not the last); per step: per-tensor work and the step's fixed work
-        posts = 2 * (not_first.astype(float) + (~is_last).astype(float)) * self.link(pipeline_devices).overhead
-        per_mb = 2 * dev.action_overhead + posts
+        # per step: per-tensor work and the step's fixed work (per microbatch: stage_times)
         per_step = t.param_count * dev.tensor_overhead + self.step_fixed()
         for ri, r in enumerate(rvals):
             b = self.rows(m, r * d)
-            coll_f, coll_b = self.group_tables(b)
-            fwd = t.fwd_fixed + t.fwd_ps * b + coll_f
-            bwd = t.bwd_fixed + t.bwd_ps * b + coll_b
-            comm_t = self._p2p_array(cut_in * b, pipeline_devices) * not_first + self._p2p_array(
-                cut_out * b, pipeline_devices)
-            c_plain = np.maximum(fwd + bwd, comm_t) + per_mb
-            c_rec = np.maximum(2 * fwd + bwd, comm_t) + per_mb
+            c_plain, c_rec = self.stage_times(m, r * d, pipeline_devices)
             for level, state, sync in self._shard_candidates(r * d):
                 # model state + send/recv buffers + outputs kept to be returned (see the module docstring)
                 base = state + 2 * (cut_in + cut_out) * b + t.max_param + returned + is_last * (kept * b * t.out)

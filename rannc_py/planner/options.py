@@ -23,7 +23,7 @@ from rannc_py.planner.plan import SHARD_LEVELS
 TRAINING_SCHEDULES: tuple[str, ...] = ("1f1b", "gpipe")
 """The schedules a training plan uses by default (``forward_only`` runs no backward, so it never trains)."""
 
-EXPERIMENTAL_SCHEDULES: tuple[str, ...] = ("zb-h1",)
+EXPERIMENTAL_SCHEDULES: tuple[str, ...] = ("zb-h1", "interleaved", "zb-v")
 """Schedules the planner searches only when named in ``schedules`` (RaNNCModule runs them too)."""
 
 
@@ -43,8 +43,13 @@ class PlanOptions:
         microbatches: pin the number of microbatches per step. Default None (searched).
         schedules: the schedules the planner may pick, a non-empty subset of
             ``("1f1b", "gpipe")`` plus, only when named, the experimental
-            ``("zb-h1",)`` (:data:`EXPERIMENTAL_SCHEDULES`, split backward).
-            Default ``("1f1b", "gpipe")``.
+            :data:`EXPERIMENTAL_SCHEDULES`: ``"zb-h1"`` (split backward),
+            ``"interleaved"`` (2, 3 or 4 model chunks per rank, searched
+            where the chain has p * v blocks and the microbatches are a
+            multiple of the p pipeline positions) and ``"zb-v"`` (two chunks
+            per rank in a V, split backward). With chunks, ``num_stages`` and
+            ``replicas`` pin the pipeline positions (the ranks' groups), not
+            the p * v stages. Default ``("1f1b", "gpipe")``.
         recompute: True/False forces activation recompute on every stage;
             None (default) turns it on only for stages that do not fit otherwise.
         max_stages: upper bound on the pipeline depth. Default None (the number of blocks).

@@ -44,11 +44,44 @@ splits with every replica count), so the pick is never slower, under this cost
 model, than what those rules would pick. The smallest simulated step time wins,
 ties going to the smaller T and then the enumeration order, so the result is
 deterministic.
+
+Several model chunks per rank (the :data:`CHUNKED` schedules, searched only
+when named: interleaved 1F1B with v = 2, 3, 4 and ZB-V with v = 2): a layout
+is p positions (groups of ranks) x v chunks, the chain cut into p * v
+consecutive stages, stage s on position
+:func:`~rannc_py.schedule.generators.stage_ranks` ``[s]``. The search does not
+run a DP of its own over them: for every (tensor degree, d, m) it takes the
+``CHUNK_FAMILIES`` best 1F1B layouts of that (d, m) with distinct replica
+counts and p >= 2 (the families: positions, replicas per position,
+microbatches; the same DP as above, run for 1F1B even when 1F1B itself is not
+allowed), and for every v the chain and m allow (at least p * v blocks;
+interleaved: m a multiple of p) re-cuts the chain into p * v stages by a
+min-max DP over the stages' per-microbatch time ``c + a / m`` at their
+position's replica count (every stage is then at most the bottleneck, so each
+rank's sum of its v chunks at most v times it). Every stage of a position has
+its replicas and tensor degree, and one sharding level (uniform per position:
+the faster of those allowed for the sum of its chunks' syncs). Memory is per
+rank (:meth:`CostModel.rank_memory`): every chunk's model state and buffers
+plus the activations in flight at the rank's peaks
+(:func:`held_counts`: exact for interleaved, a bound for ZB-V); a rank that
+does not fit takes recompute on the subset of its chunks that adds the least
+time and fits. Its ranking estimate is the slowest rank's m microbatches plus
+the bubble, ``T = m max_r C_r + (sum_r C_r - max_r C_r) / k + max_r A_r``
+(C_r: rank r's chunks' per-microbatch time, A_r their once-per-step time;
+k = v for interleaved, 6 for ZB-V, whose bubble is about p - 1 chunk
+forwards), and the ``CHUNK_TOP_K`` best by it are simulated beside the
+``TOP_K`` one-chunk layouts (:func:`ranked`). In the simulated step a ZB-V
+turn (stages p - 1 and p, one rank) sends nothing, tied weights of two stages
+on one rank are summed there (no message), and a rank pays the step's fixed
+work once. The re-cut costs a few numpy passes per family, so allowing the
+chunked schedules adds a fraction of a degree-1 search.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -59,6 +92,7 @@ from rannc_py.errors import ConfigError
 from rannc_py.planner.cost import CostModel, StageTables
 from rannc_py.schedule import StageCosts, Timeline, by_name, simulate
 from rannc_py.schedule.fast import step_time
+from rannc_py.schedule.generators import stage_ranks
 
 REPLICA_SET = (1, 2, 3, 4, 6, 8)
 # Layouts (best by the estimate T) whose schedules are simulated for the final pick.
@@ -90,6 +124,11 @@ class Layout:
         tensor: the tensor degree of every stage (``replicas`` count tensor
             groups of that many ranks); the cost model it is costed with has
             that degree (:attr:`CostModel.tp`).
+        chunks: stages per rank (v) of a :data:`CHUNKED` schedule, else 1. With v > 1
+            ``bounds`` cut p * v stages, stage s runs on position :meth:`position_of`,
+            ``replicas``, ``recompute`` and ``shard`` list every stage (equal across a
+            position's stages for the first and the last) and ``memory`` gives every stage
+            its position's peak bytes per rank (all its chunks together).
     """
 
     d: int
@@ -105,11 +144,21 @@ class Layout:
     origin: str = "dp"
     shard: tuple[int, ...] = ()
     tensor: int = 1
+    chunks: int = 1
 
     @property
     def num_stages(self) -> int:
-        """Pipeline depth."""
+        """Stages (model chunks); the pipeline depth when :attr:`chunks` is 1."""
         return len(self.bounds) - 1
+
+    @property
+    def num_positions(self) -> int:
+        """Pipeline positions p (groups of ranks holding :attr:`chunks` stages each)."""
+        return self.num_stages // self.chunks
+
+    def position_of(self, stage: int) -> int:
+        """The position whose ranks run ``stage`` (:func:`rannc_py.schedule.generators.stage_ranks`)."""
+        return stage if self.chunks == 1 else stage_ranks(self.schedule, self.num_positions, self.chunks)[stage]
 
 
 def divisors(n: int) -> list[int]:
@@ -227,7 +276,13 @@ class SearchSpace:
 # Schedules whose activations in flight depend on the pipeline depth, not only on the stages after.
 DEPTH_DEPENDENT = ("zb-h1",)
 # Schedules that split the backward into I and W (their stages need a weight-gradient share).
-SPLIT_BACKWARD = ("zb-h1",)
+SPLIT_BACKWARD = ("zb-h1", "zb-v")
+# Schedules with several stages (model chunks) per rank, and the chunk counts v searched for each.
+CHUNKED: dict[str, tuple[int, ...]] = {"interleaved": (2, 3, 4), "zb-v": (2,)}
+# 1F1B layouts (best by T) per (tensor degree, d, m) that the chunked schedules re-cut.
+CHUNK_FAMILIES = 4
+# Chunked layouts (best by their estimate) simulated for the final pick, beside TOP_K one-chunk ones.
+CHUNK_TOP_K = 4
 
 
 def in_flight(schedule: str, q: int, m: int, p: int = 0) -> int:
@@ -366,20 +421,196 @@ def microbatch_candidates(space: SearchSpace, d: int, batch_size: int) -> list[i
 
 
 def enumerate_layouts(cost: CostModel, space: SearchSpace, objective: str = "time") -> list[Layout]:
-    """Every (d, m, schedule) DP optimum, in enumeration order."""
+    """Every (d, m, schedule) DP optimum, in enumeration order; for the :data:`CHUNKED`
+    schedules of ``space``, the re-cuts of that (d, m)'s best 1F1B layouts
+    (:func:`chunked_layouts`, after the one-chunk schedules' layouts)."""
     out = []
+    chunked = [sched for sched in space.schedules if sched in CHUNKED]
     for d in space.pipelines:
         for m in microbatch_candidates(space, d, cost.batch_size):
+            base: list[Layout] | None = None
             for sched in space.schedules:
-                out += search_config(cost, space, d, m, sched, objective)
+                if sched not in CHUNKED:
+                    lays = search_config(cost, space, d, m, sched, objective)
+                    out += lays
+                    base = lays if sched == "1f1b" else base
+            if chunked:
+                if base is None:
+                    base = search_config(cost, space, d, m, "1f1b", objective)
+                out += chunked_layouts(cost, space, base, chunked, objective)
     return out
+
+
+@functools.lru_cache(maxsize=256)
+def held_counts(schedule: str, p: int, m: int, chunks: int) -> tuple[tuple[tuple[int, ...], ...], ...]:
+    """Per rank, vectors of microbatches in flight on each of its stages (ascending), one per
+    moment its activations may peak: the rank's activation peak for any per-stage sizes is
+    the largest weighted sum over them (what :meth:`CostModel.rank_memory` takes).
+
+    Interleaved: exact, from the schedule's order (module docstring of
+    :mod:`rannc_py.schedule.generators`): a rank's counts change only at its own F and B,
+    which run in its list's order whatever the costs; its peaks are just before each
+    steady-state backward, after ``w + k + 1`` forwards and ``k`` backwards, counted per
+    chunk in closed form (forwards go in rounds of p microbatches through chunks 0..v-1,
+    backwards through v-1..0). ZB-V (list-scheduled; generating its order per candidate
+    would dominate the search): the corners of what its order allows, at most ``min(2p, 2m)``
+    chunk-microbatches on rank r, of which at most ``min(max(2p - 1 - r, p + 1), m)`` on
+    its first stage and ``min(p, m)`` on its second (the counts of the generated order,
+    checked in the tests up to p = 12), so the weighted peak is an upper bound, exact on
+    equal chunks (where it is the cap). One stage per rank: the in-flight count
+    :func:`in_flight` gives.
+    """
+    if schedule == "zb-v":
+        cap, out_v = min(2 * p, 2 * m), []
+        for r in range(p):
+            first, second = min(max(2 * p - 1 - r, p + 1), m, cap), min(p, m, cap)
+            out_v.append(tuple(sorted({(first, min(cap - first, second)), (min(cap - second, first), second)})))
+        return tuple(out_v)
+    if schedule != "interleaved":
+        return tuple(((in_flight(schedule, p - 1 - r, m, p),),) for r in range(p))
+    v, period = chunks, chunks * p
+    c = np.arange(v)[None, :]
+
+    def counts(n: np.ndarray, offset: np.ndarray) -> np.ndarray:  # entries of chunk c among the first n
+        return (n[:, None] // period) * p + np.clip(n[:, None] % period - offset * p, 0, p)
+
+    out: list[tuple[tuple[int, ...], ...]] = []
+    for r in range(p):
+        w = min((p - r - 1) * 2 + (v - 1) * p, v * m)
+        if w == v * m:  # every forward before the first backward
+            out.append(((m,) * v,))
+            continue
+        k = np.arange(v * m - w)
+        held = counts(k + w + 1, c) - counts(k, v - 1 - c)
+        out.append(tuple(tuple(int(x) for x in row) for row in np.unique(held, axis=0)))
+    return tuple(out)
+
+
+def chunked_layouts(cost: CostModel, space: SearchSpace, base: Sequence[Layout], schedules: Sequence[str],
+                    objective: str = "time") -> list[Layout]:
+    """The layouts of the :data:`CHUNKED` ``schedules`` made from one (d, m)'s 1F1B layouts
+    ``base`` (see the module docstring): the ``CHUNK_FAMILIES`` best with distinct replica
+    counts and at least two positions, each re-cut into p * v stages for every chunk count v
+    of :data:`CHUNKED` the chain and m allow (at least p * v blocks; interleaved: m a
+    multiple of p)."""
+    fams: list[Layout] = []
+    seen: set[tuple[int, ...]] = set()
+    for lay in sorted(base, key=lambda lay: lay.objective):
+        if lay.num_stages >= 2 and lay.replicas not in seen:
+            seen.add(lay.replicas)
+            fams.append(lay)
+    cache: dict[tuple, tuple[np.ndarray, ...]] = {}
+    out = []
+    for fam in fams[:CHUNK_FAMILIES]:
+        p = fam.num_stages
+        for sched in schedules:
+            for v in CHUNKED[sched]:
+                if cost.chain.n < p * v or (sched == "interleaved" and fam.m % p):
+                    continue
+                cut = _recut(cost, space, fam, sched, v, cache, objective)
+                if cut is not None:
+                    out.append(cut)
+    return out
+
+
+def _recut(cost: CostModel, space: SearchSpace, fam: Layout, sched: str, v: int, cache: dict,
+           objective: str) -> Layout | None:
+    """``fam``'s positions and replicas with the chain cut into p * v stages of ``sched``: the
+    min-max DP over the stages' per-microbatch time (plus their once-per-step time / m), the
+    sharding level per position, and where a position's ranks do not fit otherwise (with
+    recompute searched), recompute on the subset of its stages that adds the least time and
+    fits; None when some rank does not fit."""
+    p, d, m, n = fam.num_stages, fam.d, fam.m, cost.chain.n
+    P, S = sum(fam.replicas) // d, p * v
+    pos = stage_ranks(sched, p, v)
+    reps = tuple(fam.replicas[pos[s]] for s in range(S))
+
+    def tables(R: int, level: int | None = None) -> tuple[np.ndarray, ...]:
+        key = (m, R, P, level)
+        if key not in cache:
+            cache[key] = cost.stage_times(m, R, P) if level is None else cost.stage_state(R, level)
+        return cache[key]
+
+    force = space.recompute
+    valid = np.triu(np.ones((n + 1, n + 1), dtype=bool), 1)
+    prev = np.full(n + 1, np.inf)
+    args: list[np.ndarray] = []
+    for s in range(S):
+        R = reps[s]
+        c = tables(R)[1 if force else 0] + tables(R, cost.shard_options(R)[0])[1] / m
+        if s == 0:
+            cur = np.where(valid[0], c[0], np.inf)
+            args.append(np.zeros(n + 1, dtype=np.int64))
+        else:
+            cand = np.where(valid, np.maximum(prev[:, None], c), np.inf)  # (i, j)
+            arg = np.argmin(cand, axis=0)  # the first i among ties
+            cur = cand[arg, np.arange(n + 1)]
+            args.append(arg)
+        prev = cur
+    if not np.isfinite(prev[n]):
+        return None
+    bounds = [n]
+    for s in range(S - 1, 0, -1):
+        bounds.append(int(args[s][bounds[-1]]))
+    bounds.append(0)
+    bounds.reverse()
+    mine = [[s for s in range(S) if pos[s] == r] for r in range(p)]
+    levels = []
+    for r in range(p):
+        R = fam.replicas[r]
+        opts = cost.shard_options(R)
+        sync = {lvl: sum(float(tables(R, lvl)[1][bounds[s], bounds[s + 1]]) for s in mine[r]) for lvl in opts}
+        # the faster sync and optimizer step; for the memory objective the least state (the highest level)
+        levels.append(max(opts) if objective == "memory" else min(opts, key=lambda lvl: (sync[lvl], -lvl)))
+    held = held_counts(sched, p, m, v)
+    rec = [bool(force)] * S
+
+    def memory(r: int, flags: Sequence[bool]) -> float:
+        stages = [(bounds[s], bounds[s + 1], reps[s], levels[r], flags[s]) for s in mine[r]]
+        return cost.rank_memory(m, stages, held[r], holds_last=S - 1 in mine[r])
+
+    def extra(s: int) -> float:  # the time recomputing stage s adds per microbatch
+        i, j = bounds[s], bounds[s + 1]
+        c_plain, c_rec = tables(reps[s])
+        return float(c_rec[i, j] - c_plain[i, j])
+
+    mems = []
+    for r in range(p):
+        mem = memory(r, rec)
+        if force is None and (mem > cost.limit or objective == "memory"):
+            # the rank's stages to recompute: for time, the subset adding the least time that fits;
+            # for memory, all of them (the least memory)
+            subsets = [sub for k in range(1, v + 1) for sub in itertools.combinations(mine[r], k)]
+            subsets.sort(key=lambda sub: (len(sub) < v, sum(map(extra, sub))) if objective == "memory"
+                         else (sum(map(extra, sub)), len(sub)))
+            for sub in subsets:
+                flags = [rec[s] or s in sub for s in range(S)]
+                got = memory(r, flags)
+                if got < mem and (objective == "memory" or got <= cost.limit):
+                    rec, mem = flags, got
+                    break
+        if objective != "memory" and mem > cost.limit:
+            return None
+        mems.append(mem)
+    per_rank = [sum(float(tables(reps[s])[1 if rec[s] else 0][bounds[s], bounds[s + 1]]) for s in mine[r])
+                for r in range(p)]
+    once = [sum(float(tables(reps[s], levels[r])[1][bounds[s], bounds[s + 1]]) for s in mine[r]) for r in range(p)]
+    # steady state at the slowest rank, plus the bubble: (p - 1) chunk-times of F + B (interleaved),
+    # of F alone, a sixth of a two-chunk rank's F + B (zb-v)
+    bubble = (sum(per_rank) - max(per_rank)) / (6 if sched == "zb-v" else v)
+    est = max(mems) if objective == "memory" else m * max(per_rank) + bubble + max(once)
+    return Layout(d=d, m=m, schedule=sched, bounds=tuple(bounds), replicas=reps, recompute=tuple(rec),
+                  objective=float(est), memory=tuple(mems[pos[s]] for s in range(S)), dp_objective=float(prev[n]),
+                  weight=1.0 / m, origin="dp", shard=tuple(levels[pos[s]] for s in range(S)), tensor=cost.tp,
+                  chunks=v)
 
 
 def stage_costs(cost: CostModel, lay: Layout) -> list[StageCosts]:
     """Per-stage simulator costs of a layout, including re-split messages and shared-weight sync."""
     t = cost.t
     p = lay.num_stages
-    pipe_devices = sum(lay.replicas) // lay.d
+    pos = [lay.position_of(s) for s in range(p)]
+    pipe_devices = sum(lay.replicas[pos.index(r)] for r in range(lay.num_positions)) // lay.d
     rows = [cost.rows(lay.m, r) for r in lay.replicas]
     names = [_stage_params(cost, lay.bounds[s], lay.bounds[s + 1]) for s in range(p)]
     dev = cost.cluster.device
@@ -395,39 +626,43 @@ def stage_costs(cost: CostModel, lay: Layout) -> list[StageCosts]:
         coll_f, coll_b = cost.group_tables(b)
         fwd = t.fwd_fixed[i, j] + t.fwd_ps[i, j] * b + coll_f[i, j]
         bwd = t.bwd_fixed[i, j] + t.bwd_ps[i, j] * b + coll_b[i, j] + (fwd if lay.recompute[s] else 0.0)
-        send_act = send_grad = 0.0
-        if s < p - 1:
+        send_act = send_grad = 0.0  # none between two stages of one rank (zb-v's turn)
+        if s < p - 1 and pos[s + 1] != pos[s]:
             send_act = _resplit(cost, t.cut[j], b, rows[s + 1], lay.replicas[s], lay.replicas[s + 1], pipe_devices)
-        if s > 0:
+        if s > 0 and pos[s - 1] != pos[s]:
             send_grad = _resplit(cost, t.cut[i], b, rows[s - 1], lay.replicas[s], lay.replicas[s - 1], pipe_devices)
         ar = cost.allreduce(t.param_bytes[i, j], lay.replicas[s])
-        for s2 in range(p):  # weights shared with another stage: sum their gradients too
-            if s2 != s:
+        for s2 in range(p):  # weights shared with a stage on other ranks: sum their gradients too
+            if pos[s2] != pos[s]:
                 shared = sum(nb for name, nb in names[s].items() if name in names[s2])
                 ar += cost.allreduce(shared, lay.replicas[s] + lay.replicas[s2])
         update = float(t.param_bytes[i, j]) * cost.update_cost
         if lay.shard and lay.shard[s]:
-            ar, update = _sharded_sync(cost, lay, names, s)
+            ar, update = _sharded_sync(cost, lay, names, s, pos)
         weight = weight_grad_time(cost, i, j, b, float(bwd)) + dev.action_overhead if split else 0.0
         fwd += dev.action_overhead
         bwd += dev.action_overhead * (2 if split else 1)
+        step = fixed if pos.index(pos[s]) == s else 0.0  # a rank's step work once, with its first stage
         out.append(StageCosts(forward=float(fwd), backward=float(bwd), send_act=send_act, send_grad=send_grad,
                               allreduce=ar, update=update, backward_weight=weight, post=post,
-                              fixed=fixed + float(t.param_count[i, j]) * dev.tensor_overhead))
+                              fixed=step + float(t.param_count[i, j]) * dev.tensor_overhead))
     return out
 
 
-def _sharded_sync(cost: CostModel, lay: Layout, names: list[dict[str, int]], s: int) -> tuple[float, float]:
+def _sharded_sync(cost: CostModel, lay: Layout, names: list[dict[str, int]], s: int,
+                  pos: Sequence[int]) -> tuple[float, float]:
     """(gradient sync, optimizer step) seconds of sharded stage ``s``: its own parameters
     reduce-scattered and allgathered over its replicas, those shared with another stage
-    summed across both stages' replicas and kept whole (as the runtime does)."""
+    kept whole and summed across both stages' replicas when that stage runs on other
+    ranks (``pos``: every stage's position; as the runtime does)."""
     tied: dict[str, int] = {}
     shared_sync = 0.0
     for s2 in range(lay.num_stages):
         if s2 != s:
             both = {name: nb for name, nb in names[s].items() if name in names[s2]}
             tied.update(both)
-            shared_sync += cost.allreduce(sum(both.values()), lay.replicas[s] + lay.replicas[s2])
+            if pos[s2] != pos[s]:
+                shared_sync += cost.allreduce(sum(both.values()), lay.replicas[s] + lay.replicas[s2])
     gather, update = cost.sharded_step(float(sum(names[s].values())), float(sum(tied.values())), lay.replicas[s])
     return gather + shared_sync, update
 
@@ -476,24 +711,31 @@ def _resplit(cost: CostModel, per_sample: float, rows_src: int, rows_dst: int, r
 
 def simulate_layout(cost: CostModel, lay: Layout) -> Timeline:
     """Simulate a layout's schedule with its stage costs."""
-    return simulate(by_name(lay.schedule, lay.num_stages, lay.m), stage_costs(cost, lay))
+    return simulate(by_name(lay.schedule, lay.num_positions, lay.m, lay.chunks), stage_costs(cost, lay))
 
 
-def ranked(layouts: Sequence[Layout], top_k: int) -> list[Layout]:
-    """The ``top_k`` distinct layouts by the estimate T (ties: enumeration order)."""
+def ranked(layouts: Sequence[Layout], top_k: int, chunk_top_k: int = CHUNK_TOP_K) -> list[Layout]:
+    """The ``top_k`` distinct one-chunk layouts and the ``chunk_top_k`` distinct chunked ones
+    by their estimate T (ties: enumeration order), in that order."""
     unique: dict[tuple, tuple[int, Layout]] = {}
     for order, lay in enumerate(layouts):  # the same layout can come from several DP passes
         unique.setdefault(_key(lay), (order, lay))
-    return [lay for _, lay in sorted(unique.values(), key=lambda il: (il[1].objective, il[0]))[:top_k]]
+    out, counts = [], [0, 0]
+    for _, lay in sorted(unique.values(), key=lambda il: (il[1].objective, il[0])):
+        kind = int(lay.chunks > 1)
+        if counts[kind] < (chunk_top_k if kind else top_k):
+            counts[kind] += 1
+            out.append(lay)
+    return out
 
 
 def _key(lay: Layout) -> tuple:
-    return (lay.tensor, lay.d, lay.m, lay.schedule, lay.bounds, lay.replicas, lay.recompute)
+    return (lay.tensor, lay.d, lay.m, lay.schedule, lay.chunks, lay.bounds, lay.replicas, lay.recompute)
 
 
 def layout_step_time(cost: CostModel, lay: Layout) -> float:
     """Simulated step time of a layout (:func:`rannc_py.schedule.fast.step_time`, equal to the simulator's)."""
-    return step_time(lay.schedule, lay.m, stage_costs(cost, lay))
+    return step_time(lay.schedule, lay.m, stage_costs(cost, lay), lay.chunks)
 
 
 def pick_best(cost: CostModel, layouts: Sequence[Layout], top_k: int = TOP_K,

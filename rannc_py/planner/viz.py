@@ -1,9 +1,11 @@
 """Draw a plan: a Gantt chart of its simulated step and each rank's predicted peak memory.
 
 One picture for the command line's ``--png`` and the example scripts. The
-Gantt chart has one row per stage (every replica of a stage runs the same
-row), forward in blue, backward in orange, the gradient allreduce and the
-optimizer step in green, and messages to the neighbouring stages as thin grey
+Gantt chart has one row per pipeline position (a stage, or with several model
+chunks per rank the stages its ranks hold, named in the row's label; every
+replica runs the same row), forward in blue, backward in orange (a split
+backward's input-gradient half in orange, its weight-gradient half in red),
+the gradient allreduce and the optimizer step in green, and messages to the neighbouring stages as thin grey
 bars; the memory panel uses other colours so it is not read as forward or
 backward. A stage of tensor degree t > 1 says so in its label ("tp t": each
 replica a group of t ranks), and the share of its forward and backward bars
@@ -26,7 +28,11 @@ from rannc_py.schedule import ActionKind, Timeline
 K = ActionKind
 # (kind, colour, legend label); sends share a colour and a label.
 _COMPUTE = ((K.FORWARD, "tab:blue", "forward"), (K.BACKWARD, "tab:orange", "backward"),
+            (K.BACKWARD_INPUT, "tab:orange", "backward, input gradients (I)"),
+            (K.BACKWARD_WEIGHT, "tab:red", "backward, weight gradients (W)"),
             (K.ALLREDUCE, "tab:green", "gradient allreduce + optimizer step"))
+# Compute kinds whose bars carry microbatch (and, with chunks, stage) numbers.
+_NUMBERED_KINDS = (K.FORWARD, K.BACKWARD, K.BACKWARD_INPUT, K.BACKWARD_WEIGHT)
 _SEND_COLOUR = "0.55"
 # Memory bars: colour by recompute; neither blue nor orange, which mean forward/backward above.
 _MEM_COLOURS = {False: "tab:purple", True: "tab:olive"}
@@ -96,7 +102,7 @@ def plan_figure(plan: Plan, *, timeline: Timeline | None = None, title: str | No
     import matplotlib.pyplot as plt
 
     tl = plan.timeline() if timeline is None else timeline
-    p = plan.num_stages
+    p = plan.num_positions
     gantt_h = min(max(0.32 * p + 1.2, 2.4), 11.0)
     fig, (ax, mx) = plt.subplots(2, 1, figsize=(12, gantt_h + 3.4),
                                  gridspec_kw={"height_ratios": [gantt_h, 2.4]})
@@ -124,7 +130,7 @@ def draw_measured(plan: Plan, measured: Timeline, path: str | os.PathLike[str]) 
     import matplotlib.pyplot as plt
 
     predicted = plan.timeline() if all(st.costs is not None for st in plan.stages) else None
-    p = plan.num_stages
+    p = plan.num_positions
     h = min(max(0.32 * p + 1.2, 2.4), 11.0)
     fig, axes = plt.subplots(2 if predicted else 1, 1, figsize=(12, h * (2 if predicted else 1) + 0.6),
                              squeeze=False)
@@ -144,7 +150,9 @@ def _gantt(ax: Any, plan: Plan, tl: Timeline, title: str | None, what: str = "pr
     """One Gantt chart of ``tl``; ``span``: the seconds the time axis covers (default the step)."""
     from matplotlib.patches import Patch
 
-    p, m = plan.num_stages, plan.microbatches
+    p, m = plan.num_positions, plan.microbatches  # one row per position: its ranks' action list
+    chunked = plan.chunks > 1
+    firsts = list(range(p))  # stage r runs on position r (interleaved and zb-v alike): its first stage
     tensor_drawn = False
     span = tl.step_time if span is None else span
     tname, tsize = unit([span], _TIME_UNITS)
@@ -162,37 +170,40 @@ def _gantt(ax: Any, plan: Plan, tl: Timeline, title: str | None, what: str = "pr
                 ax.broken_barh(bars[s, kind], (s - 0.4, 0.6), facecolors=colour, **edge)
         if (s, K.SEND_ACT) in bars:
             ax.broken_barh(bars[s, K.SEND_ACT], (s + 0.24, 0.14), facecolors=_SEND_COLOUR, edgecolor="none")
-        share = _collective_share(plan.stages[s])
+        share = _collective_share(plan.stages[firsts[s]])
         if share > 0:
-            tail = [(x + w * (1 - share), w * share) for kind in (K.FORWARD, K.BACKWARD) for x, w in bars.get((s, kind), [])]
+            tail = [(x + w * (1 - share), w * share) for kind in (K.FORWARD, K.BACKWARD, K.BACKWARD_INPUT)
+                    for x, w in bars.get((s, kind), [])]
             ax.broken_barh(tail, (s - 0.4, 0.6), facecolors="none", edgecolor="black", hatch="////", linewidth=0)
             tensor_drawn = True
     if m <= NUMBERED and p <= NUMBERED:
         for e in tl.events:
             # Only on bars wide enough for the digits (about 0.8% of the axis per character).
-            digits = len(str(e.action.microbatch))
-            wide = tl.step_time > 0 and (e.end - e.start) / tl.step_time > 0.008 * digits
-            if e.action.kind in (K.FORWARD, K.BACKWARD) and wide:
-                ax.text((e.start + e.end) / 2 / tsize, e.stage - 0.1, str(e.action.microbatch), ha="center",
-                        va="center", fontsize=6)
+            text = f"{e.action.stage}.{e.action.microbatch}" if chunked else str(e.action.microbatch)
+            wide = tl.step_time > 0 and (e.end - e.start) / tl.step_time > 0.008 * len(text)
+            if e.action.kind in _NUMBERED_KINDS and wide:
+                ax.text((e.start + e.end) / 2 / tsize, e.stage - 0.1, text, ha="center", va="center", fontsize=6)
     every = math.ceil(p / STAGE_LABELS)
-    labels = [f"stage {st.index} ({rank_range(st)})" + (", recompute" if st.recompute else "")
-              for st in plan.stages[::every]]
+    labels = [_row_label(plan, firsts[r]) for r in range(0, p, every)]
     ax.set_yticks(list(range(0, p, every)), labels, fontsize=8 if p <= 16 else 6)
     ax.set_ylim(p - 0.5, -0.5)
     if span > 0:
         ax.set_xlim(0, span / tsize * 1.01)
     ax.set_xlabel(f"time in one training step ({tname})")
     ax.grid(axis="x", alpha=0.3)
-    busy = sum(tl.busy) / (p * tl.step_time) if tl.step_time > 0 else 0.0
+    busy = sum(tl.busy) / (len(tl.busy) * tl.step_time) if tl.step_time > 0 and tl.busy else 0.0
     rows = plan.batch_size // plan.microbatches
     head = f"{title}: " if title else ""
     degrees = sorted({st.tensor for st in plan.stages})
     tp = f"tensor degree {'/'.join(map(str, degrees))}, " if degrees != [1] else ""
-    ax.set_title(f"{head}{p} stage{'s' * (p > 1)} on {plan.world_size} ranks, {tp}{plan.schedule}, "
+    n = plan.num_stages
+    chunks = f" ({plan.chunks} per rank on {p} positions)" if chunked else ""
+    ax.set_title(f"{head}{n} stage{'s' * (n > 1)}{chunks} on {plan.world_size} ranks, {tp}{plan.schedule}, "
                  f"{m} microbatches of {rows} row{'s' * (rows > 1)}; {what} step "
                  f"{tl.step_time / tsize:.4g} {tname}, stages busy {100 * busy:.0f}%", fontsize=9, loc="left")
     drawn = {kind for _, kind in bars}
+    if {K.BACKWARD_INPUT, K.BACKWARD_WEIGHT} & drawn:
+        drawn.discard(K.BACKWARD)
     handles = [Patch(facecolor=c, edgecolor="black", linewidth=0.3, label=lab)
                for kind, c, lab in _COMPUTE if kind in drawn]
     if K.SEND_ACT in drawn:
@@ -201,8 +212,21 @@ def _gantt(ax: Any, plan: Plan, tl: Timeline, title: str | None, what: str = "pr
         handles.append(Patch(facecolor="white", edgecolor="black", hatch="////", linewidth=0.3,
                              label="tensor-group collectives (share of F/B)"))
     if m <= NUMBERED and p <= NUMBERED:
-        handles.append(Patch(facecolor="white", edgecolor="none", label="numbers: microbatch"))
+        handles.append(Patch(facecolor="white", edgecolor="none",
+                             label="numbers: stage.microbatch" if chunked else "numbers: microbatch"))
     ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.005, 1.0), fontsize=8, frameon=False)
+
+
+def _row_label(plan: Plan, stage: int) -> str:
+    """The Gantt row label of the position running ``stage``: its stage (or, with chunks, every
+    stage its ranks hold), its ranks, and recompute."""
+    st = plan.stages[stage]
+    if plan.chunks == 1:
+        return f"stage {st.index} ({rank_range(st)})" + (", recompute" if st.recompute else "")
+    held = plan.stages_of_rank(st.ranks[0])
+    rec = [s for s in held if plan.stages[s].recompute]
+    note = "" if not rec else ", recompute " + ",".join(map(str, rec))
+    return f"stages {','.join(map(str, held))} ({rank_range(st)}){note}"
 
 
 def _collective_share(st: StagePlan) -> float:
@@ -221,30 +245,36 @@ def _memory(mx: Any, plan: Plan) -> None:
     mname, msize = unit(mem, _BYTE_UNITS)
     if plan.world_size <= RANK_BARS:
         ranks = range(plan.world_size)
-        colours = [_MEM_COLOURS[plan.stages[plan.stage_of_rank(r) or 0].recompute] for r in ranks]
+        colours = [_MEM_COLOURS[any(plan.stages[s].recompute for s in plan.stages_of_rank(r))] for r in ranks]
         mx.bar(list(ranks), [mem[r] / msize for r in ranks], width=0.8, color=colours)
-        mx.set_xticks(list(ranks), [f"{r}\nstage {plan.stage_of_rank(r)}" for r in ranks], fontsize=8)
+        held = [plan.stages_of_rank(r) for r in ranks]
+        mx.set_xticks(list(ranks), [f"{r}\nstage{'s' * (len(h) > 1)} {','.join(map(str, h))}"
+                                    for r, h in zip(ranks, held)], fontsize=8)
         mx.set_xlabel("rank")
     else:
         # One bar per stage spanning its ranks: the ranks of a stage's replicas share one prediction.
-        for st in plan.stages:
+        # With chunks, one bar per position (its stages share its ranks), named by its stages.
+        for st in plan.stages[:plan.num_positions]:  # stage r: position r's first
             left, right = min(st.ranks), max(st.ranks)
             top = max(mem[r] for r in st.ranks) / msize
-            mx.bar(left - 0.5, top, width=right - left + 1, align="edge", color=_MEM_COLOURS[st.recompute],
+            mine = plan.stages_of_rank(st.ranks[0])
+            rec = any(plan.stages[s].recompute for s in mine)
+            mx.bar(left - 0.5, top, width=right - left + 1, align="edge", color=_MEM_COLOURS[rec],
                    edgecolor="white", linewidth=0.5)
-            if plan.num_stages <= 8:
-                label = f"stage {st.index}\n{rank_range(st)}"
+            name = ",".join(map(str, mine))
+            if plan.num_positions <= 8:
+                label = f"stage{'s' * (len(mine) > 1)} {name}\n{rank_range(st)}"
             else:
-                label = f"{st.index}" if plan.num_stages <= STAGE_LABELS else ""
+                label = name if plan.num_positions <= STAGE_LABELS else ""
             mx.text((left + right) / 2, top, label, ha="center", va="bottom", fontsize=7)
         mx.set_xlim(-0.5, plan.world_size - 0.5)
         mx.xaxis.set_major_locator(MaxNLocator(integer=True))
         mx.set_xlabel("rank (one bar per stage, over the ranks of its replicas" +
-                      ("; numbers: stage)" if 8 < plan.num_stages <= STAGE_LABELS else ")"))
+                      ("; numbers: stage)" if 8 < plan.num_positions <= STAGE_LABELS else ")"))
     mx.set_ylabel(f"predicted peak\nmemory ({mname})", fontsize=8)
     mx.set_ylim(0, max(mem) / msize * 1.15 if max(mem) > 0 else 1)
     mx.grid(axis="y", alpha=0.3)
     handles = [Patch(facecolor=_MEM_COLOURS[rec], label=("stage recomputes activations" if rec
                                                          else "stage keeps activations"))
-               for rec in sorted({st.recompute for st in plan.stages})]
+               for rec in sorted({st.recompute for st in plan.stages})]  # with chunks: any of the rank's stages
     mx.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.005, 1.0), fontsize=8, frameon=False)
