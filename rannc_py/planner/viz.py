@@ -248,7 +248,9 @@ def _memory(mx: Any, plan: Plan) -> None:
         colours = [_MEM_COLOURS[any(plan.stages[s].recompute for s in plan.stages_of_rank(r))] for r in ranks]
         mx.bar(list(ranks), [mem[r] / msize for r in ranks], width=0.8, color=colours)
         held = [plan.stages_of_rank(r) for r in ranks]
-        mx.set_xticks(list(ranks), [f"{r}\nstage{'s' * (len(h) > 1)} {','.join(map(str, h))}"
+        # Several stages per rank on many ranks: the short form ("s0,2") keeps the labels apart.
+        word = "s" if len(ranks) * max(map(len, held), default=1) > 16 else "stage"
+        mx.set_xticks(list(ranks), [f"{r}\n{word}{'s' * (len(h) > 1 and word == 'stage')} {','.join(map(str, h))}"
                                     for r, h in zip(ranks, held)], fontsize=8)
         mx.set_xlabel("rank")
     else:
