@@ -246,7 +246,7 @@ def layout_stages(layout: Mapping[str, Any], world_size: int) -> tuple[int, list
     if len(replicas) != p or sum(replicas) * t != world_size or min(replicas) < 1:
         per = "" if t == 1 else f" (each replica a tensor group of {t} ranks)"
         raise ConfigError(
-            f"replicas={replicas} must list {p if v == 1 else counts} positive counts whose ranks{per} add up "
+            f"replicas={list(given)} must list {p if v == 1 else counts} positive counts whose ranks{per} add up "
             f"to the {world_size} ranks"
         )
     if v > 1:  # per stage, from its position

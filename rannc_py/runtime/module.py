@@ -7,7 +7,8 @@ per-microbatch losses (each replica's share of a microbatch weighted by its
 rows, which is the plain mean when microbatches hold equal token counts).
 
 How ``loss.backward()`` works: the whole schedule (every microbatch's forward
-and backward, in 1F1B, GPipe or ZB-H1 order, so 1F1B keeps its memory advantage)
+and backward, in 1F1B, GPipe, ZB-H1, interleaved 1F1B or ZB-V order, so 1F1B keeps its
+memory advantage)
 runs inside the forward call, and the gradient allreduce ends it. The
 gradients are held aside; the returned loss is attached to a tiny autograd
 function whose backward adds ``incoming gradient x held gradients`` to
@@ -16,6 +17,11 @@ function whose backward adds ``incoming gradient x held gradients`` to
 needs no hook. Only the loss carries a gradient; other outputs (logits, ...)
 are returned detached, for this rank's local rows (``return_outputs=False``
 skips moving them).
+
+A plan with several model chunks per rank (interleaved 1F1B, ZB-V: ``plan=dict(stages=4,
+schedule="interleaved", chunks=2, ...)``) gives a rank several stages: it holds the union of
+their parameters (one tensor for a parameter two of them read), runs one program and executor
+per stage, and walks its one action list over them (:func:`~rannc_py.runtime.executor.run_actions`).
 
 A plan whose stages have a tensor degree t > 1 (``plan=dict(..., tensor=2)``)
 runs each stage replica as a tensor group of t ranks
@@ -133,8 +139,9 @@ class RaNNCModule(nn.Module):
             meta models), or None. Default None.
         plan: a :class:`rannc_py.Plan`, a path to a saved plan, or a layout
             dict ``dict(stages=2, replicas=[2, 1], microbatches=4,
-            schedule="1f1b", recompute=False)`` (schedule "1f1b", "gpipe" or
-            "zb-h1"; ``tensor=2`` splits every stage over tensor groups of 2
+            schedule="1f1b", recompute=False)`` (schedule "1f1b", "gpipe",
+            "zb-h1", or with several stages per rank "interleaved" (``chunks=``,
+            default 2) and "zb-v", replicas then per pipeline position; ``tensor=2`` splits every stage over tensor groups of 2
             ranks, each replica one group: see :mod:`rannc_py.runtime.layout`). Default None: the planner
             searches on rank 0 on the first call, with ``options``.
             A layout dict's keys and values and a plan file are checked here;

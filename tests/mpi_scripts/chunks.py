@@ -11,7 +11,9 @@ argument). Options as runtime_equiv's (``rc``, ``accum``, ``clip``) and
   labels (logits; another signature, so new programs per stage), both compared with eager;
 - ``sd``: after training, ``state_dict()`` / ``optimizer_state_dict()`` compared with eager's, other
   values loaded and read back, the trained ones loaded again, and one more step compared;
-- ``meta``: the wrapped model is built on the meta device (the optimizer a factory).
+- ``meta``: the wrapped model is built on the meta device (the optimizer a factory);
+- ``trace``: with ``trace=`` on, the measured timeline has every rank's actions of each stage it holds,
+  and a PNG beside it.
 
 The harness is runtime_equiv's (same seeds, same eager reference weighting each replica's chunk of a
 microbatch by its rows); the last stage's replica count is that of its pipeline position.
@@ -19,7 +21,10 @@ microbatch by its rows); the last stage's replica count is that of its pipeline 
 
 from __future__ import annotations
 
+import json
 import sys
+import tempfile
+from pathlib import Path
 from typing import Any
 
 import runtime_equiv as E
@@ -162,6 +167,20 @@ def check_state_round_trip(wrapped: Any, ref: nn.Module, ropt: torch.optim.Optim
                        steps=1)
 
 
+def check_trace(path: Path, plan: Any, case: str) -> None:
+    """Every rank's track holds forwards and backwards of every stage it holds, named by stage."""
+    events = json.loads(path.read_text())["traceEvents"]
+    for r in range(world):
+        names = [e["args"]["name"] for e in events if e.get("ph") == "M" and e.get("tid") == r
+                 and e["name"] == "thread_name"]
+        held = plan.stages_of_rank(r)
+        assert names == [f"rank {r} (stages {', '.join(map(str, held))})"], f"{case}: {names}"
+        for kind in ("F", "W" if plan.schedule == "zb-v" else "B"):
+            seen = {e["args"]["stage"] for e in events if e.get("tid") == r and e.get("cat") == kind}
+            assert seen == set(held), f"{case}: rank {r} traced {kind} of stages {seen}, holds {held}"
+    assert path.with_suffix(".png").stat().st_size > 0, f"{case}: no picture"
+
+
 def run_case(case: str) -> None:
     name, layout_text, *rest = case.split(":")
     opts = set(rest[0].split(",")) if rest else set()
@@ -169,7 +188,9 @@ def run_case(case: str) -> None:
     layout["recompute"] = "rc" in opts
     ref_layout = reference_layout(layout)
     model, opt, ref, ropt = pair(name, "meta" in opts)
-    with rannc_py.RaNNCModule(model, opt, plan=layout) as wrapped:
+    folder = Path(E.comm.bcast(tempfile.mkdtemp() if rank == 0 else None, root=0))
+    traced = {"trace": str(folder / "trace.json"), "trace_steps": 2} if "trace" in opts else {}
+    with rannc_py.RaNNCModule(model, opt, plan=layout, **traced) as wrapped:
         if "meta" in opts:
             _train_meta(wrapped, ref, ropt, name, ref_layout, case, opts)
         else:
@@ -184,6 +205,8 @@ def run_case(case: str) -> None:
         plan = wrapped.plan
         assert plan is not None and plan.chunks == layout.get("chunks", 2), f"{case}: {plan}"
         assert len(plan.stages_of_rank(rank)) == plan.chunks, f"{case}: rank {rank} holds {plan.stages_of_rank(rank)}"
+    if traced and rank == 0:
+        check_trace(folder / "trace.json", plan, case)
     if rank == 0:
         print(f"case {case}: ok", flush=True)
 
