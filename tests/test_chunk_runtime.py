@@ -14,16 +14,24 @@ tags of different chunks, and the refusals (tensor > 1, sharded optimizer, check
 from __future__ import annotations
 
 import dataclasses
+import functools
+import sys
+from pathlib import Path
 
 import pytest
+import torch
 from mpi_launch import REPO, run_mpi
 
 import rannc_py
 from rannc_py.errors import ConfigError
+from rannc_py.graph.ir import Graph
 from rannc_py.runtime.layout import check_layout, check_plan_arg, explicit_plan
 from rannc_py.runtime.routing import META_TAG, message_tag, meta_tag
 from rannc_py.schedule import validate
 from rannc_py.schedule.generators import forward_only_on
+
+sys.path.insert(0, str(REPO / "tests/mpi_scripts"))
+from runtime_models import build_model, make_batch
 
 CHUNKS = REPO / "tests/mpi_scripts/chunks.py"
 
@@ -65,14 +73,8 @@ def test_chunked_schedules_equal_eager(ranks: int) -> None:
 
 
 # ------------------------------------------------------------------ layouts
-def _gpt_graph():  # noqa: ANN202 - a traced graph of the test GPT
-    import sys
-
-    import torch
-
-    sys.path.insert(0, str(REPO / "tests/mpi_scripts"))
-    from runtime_models import build_model, make_batch
-
+@functools.cache
+def _gpt_graph() -> Graph:
     torch.manual_seed(0)
     return rannc_py.trace(build_model("gpt"), kwargs=make_batch("gpt", 4, seed=0)).data()
 
@@ -114,8 +116,6 @@ def test_replicas_of_one_position_must_agree() -> None:
 
 
 def test_module_refuses_a_bad_chunked_layout_when_built() -> None:
-    import torch
-
     with pytest.raises(ConfigError, match="use microbatches=4"):
         rannc_py.RaNNCModule(torch.nn.Linear(2, 2), plan={"stages": 4, "schedule": "interleaved", "microbatches": 3})
 
@@ -147,14 +147,7 @@ def test_message_tags_of_chunks_differ_and_stay_below_the_meta_tags() -> None:
     assert len(metas) == 4 and max(tags) < min(metas) <= max(metas) == META_TAG
 
 
-def test_checkpoints_of_chunked_plans_are_refused(tmp_path) -> None:  # noqa: ANN001 - pytest's tmp_path
-    import sys
-
-    import torch
-
-    sys.path.insert(0, str(REPO / "tests/mpi_scripts"))
-    from runtime_models import build_model, make_batch
-
+def test_checkpoints_of_chunked_plans_are_refused(tmp_path: Path) -> None:
     torch.manual_seed(0)
     model = build_model("gpt")
     opt = torch.optim.AdamW(model.parameters())
