@@ -45,6 +45,7 @@ MATRIX = {
         "gpt:s4_r1x1_m4_zb-v:rc,accum,clip,trace",
         "hf_gpt2:s4_r1x1_m4_zb-v:eval,sd",
         "hf_llama:s4_r1x1_m2_interleaved:rc,clip",
+        "hf_llama:s4_r1x1_m4_zb-v:rcmix",
         "kw:s4_r1x1_m4_interleaved:accum,eval",
         "gpt6:s6_r1x1_m4_interleaved_c3:rc,sd",
     ],

@@ -7,6 +7,7 @@ sets ``chunks=3`` (interleaved). Models: runtime_models' ``gpt``, ``hf_gpt2``, `
 ``gpt6`` (the own GPT with 6 layers, for 3 chunks) and ``kw`` (a model of this file with a keyword
 argument). Options as runtime_equiv's (``rc``, ``accum``, ``clip``) and
 
+- ``rcmix``: recompute on the even stages only;
 - ``eval``: between steps, an eval call with labels (the loss) and a ``torch.no_grad`` call without
   labels (logits; another signature, so new programs per stage), both compared with eager;
 - ``sd``: after training, ``state_dict()`` / ``optimizer_state_dict()`` compared with eager's, other
@@ -185,7 +186,8 @@ def run_case(case: str) -> None:
     name, layout_text, *rest = case.split(":")
     opts = set(rest[0].split(",")) if rest else set()
     layout = parse_layout(layout_text)
-    layout["recompute"] = "rc" in opts
+    # rcmix: recompute per stage, on the even ones (a rank then holds a recomputed and a kept stage)
+    layout["recompute"] = [s % 2 == 0 for s in range(layout["stages"])] if "rcmix" in opts else "rc" in opts
     ref_layout = reference_layout(layout)
     model, opt, ref, ropt = pair(name, "meta" in opts)
     folder = Path(E.comm.bcast(tempfile.mkdtemp() if rank == 0 else None, root=0))
