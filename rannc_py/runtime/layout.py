@@ -128,7 +128,7 @@ def check_layout(layout: Mapping[str, Any]) -> list[bool]:
     stages = _positive_int(layout, "stages", 1)
     _positive_int(layout, "microbatches", 1)
     _check_training_schedule(layout.get("schedule", "1f1b"), "layout")
-    layout_chunks(layout)
+    _check_chunked_layout(layout, stages)
     recompute = layout.get("recompute", False)
     flags = [bool(recompute)] * stages if isinstance(recompute, bool) else [bool(r) for r in recompute]
     if len(flags) != stages:
@@ -139,20 +139,28 @@ def check_layout(layout: Mapping[str, Any]) -> list[bool]:
         raise ConfigError(f"layout tensor={degree} with shard_optimizer={layout.get('shard_optimizer')!r}: sharding "
                           "the optimizer state of tensor-parallel stages is not supported yet; use "
                           "shard_optimizer=0 or tensor=1")
-    v = layout_chunks(layout)
-    if v > 1 and degree > 1:
-        raise ConfigError(f"layout tensor={degree} with schedule {layout.get('schedule')!r} (chunks={v}) is not "
-                          "supported yet (a rank's tensor group would serve several stages); use tensor=1 or a "
-                          "schedule with one stage per rank ('1f1b', 'gpipe', 'zb-h1')")
-    if v > 1 and any(levels):
-        raise ConfigError(f"layout shard_optimizer={layout.get('shard_optimizer')!r} with schedule "
-                          f"{layout.get('schedule')!r} (chunks={v}) is not supported yet (a rank's stages would "
-                          "share one sharded optimizer); use shard_optimizer=0 or a schedule with one stage per "
-                          "rank ('1f1b', 'gpipe', 'zb-h1')")
     if degree > 1 and layout.get("schedule", "1f1b") == "zb-h1":
         raise ConfigError(f"layout tensor={degree} with schedule 'zb-h1' is not supported yet (its split backward "
                           "would run the tensor group's backward collectives twice); use '1f1b' or 'gpipe'")
     return flags
+
+
+def _check_chunked_layout(layout: Mapping[str, Any], stages: int) -> None:
+    """Raise ConfigError for a layout of several chunks per rank with what is not run yet with
+    chunks (tensor > 1, shard_optimizer > 0), or whose chunks do not fit (:func:`layout_chunks`)."""
+    v = layout_chunks(layout)
+    if v == 1:
+        return
+    degree = tensor_degree(layout, stages)
+    if degree > 1:
+        raise ConfigError(f"layout tensor={degree} with schedule {layout.get('schedule')!r} (chunks={v}) is not "
+                          "supported yet (a rank's tensor group would serve several stages); use tensor=1 or a "
+                          "schedule with one stage per rank ('1f1b', 'gpipe', 'zb-h1')")
+    if any(shard_levels(layout.get("shard_optimizer", 0), stages)):
+        raise ConfigError(f"layout shard_optimizer={layout.get('shard_optimizer')!r} with schedule "
+                          f"{layout.get('schedule')!r} (chunks={v}) is not supported yet (a rank's stages would "
+                          "share one sharded optimizer); use shard_optimizer=0 or a schedule with one stage per "
+                          "rank ('1f1b', 'gpipe', 'zb-h1')")
 
 
 def layout_chunks(layout: Mapping[str, Any]) -> int:
