@@ -121,6 +121,10 @@ def _holdings(model: nn.Module) -> _Holdings:
         raise ConfigError("save_checkpoint / load_checkpoint do not support tensor > 1 yet (each rank holds "
                           "shards of the split parameters); save model.state_dict() (full tensors) instead, "
                           "or train with tensor=1")
+    if model._plan.chunks > 1:
+        raise ConfigError(f"save_checkpoint / load_checkpoint do not support plans with several model chunks per "
+                          f"rank yet (schedule {model._plan.schedule!r}, chunks={model._plan.chunks}); save "
+                          "model.state_dict() and optimizer_state_dict() instead, or train with one stage per rank")
     inner = model._model
     keys = {k: model._names.get(k, k) for k in inner.state_dict(keep_vars=True)}
     persistent = set(keys.values())

@@ -22,6 +22,17 @@ For every action of :mod:`rannc_py.schedule` the executor does one thing:
 - ``SEND_B i``: post sends of the inputs' gradients.
 - ``ALLREDUCE``: hand over to the gradient synchroniser.
 
+A rank of a schedule with several model chunks (interleaved, ZB-V) holds
+several stages, one executor each; :func:`run_actions` walks the rank's one
+action list and hands each action to the executor of its stage. Two adjacent
+stages on the same ranks (ZB-V's turn) pass the activations and their
+gradients in memory, without a message (the schedule has no send or receive
+there). Messages carry the chunk of their boundary in their tag
+(:func:`~rannc_py.runtime.routing.message_tag`), so two chunks exchanging with
+the same pair of ranks cannot be confused. The gradient synchroniser is told
+before the rank's last backward over all its stages, and the ALLREDUCE
+actions (one per stage held) hand over once.
+
 Rows follow the plan's rule (:mod:`rannc_py.runtime.routing`) along each
 tensor's batch dimension, as the traced graph records it. Shapes are
 exchanged once per input signature (first microbatch of the first step with
@@ -38,8 +49,9 @@ exchanged per input signature).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from mpi4py import MPI
@@ -52,9 +64,9 @@ from rannc_py.runtime.backward import WeightWork, backward_input, backward_weigh
 from rannc_py.runtime.routing import (
     ACTIVATION,
     GRADIENT,
-    META_TAG,
     chunks,
     message_tag,
+    meta_tag,
     stage_routes,
     unbatched_source,
 )
@@ -139,6 +151,9 @@ class _StepState:
         in_grads: gradients of the inputs received from the previous stage, by microbatch.
         weights: what W still has to do after I, by microbatch.
         sends: sends in flight.
+        handoff: what adjacent stages on this rank pass each other in memory, by
+            ``(ACTIVATION or GRADIENT, boundary (the lower stage), microbatch)``; one dict shared
+            by the executors of a rank's stages.
     """
 
     step: StepInputs
@@ -157,6 +172,7 @@ class _StepState:
     in_grads: dict[int, list[Tensor]] = field(default_factory=dict)
     weights: dict[int, WeightWork] = field(default_factory=dict)
     sends: list[Work] = field(default_factory=list)
+    handoff: dict[tuple[int, int, int], Any] = field(default_factory=dict)
 
 
 def _join(pieces: list[Tensor], meta: WireMeta) -> Tensor:
@@ -174,10 +190,10 @@ def _join(pieces: list[Tensor], meta: WireMeta) -> Tensor:
 
 
 class Executor:
-    """Runs one stage replica's actions; one instance per rank, reused every step.
+    """Runs one stage replica's actions; one instance per stage a rank holds, reused every step.
 
     Args:
-        program: this rank's stage.
+        program: the stage's program on this rank.
         stage: its index.
         stage_ranks: ``stage_ranks[s]`` are the ranks of ``comm`` holding stage s.
         comm: the runtime's communicator (a duplicate of the world).
@@ -185,6 +201,9 @@ class Executor:
         keep_outputs: the last stage keeps every microbatch's outputs for the
             caller; False keeps only the scalar ones (the loss) after the
             first microbatch, whose outputs still describe them. Default True.
+        positions: pipeline positions (stages per model chunk; a message's tag
+            names its boundary's chunk, ``stage // positions``). Default None:
+            one stage per rank, every boundary in chunk 0.
     """
 
     def __init__(
@@ -195,6 +214,7 @@ class Executor:
         comm: MPI.Comm,
         recompute: bool,
         keep_outputs: bool = True,
+        positions: int | None = None,
     ) -> None:
         self.prog = program
         self.keep_outputs = keep_outputs
@@ -204,6 +224,12 @@ class Executor:
         self.recompute = recompute
         self.replica = stage_ranks[stage].index(comm.Get_rank())
         self.last = stage == len(stage_ranks) - 1
+        # an adjacent stage on the same ranks (ZB-V's turn) passes its tensors in memory
+        self.local_prev = stage > 0 and stage_ranks[stage - 1] == stage_ranks[stage]
+        self.local_next = not self.last and stage_ranks[stage + 1] == stage_ranks[stage]
+        per_chunk = positions or len(stage_ranks)
+        self._chunk_in = (stage - 1) // per_chunk if stage > 0 else 0  # the boundary with the previous stage
+        self._chunk_out = stage // per_chunk  # the boundary with the next stage
         self._in_meta: dict[Hashable, list[WireMeta]] = {}
         self._out_meta_sent: set[Hashable] = set()
         self.tracer: StepTracer | None = None  # records each action's span when set (RaNNCModule's trace=)
@@ -216,8 +242,10 @@ class Executor:
         ``before_last_backward`` runs just before the last microbatch's
         backward, ``on_allreduce`` at the ALLREDUCE action.
         """
-        st = self._begin(actions, step, before_last_backward)
-        handlers = {
+        return run_actions({self.stage: self}, actions, step, before_last_backward, on_allreduce, self.tracer)
+
+    def _handlers(self) -> dict[ActionKind, Callable[[_StepState, int], None]]:
+        return {
             K.RECV_ACT: self._recv_act,
             K.FORWARD: self._forward,
             K.SEND_ACT: self._send_act,
@@ -227,34 +255,22 @@ class Executor:
             K.BACKWARD_WEIGHT: self._backward_weight,
             K.SEND_GRAD: self._send_grad,
         }
-        tracer = self.tracer
-        for a in actions:
-            start = clock_ns() if tracer is not None else 0
-            if a.kind is K.ALLREDUCE:
-                on_allreduce()
-            else:
-                assert a.microbatch is not None
-                handlers[a.kind](st, a.microbatch)
-            if tracer is not None:
-                tracer.action(a, start)
-        wait_all(st.sends)
-        return st.result
 
-    def _begin(self, actions: tuple[Action, ...], step: StepInputs,
-               before_last_backward: Callable[[], None]) -> _StepState:
+    def _begin(self, step: StepInputs, last_backward: int | None, before_last_backward: Callable[[], None],
+               handoff: dict[tuple[int, int, int], Any]) -> _StepState:
         rows = step.batch // step.microbatches
         lo, hi = chunks(rows, len(self.ranks[self.stage]))[self.replica]
-        backwards = [a.microbatch for a in actions if a.kind in (K.BACKWARD, K.BACKWARD_WEIGHT)]
         return _StepState(
             step=step,
             rows=rows,
             lo=lo,
             n=hi - lo,
-            prev=self._peers(rows, self.stage - 1) if self.stage > 0 else None,
-            next=None if self.last else self._peers(rows, self.stage + 1),
-            last_backward=backwards[-1] if backwards else None,
+            prev=self._peers(rows, self.stage - 1) if self.stage > 0 and not self.local_prev else None,
+            next=None if self.last or self.local_next else self._peers(rows, self.stage + 1),
+            last_backward=last_backward,
             before_last_backward=before_last_backward,
             result=StageResult(weight=(hi - lo) / (rows * step.microbatches), rows=hi - lo),
+            handoff=handoff,
         )
 
     # -------------------------------------------------------------- helpers
@@ -280,7 +296,7 @@ class Executor:
             else:
                 sources = [(rank, meta.with_rows(rows)) for rank, _, rows in peers.batched]
             pieces = [torch.empty(shape, dtype=meta.dtype) for _, shape in sources]
-            tag = message_tag(kind, mb, k)
+            tag = message_tag(kind, mb, k, self._chunk_in if kind == ACTIVATION else self._chunk_out)
             incoming.works += [p2p.irecv(t, rank, tag, self.comm) for (rank, _), t in zip(sources, pieces)]
             incoming.tensors.append((name, meta, pieces))
         return incoming
@@ -290,7 +306,7 @@ class Executor:
         """Post the sends of tensors ``(index, contiguous tensor, meta)`` of microbatch ``mb`` to ``peers``."""
         assert peers is not None
         for k, t, meta in tensors:
-            tag = message_tag(kind, mb, k)
+            tag = message_tag(kind, mb, k, self._chunk_out if kind == ACTIVATION else self._chunk_in)
             if meta.batch_dim is None:
                 st.sends += [p2p.isend(t, rank, tag, self.comm) for rank in peers.unbatched]
             else:
@@ -311,7 +327,7 @@ class Executor:
         sig = st.step.signature
         if sig not in self._in_meta:  # every partner describes the same tensors
             assert st.prev is not None
-            described = [self.comm.recv(source=rank, tag=META_TAG) for rank, _, _ in st.prev.batched]
+            described = [self.comm.recv(source=rank, tag=meta_tag(self._chunk_in)) for rank, _, _ in st.prev.batched]
             self._in_meta[sig] = described[0]
         specs = [(k, name, meta) for k, (name, meta) in enumerate(zip(self.prog.recv_names, self._in_meta[sig]))]
         st.incoming[mb] = self._post_recvs(specs, st.prev, ACTIVATION, mb)
@@ -319,7 +335,12 @@ class Executor:
     def _forward(self, st: _StepState, mb: int) -> None:
         values = self._user_inputs(st, mb)
         train = st.step.training
-        if self.stage > 0:
+        if self.local_prev:
+            for name, t in st.handoff.pop((ACTIVATION, self.stage - 1, mb)).items():
+                if train and t.is_floating_point():
+                    t.requires_grad_(True)
+                values[name] = t
+        elif self.stage > 0:
             incoming = st.incoming.pop(mb)
             wait_all(incoming.works)
             for name, meta, pieces in incoming.tensors:
@@ -336,6 +357,10 @@ class Executor:
         st.outs[mb] = outs
         if self.last:
             self._record(st, mb, outs)
+        elif self.local_next:  # the next stage reads them here, as if received (a leaf of its own graph)
+            st.handoff[(ACTIVATION, self.stage, mb)] = {n: outs[n].detach() for n in self.prog.send_names}
+            if not train:
+                st.outs.pop(mb)
 
     def _record(self, st: _StepState, mb: int, outs: dict[str, Tensor]) -> None:
         result = st.result
@@ -363,7 +388,7 @@ class Executor:
         if sig not in self._out_meta_sent:
             assert st.next is not None
             for rank, _, _ in st.next.batched:
-                self.comm.send(metas, dest=rank, tag=META_TAG)
+                self.comm.send(metas, dest=rank, tag=meta_tag(self._chunk_out))
             self._out_meta_sent.add(sig)
         self._post_sends(st, list(zip(range(len(names)), tensors, metas)), st.next, ACTIVATION, mb)
         if not st.step.training:
@@ -388,6 +413,7 @@ class Executor:
         if self.stage > 0:
             received = self._received(values)
             st.in_grads[mb] = [torch.zeros_like(t) if t.grad is None else t.grad for t in received]
+            self._hand_back(st, mb)
 
     def _backward_input(self, st: _StepState, mb: int) -> None:
         values, tensors, grads = self._backward_roots(st, mb)
@@ -398,6 +424,12 @@ class Executor:
             found, st.weights[mb] = backward_input(tensors, grads, received, params)
         if self.stage > 0:
             st.in_grads[mb] = [torch.zeros_like(t) if g is None else g for t, g in zip(received, found)]
+            self._hand_back(st, mb)
+
+    def _hand_back(self, st: _StepState, mb: int) -> None:
+        """The inputs' gradients of ``mb`` to the previous stage when it is on this rank (no SEND_B)."""
+        if self.local_prev:
+            st.handoff[(GRADIENT, self.stage - 1, mb)] = st.in_grads.pop(mb)
 
     def _backward_weight(self, st: _StepState, mb: int) -> None:
         if mb == st.last_backward:
@@ -421,6 +453,11 @@ class Executor:
             assert st.result.loss_name is not None  # checked when the forward recorded it
             loss = outs[st.result.loss_name]
             return values, [loss], [torch.full_like(loss, st.result.weight)]
+        if self.local_next:  # the next stage's input gradients, in its received order (floating point)
+            grads = st.handoff.pop((GRADIENT, self.stage, mb))
+            names = [n for n in self.prog.send_names if outs[n].is_floating_point()]
+            local = [(outs[n], g) for n, g in zip(names, grads, strict=True) if outs[n].requires_grad]
+            return values, [t for t, _ in local], [g for _, g in local]
         incoming = st.incoming.pop(mb)
         wait_all(incoming.works)
         pairs = [(outs[name], _join(pieces, meta)) for name, meta, pieces in incoming.tensors
@@ -452,3 +489,44 @@ class Executor:
             if meta.dtype.is_floating_point
         ]
         self._post_sends(st, tensors, st.prev, GRADIENT, mb)
+
+
+def run_actions(executors: Mapping[int, Executor], actions: tuple[Action, ...], step: StepInputs,
+                before_last_backward: Callable[[], None], on_allreduce: Callable[[], None],
+                tracer: StepTracer | None = None) -> StageResult:
+    """Execute one rank's ``actions`` for ``step``, each by the executor of its stage.
+
+    Args:
+        executors: stage -> the executor of every stage this rank holds.
+        actions: the rank's action list (of several stages with model chunks).
+        step: the step's inputs.
+        before_last_backward: runs just before the rank's last backward (B or W) over all
+            its stages, when every later gradient is final.
+        on_allreduce: runs at the first ALLREDUCE action (one per stage held; the others
+            have nothing left to hand over).
+        tracer: records each action's span when given.
+    Returns:
+        The last stage's outputs when this rank holds it, else an empty result.
+    """
+    backwards = [(a.stage, a.microbatch) for a in actions if a.kind in (K.BACKWARD, K.BACKWARD_WEIGHT)]
+    last_stage, last_mb = backwards[-1] if backwards else (None, None)
+    handoff: dict[tuple[int, int, int], Any] = {}
+    states = {s: ex._begin(step, last_mb if s == last_stage else None, before_last_backward, handoff)
+              for s, ex in executors.items()}
+    handlers = {s: ex._handlers() for s, ex in executors.items()}
+    handed_over = False
+    for a in actions:
+        start = clock_ns() if tracer is not None else 0
+        if a.kind is K.ALLREDUCE:
+            if not handed_over:
+                on_allreduce()
+                handed_over = True
+        else:
+            assert a.microbatch is not None
+            handlers[a.stage][a.kind](states[a.stage], a.microbatch)
+        if tracer is not None:
+            tracer.action(a, start)
+    for st in states.values():
+        wait_all(st.sends)
+    last = max(executors)
+    return states[last].result

@@ -239,8 +239,11 @@ def waiting_point(frame: FrameType | None) -> str:
         if len(where) < 3 and path.startswith(package):
             where.append(f"{frame.f_code.co_name} ({os.path.relpath(path, os.path.dirname(package))}:"
                          f"{frame.f_lineno})")
-        if action is None and frame.f_code.co_name == "run" and path.endswith(os.path.join("runtime", "executor.py")):
+        if action is None and frame.f_code.co_name == "run_actions" \
+                and path.endswith(os.path.join("runtime", "executor.py")):
             action = frame.f_locals.get("a")  # the schedule action being executed
         frame = frame.f_back
     text = " called from ".join(where) or "user code"
-    return text if action is None else f"{text}, schedule action {action}"
+    if action is None:
+        return text
+    return f"{text}, schedule action {action}" + (f" of stage {action.stage}" if hasattr(action, "stage") else "")

@@ -2,9 +2,18 @@
 
 Accepted: a ``Plan``; a path to a plan saved with ``Plan.save``; or an
 explicit layout ``dict(stages=S, tensor=T, replicas=[r0, ...], microbatches=M,
-schedule="1f1b", recompute=False, shard_optimizer=0)`` (a schedule of
+schedule="1f1b", chunks=1, recompute=False, shard_optimizer=0)`` (a schedule of
 :data:`RUN_SCHEDULES`) whose stage boundaries are placed by balancing the
 graph's FLOPs. With ``None`` the planner searches.
+
+Model chunks: with ``schedule="interleaved"`` (``chunks`` v >= 2, default 2)
+or ``"zb-v"`` (chunks 2, implied) each rank holds v of the S stages, on
+``p = S / v`` pipeline positions: interleaved puts stage s on position
+``s % p``, ZB-V stages s and ``2p - 1 - s`` on position s (a V). ``replicas``
+then counts ranks per *position* (p counts; or S counts, one per stage, equal
+for the stages of a position), and position j's ranks follow position j - 1's.
+Interleaved needs M a multiple of p. Model chunks run with ``tensor=1`` and
+``shard_optimizer=0`` (not run yet; refused with ConfigError).
 
 ``tensor`` is the tensor degree (default 1): an int for every stage, or one
 per stage (RaNNCModule runs one degree for all stages, see
@@ -30,12 +39,16 @@ from rannc_py.graph.ir import Graph, TensorMeta
 from rannc_py.graph.partition import balanced_assignment
 from rannc_py.planner.options import EXPERIMENTAL_SCHEDULES, TRAINING_SCHEDULES, shard_levels
 from rannc_py.planner.plan import Plan, StagePlan
+from rannc_py.schedule.generators import chunks_of
+from rannc_py.schedule.generators import stage_ranks as chunk_positions
 
-_LAYOUT_KEYS = {"stages", "tensor", "replicas", "microbatches", "schedule", "recompute", "shard_optimizer"}
-RUN_SCHEDULES: tuple[str, ...] = TRAINING_SCHEDULES + EXPERIMENTAL_SCHEDULES
-"""The schedules RaNNCModule trains with: the planner's defaults and the split-backward ``zb-h1``
-(searched only when named). forward_only has no backward and no ALLREDUCE (a plan with it would
-never learn); the schedules with several model chunks per rank are planned but not executed yet."""
+_LAYOUT_KEYS = {"stages", "tensor", "replicas", "microbatches", "schedule", "chunks", "recompute", "shard_optimizer"}
+CHUNKED_SCHEDULES: tuple[str, ...] = ("interleaved", "zb-v")
+"""The schedules with several model chunks (stages) per rank."""
+RUN_SCHEDULES: tuple[str, ...] = tuple(dict.fromkeys(TRAINING_SCHEDULES + EXPERIMENTAL_SCHEDULES + CHUNKED_SCHEDULES))
+"""The schedules RaNNCModule trains with: the planner's defaults, the split-backward ``zb-h1`` and
+the chunked ``interleaved`` and ``zb-v``. forward_only has no backward and no ALLREDUCE (a plan
+with it would never learn)."""
 # Batch sizes at which a plan's graph may have been traced (the CLI traces at 2) when the model's
 # traced batch differs; see check_plan.
 _TRACE_BATCHES = range(1, 65)
@@ -66,7 +79,22 @@ def check_plan_arg(plan: PlanArg | None) -> Plan | Mapping[str, Any] | None:
     if not isinstance(plan, Plan):
         raise ConfigError(f"plan= takes a Plan, a JSON path or a layout dict, got {type(plan).__name__}")
     _check_training_schedule(plan.schedule, "the plan's", PlanError)
+    check_chunked(plan)
     return plan
+
+
+def check_chunked(plan: Plan) -> None:
+    """Raise ConfigError for a plan with several model chunks per rank that RaNNCModule cannot run yet:
+    tensor degree > 1 or a sharded optimizer level."""
+    if plan.chunks == 1:
+        return
+    what = f"schedule {plan.schedule!r} with chunks={plan.chunks}"
+    if any(st.tensor > 1 for st in plan.stages):
+        raise ConfigError(f"{what} and tensor > 1 is not supported yet (a rank's tensor group would serve "
+                          "several stages); use tensor=1, or a schedule with one stage per rank")
+    if any(st.shard_level for st in plan.stages):
+        raise ConfigError(f"{what} and shard_optimizer > 0 is not supported yet (a rank's stages would share "
+                          "one sharded optimizer); use shard_optimizer=0, or a schedule with one stage per rank")
 
 
 def _positive_int(layout: Mapping[str, Any], key: str, default: int) -> int:
@@ -99,6 +127,7 @@ def check_layout(layout: Mapping[str, Any]) -> list[bool]:
     stages = _positive_int(layout, "stages", 1)
     _positive_int(layout, "microbatches", 1)
     _check_training_schedule(layout.get("schedule", "1f1b"), "layout")
+    _check_chunked_layout(layout, stages)
     recompute = layout.get("recompute", False)
     flags = [bool(recompute)] * stages if isinstance(recompute, bool) else [bool(r) for r in recompute]
     if len(flags) != stages:
@@ -106,6 +135,55 @@ def check_layout(layout: Mapping[str, Any]) -> list[bool]:
     shard_levels(layout.get("shard_optimizer", 0), stages)  # checked here, used by explicit_plan
     tensor_degree(layout, stages)
     return flags
+
+
+def _check_chunked_layout(layout: Mapping[str, Any], stages: int) -> None:
+    """Raise ConfigError for a layout of several chunks per rank with what is not run yet with
+    chunks (tensor > 1, shard_optimizer > 0), or whose chunks do not fit (:func:`layout_chunks`)."""
+    v = layout_chunks(layout)
+    if v == 1:
+        return
+    degree = tensor_degree(layout, stages)
+    if degree > 1:
+        raise ConfigError(f"layout tensor={degree} with schedule {layout.get('schedule')!r} (chunks={v}) is not "
+                          "supported yet (a rank's tensor group would serve several stages); use tensor=1 or a "
+                          "schedule with one stage per rank ('1f1b', 'gpipe', 'zb-h1')")
+    if any(shard_levels(layout.get("shard_optimizer", 0), stages)):
+        raise ConfigError(f"layout shard_optimizer={layout.get('shard_optimizer')!r} with schedule "
+                          f"{layout.get('schedule')!r} (chunks={v}) is not supported yet (a rank's stages would "
+                          "share one sharded optimizer); use shard_optimizer=0 or a schedule with one stage per "
+                          "rank ('1f1b', 'gpipe', 'zb-h1')")
+
+
+def layout_chunks(layout: Mapping[str, Any]) -> int:
+    """The layout's model chunks per rank (key ``chunks``; default the schedule's own: 2 for
+    interleaved and zb-v, else 1), checked against its stages and microbatches.
+
+    Raises:
+        ConfigError: a chunk count the schedule cannot use (interleaved >= 2, zb-v 2, the others
+            1), stages that are not a multiple of it, or (interleaved) microbatches that are not
+            a multiple of the pipeline positions ``stages / chunks``.
+    """
+    name = str(layout.get("schedule", "1f1b"))
+    given = layout.get("chunks")
+    try:
+        v = chunks_of(name, given)
+    except ConfigError as e:
+        fix = ("chunks=2 (or leave chunks out)" if name == "zb-v" else
+               "chunks >= 2" if name == "interleaved" else "leave chunks out (one stage per rank), or "
+               "schedule='interleaved' for several")
+        raise ConfigError(f"layout chunks={given!r}: {e}; use {fix}") from None
+    stages = layout.get("stages", 1)
+    if stages % v:
+        raise ConfigError(f"layout stages={stages} with schedule {name!r} and chunks={v}: the stages must be a "
+                          f"multiple of the chunks (each rank holds {v}); use stages={(stages // v + 1) * v}")
+    m = layout.get("microbatches", 1)
+    p = stages // v
+    if name == "interleaved" and m % p:
+        raise ConfigError(f"layout microbatches={m} with schedule 'interleaved' on {p} pipeline positions "
+                          f"(stages={stages} / chunks={v}): microbatches must be a multiple of the positions; "
+                          f"use microbatches={(m // p + 1) * p}")
+    return v
 
 
 def tensor_degree(layout: Mapping[str, Any], stages: int) -> int:
@@ -138,25 +216,42 @@ def layout_stages(layout: Mapping[str, Any], world_size: int) -> tuple[int, list
     flags = check_layout(layout)
     stages = len(flags)
     t = tensor_degree(layout, stages)
+    v = layout_chunks(layout)
+    p = stages // v  # pipeline positions: ranks are shared out per position
     given = layout.get("replicas")
     if given is None:
-        if world_size % (stages * t):
+        if world_size % (p * t):
+            what = f"{stages} stages" if v == 1 else f"{p} pipeline positions ({stages} stages, {v} per rank)"
             raise ConfigError(
-                f"{world_size} ranks cannot be shared equally by {stages} stages of tensor degree {t}; "
-                f"launch a multiple of {stages * t} ranks or give replicas=[...]"
+                f"{world_size} ranks cannot be shared equally by {what} of tensor degree {t}; "
+                f"launch a multiple of {p * t} ranks or give replicas=[...]"
             )
-        given = [world_size // (stages * t)] * stages
+        given = [world_size // (p * t)] * p
     if isinstance(given, int) and not isinstance(given, bool):
-        given = [given] * stages  # one count for every stage
+        given = [given] * p  # one count for every stage (position)
+    counts = "one per stage" if v == 1 else f"one per pipeline position ({p}) or per stage ({stages})"
     if not isinstance(given, (list, tuple)) or any(isinstance(r, bool) or not isinstance(r, int) for r in given):
-        raise ConfigError(f"replicas={given!r} must be an int or a list of ints, one per stage ({stages})")
+        raise ConfigError(f"replicas={given!r} must be an int or a list of ints, {counts}")
     replicas = [int(r) for r in given]
-    if len(replicas) != stages or sum(replicas) * t != world_size or min(replicas) < 1:
+    if v > 1 and len(replicas) == stages:  # per stage: equal within each position
+        positions = chunk_positions(str(layout.get("schedule")), p, v)
+        per_position: dict[int, int] = {}
+        for s, r in enumerate(replicas):
+            if per_position.setdefault(positions[s], r) != r:
+                raise ConfigError(
+                    f"replicas={replicas}: stages {[q for q in range(stages) if positions[q] == positions[s]]} "
+                    f"share pipeline position {positions[s]} (the same ranks) but are given different counts; "
+                    f"give one count per position, e.g. replicas={[per_position.get(j, r) for j in range(p)]}")
+        replicas = [per_position[j] for j in range(p)]
+    if len(replicas) != p or sum(replicas) * t != world_size or min(replicas) < 1:
         per = "" if t == 1 else f" (each replica a tensor group of {t} ranks)"
         raise ConfigError(
-            f"replicas={replicas} must list {stages} positive counts whose ranks{per} add up to the "
-            f"{world_size} ranks"
+            f"replicas={list(given)} must list {p if v == 1 else counts} positive counts whose ranks{per} add up "
+            f"to the {world_size} ranks"
         )
+    if v > 1:  # per stage, from its position
+        positions = chunk_positions(str(layout.get("schedule")), p, v)
+        replicas = [replicas[positions[s]] for s in range(stages)]
     return stages, replicas, flags
 
 
@@ -175,15 +270,21 @@ def explicit_plan(graph: Graph, layout: Mapping[str, Any], batch_size: int, worl
     """
     stages, replicas, flags = layout_stages(layout, world_size)
     t = tensor_degree(layout, stages)
+    v = layout_chunks(layout)
+    p = stages // v
     levels = shard_levels(layout.get("shard_optimizer", 0), stages)
     assignment = balanced_assignment(graph, stages)
-    first = 0
+    positions = chunk_positions(str(layout.get("schedule", "1f1b")), p, v) or tuple(range(stages))
+    per_position = [0] * p
+    for s in range(stages):
+        per_position[positions[s]] = replicas[s]
+    firsts = [sum(per_position[:j]) * t for j in range(p)]  # position j's ranks follow position j - 1's
     stage_plans = []
     for s in range(stages):
         ops = tuple(i for i, a in enumerate(assignment) if a == s)
         fqns = sorted({f for i in ops for f in (*graph.ops[i].params, *graph.ops[i].buffers)})
+        first = firsts[positions[s]]
         ranks = tuple(range(first, first + replicas[s] * t))
-        first += replicas[s] * t
         stage_plans.append(StagePlan(index=s, ops=ops, param_fqns=tuple(fqns), ranks=ranks, recompute=flags[s],
                                      predicted_compute_time=0.0, predicted_peak_memory=0,
                                      shard_level=levels[s] if replicas[s] > 1 else 0, tensor=t))
@@ -201,6 +302,7 @@ def explicit_plan(graph: Graph, layout: Mapping[str, Any], batch_size: int, worl
             samples_per_second=0.0,
             mfu=0.0,
             search_time=0.0,
+            chunks=v,
         )
     except PlanError as e:
         raise ConfigError(f"layout {dict(layout)} is not usable: {e}") from e

@@ -7,7 +7,8 @@ per-microbatch losses (each replica's share of a microbatch weighted by its
 rows, which is the plain mean when microbatches hold equal token counts).
 
 How ``loss.backward()`` works: the whole schedule (every microbatch's forward
-and backward, in 1F1B, GPipe or ZB-H1 order, so 1F1B keeps its memory advantage)
+and backward, in 1F1B, GPipe, ZB-H1, interleaved 1F1B or ZB-V order, so 1F1B keeps its
+memory advantage)
 runs inside the forward call, and the gradient allreduce ends it. The
 gradients are held aside; the returned loss is attached to a tiny autograd
 function whose backward adds ``incoming gradient x held gradients`` to
@@ -16,6 +17,11 @@ function whose backward adds ``incoming gradient x held gradients`` to
 needs no hook. Only the loss carries a gradient; other outputs (logits, ...)
 are returned detached, for this rank's local rows (``return_outputs=False``
 skips moving them).
+
+A plan with several model chunks per rank (interleaved 1F1B, ZB-V: ``plan=dict(stages=4,
+schedule="interleaved", chunks=2, ...)``) gives a rank several stages: it holds the union of
+their parameters (one tensor for a parameter two of them read), runs one program and executor
+per stage, and walks its one action list over them (:func:`~rannc_py.runtime.executor.run_actions`).
 
 A plan whose stages have a tensor degree t > 1 (``plan=dict(..., tensor=2)``)
 runs each stage replica as a tensor group of t ranks
@@ -61,11 +67,11 @@ from rannc_py.errors import ConfigError, RaNNCError
 from rannc_py.planner.options import PlanOptions
 from rannc_py.planner.plan import Plan
 from rannc_py.runtime import params as P
-from rannc_py.runtime.executor import Executor, StepInputs
+from rannc_py.runtime.executor import StepInputs, run_actions
 from rannc_py.runtime.failure import Watchdog, abort_on_error, agreed, install_excepthook
 from rannc_py.runtime.grads import GradSync, HeldGrads, clip_grad_norm_
 from rannc_py.runtime.io import gather_inputs, return_outputs
-from rannc_py.runtime.layout import RUN_SCHEDULES, PlanArg, check_plan_arg, load_plan
+from rannc_py.runtime.layout import RUN_SCHEDULES, PlanArg, check_chunked, check_plan_arg, load_plan
 from rannc_py.runtime.optim_state import OptimizerState, original_groups
 from rannc_py.runtime.placement import place
 from rannc_py.runtime.sharding import ShardedStep, stage_levels
@@ -78,11 +84,13 @@ from rannc_py.runtime.signatures import (
     call_key,
     describe_sizes,
     difference,
+    make_executors,
     trace_call,
 )
 from rannc_py.runtime.tensor_stages import position_ranks
 from rannc_py.runtime.trace import check_trace_arg, clock_ns
-from rannc_py.schedule import by_name, forward_only
+from rannc_py.schedule import by_name
+from rannc_py.schedule.generators import forward_only_on
 
 OptimizerArg = torch.optim.Optimizer | Callable[[list[nn.Parameter]], torch.optim.Optimizer] | None
 
@@ -131,8 +139,9 @@ class RaNNCModule(nn.Module):
             meta models), or None. Default None.
         plan: a :class:`rannc_py.Plan`, a path to a saved plan, or a layout
             dict ``dict(stages=2, replicas=[2, 1], microbatches=4,
-            schedule="1f1b", recompute=False)`` (schedule "1f1b", "gpipe" or
-            "zb-h1"; ``tensor=2`` splits every stage over tensor groups of 2
+            schedule="1f1b", recompute=False)`` (schedule "1f1b", "gpipe",
+            "zb-h1", or with several stages per rank "interleaved" (``chunks=``,
+            default 2) and "zb-v", replicas then per pipeline position; ``tensor=2`` splits every stage over tensor groups of 2
             ranks, each replica one group: see :mod:`rannc_py.runtime.layout`). Default None: the planner
             searches on rank 0 on the first call, with ``options``.
             A layout dict's keys and values and a plan file are checked here;
@@ -237,6 +246,7 @@ class RaNNCModule(nn.Module):
         with torch.enable_grad():  # profiling runs backward, also under a caller's no_grad()
             self._plan = self._make_plan(graph, graph.batch_size * comm.Get_size(),
                                          graph.flatten_inputs(args, kwargs))
+        check_chunked(self._plan)  # the same plan on every rank: each raises alike
         if self._save_plan is not None and rank == 0:
             self._plan.save(self._save_plan)
         placement = place(model, graph, self._plan, self._names, comm, self._param_init)
@@ -264,21 +274,20 @@ class RaNNCModule(nn.Module):
             None if self._tensor is None else P.SplitAt(self._tensor.shards, self._tensor.position,
                                                         self._tensor.degree))
         self._held = HeldGrads([*self._params.values(), *self._shards.shard_params()])
-        s = placement.stage
         position = 0 if self._tensor is None else self._tensor.position
         positions = position_ranks(self._plan)
         self._out_ranks = [at[0] for at in positions]  # position 0 of the last stage returns the outputs
-        self._layout = Layout(graph=graph, assignment=self._plan.assignment(), stage=s,
+        self._layout = Layout(graph=graph, assignment=self._plan.assignment(), stages=placement.stages,
                               stage_ranks=[at[position] for at in positions], names=self._names, local=self._local,
-                              recompute=self._plan.stages[s].recompute, keep_outputs=self._options.return_outputs,
+                              recompute={s: self._plan.stages[s].recompute for s in placement.stages},
+                              keep_outputs=self._options.return_outputs, positions=self._plan.num_positions,
                               tensor=self._tensor)
-        prog = placement.program
-        prog.module.train(self.training)
+        for prog in placement.programs.values():
+            prog.module.train(self.training)
         first = CallProgram(
-            graph=graph, executor=Executor(prog, s, self._layout.stage_ranks, comm, self._layout.recompute,
-                                           self._options.return_outputs),
-            module=prog.module, training=True, input_dims=placement.input_dims, output_dims=placement.output_dims)
-        first.executor.tracer = self._tracer
+            graph=graph, executors=make_executors(self._layout, placement.programs, comm),
+            modules=[prog.module for prog in placement.programs.values()], training=True,
+            input_dims=placement.input_dims, output_dims=placement.output_dims)
         describe_sizes(first)
         key, _ = call_key(args, kwargs, True)
         self._programs: dict[tuple[Any, ...], list[CallProgram]] = {key: [first]}
@@ -296,6 +305,8 @@ class RaNNCModule(nn.Module):
             given = load_plan(self._plan_arg, graph, batch, comm.Get_size())
             if not isinstance(self._plan_arg, Mapping):
                 return given  # a saved or made plan carries its own predictions
+            if given.chunks > 1:
+                return given  # the planner does not predict layouts of several chunks per rank yet
         from rannc_py.planner.api import plan_graph, predict_plan
         from rannc_py.runtime.autoplan import (
             job_cluster,
@@ -432,8 +443,8 @@ class RaNNCModule(nn.Module):
         if error is not None or found is None:
             return None, error or "another rank could not map this call"
         if found.training:
-            found.module.train(self.training)
-        found.executor.tracer = self._tracer
+            for module in found.modules:
+                module.train(self.training)
         self._programs.setdefault(key, []).append(found)
         return found, None
 
@@ -459,12 +470,14 @@ class RaNNCModule(nn.Module):
         step = StepInputs(batch=batch, microbatches=m, inputs=inputs, signature=signature, training=training)
         key = (training, m)
         if key not in program.schedules:
-            gen = by_name(plan.schedule, plan.num_stages, m) if training else forward_only(plan.num_stages, m)
-            program.schedules[key] = gen.actions[self._layout.stage]
+            # a rank's action list covers all its stages (one per model chunk); forward-only in stage order
+            gen = (by_name if training else forward_only_on)(plan.schedule, plan.num_positions, m, plan.chunks)
+            program.schedules[key] = gen.actions[plan.position_of_stage(self._layout.stages[0])]
         if training:
             self._held.begin()
             self._sync.prepare()
-        result = program.executor.run(program.schedules[key], step, self._sync.arm, self._sync.start)
+        result = run_actions(program.executors, program.schedules[key], step, self._sync.arm, self._sync.start,
+                             tracer)
         apply = None
         start = clock_ns() if tracer is not None else 0
         if training:
@@ -547,7 +560,8 @@ class RaNNCModule(nn.Module):
             for programs in self._programs.values():  # eval programs were traced in eval mode and stay so
                 for program in programs:
                     if program.training:
-                        program.module.train(mode)
+                        for module in program.modules:
+                            module.train(mode)
         return self
 
     def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0) -> Tensor:

@@ -1,4 +1,11 @@
-"""Place a plan on this rank: its stage's program and the tensors it holds.
+"""Place a plan on this rank: its stages' programs and the tensors it holds.
+
+A rank holds one stage, or with several model chunks per rank (interleaved,
+ZB-V) the stages ``plan.stages_of_rank(rank)``: it materialises the union of
+their parameters, one tensor per canonical name, so a parameter two of its
+stages read (GPT-2's tied embedding and LM head on ZB-V's rank 0, which holds
+the first and the last stage) is one local tensor whose gradient accumulates
+from both programs and is summed once per holder rank.
 
 Every rank materialises (from ``meta``) only what its stage reads, makes its
 copies agree with the other holders (as DDP does at construction), and
@@ -38,10 +45,10 @@ class Placement:
     """What this rank runs and holds.
 
     Attributes:
-        stage: the stage index this rank runs.
-        program: the stage's program.
+        stages: the stages this rank runs, ascending (one unless the plan has chunks).
+        programs: stage -> its program on this rank.
         local: canonical name -> every parameter/buffer this rank holds.
-        params: canonical name -> the parameters its stage trains.
+        params: canonical name -> the parameters its stages train.
         owned: names this rank speaks for in state dicts and norms (it is
             their lowest-numbered holder).
         holders: canonical parameter name -> the ranks whose stages read it.
@@ -57,8 +64,8 @@ class Placement:
             communicators, so every rank needs all of them).
     """
 
-    stage: int
-    program: StageProgram
+    stages: tuple[int, ...]
+    programs: dict[int, StageProgram]
     local: dict[str, Tensor]
     params: dict[str, nn.Parameter]
     owned: set[str]
@@ -91,12 +98,12 @@ def place(
         ConfigError: a meta module cannot be initialised (see :func:`params.materialize`).
     """
     rank = comm.Get_rank()
-    s = rank_stage(plan, rank)
+    rank_stage(plan, rank)  # raises when the plan leaves this rank idle
+    mine_stages = plan.stages_of_rank(rank)
     tensor = TensorStages.create(plan, graph, comm)
     stages = graph.split(plan.assignment()).stages if tensor is None else tensor.stages(graph, plan.assignment())
-    stage = stages[s]
     holders: dict[str, set[int]] = {}
-    by_position: list[dict[str, set[int]]] = [{} for _ in range(plan.stages[s].tensor)]
+    by_position: list[dict[str, set[int]]] = [{} for _ in range(plan.stages[mine_stages[0]].tensor)]
     positions = position_ranks(plan)
     for st, sp, at in zip(stages, plan.stages, positions):
         for f in (*st.param_fqns, *st.buffer_fqns):
@@ -121,9 +128,13 @@ def place(
         full0 = comm.bcast(all(not t.is_meta for t in (*model.parameters(), *model.buffers())) if rank == 0 else None)
     P.copy_from_source(model, {f: h for f, h in sources.items() if f not in split}, comm, from_rank0=full0)
     local = {f: shards[f] if f in shards else P.get_tensor(model, f) for f in held}
-    tensors = {f: local[names[f]] for f in (*stage.param_fqns, *stage.buffer_fqns)}
-    program = stage_program(stages, s, tensors, model.training)
-    params = {names[f]: tensors[f] for f in stage.param_fqns}
+    programs: dict[int, StageProgram] = {}
+    params: dict[str, Tensor] = {}
+    for s in mine_stages:
+        stage = stages[s]
+        tensors = {f: local[names[f]] for f in (*stage.param_fqns, *stage.buffer_fqns)}
+        programs[s] = stage_program(stages, s, tensors, model.training)
+        params.update({names[f]: tensors[f] for f in stage.param_fqns})
     first_use: dict[str, int] = {}
     for op in graph.ops:
         for f in op.params:
@@ -142,8 +153,8 @@ def place(
         # a shard counts once per position (norms, state dicts), a replicated tensor once in all
         owned = {f for f in local if min(mine[f] if f in tensor.shards else holders[f]) == rank}
     return Placement(
-        stage=s,
-        program=program,
+        stages=mine_stages,
+        programs=programs,
         local=local,
         params=params,  # type: ignore[arg-type]
         owned=owned,

@@ -21,18 +21,31 @@ ACTIVATION, GRADIENT, OUTPUT = 0, 1, 2
 """Kinds of tensor message: stage outputs forward, their gradients back, model outputs to their ranks."""
 
 META_TAG = 32767 - 1
-"""Tag of the (pickled) tensor descriptions a stage sends once per input signature."""
+"""Tag of the (pickled) tensor descriptions a stage sends once per input signature (chunk 0's;
+see :func:`meta_tag`)."""
 
 
-def message_tag(kind: int, microbatch: int, index: int) -> int:
-    """The MPI tag of tensor ``index`` of ``microbatch`` in a message of ``kind``.
+def meta_tag(chunk: int) -> int:
+    """The tag of the tensor descriptions crossing a boundary of model chunk ``chunk`` (as in
+    :func:`message_tag`): one per chunk, so two chunks' descriptions between the same pair of
+    ranks cannot be taken for each other."""
+    return META_TAG - chunk % 4
 
-    Matching is already fixed by MPI's in-order delivery per (pair, tag);
-    distinct tags only make mismatches loud. The result stays under 32767,
-    the least ``MPI_TAG_UB`` the MPI standard guarantees, and apart from
-    :data:`META_TAG`.
+
+def message_tag(kind: int, microbatch: int, index: int, chunk: int = 0) -> int:
+    """The MPI tag of tensor ``index`` of ``microbatch`` in a message of ``kind`` crossing a boundary of
+    model chunk ``chunk`` (the sending side's stage of an activation, or of the activation a gradient
+    belongs to, divided by the pipeline positions; 0 with one stage per rank).
+
+    With several chunks per rank two boundaries can join the same pair of ranks in the same
+    direction (interleaved: stage r to r + 1 and stage r + p to r + p + 1); the chunk keeps their
+    messages apart. Matching is otherwise fixed by MPI's in-order delivery per (pair, tag), and
+    both sides post one boundary's messages in the same order; distinct tags make mismatches
+    loud. The result stays under 32767, the least ``MPI_TAG_UB`` the MPI standard guarantees, and
+    apart from :data:`META_TAG` (the chunk counts modulo 4, the microbatch modulo 64, the index
+    modulo 32; beyond that in-order delivery alone matches them).
     """
-    return (kind * 128 + microbatch % 128) * 64 + index % 64
+    return (((chunk % 4) * 3 + kind) * 64 + microbatch % 64) * 32 + index % 32
 
 
 @dataclass(frozen=True)

@@ -49,6 +49,7 @@ from rannc_py.graph.traced import TracedGraph
 from rannc_py.runtime import params as P
 from rannc_py.runtime.executor import Executor
 from rannc_py.runtime.placement import batch_dims, stage_program
+from rannc_py.runtime.stage import StageProgram
 from rannc_py.runtime.tensor_stages import TensorStages
 
 
@@ -58,8 +59,9 @@ class CallProgram:
 
     Attributes:
         graph: the traced graph (flattens the call, rebuilds the output).
-        executor: runs this rank's stage of it.
-        module: the stage's module (follows ``train()`` when traced in training mode).
+        executors: stage -> the executor running this rank's replica of it (every stage the
+            rank holds: several with model chunks).
+        modules: those stages' modules (they follow ``train()`` when traced in training mode).
         training: the mode it was traced in.
         input_dims: user input name -> its batch dimension.
         output_dims: model output name -> its batch dimension.
@@ -71,8 +73,8 @@ class CallProgram:
     """
 
     graph: TracedGraph
-    executor: Executor
-    module: nn.Module
+    executors: dict[int, Executor]
+    modules: list[nn.Module]
     training: bool
     input_dims: dict[str, int | None]
     output_dims: dict[str, int | None]
@@ -289,26 +291,34 @@ class Layout:
     Attributes:
         graph: the graph the plan was made for.
         assignment: its stage per op.
-        stage: this rank's stage.
+        stages: this rank's stages, ascending (several with model chunks).
         stage_ranks: the ranks of every stage this rank exchanges activations
             with (with tensor groups: those at its tensor position).
         names: FQN -> canonical name.
         local: canonical name -> this rank's tensors (its shards of split ones).
-        recompute: whether this rank's stage recomputes activations.
+        recompute: stage -> whether it recomputes activations (this rank's stages).
         keep_outputs: the plan's ``return_outputs``.
+        positions: pipeline positions (stages per model chunk; messages name their chunk).
         tensor: the tensor-parallel split of the stages (None: degree 1);
             another call's graph is split by it too, with the same shards.
     """
 
     graph: Graph
     assignment: list[int]
-    stage: int
+    stages: tuple[int, ...]
     stage_ranks: list[list[int]]
     names: dict[str, str]
     local: dict[str, Tensor]
-    recompute: bool
+    recompute: dict[int, bool]
     keep_outputs: bool
+    positions: int
     tensor: TensorStages | None = None
+
+
+def make_executors(layout: Layout, programs: Mapping[int, StageProgram], comm: MPI.Comm) -> dict[int, Executor]:
+    """One executor per stage of ``programs`` (stage -> this rank's program of it) on ``layout``."""
+    return {s: Executor(prog, s, layout.stage_ranks, comm, layout.recompute[s], layout.keep_outputs,
+                        layout.positions) for s, prog in programs.items()}
 
 
 def build_program(layout: Layout, graph: TracedGraph, training: bool, comm: MPI.Comm) -> CallProgram:
@@ -322,13 +332,14 @@ def build_program(layout: Layout, graph: TracedGraph, training: bool, comm: MPI.
         stages = graph.split(assignment).stages if layout.tensor is None else layout.tensor.stages(graph, assignment)
     except RaNNCError as e:
         raise ConfigError(f"the call's graph does not split along the training layout: {e}") from e
-    stage = stages[layout.stage]
-    need = [*stage.param_fqns, *stage.buffer_fqns]
-    bound = {f: layout.local[layout.names.get(f, f)] for f in need if layout.names.get(f, f) in layout.local}
-    prog = stage_program(stages, layout.stage, bound, training)
+    programs = {}
+    for s in layout.stages:
+        need = [*stages[s].param_fqns, *stages[s].buffer_fqns]
+        bound = {f: layout.local[layout.names.get(f, f)] for f in need if layout.names.get(f, f) in layout.local}
+        programs[s] = stage_program(stages, s, bound, training)
     input_dims, output_dims = batch_dims(stages, graph)
-    executor = Executor(prog, layout.stage, layout.stage_ranks, comm, layout.recompute, layout.keep_outputs)
-    program = CallProgram(graph=graph, executor=executor, module=prog.module, training=training,
+    program = CallProgram(graph=graph, executors=make_executors(layout, programs, comm),
+                          modules=[prog.module for prog in programs.values()], training=training,
                           input_dims=input_dims, output_dims=output_dims)
     describe_sizes(program)
     return program

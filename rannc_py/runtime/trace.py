@@ -179,8 +179,9 @@ def trace_events(per_rank: list[list[Record]], plan: Any) -> list[dict[str, Any]
     origin = min(starts, default=0)
     events: list[dict[str, Any]] = [{"name": "process_name", "ph": "M", "pid": 0, "args": {"name": "rannc_py step"}}]
     for rank, recs in enumerate(per_rank):
-        stage = plan.stage_of_rank(rank) if plan is not None else None
-        label = f"rank {rank}" + (f" (stage {stage})" if stage is not None else "")
+        held = plan.stages_of_rank(rank) if plan is not None else ()
+        label = f"rank {rank}" + (f" (stage{'s' if len(held) > 1 else ''} {', '.join(map(str, held))})"
+                                  if held else "")
         events.append({"name": "thread_name", "ph": "M", "pid": 0, "tid": rank, "args": {"name": label}})
         events.append({"name": "thread_sort_index", "ph": "M", "pid": 0, "tid": rank, "args": {"sort_index": rank}})
         for name, cat, start, end, step, st, mb in recs:
@@ -222,7 +223,8 @@ def measured_timeline(per_rank: list[list[Record]], plan: Any) -> Timeline:
     events = []
     busy = [0.0] * plan.num_stages
     for rank, (name, cat, start, end, _, st, mb) in steps[chosen]:
-        stage = plan.stage_of_rank(rank)
+        # an action on its own stage's row (a rank holds several with model chunks); a phase on the rank's first
+        stage = st if st is not None else plan.stage_of_rank(rank)
         if stage is None or cat == "step" or (cat == "phase" and name not in _DRAWN):
             continue
         if rank != plan.stages[stage].ranks[0]:

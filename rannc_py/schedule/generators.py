@@ -37,7 +37,8 @@ chunks (stages) per rank; with one chunk per rank stage s runs on rank s.
   to the older microbatch, then the later stage. On equal chunks the bubble
   is ``(p - 1)`` chunk-F times for p <= 4 and m >= p, and at most ``p + 1`` up
   to p = 8 for m >= 2p, against 1F1B's ``6 (p - 1)`` in the same unit.
-- forward_only: forwards only, for evaluation or ``torch.no_grad``.
+- forward_only: forwards only, for evaluation or ``torch.no_grad``
+  (:func:`forward_only_on`: on a chunked schedule's stage placement).
 
 Every training schedule ends each rank's list with one ALLREDUCE per stage it holds.
 """
@@ -357,6 +358,29 @@ def forward_only(num_stages: int, num_microbatches: int) -> Schedule:
         ConfigError: p or m is not a positive integer.
     """
     return by_name("forward_only", num_stages, num_microbatches)
+
+
+def forward_only_on(name: str, num_ranks: int, num_microbatches: int, chunks: int | None = None) -> Schedule:
+    """Forwards only on the stage placement of schedule ``name`` (evaluation of a chunked plan).
+
+    Rank r runs, for each stage it holds in ascending order, every microbatch's RECV_F, F and
+    SEND_F (no RECV/SEND between two adjacent stages on one rank, ZB-V's turn). Every stage
+    waits only on the one before it, which its rank or an earlier stage's rank runs first, so
+    no rank waits in a cycle. With one chunk per rank it is :func:`forward_only`.
+
+    Raises:
+        ConfigError: what :func:`by_name` raises for ``name`` with these arguments.
+    """
+    v = chunks_of(name, chunks)
+    _check(num_ranks, num_microbatches)
+    if v == 1:
+        return forward_only(num_ranks, num_microbatches)
+    ranks = stage_ranks(name, num_ranks, v)
+    acts = tuple(
+        tuple(Action(k, st, mb) for s in range(len(ranks)) if ranks[s] == r for i in range(num_microbatches)
+              for k, st, mb in _fwd(ranks, s, i))
+        for r in range(num_ranks))
+    return Schedule("forward_only", num_ranks * v, num_microbatches, acts, ranks)
 
 
 SCHEDULES: dict[str, Callable[[int, int], Schedule]] = {
