@@ -40,6 +40,7 @@ from rannc_py.planner.search import (
     SearchSpace,
     divisors,
     enumerate_layouts,
+    held_counts,
     in_flight,
     layout_step_time,
     pick_best,
@@ -315,18 +316,18 @@ def predict_plan(graph: Graph, plan: Plan, options: PlanOptions, *, profile: Pro
         cluster: the cluster already resolved from ``options``; default: resolved here.
         tensor: the graph's tensor annotation, needed when the plan's stages
             have a tensor degree above 1 (one degree for every stage).
+
+    A plan of several stages per rank (``chunks`` > 1) is priced as the
+    search prices one: each rank's memory over all its stages
+    (:meth:`~rannc_py.planner.cost.CostModel.rank_memory` at the schedule's
+    :func:`~rannc_py.planner.search.held_counts`).
     Raises:
         PlanError: ``profile`` or ``tensor`` was made for another graph or
-            other blocks, the stages' tensor degrees differ, or the plan holds
-            several stages per rank (``chunks`` > 1).
+            other blocks, or the stages' tensor degrees differ.
         ConfigError: a tensor degree above 1 without an annotation, or one the
             annotation does not allow.
     """
     t0 = time.perf_counter()
-    if plan.chunks > 1:
-        raise PlanError(f"predict_plan prices plans of one stage per rank; this {plan.schedule} plan holds "
-                        f"{plan.chunks} per rank. Plan it with rannc_py.plan(..., schedules=({plan.schedule!r},)), "
-                        "which prices chunked layouts")
     cl = plan_cluster(options) if cluster is None else cluster
     blocks = [tuple(st.ops) for st in plan.stages]
     if profile is None:
@@ -353,14 +354,22 @@ def predict_plan(graph: Graph, plan: Plan, options: PlanOptions, *, profile: Pro
     p, m = plan.num_stages, plan.microbatches
     reps = tuple(st.replicas for st in plan.stages)
     recompute = tuple(st.recompute for st in plan.stages)
-    rvals = tuple(sorted(set(reps)))
-    flights = tuple(sorted({in_flight(plan.schedule, q, m, p) for q in range(p)}))
-    tabs = {(lvl, flag): costs[lvl].stage_tables(1, m, rvals, flights, flag, plan.world_size // t)
-            for lvl, flag in set(zip(levels, recompute))}
-    memory = tuple(float(tabs[levels[s], recompute[s]][in_flight(plan.schedule, p - 1 - s, m, p)]
-                         .mem[s, s + 1, rvals.index(r)]) for s, r in enumerate(reps))
+    if plan.chunks > 1:  # a rank's memory is the sum over its stages
+        held = held_counts(plan.schedule, plan.num_positions, m, plan.chunks)
+        by_rank = {pos: [s for s in range(p) if plan.position_of_stage(s) == pos] for pos in range(plan.num_positions)}
+        peak = {pos: costs[levels[mine[0]]].rank_memory(
+            m, [(s, s + 1, reps[s], levels[s], recompute[s]) for s in mine], held[pos], holds_last=p - 1 in mine)
+            for pos, mine in by_rank.items()}
+        memory = tuple(peak[plan.position_of_stage(s)] for s in range(p))
+    else:
+        rvals = tuple(sorted(set(reps)))
+        flights = tuple(sorted({in_flight(plan.schedule, q, m, p) for q in range(p)}))
+        tabs = {(lvl, flag): costs[lvl].stage_tables(1, m, rvals, flights, flag, plan.world_size // t)
+                for lvl, flag in set(zip(levels, recompute))}
+        memory = tuple(float(tabs[levels[s], recompute[s]][in_flight(plan.schedule, p - 1 - s, m, p)]
+                             .mem[s, s + 1, rvals.index(r)]) for s, r in enumerate(reps))
     lay = Layout(d=1, m=m, schedule=plan.schedule, bounds=tuple(range(p + 1)), replicas=reps, recompute=recompute,
-                 objective=0.0, memory=memory, origin="given", shard=levels, tensor=t)
+                 objective=0.0, memory=memory, origin="given", shard=levels, tensor=t, chunks=plan.chunks)
     cost = costs[levels[0]]  # the simulated step reads each stage's level from the layout
     dtype = graph_dtype(graph) if graph.params else torch.float32
     made = layout_to_plan(cost, lay, layout_step_time(cost, lay), graph.fingerprint(), dtype,

@@ -305,8 +305,6 @@ class RaNNCModule(nn.Module):
             given = load_plan(self._plan_arg, graph, batch, comm.Get_size())
             if not isinstance(self._plan_arg, Mapping):
                 return given  # a saved or made plan carries its own predictions
-            if given.chunks > 1:
-                return given  # the planner does not predict layouts of several chunks per rank yet
         from rannc_py.planner.api import plan_graph, predict_plan
         from rannc_py.runtime.autoplan import (
             job_cluster,
