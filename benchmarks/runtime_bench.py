@@ -29,7 +29,8 @@ Configurations:
   * with ``--schedules``, schedules beyond 1F1B at the same 2 ranks and
     microbatches: torch.distributed.pipelining's ``ScheduleInterleaved1F1B``,
     ``ScheduleInterleavedZeroBubble`` and ``ScheduleZBVZeroBubble`` (two stages
-    of whole layers per rank), and rannc_py's 2-stage pipeline with ZB-H1 and
+    of whole layers per rank), and rannc_py's 2-rank pipeline with ZB-H1,
+    interleaved 1F1B and ZB-V (4 stages, 2 per rank, cut by the planner) and
     with the planner choosing among every schedule it runs; the ratios
     compare rannc_py's fastest schedule with torch's ``Schedule1F1B`` and with
     the fastest of torch's three;
@@ -119,6 +120,7 @@ class Bench:
             print(f"{label:52s} {ms(r['step']):>6} ms/step {pred}  {r.get('layout', layout)}", flush=True)
         if label not in self.rows or "error" in self.rows[label][2]:
             r["rounds"] = [r["step"]] if "step" in r else []
+            r["trace_rounds"] = [r["trace_step"]] if "trace_step" in r else []
             self.rows[label] = (ranks, r.get("layout", layout), r)
         elif "step" in r:
             kept = self.rows[label][2]
@@ -126,6 +128,9 @@ class Bench:
             kept["times"] += r["times"]
             kept["cpu"] = [max(a, b) for a, b in zip(kept["cpu"], r["cpu"])] if "cpu" in kept else r.get("cpu")
             kept["step"] = statistics.median(kept["rounds"])
+            if "trace_step" in r:
+                kept["trace_rounds"].append(r["trace_step"])
+                kept["trace_step"] = statistics.median(kept["trace_rounds"])
         kept = self.rows[label][2]
         if "step" in kept:
             kept["samples"] = self.args.batch / kept["step"]
@@ -211,16 +216,18 @@ def main() -> None:
                          "their messages are above and in the results file")
 
 
-# rannc_py's schedules at 2 stages beyond 1F1B (--plan pinned: the planner places the boundary), and
+# rannc_py's schedules on 2 ranks beyond 1F1B (--plan pinned: 2 pipeline positions, the planner places the
+# boundaries; a chunked schedule's 4 stages), and
 # torch's with two stages per rank. The labels' prefixes tell the report which side a row is on.
-RANNC_SCHEDULES = {"ZB-H1": "zb-h1", "planner's choice of schedule": "1f1b,gpipe,zb-h1"}
+RANNC_SCHEDULES = {"ZB-H1": "zb-h1", "interleaved 1F1B, 2 chunks per rank": "interleaved", "ZB-V": "zb-v",
+                   "planner's choice of schedule": "1f1b,gpipe,zb-h1,interleaved,zb-v"}
 TORCH_SCHEDULES = {"ScheduleInterleaved1F1B": "interleaved-1f1b",
                    "ScheduleInterleavedZeroBubble": "interleaved-zb", "ScheduleZBVZeroBubble": "zbv"}
 
 
 def schedule_configs(args: argparse.Namespace, m: str) -> dict[str, tuple[str, str, list[str]]]:
     """label -> (layout, worker script, flags) of the ``--schedules`` configurations."""
-    out = {f"rannc_py, 2 ranks, 2 stages, m={m}, {name}": ("", "rannc_worker.py",
+    out = {f"rannc_py, 2 ranks, 2 positions, m={m}, {name}": ("", "rannc_worker.py",
            ["rannc", "--plan", "pinned", "--microbatches", m, "--schedule", sched])
            for name, sched in RANNC_SCHEDULES.items()}
     out.update({f"torch.distributed.pipelining, 2 ranks, m={m}, {name}": (
@@ -257,18 +264,21 @@ def fx(v: float | None, pct: bool = False) -> str:
 def throughput_rows(b: Bench) -> list[str]:
     """The markdown table of every configuration's step, throughput, prediction, first loss, CPU and layout."""
     L = [("| configuration | ranks | step (ms) | samples/s | predicted step (ms) | predicted / measured | "
-          "loss of step 1 | CPU busy per rank | layout |"),
-         "|---|---|---|---|---|---|---|---|---|"]
+          "step in the trace (ms) | predicted / trace | loss of step 1 | CPU busy per rank | layout |"),
+         "|---|---|---|---|---|---|---|---|---|---|---|"]
     for label, (ranks, layout, r) in b.rows.items():
         if "step" not in r:
             err = r.get("error", "").replace("\n", " ").replace("|", "/")[-400:]
-            L.append(f"| {label} | {ranks} | could not run | | | | | | {err} |")
+            L.append(f"| {label} | {ranks} | could not run | | | | | | | | {err} |")
             continue
         pred = r.get("predicted")
         acc = f"{pred / r['step']:.2f}" if pred else "-"
+        traced = r.get("trace_step")
+        acc_trace = f"{pred / traced:.2f}" if pred and traced else "-"
         loss = (r.get("losses") or [None])[0]
         cpu = ", ".join(f"{c:.2f}" for c in r.get("cpu") or [])
-        L.append(f"| {label} | {ranks} | {ms(r['step'])} | {r['samples']:.2f} | {ms(pred)} | {acc} | "
+        L.append(f"| {label} | {ranks} | {ms(r['step'])} | {r['samples']:.2f} | {ms(pred)} | {acc} | {ms(traced)} | "
+                 f"{acc_trace} | "
                  f"{'-' if loss is None else f'{loss:.5f}'} | {cpu} | {layout or '-'} |")
     return L
 
@@ -299,7 +309,9 @@ def report(args: argparse.Namespace, b: Bench, equal: dict[str, dict[str, str]],
     L += throughput_rows(b)
     L += ["", ("Every configuration trains the same weights on the same batches: the loss of step 1 (before "
           "any update) must agree. Predicted = the plan's step time (the runtime's planner: the model's "
-          "profile measured on this machine); the hand-split peers have no prediction. CPU busy = a rank's CPU "
+          "profile measured on this machine); the hand-split peers have no prediction. Step in the trace = "
+          "the median timed step of the measured timeline rannc_py records (``trace=``: each step from the first "
+          "rank's start to the last rank's end). CPU busy = a rank's CPU "
           "time over the timed steps / their wall time (the highest of its launches; above 1 = more than one "
           "thread busy; below 1 = the process waited or was descheduled by other load).")]
     L += ["", "## Ratios", "", "| comparison | rannc_py speed-up | target |", "|---|---|---|"]

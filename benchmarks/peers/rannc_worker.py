@@ -17,8 +17,12 @@ Kinds:
 from __future__ import annotations
 
 import argparse
+import json
+import shutil
 import statistics
+import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -113,7 +117,11 @@ def run_rannc(args: argparse.Namespace) -> None:
         return {"input_ids": ids[rank * rows:(rank + 1) * rows], "labels": labels[rank * rows:(rank + 1) * rows]}
 
     plan = rannc_plan(args, model, local(0), comm)
-    wrapped = rannc_py.RaNNCModule(model, opt, plan=plan, return_outputs=False)
+    # the measured trace of the warm-up and timed steps (the first call is left out), read back for each
+    # step's span from the first rank's start to the last rank's end
+    folder = comm.bcast(tempfile.mkdtemp(prefix="rannc_bench_") if rank == 0 else None, root=0)
+    wrapped = rannc_py.RaNNCModule(model, opt, plan=plan, return_outputs=False,
+                                   trace=str(Path(folder) / "trace.json"), trace_steps=args.warmup - 1 + args.steps)
     losses: list[float] = []
 
     def step(i: int) -> None:
@@ -129,10 +137,17 @@ def run_rannc(args: argparse.Namespace) -> None:
     med, times, busy = median_step(lambda i: step(i + 1), args.warmup - 1, args.steps)
     meds = comm.gather(med, root=0)
     cpu = comm.gather(busy, root=0)
+    written = wrapped.write_trace()  # collective
     if rank == 0:
+        from rannc_py.runtime.trace import step_totals
+
+        assert written is not None
+        totals = list(step_totals(json.loads(Path(written).read_text())["traceEvents"]).values())[-args.steps:]
+        shutil.rmtree(folder, ignore_errors=True)
         p = wrapped.plan
         layout = "; ".join(f"stage {st.index}: ops {st.ops[0]}-{st.ops[-1]} x{st.replicas}" for st in p.stages)
         emit({"step": max(meds), "times": times, "losses": losses, "first_call": setup, "cpu": cpu,
+              "trace_step": statistics.median(totals),
               "predicted": p.step_time or None, "layout": f"{layout}; m={p.microbatches} {p.schedule}",
               "plan": p.to_json(), "boundary": _boundary(p)})
 
