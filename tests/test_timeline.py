@@ -54,6 +54,9 @@ class _TwoStages:
     def stage_of_rank(self, r: int) -> int:
         return r
 
+    def stages_of_rank(self, r: int) -> tuple[int, ...]:
+        return (r,)
+
 
 def test_trace_events_are_trace_event_json() -> None:
     events = trace_events(_records(), _TwoStages())
