@@ -42,7 +42,7 @@ replicas and microbatches is the mean of per-microbatch losses.
 
 What one step holds between its actions (posted receives, activations kept
 for backward, sends in flight) lives in a :class:`_StepState` made by
-:meth:`Executor.run` and dropped when it returns; the executor itself keeps
+:func:`run_actions` and dropped when it returns; the executor itself keeps
 only what outlives a step (the stage, its partners, the tensor descriptions
 exchanged per input signature).
 """
@@ -232,18 +232,8 @@ class Executor:
         self._chunk_out = stage // per_chunk  # the boundary with the next stage
         self._in_meta: dict[Hashable, list[WireMeta]] = {}
         self._out_meta_sent: set[Hashable] = set()
-        self.tracer: StepTracer | None = None  # records each action's span when set (RaNNCModule's trace=)
 
     # ----------------------------------------------------------------- step
-    def run(self, actions: tuple[Action, ...], step: StepInputs, before_last_backward: Callable[[], None],
-            on_allreduce: Callable[[], None]) -> StageResult:
-        """Execute ``actions`` for ``step``; return the last stage's outputs (empty elsewhere).
-
-        ``before_last_backward`` runs just before the last microbatch's
-        backward, ``on_allreduce`` at the ALLREDUCE action.
-        """
-        return run_actions({self.stage: self}, actions, step, before_last_backward, on_allreduce, self.tracer)
-
     def _handlers(self) -> dict[ActionKind, Callable[[_StepState, int], None]]:
         return {
             K.RECV_ACT: self._recv_act,

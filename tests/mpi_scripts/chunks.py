@@ -226,17 +226,7 @@ def _train_meta(wrapped: Any, ref: nn.Module, ropt: torch.optim.Optimizer, name:
     wrapped.load_state_dict(ref.state_dict())
     opt = wrapped.optimizer
     assert opt is not None
-    for step in range(E.STEPS):
-        E.step_gradients(wrapped, ref, name, const, ref_layout, 2 if "accum" in opts else 1, opts, step, case)
-        opt.step()
-        opt.zero_grad()
-        ropt.step()
-        ropt.zero_grad()
-    sd = wrapped.state_dict()
-    if rank == 0:
-        for k, v in ref.state_dict().items():
-            torch.testing.assert_close(sd[k], v, rtol=1e-5, atol=1e-6, msg=lambda e, k=k: f"{case}: {k}\n{e}")
-
+    E.train_like_eager(wrapped, opt, ref, ropt, name, ref_layout, case, opts)
 
 if __name__ == "__main__":
     E.run_cases(run_case, sys.argv[1:])
